@@ -1,0 +1,195 @@
+"""The ``fastfeed`` command line.
+
+``fastfeed bench --demo`` starts a local S3 server (SeaweedFS), writes a synthetic WebDataset,
+streams it with :class:`fastfeed.StreamingDataset` and reports throughput next to the raw GET
+ceiling measured in the same run. ``fastfeed bench URL`` measures an existing dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fastfeed.bench import Measurement, measure_iterable, measure_raw_get, peak_rss_bytes
+from fastfeed.config import PrefetchConfig, S3Config, format_size, parse_size
+from fastfeed.dataset import StreamingDataset
+from fastfeed.errors import FastfeedError
+
+__all__ = ["main"]
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastfeed", description="Keep GPUs fed from object storage.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="measure streaming throughput of a dataset")
+    bench.add_argument("url", nargs="?", help="dataset: s3://bucket/prefix/, a brace pattern or a directory")
+    bench.add_argument("--demo", action="store_true", help="start a local S3 server with a synthetic dataset")
+    bench.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    bench.add_argument("--epochs", type=int, default=1)
+    bench.add_argument("--shuffle", action="store_true")
+    bench.add_argument("--part-size", default="8MiB")
+    bench.add_argument("--max-requests", type=int, default=16)
+    bench.add_argument("--byte-budget", default="256MiB")
+    bench.add_argument("--demo-size", default="256MiB", help="synthetic dataset size (--demo)")
+    bench.add_argument("--demo-sample-size", default="100KiB", help="bytes per synthetic sample (--demo)")
+    bench.add_argument("--demo-shard-size", default="16MiB", help="bytes per synthetic shard (--demo)")
+    bench.add_argument("--json", dest="json_path", help="write every figure and the config to this file")
+    bench.add_argument("-v", "--verbose", action="store_true", help="log fastfeed's INFO messages")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fastfeed`` command."""
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if args.command == "bench":
+            return _bench(args)
+    except FastfeedError as err:
+        print(f"fastfeed: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 1
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.demo == (args.url is not None):
+        print("fastfeed bench: give either a dataset URL or --demo", file=sys.stderr)
+        return 2
+    prefetch = PrefetchConfig.from_args(
+        part_size=args.part_size, max_requests=args.max_requests, byte_budget=args.byte_budget
+    )
+    if not args.demo:
+        s3 = S3Config.resolve(endpoint_url=args.endpoint_url)
+        return _run_bench(args.url, s3, prefetch, args, setup={})
+
+    from fastfeed.testing.servers import SeaweedServer
+    from fastfeed.testing.shards import upload_dir, write_synthetic_shards
+
+    total = parse_size(args.demo_size, name="--demo-size")
+    sample_size = parse_size(args.demo_sample_size, name="--demo-sample-size")
+    shard_size = parse_size(args.demo_shard_size, name="--demo-shard-size")
+    per_shard = max(1, shard_size // sample_size)
+    num_shards = max(1, total // (per_shard * sample_size))
+    with (
+        tempfile.TemporaryDirectory(prefix="fastfeed-demo-") as tmp,
+        SeaweedServer(Path(tmp) / "store") as server,
+    ):
+        print(
+            f"local S3 endpoint (SeaweedFS): {server.endpoint_url}  [started in {server.start_seconds:.1f}s]"
+        )
+        t0 = time.perf_counter()
+        paths = write_synthetic_shards(
+            Path(tmp) / "shards", num_shards=num_shards, samples_per_shard=per_shard, sample_bytes=sample_size
+        )
+        written = time.perf_counter() - t0
+        client = server.client()
+        client.create_bucket(Bucket="demo")
+        t0 = time.perf_counter()
+        upload_dir(client, "demo", Path(tmp) / "shards", prefix="train/")
+        uploaded = time.perf_counter() - t0
+        size = sum(p.stat().st_size for p in paths)
+        print(
+            f"synthetic dataset: {num_shards} shards x {per_shard} samples x {format_size(sample_size)}"
+            f" = {format_size(size)} (written in {written:.1f}s, uploaded in {uploaded:.1f}s)"
+        )
+        for path in paths:
+            path.unlink()
+        s3 = S3Config(
+            endpoint_url=server.endpoint_url,
+            access_key_id=server.access_key,
+            secret_access_key=server.secret_key,
+            region="us-east-1",
+        )
+        setup = {"num_shards": num_shards, "samples_per_shard": per_shard, "sample_bytes": sample_size}
+        return _run_bench("s3://demo/train/", s3, prefetch, args, setup=setup)
+
+
+def _run_bench(
+    url: str, s3: S3Config, prefetch: PrefetchConfig, args: argparse.Namespace, setup: dict[str, Any]
+) -> int:
+    def make_dataset(epoch: int) -> StreamingDataset:
+        ds = StreamingDataset(
+            url,
+            s3=s3,
+            shuffle=args.shuffle,
+            part_size=prefetch.part_size,
+            max_requests=prefetch.max_requests,
+            byte_budget=prefetch.byte_budget,
+        )
+        ds.set_epoch(epoch)
+        return ds
+
+    shards = make_dataset(0).shards
+    results: list[Measurement] = []
+    ceiling = measure_raw_get(shards, s3, prefetch)
+    results.append(ceiling)
+    for epoch in range(args.epochs):
+        results.append(measure_iterable(f"fastfeed epoch {epoch}", functools.partial(make_dataset, epoch)))
+    _print_table(results, ceiling)
+    print(f"peak RSS: {format_size(peak_rss_bytes())}")
+    if args.json_path:
+        report = {
+            "url": url,
+            "setup": setup,
+            "config": {
+                "part_size": prefetch.part_size,
+                "max_requests": prefetch.max_requests,
+                "byte_budget": prefetch.byte_budget,
+                "shuffle": args.shuffle,
+            },
+            "machine": _machine(),
+            "results": [r.as_dict() for r in results],
+            "peak_rss_bytes": peak_rss_bytes(),
+        }
+        Path(args.json_path).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json_path}")
+    return 0
+
+
+def _print_table(results: list[Measurement], ceiling: Measurement) -> None:
+    header = (
+        f"{'run':<22} {'samples/s':>10} {'MiB/s':>8} {'x ceiling':>9} {'1st sample':>10} {'CPU s/GiB':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        ratio = r.mib_per_s / ceiling.mib_per_s if ceiling.mib_per_s else 0.0
+        sps = f"{r.samples_per_s:,.0f}" if r.samples else "-"
+        print(
+            f"{r.name:<22} {sps:>10} {r.mib_per_s:>8.0f} {ratio:>9.2f} "
+            f"{r.first_sample_s * 1000:>8.0f}ms {r.cpu_s_per_gib:>9.2f}"
+        )
+
+
+def _machine() -> dict[str, Any]:
+    commit = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        ).stdout.strip()
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "commit": commit,
+    }
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

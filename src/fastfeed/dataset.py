@@ -1,0 +1,246 @@
+"""``StreamingDataset``: WebDataset shards from S3-compatible storage or local files.
+
+Data flow per process (the training process, or each DataLoader worker)::
+
+    epoch plan (plan.py) -> Prefetcher (prefetch.py, IO thread) -> tar reader (reader.py)
+        -> optional shuffle buffer -> samples
+
+The dataset object itself holds only plain, picklable configuration and the resolved shard
+list, so it travels to DataLoader workers under both ``fork`` and ``spawn``; each process opens
+its own IO loop and connections on first iteration.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Generator, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from torch.utils.data import IterableDataset, get_worker_info
+
+from fastfeed.config import PrefetchConfig, S3Config
+from fastfeed.errors import ConfigError
+from fastfeed.plan import Piece, rank_pieces, rank_sample_count, shard_order, worker_pieces
+from fastfeed.prefetch import Prefetcher
+from fastfeed.reader import Sample, iter_samples
+from fastfeed.sources import count_shard_samples, resolve_source
+from fastfeed.store import ObjectInfo, StoreSet
+
+__all__ = ["StreamingDataset"]
+
+log = logging.getLogger(__name__)
+
+Source = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+
+
+class StreamingDataset(IterableDataset[Sample]):
+    """Stream WebDataset-style tar shards as sample dicts.
+
+    Args:
+        source: ``s3://bucket/prefix/`` or a local directory (every ``*.tar`` under it, sorted),
+            a brace pattern like ``s3://bucket/train/shard-{000000..000099}.tar``, a single shard,
+            ``file://`` URLs or plain paths, or a list of any of these.
+        shuffle: shuffle the shard order and samples (through a buffer of ``shuffle_buffer``
+            samples per worker). The order is a pure function of ``(seed, epoch)`` and the
+            rank/worker layout: the same seed gives the same order on every run.
+        seed: the shuffle seed.
+        shuffle_buffer: samples held for sample-level shuffling (memory: this many samples).
+        endpoint_url: S3 endpoint (MinIO, SeaweedFS, ...). Default: ``AWS_ENDPOINT_URL`` or AWS.
+        s3: full S3 options (credentials, region, addressing style, timeouts, retries);
+            ``endpoint_url`` overrides its endpoint.
+        part_size: bytes per ranged GET (``"8MiB"``).
+        max_requests: concurrent GETs per process.
+        shards_in_flight: shards fetched ahead, including the one being read.
+        byte_budget: bound on fetched-but-unparsed bytes per process (``"256MiB"``).
+        rank, world_size: this process's place among DDP ranks. Default: from
+            ``torch.distributed`` if initialized (construct the dataset after
+            ``init_process_group``), else the ``RANK`` / ``WORLD_SIZE`` environment variables,
+            else a single rank.
+        remainder: with several ranks, every rank yields exactly the same number of samples
+            per epoch; ``"drop"`` skips the last ``total % world_size`` samples of the epoch's
+            order, ``"pad"`` wraps around and repeats up to ``world_size - 1`` samples.
+
+    Each sample is a dict: ``"__key__"``, ``"__url__"`` and one ``bytes`` value per file
+    extension, exactly as WebDataset yields them.
+
+    Splitting: samples are divided between ranks (see :mod:`fastfeed.plan`), then shard pieces
+    round-robin between DataLoader workers. Call :meth:`set_epoch` before each epoch to get a
+    new shuffle order (with ``persistent_workers=True`` the workers keep the epoch they started
+    with, as for any iterable dataset).
+
+    Errors (all :class:`fastfeed.errors.FastfeedError`): a missing bucket or object, denied
+    access, an unreachable endpoint, an empty prefix or a malformed URL raise at construction;
+    a corrupt or truncated shard raises when it is reached, naming the shard.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        endpoint_url: str | None = None,
+        s3: S3Config | None = None,
+        part_size: int | str | None = None,
+        max_requests: int | None = None,
+        shards_in_flight: int | None = None,
+        byte_budget: int | str | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        remainder: str = "drop",
+    ) -> None:
+        super().__init__()
+        if s3 is None:
+            self.s3_config = S3Config.resolve(endpoint_url=endpoint_url)
+        elif endpoint_url is not None:
+            self.s3_config = S3Config(**{**s3.__dict__, "endpoint_url": endpoint_url})
+        else:
+            self.s3_config = s3
+        self.prefetch_config = PrefetchConfig.from_args(
+            part_size=part_size,
+            max_requests=max_requests,
+            shards_in_flight=shards_in_flight,
+            byte_budget=byte_budget,
+        )
+        if shuffle_buffer < 0:
+            raise ConfigError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        rank_sample_count(1, 1, remainder)  # validates `remainder`
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.remainder = remainder
+        self.rank, self.world_size = _distributed_place(rank, world_size)
+        self.epoch = 0
+        self.shards: list[ObjectInfo] = resolve_source(source, StoreSet(self.s3_config))
+        self._counts: list[int] | None = None
+        if self.world_size > 1:
+            self._counts = self._count_samples()
+        log.info(
+            "fastfeed dataset: %d shards, %.1f MiB, rank %d/%d",
+            len(self.shards),
+            sum(s.size for s in self.shards) / 2**20,
+            self.rank,
+            self.world_size,
+        )
+
+    # ------------------------------------------------------------------ public API
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose (shuffled) order the next iteration produces."""
+        self.epoch = int(epoch)
+
+    @property
+    def shard_sample_counts(self) -> list[int]:
+        """Samples per shard (computed on first use by scanning the shards' headers)."""
+        if self._counts is None:
+            self._counts = self._count_samples()
+        return list(self._counts)
+
+    @property
+    def total_samples(self) -> int:
+        """Samples in the whole dataset (all ranks)."""
+        return sum(self.shard_sample_counts)
+
+    def __len__(self) -> int:
+        """Samples this rank yields per epoch (over all of its DataLoader workers)."""
+        return rank_sample_count(self.total_samples, self.world_size, self.remainder)
+
+    def plan(self, worker: int = 0, num_workers: int = 1, epoch: int | None = None) -> list[Piece]:
+        """The shard pieces a worker of this rank reads in ``epoch`` (default: the current one)."""
+        order = shard_order(
+            len(self.shards),
+            seed=self.seed,
+            epoch=self.epoch if epoch is None else epoch,
+            shuffle=self.shuffle,
+        )
+        counts = self._counts if self.world_size > 1 else None
+        pieces = rank_pieces(
+            order, counts, rank=self.rank, world_size=self.world_size, remainder=self.remainder
+        )
+        return worker_pieces(pieces, worker=worker, num_workers=num_workers)
+
+    def __iter__(self) -> Iterator[Sample]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        pieces = self.plan(worker, num_workers)
+        samples = self._read(pieces)
+        if self.shuffle and self.shuffle_buffer > 1:
+            rng = _rng(self.seed, self.epoch, self.rank, worker)
+            samples = _shuffle(samples, self.shuffle_buffer, rng)
+        return samples
+
+    # ------------------------------------------------------------------ internals
+
+    def _read(self, pieces: list[Piece]) -> Iterator[Sample]:
+        if not pieces:
+            return
+        shards = [self.shards[p.shard] for p in pieces]
+        prefetcher = Prefetcher(shards, StoreSet(self.s3_config), self.prefetch_config)
+        try:
+            for piece, fetch in zip(pieces, prefetcher, strict=False):
+                try:
+                    yield from iter_samples(fetch.url, fetch.chunks(), skip=piece.skip, limit=piece.limit)
+                finally:
+                    fetch.close()
+        finally:
+            prefetcher.close()
+
+    def _count_samples(self) -> list[int]:
+        import torch.distributed as dist
+
+        stores = StoreSet(self.s3_config)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Each rank scans a disjoint share of the shards, then all ranks exchange counts.
+            world, rank = dist.get_world_size(), dist.get_rank()
+            mine = list(range(rank, len(self.shards), world))
+            local = count_shard_samples([self.shards[i] for i in mine], stores, self.prefetch_config)
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, dict(zip(mine, local, strict=True)))
+            merged: dict[int, int] = {}
+            for part in gathered:
+                merged.update(part)
+            return [merged[i] for i in range(len(self.shards))]
+        return count_shard_samples(self.shards, stores, self.prefetch_config)
+
+
+def _distributed_place(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is None or world_size is None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            auto_rank, auto_world = dist.get_rank(), dist.get_world_size()
+        else:
+            auto_rank = int(os.environ.get("RANK", "0"))
+            auto_world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = auto_rank if rank is None else rank
+        world_size = auto_world if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"invalid distributed place: rank={rank}, world_size={world_size}")
+    return int(rank), int(world_size)
+
+
+def _rng(seed: int, epoch: int, rank: int, worker: int) -> random.Random:
+    state = np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, rank, worker, 0x5B0F]).generate_state(2)
+    return random.Random(int(state[0]) << 32 | int(state[1]))
+
+
+def _shuffle(samples: Iterator[Sample], size: int, rng: random.Random) -> Iterator[Sample]:
+    """Reservoir-style shuffle buffer: holds at most ``size`` samples."""
+    buffer: list[Sample] = []
+    try:
+        for sample in samples:
+            if len(buffer) < size:
+                buffer.append(sample)
+                continue
+            j = rng.randrange(size)
+            out, buffer[j] = buffer[j], sample
+            yield out
+        rng.shuffle(buffer)
+        yield from buffer
+    finally:
+        if isinstance(samples, Generator):
+            samples.close()  # stop the prefetcher now, not at garbage collection

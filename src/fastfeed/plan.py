@@ -1,0 +1,118 @@
+"""The epoch plan: which samples of which shards a (rank, worker) reads, in which order.
+
+Everything here is a pure function of ``(seed, epoch, rank, world_size, worker, num_workers)``
+and the shard list, so every process computes its share without talking to the others, a run
+with the same seed reads in the same order, and a loader's position is a few integers.
+
+Splitting across ranks (when ``world_size > 1``) is by *samples*, not shards, so every rank
+yields exactly the same number of samples per epoch and DDP never hangs on an uneven last step:
+the epoch's shard order is laid end to end as one sequence of ``total`` samples and rank ``r``
+takes the contiguous run ``[r * n, (r + 1) * n)``. The remainder ``total % world_size`` is
+handled per ``remainder``:
+
+* ``"drop"`` (default): ``n = total // world_size``; the last ``total % world_size`` samples of
+  the epoch's order are not read. With ``shuffle=True`` that is a different handful of samples
+  each epoch, so none is left out for good.
+* ``"pad"``: ``n = ceil(total / world_size)``; the ranks at the end wrap around to the start of
+  the epoch's order, so up to ``world_size - 1`` samples are read twice in the epoch.
+
+Within a rank, shard pieces go round-robin to DataLoader workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fastfeed.errors import ConfigError
+
+__all__ = ["Piece", "rank_pieces", "rank_sample_count", "shard_order", "worker_pieces"]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Read samples ``[skip, skip + limit)`` of shard number ``shard`` (``limit=None``: to the end)."""
+
+    shard: int
+    skip: int = 0
+    limit: int | None = None
+
+
+def shard_order(num_shards: int, *, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """The epoch's shard order: sorted, or a permutation seeded by ``(seed, epoch)``."""
+    if not shuffle:
+        return list(range(num_shards))
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, 0x5A4D])))
+    return [int(i) for i in rng.permutation(num_shards)]
+
+
+def rank_sample_count(total: int, world_size: int, remainder: str) -> int:
+    """Samples each rank yields per epoch."""
+    if remainder == "drop":
+        return total // world_size
+    if remainder == "pad":
+        return -(-total // world_size)
+    raise ConfigError(f"remainder={remainder!r} is invalid", hint="use 'drop' or 'pad'")
+
+
+def rank_pieces(
+    order: Sequence[int],
+    counts: Sequence[int] | None,
+    *,
+    rank: int,
+    world_size: int,
+    remainder: str = "drop",
+) -> list[Piece]:
+    """The pieces rank ``rank`` reads this epoch, in order.
+
+    ``counts[i]`` is the number of samples in shard ``i``; it is required when
+    ``world_size > 1`` (a single rank reads whole shards and needs no counts).
+    """
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} is outside world_size {world_size}")
+    if world_size == 1:
+        return [Piece(s) for s in order]
+    if counts is None:
+        raise ConfigError("splitting across ranks needs per-shard sample counts")
+    total = sum(counts[s] for s in order)
+    per_rank = rank_sample_count(total, world_size, remainder)
+    if total == 0 or per_rank == 0:
+        return []
+    start = rank * per_rank
+    pieces: list[Piece] = []
+    # With "pad" the run may wrap past the end of the epoch (possibly more than once for tiny
+    # datasets); walk it in sample-index space modulo total.
+    remaining = per_rank
+    cursor = start % total
+    while remaining > 0:
+        take = min(remaining, total - cursor)
+        pieces.extend(_range_pieces(order, counts, cursor, cursor + take))
+        remaining -= take
+        cursor = 0
+    return pieces
+
+
+def _range_pieces(order: Sequence[int], counts: Sequence[int], start: int, end: int) -> list[Piece]:
+    """Pieces covering samples ``[start, end)`` of the shards laid end to end in ``order``."""
+    pieces: list[Piece] = []
+    offset = 0
+    for shard in order:
+        n = counts[shard]
+        lo, hi = max(start, offset), min(end, offset + n)
+        if lo < hi:
+            skip = lo - offset
+            limit = None if hi == offset + n else hi - lo
+            pieces.append(Piece(shard, skip, limit))
+        offset += n
+        if offset >= end:
+            break
+    return pieces
+
+
+def worker_pieces(pieces: Sequence[Piece], *, worker: int, num_workers: int) -> list[Piece]:
+    """The pieces DataLoader worker ``worker`` of ``num_workers`` reads: round-robin."""
+    if not 0 <= worker < num_workers:
+        raise ConfigError(f"worker {worker} is outside num_workers {num_workers}")
+    return list(pieces[worker::num_workers])

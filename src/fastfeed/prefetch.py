@@ -1,0 +1,330 @@
+"""The prefetcher: several shards in flight, each fetched as concurrent ranged GETs.
+
+Thread ownership: the scheduler and every GET run on the process's IO loop
+(:mod:`fastfeed._loop`); the consumer (the dataset iterator, in the training process or a
+DataLoader worker) runs in its own thread and only waits on futures. The two meet at
+:class:`ShardFetch`, one per shard, which holds one future per part in byte order.
+
+Back-pressure comes only from bounded resources, all configured in
+:class:`~fastfeed.config.PrefetchConfig`:
+
+* ``shards_in_flight``: shards between "first GET issued" and "consumer done with it";
+* ``max_requests``: concurrent GETs;
+* ``byte_budget``: bytes fetched or being fetched that the consumer has not finished parsing.
+
+Parts are issued strictly in (shard, offset) order, so the shard being parsed always has priority
+and its first part arrives first: samples flow as soon as their bytes have landed, not after the
+whole shard. Every wait on the consumer side polls a close flag, so :meth:`Prefetcher.close`
+always returns within seconds, and every store request has a deadline, so a dead store becomes an
+error rather than a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from fastfeed import _loop
+from fastfeed.config import PrefetchConfig
+from fastfeed.errors import FastfeedError, PipelineError
+from fastfeed.store import ObjectInfo, Store, StoreSet
+from fastfeed.urls import Location, parse_url
+
+__all__ = ["FetchStats", "Prefetcher", "ShardFetch"]
+
+log = logging.getLogger(__name__)
+
+#: Seconds between checks of the close flag while the consumer waits for data.
+_POLL = 0.1
+#: Seconds ``close`` waits for the scheduler to wind down.
+_CLOSE_TIMEOUT = 10.0
+
+
+@dataclass
+class FetchStats:
+    """Counters of one prefetcher. Written on the IO loop, read by the consumer (ints: atomic)."""
+
+    requests: int = 0
+    bytes_fetched: int = 0
+    #: Seconds the consumer spent blocked waiting for bytes.
+    wait_s: float = 0.0
+    shards_opened: int = 0
+
+
+class _ByteBudget:
+    """A counting budget on the IO loop. A request larger than the whole budget is admitted
+    when nothing else is held, so an oversized part can never deadlock."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+        self._changed = asyncio.Event()
+
+    async def acquire(self, n: int) -> None:
+        while self.used > 0 and self.used + n > self.limit:
+            self._changed.clear()
+            await self._changed.wait()
+        self.used += n
+        self.peak = max(self.peak, self.used)
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        self._changed.set()
+
+
+@dataclass
+class _Part:
+    start: int
+    end: int
+    future: concurrent.futures.Future[bytearray] = field(default_factory=concurrent.futures.Future)
+    task: asyncio.Task[None] | None = None
+
+
+class ShardFetch:
+    """The consumer's view of one shard being fetched: its parts, in byte order.
+
+    Iterate :meth:`chunks` to receive the bytes as they land; call :meth:`close` when done (also
+    when stopping early), which cancels outstanding GETs and returns their budget.
+    """
+
+    def __init__(self, owner: Prefetcher, info: ObjectInfo, parts: list[_Part]) -> None:
+        self.info = info
+        self._owner = owner
+        self._parts = parts
+        self._returned = [False] * len(parts)  # budget of part i given back (exactly once)
+        self._next = 0
+        self._closed = False
+
+    @property
+    def url(self) -> str:
+        return self.info.url
+
+    def chunks(self) -> Iterator[tuple[bytearray, bool]]:
+        """Yield ``(bytes, is_last)`` for each part in order, blocking until each has landed.
+
+        The budget of a part is returned when the consumer asks for the next one (or closes the
+        shard), so a part's bytes must not be kept beyond that: copy what you keep.
+        """
+        while self._next < len(self._parts) and not self._closed:
+            index = self._next
+            data = self._owner._wait(self._parts[index].future)
+            self._next += 1
+            yield data, index == len(self._parts) - 1
+            self._give_back(index)
+
+    def _give_back(self, index: int) -> None:
+        if not self._returned[index]:
+            self._returned[index] = True
+            part = self._parts[index]
+            self._owner._release_bytes(part.end - part.start)
+
+    def close(self) -> None:
+        """Stop fetching this shard and give back the budget of every part not yet returned."""
+        if self._closed:
+            return
+        self._closed = True
+        consumed = range(self._next)
+        for index in consumed:
+            self._give_back(index)
+        remaining = [i for i in range(self._next, len(self._parts)) if not self._returned[i]]
+        for index in remaining:
+            self._returned[index] = True
+        self._owner._abandon([self._parts[i] for i in remaining])
+        self._owner._shard_done()
+
+
+class Prefetcher:
+    """Fetch ``shards`` in order with bounded concurrency and memory; iterate to get them.
+
+    ``ranges`` optionally limits each shard to a byte range ``(start, end)`` (``None``: whole).
+    Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        shards: Sequence[ObjectInfo],
+        stores: StoreSet,
+        config: PrefetchConfig,
+    ) -> None:
+        self.config = config
+        self.stats = FetchStats()
+        self._shards = list(shards)
+        self._stores = stores
+        self._queue: queue.Queue[ShardFetch | BaseException | None] = queue.Queue()
+        self._closed = threading.Event()
+        self._finished = threading.Event()
+        self._io = _loop.acquire()
+        self._budget = _ByteBudget(config.byte_budget)
+        self._shard_slots = asyncio.Semaphore(config.shards_in_flight)
+        self._requests = asyncio.Semaphore(config.max_requests)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._main = self._io.submit(self._run())
+
+    # ---------------------------------------------------------------- IO loop side
+
+    async def _run(self) -> None:
+        try:
+            for info in self._shards:
+                await self._shard_slots.acquire()
+                loc = parse_url(info.url)
+                store = await self._stores.get(loc)
+                step = self.config.part_size
+                parts = [_Part(s, min(s + step, info.size)) for s in range(0, info.size, step)]
+                self.stats.shards_opened += 1
+                self._queue.put(ShardFetch(self, info, parts))
+                for part in parts:
+                    size = part.end - part.start
+                    if part.future.cancelled():
+                        continue  # the consumer abandoned the shard before this part was issued
+                    await self._budget.acquire(size)
+                    await self._requests.acquire()
+                    if part.future.cancelled():
+                        self._requests.release()
+                        self._budget.release(size)
+                        continue
+                    task = asyncio.create_task(self._fetch(store, loc, info, part))
+                    part.task = task
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+            self._queue.put(None)
+            if self._tasks:
+                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # delivered to the consumer, raised there
+            self._queue.put(exc)
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            if self._tasks:
+                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            try:
+                await self._stores.aclose()
+            finally:
+                self._finished.set()
+
+    async def _fetch(self, store: Store, loc: Location, info: ObjectInfo, part: _Part) -> None:
+        fut = part.future
+        try:
+            data = await store.read_range(loc, part.start, part.end, info.etag)
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
+        except FastfeedError as known:
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(known)
+        except Exception as exc:
+            err = PipelineError(
+                f"unexpected error fetching bytes {part.start}-{part.end - 1}: {type(exc).__name__}: {exc}",
+                url=info.url,
+                stage="fetch",
+                remote_traceback=traceback.format_exc(),
+            )
+            err.__cause__ = exc
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(err)
+        else:
+            self.stats.requests += 1
+            self.stats.bytes_fetched += len(data)
+            if fut.set_running_or_notify_cancel():
+                fut.set_result(data)
+        finally:
+            self._requests.release()
+
+    # ---------------------------------------------------------------- consumer side
+
+    def __iter__(self) -> Iterator[ShardFetch]:
+        """Yield a :class:`ShardFetch` per shard in order; raises the first scheduling error."""
+        while True:
+            item = self._get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _get(self) -> ShardFetch | BaseException | None:
+        start = time.perf_counter()
+        try:
+            while True:
+                if self._closed.is_set():
+                    return None
+                try:
+                    return self._queue.get(timeout=_POLL)
+                except queue.Empty:
+                    if self._main.done() and self._queue.empty():
+                        exc = self._main.exception() if not self._main.cancelled() else None
+                        return exc
+        finally:
+            self.stats.wait_s += time.perf_counter() - start
+
+    def _wait(self, fut: concurrent.futures.Future[bytearray]) -> bytearray:
+        start = time.perf_counter()
+        try:
+            while True:
+                if self._closed.is_set():
+                    raise PipelineError("the prefetcher was closed while waiting for data", stage="fetch")
+                try:
+                    return fut.result(timeout=_POLL)
+                except concurrent.futures.TimeoutError:
+                    continue
+        finally:
+            self.stats.wait_s += time.perf_counter() - start
+
+    def _release_bytes(self, n: int) -> None:
+        self._io.call_soon(self._budget.release, n)
+
+    def _shard_done(self) -> None:
+        self._io.call_soon(self._shard_slots.release)
+
+    def _abandon(self, parts: list[_Part]) -> None:
+        def on_loop() -> None:
+            for part in parts:
+                if part.task is None:
+                    # Not issued yet: the scheduler sees the cancelled future and skips it
+                    # without taking budget.
+                    part.future.cancel()
+                else:
+                    # Issued: its budget is held until now whether or not it has landed.
+                    part.task.cancel()
+                    self._budget.release(part.end - part.start)
+
+        self._io.call_soon(on_loop)
+
+    @property
+    def budget_peak(self) -> int:
+        """Largest number of budgeted bytes held at once so far."""
+        return self._budget.peak
+
+    def close(self) -> None:
+        """Cancel every outstanding request and stop; returns within seconds."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._io.call_soon(self._main_cancel)
+        if not self._finished.wait(_CLOSE_TIMEOUT):
+            log.warning("prefetcher did not stop within %.0fs", _CLOSE_TIMEOUT)
+        self._io.release()
+
+    def _main_cancel(self) -> None:
+        self._main.cancel()
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not self._closed.is_set():
+            with contextlib.suppress(Exception):  # interpreter shutdown
+                self.close()

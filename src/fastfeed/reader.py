@@ -1,0 +1,162 @@
+"""Shard reader: a stream of byte chunks -> tar members -> WebDataset samples.
+
+Samples are grouped exactly as WebDataset groups them (``webdataset.tariterators``):
+
+* only regular files count; names like ``__meta__`` at the top level are skipped;
+* a member ``dir/abc.seg.jpg`` belongs to sample ``__key__ = "dir/abc"`` under the extension
+  ``"seg.jpg"`` (the basename is split at its first dot; the extension is lower-cased);
+* consecutive members with the same key form one sample; a name without a dot is skipped;
+* ``__url__`` is the shard URL; values are the members' raw bytes.
+
+A sample never spans two shards. A repeated extension within one sample is an error (WebDataset
+raises too), as is an object that is not a tar archive.
+
+The chunk stream is consumed without concatenating whole parts: members inside a chunk are
+sliced out of it directly; only a member that straddles a chunk boundary is assembled in a
+small carry-over buffer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from fastfeed.errors import CorruptShardError, TruncatedShardError
+from fastfeed.tario import scan
+
+__all__ = ["Sample", "iter_members", "iter_samples", "split_key"]
+
+Sample = dict[str, Any]
+
+_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_SKIP_META_RE = re.compile(r"__[^/]*__($|/)")
+#: First read of a straddling member's continuation; doubles until the member is complete.
+_STRADDLE_STEP = 64 * 1024
+
+
+def split_key(name: str) -> tuple[str, str] | None:
+    """``"dir/abc.seg.JPG"`` -> ``("dir/abc", "seg.jpg")``; ``None`` for names WebDataset skips."""
+    if "/" not in name and name.startswith("__") and name.endswith("__"):
+        return None
+    if _SKIP_META_RE.match(name):
+        return None
+    match = _KEY_RE.match(name)
+    if match is None:
+        return None
+    return match.group(1), match.group(2).lower()
+
+
+def iter_members(
+    url: str, chunks: Iterable[tuple[Any, bool]], *, copy: bool = True
+) -> Iterator[tuple[str, bytes]]:
+    """Yield ``(name, data)`` for each regular member of the tar archive streamed as ``chunks``.
+
+    ``chunks`` yields ``(buffer, is_last)`` in byte order; buffers may be reused once the next
+    chunk is requested (members are copied out). With ``copy=False`` only names are wanted and
+    ``data`` is ``b""``.
+
+    Raises:
+        CorruptShardError: the bytes are not a valid tar archive (or the object is empty).
+        TruncatedShardError: the object ends inside a header or member.
+    """
+    pending = bytearray()  # unconsumed tail, starting at a header boundary
+    saw_any = False
+    for chunk, is_last in chunks:
+        view = memoryview(chunk)
+        if len(view):
+            saw_any = True
+        pos = 0
+        if pending:
+            # Complete the straddling member from the head of this chunk, growing the slice we
+            # copy until the scanner gets past the old tail (or the chunk is exhausted).
+            taken = 0
+            step = _STRADDLE_STEP
+            while True:
+                n = min(step, len(view) - taken)
+                pending += view[taken : taken + n]
+                taken += n
+                final = is_last and taken == len(view)
+                result = scan(pending, 0, final=final, url=url)
+                for name, off, size in result.members:
+                    yield name, bytes(pending[off : off + size]) if copy else b""
+                if result.end:
+                    return
+                old_tail = len(pending) - taken  # bytes of `pending` that predate this chunk
+                if result.next_pos >= old_tail:
+                    pos = result.next_pos - old_tail
+                    pending.clear()
+                    break
+                del pending[: result.next_pos]
+                if taken == len(view):
+                    break
+                step *= 2
+            if pending:
+                continue
+        result = scan(view, pos, final=is_last, url=url)
+        for name, off, size in result.members:
+            yield name, bytes(view[off : off + size]) if copy else b""
+        if result.end:
+            return
+        if result.next_pos < len(view):
+            pending += view[result.next_pos :]
+    if not saw_any:
+        raise CorruptShardError("the object is empty, not a tar archive", url=url, hint="re-create the shard")
+    if pending and any(pending):
+        raise TruncatedShardError(
+            f"the object ends inside a tar member ({len(pending)} unparsed bytes at the end)",
+            url=url,
+            hint="the upload was probably cut short; re-upload the shard",
+        )
+
+
+def iter_samples(
+    url: str, chunks: Iterable[tuple[Any, bool]], *, skip: int = 0, limit: int | None = None
+) -> Iterator[Sample]:
+    """Group the members of one shard into WebDataset samples.
+
+    ``skip`` samples are dropped from the start, and at most ``limit`` samples are yielded after
+    that (``None``: all); reading stops as soon as the limit is reached.
+    """
+    if limit is not None and limit <= 0:
+        return
+    index = 0
+    yielded = 0
+    current: Sample | None = None
+    for name, data in iter_members(url, chunks):
+        parts = split_key(name)
+        if parts is None:
+            continue
+        key, ext = parts
+        if current is None or current["__key__"] != key:
+            if current is not None:
+                if index >= skip:
+                    yield current
+                    yielded += 1
+                    if limit is not None and yielded >= limit:
+                        return
+                index += 1
+            current = {"__key__": key, "__url__": url}
+        if ext in current:
+            raise CorruptShardError(
+                f"duplicate file {name!r} in sample {key!r}",
+                url=url,
+                hint="each sample may hold one file per extension; fix the shard writer",
+            )
+        current[ext] = data
+    if current is not None and index >= skip:
+        yield current
+
+
+def count_samples(names: Iterable[str]) -> int:
+    """Number of samples WebDataset would form from these member names (in archive order)."""
+    count = 0
+    last: str | None = None
+    for name in names:
+        parts = split_key(name)
+        if parts is None:
+            continue
+        if parts[0] != last:
+            count += 1
+            last = parts[0]
+    return count

@@ -1,0 +1,164 @@
+"""Shard URLs: parsing ``s3://`` / ``file://`` / plain paths, and brace expansion.
+
+Brace patterns follow WebDataset's conventions: ``{000000..000099}`` is a zero-padded numeric
+range (the width of the first bound), ``{a,b,c}`` an alternation; several groups expand as a
+cartesian product, left to right.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from fastfeed.errors import InvalidURLError
+
+__all__ = ["Location", "expand_braces", "has_braces", "parse_url"]
+
+_MAX_EXPANSION = 10_000_000
+_BUCKET_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,254}$")
+
+
+@dataclass(frozen=True)
+class Location:
+    """A parsed shard location.
+
+    ``scheme`` is ``"s3"`` or ``"file"``; for ``s3`` ``bucket`` and ``key`` are set, for
+    ``file`` ``path`` is an absolute local path. ``url`` is the canonical URL that appears in
+    samples' ``__url__`` and in every error message.
+    """
+
+    scheme: str
+    url: str
+    bucket: str = ""
+    key: str = ""
+    path: str = ""
+
+
+def parse_url(url: str) -> Location:
+    """Parse ``s3://bucket/key``, ``file:///abs/path`` or a plain (relative or absolute) path.
+
+    Raises:
+        InvalidURLError: for unsupported schemes, a missing bucket, or an empty URL.
+    """
+    if not isinstance(url, str) or not url.strip():
+        raise InvalidURLError(f"shard URL must be a non-empty string, got {url!r}")
+    if "://" not in url:
+        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", url) and not re.match(r"^[a-zA-Z]:[\\/]", url):
+            raise InvalidURLError(
+                f"malformed URL {url!r}", url=url, hint="use s3://bucket/key, file:///path or a local path"
+            )
+        path = os.path.abspath(os.path.expanduser(url))
+        return Location("file", url=Path(path).as_uri(), path=path)
+    scheme = url.split("://", 1)[0].lower()
+    if scheme == "s3":
+        # Split by hand: S3 keys may contain '?' and '#', which urlsplit would eat.
+        bucket, _, key = url.split("://", 1)[1].partition("/")
+        if not bucket or not _BUCKET_RE.match(bucket):
+            raise InvalidURLError(
+                f"malformed S3 URL {url!r}: missing or invalid bucket name",
+                url=url,
+                hint="write it as s3://bucket/prefix/ or s3://bucket/key.tar",
+            )
+        key = key.lstrip("/")
+        return Location("s3", url=f"s3://{bucket}/{key}", bucket=bucket, key=key)
+    parts = urlsplit(url)
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise InvalidURLError(
+                f"file URL {url!r} names a host", url=url, hint="use file:///absolute/path (three slashes)"
+            )
+        path = unquote(parts.path)
+        if not path:
+            raise InvalidURLError(f"file URL {url!r} has no path", url=url)
+        return Location("file", url=Path(path).as_uri(), path=path)
+    raise InvalidURLError(
+        f"unsupported URL scheme {parts.scheme!r} in {url!r}",
+        url=url,
+        hint="fastfeed reads s3:// (any S3-compatible endpoint), file:// and local paths",
+    )
+
+
+def has_braces(pattern: str) -> bool:
+    """True if ``pattern`` contains a brace group."""
+    return "{" in pattern or "}" in pattern
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand WebDataset-style brace groups.
+
+    >>> expand_braces("s3://b/shard-{00..02}.tar")
+    ['s3://b/shard-00.tar', 's3://b/shard-01.tar', 's3://b/shard-02.tar']
+    >>> expand_braces("{a,b}/x{1..2}")
+    ['a/x1', 'a/x2', 'b/x1', 'b/x2']
+
+    Raises:
+        InvalidURLError: unbalanced or nested braces, an empty group, a descending or
+            non-numeric range, or an expansion of more than ten million names.
+    """
+    groups: list[list[str]] = []
+    literals: list[str] = []
+    pos = 0
+    while True:
+        open_at = pattern.find("{", pos)
+        close_at = pattern.find("}", pos)
+        if open_at < 0:
+            if close_at >= 0:
+                raise _brace_error(pattern, f"unmatched '}}' at position {close_at}")
+            literals.append(pattern[pos:])
+            break
+        if 0 <= close_at < open_at:
+            raise _brace_error(pattern, f"unmatched '}}' at position {close_at}")
+        end = pattern.find("}", open_at)
+        if end < 0:
+            raise _brace_error(pattern, f"unmatched '{{' at position {open_at}")
+        body = pattern[open_at + 1 : end]
+        if "{" in body:
+            raise _brace_error(pattern, "nested braces are not supported")
+        literals.append(pattern[pos:open_at])
+        groups.append(_expand_group(pattern, body))
+        pos = end + 1
+
+    total = 1
+    for group in groups:
+        total *= len(group)
+        if total > _MAX_EXPANSION:
+            raise _brace_error(pattern, f"expands to more than {_MAX_EXPANSION} names")
+    results = [literals[0]]
+    for group, literal in zip(groups, literals[1:], strict=True):
+        results = [prefix + alt + literal for prefix in results for alt in group]
+    return results
+
+
+def _expand_group(pattern: str, body: str) -> list[str]:
+    if ".." in body:
+        match = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+        if match is None:
+            raise _brace_error(
+                pattern, f"bad range {{{body}}}: expected {{first..last}} with decimal numbers"
+            )
+        first, last = match.group(1), match.group(2)
+        lo, hi = int(first), int(last)
+        if hi < lo:
+            raise _brace_error(pattern, f"descending range {{{body}}}")
+        width = len(first) if first.startswith("0") or len(first) == len(last) else 0
+        if hi - lo + 1 > _MAX_EXPANSION:
+            raise _brace_error(pattern, f"expands to more than {_MAX_EXPANSION} names")
+        return [str(i).zfill(width) for i in range(lo, hi + 1)]
+    if "," in body:
+        alts = body.split(",")
+        return alts
+    if body == "":
+        raise _brace_error(pattern, "empty brace group {}")
+    # A single word in braces is literal in shell brace expansion; WebDataset treats it the same.
+    return ["{" + body + "}"]
+
+
+def _brace_error(pattern: str, reason: str) -> InvalidURLError:
+    return InvalidURLError(
+        f"malformed brace pattern {pattern!r}: {reason}",
+        url=pattern,
+        hint="use {000000..000099} for ranges or {a,b,c} for alternatives",
+    )
