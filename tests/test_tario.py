@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import tarfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -499,6 +500,8 @@ def test_gnu_tar_archives(fn: ScanFn, fmt: str, tmp_path: Path) -> None:
     r = fn(data, final=True)
     assert r.members == expected
     assert r.end
+    for name, off, size in r.members:
+        assert data[off : off + size] == (root / name).read_bytes()
     for size in (7, 511, 512, 513, 4099):
         assert scan_in_chunks(fn, data, [size]) == (expected, r.next_pos)
 
@@ -751,6 +754,16 @@ def test_errors(fn: ScanFn, data: bytes, error: type[ShardError], message: str) 
     assert URL in str(info.value)
     assert info.value.hint
     assert outcome(scan, data, 0, True) == outcome(scan_py, data, 0, True)
+
+
+def test_threads_share_a_buffer() -> None:
+    # The native scan runs without the GIL on an exported buffer; concurrent scans must agree.
+    data = build_archive([("file", f"d/{i:05d}.bin", 700) for i in range(3000)], tarfile.GNU_FORMAT)
+    expected = scan_py(data, final=True)
+    assert len(expected.members) == 3000
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: scan(data, final=True), range(16)))
+    assert all(r == expected for r in results)
 
 
 def test_error_kinds_agree() -> None:
