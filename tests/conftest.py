@@ -3,6 +3,9 @@
 Hygiene (autouse, every test):
     ``_clean_aws_env``  no AWS_* variable, config file or instance metadata leaks in.
     ``_no_leaks``       a test fails if a thread or child process it started outlives it.
+                        (A session-scoped fixture that owns a thread or process adds it to
+                        ``_SESSION_THREADS`` / ``_SESSION_PIDS``; multiprocessing's resource
+                        tracker and forkserver, which live until exit, are exempt.)
 
 Servers (session scope, stopped at the end of the session even after failures):
     ``seaweed``      a :class:`~fastfeed.testing.SeaweedServer` (started on first use).

@@ -268,15 +268,15 @@ def test_proxy_latency_is_per_request(
     name, key, _ = obj
     client = _via(fault_proxy, seaweed, max_pool_connections=1)
     client.head_object(Bucket=name, Key=key)  # connect first: the latency is not per connection
-    fault_proxy.set_latency(150)
-    for _ in range(3):
+    fault_proxy.set_latency(250)
+    for _ in range(2):
         started = time.monotonic()
         client.get_object(Bucket=name, Key=key, Range="bytes=0-9")["Body"].read()
-        assert time.monotonic() - started >= 0.15
+        assert time.monotonic() - started >= 0.25
     fault_proxy.set_latency(0)
     started = time.monotonic()
     client.get_object(Bucket=name, Key=key, Range="bytes=0-9")["Body"].read()
-    assert time.monotonic() - started < 0.15
+    assert time.monotonic() - started < 0.25
     assert fault_proxy.connections() == 1
 
 
@@ -412,7 +412,7 @@ def test_proxy_stall_triggers_client_timeouts(
     started = time.monotonic()
     with pytest.raises(ReadTimeoutError):
         client.get_object(Bucket=name, Key=key)
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 1.9  # the client gave up before the stall ended
     fault_proxy.inject_stall(2.0, after_bytes=10_000)
     body = client.get_object(Bucket=name, Key=key)["Body"]
     with pytest.raises(BotoCoreError):
