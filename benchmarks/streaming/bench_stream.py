@@ -67,10 +67,11 @@ def make_dataset(n_bytes: int, sample_bytes: int, shard_bytes: int, out: Path) -
 def child_rss(url: str, s3: S3Config, prefetch: PrefetchConfig) -> dict[str, Any]:
     """Run in a fresh process: stream the dataset once, report peak RSS."""
     code = (
-        "import json,resource,sys;from fastfeed import StreamingDataset;from fastfeed.config import S3Config;"
+        "import json,sys;from fastfeed import StreamingDataset;from fastfeed.config import S3Config;"
+        "from fastfeed.bench import peak_rss_bytes;"
         "a=json.loads(sys.argv[1]);ds=StreamingDataset(a['url'],s3=S3Config(**a['s3']),part_size=a['part'],"
         "max_requests=a['req'],byte_budget=a['budget']);n=sum(len(s['bin']) for s in ds);"
-        "print(json.dumps({'bytes':n,'peak_rss':resource.getrusage(resource.RUSAGE_SELF).ru_maxrss*1024}))"
+        "print(json.dumps({'bytes':n,'peak_rss':peak_rss_bytes()}))"
     )
     s3_fields = {k: v for k, v in s3.__dict__.items() if k != "retry"}
     arg = json.dumps(

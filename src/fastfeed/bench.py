@@ -62,7 +62,18 @@ def _cpu() -> float:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
+    """Peak resident set size of this process so far.
+
+    Reads ``VmHWM`` from ``/proc/self/status`` where it exists: ``ru_maxrss`` survives
+    ``fork`` + ``exec``, so in a child process it reports the parent's peak at fork time.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

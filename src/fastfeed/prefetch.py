@@ -85,8 +85,30 @@ class _ByteBudget:
 class _Part:
     start: int
     end: int
-    future: concurrent.futures.Future[bytearray] = field(default_factory=concurrent.futures.Future)
+    future: concurrent.futures.Future[memoryview] = field(default_factory=concurrent.futures.Future)
     task: asyncio.Task[None] | None = None
+    #: The pooled buffer the part is read into (owned by the IO loop until delivered).
+    buffer: bytearray | None = None
+
+
+class _BufferPool:
+    """Part-sized buffers reused across parts (IO loop only).
+
+    Reuse avoids allocating, zero-filling and page-faulting a fresh 8 MiB buffer per GET; at
+    most ``byte_budget / part_size`` buffers exist at once, so the pool is bounded by the budget.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free: list[bytearray] = []
+
+    def take(self) -> bytearray:
+        return self._free.pop() if self._free else bytearray(self.size)
+
+    def give(self, buffer: bytearray | None) -> None:
+        # Never pool a buffer twice: two parts sharing one buffer would corrupt data.
+        if buffer is not None and len(buffer) == self.size and all(b is not buffer for b in self._free):
+            self._free.append(buffer)
 
 
 class ShardFetch:
@@ -108,11 +130,12 @@ class ShardFetch:
     def url(self) -> str:
         return self.info.url
 
-    def chunks(self) -> Iterator[tuple[bytearray, bool]]:
+    def chunks(self) -> Iterator[tuple[memoryview, bool]]:
         """Yield ``(bytes, is_last)`` for each part in order, blocking until each has landed.
 
-        The budget of a part is returned when the consumer asks for the next one (or closes the
-        shard), so a part's bytes must not be kept beyond that: copy what you keep.
+        A part's buffer goes back to the pool (and its budget is returned) when the consumer
+        asks for the next part or closes the shard: it is overwritten after that, so release
+        views of it and copy what you keep before asking for more.
         """
         while self._next < len(self._parts) and not self._closed:
             index = self._next
@@ -124,8 +147,7 @@ class ShardFetch:
     def _give_back(self, index: int) -> None:
         if not self._returned[index]:
             self._returned[index] = True
-            part = self._parts[index]
-            self._owner._release_bytes(part.end - part.start)
+            self._owner._release_part(self._parts[index])
 
     def close(self) -> None:
         """Stop fetching this shard and give back the budget of every part not yet returned."""
@@ -164,6 +186,7 @@ class Prefetcher:
         self._finished = threading.Event()
         self._io = _loop.acquire()
         self._budget = _ByteBudget(config.byte_budget)
+        self._pool = _BufferPool(config.part_size)
         self._shard_slots = asyncio.Semaphore(config.shards_in_flight)
         self._requests = asyncio.Semaphore(config.max_requests)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -214,10 +237,14 @@ class Prefetcher:
 
     async def _fetch(self, store: Store, loc: Location, info: ObjectInfo, part: _Part) -> None:
         fut = part.future
+        part.buffer = self._pool.take()
         try:
-            data = await store.read_range(loc, part.start, part.end, info.etag)
+            out = memoryview(part.buffer)[: part.end - part.start]
+            data = await store.read_range(loc, part.start, part.end, info.etag, out=out)
         except asyncio.CancelledError:
             fut.cancel()
+            self._pool.give(part.buffer)
+            part.buffer = None
             raise
         except FastfeedError as known:
             if fut.set_running_or_notify_cancel():
@@ -267,7 +294,7 @@ class Prefetcher:
         finally:
             self.stats.wait_s += time.perf_counter() - start
 
-    def _wait(self, fut: concurrent.futures.Future[bytearray]) -> bytearray:
+    def _wait(self, fut: concurrent.futures.Future[memoryview]) -> memoryview:
         start = time.perf_counter()
         try:
             while True:
@@ -280,8 +307,13 @@ class Prefetcher:
         finally:
             self.stats.wait_s += time.perf_counter() - start
 
-    def _release_bytes(self, n: int) -> None:
-        self._io.call_soon(self._budget.release, n)
+    def _release_part(self, part: _Part) -> None:
+        def on_loop() -> None:
+            self._budget.release(part.end - part.start)
+            self._pool.give(part.buffer)
+            part.buffer = None
+
+        self._io.call_soon(on_loop)
 
     def _shard_done(self) -> None:
         self._io.call_soon(self._shard_slots.release)
@@ -294,9 +326,13 @@ class Prefetcher:
                     # without taking budget.
                     part.future.cancel()
                 else:
-                    # Issued: its budget is held until now whether or not it has landed.
+                    # Issued: its budget is held until now whether or not it has landed. A part
+                    # still in flight gives its buffer back when its task sees the cancellation.
                     part.task.cancel()
                     self._budget.release(part.end - part.start)
+                    if part.task.done():
+                        self._pool.give(part.buffer)
+                        part.buffer = None
 
         self._io.call_soon(on_loop)
 

@@ -81,11 +81,15 @@ class Store(abc.ABC):
         """Size and ETag of one object. Raises NotFoundError if it does not exist."""
 
     @abc.abstractmethod
-    async def read_range(self, loc: Location, start: int, end: int, etag: str | None = None) -> bytearray:
-        """Bytes ``[start, end)`` of the object.
+    async def read_range(
+        self, loc: Location, start: int, end: int, etag: str | None = None, out: memoryview | None = None
+    ) -> memoryview:
+        """Bytes ``[start, end)`` of the object, as a memoryview of exactly ``end - start`` bytes.
 
-        If ``etag`` is given and the object changed, raises :class:`StoreError` instead of
-        returning bytes of a different version. Returns exactly ``end - start`` bytes or raises.
+        With ``out`` (a writable buffer of exactly that length) the bytes are written into it,
+        so callers can reuse buffers; otherwise a new buffer is allocated. If ``etag`` is given
+        and the object changed, raises :class:`StoreError` instead of returning bytes of a
+        different version.
         """
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
@@ -128,14 +132,16 @@ class LocalStore(Store):
             raise NotFoundError(f"{loc.path} is not a regular file", url=loc.url)
         return ObjectInfo(loc.url, st.st_size, None)
 
-    async def read_range(self, loc: Location, start: int, end: int, etag: str | None = None) -> bytearray:
-        def read() -> bytearray:
-            buf = bytearray(end - start)
-            view = memoryview(buf)
+    async def read_range(
+        self, loc: Location, start: int, end: int, etag: str | None = None, out: memoryview | None = None
+    ) -> memoryview:
+        view = _target(out, end - start)
+
+        def read() -> memoryview:
             fd = os.open(loc.path, os.O_RDONLY)
             try:
                 got = 0
-                while got < len(buf):
+                while got < len(view):
                     n = os.preadv(fd, [view[got:]], start + got)
                     if n == 0:
                         raise NotFoundError(
@@ -145,7 +151,7 @@ class LocalStore(Store):
                     got += n
             finally:
                 os.close(fd)
-            return buf
+            return view
 
         loop = asyncio.get_running_loop()
         try:
@@ -154,6 +160,14 @@ class LocalStore(Store):
             raise
         except OSError as exc:
             raise _map_os_error(exc, loc.url) from exc
+
+
+def _target(out: memoryview | None, length: int) -> memoryview:
+    if out is None:
+        return memoryview(bytearray(length))
+    if out.readonly or out.nbytes != length or out.itemsize != 1:
+        raise ValueError(f"out must be a writable byte buffer of {length} bytes, got {out.nbytes}")
+    return out
 
 
 def _map_os_error(exc: OSError, url: str) -> StoreError:
@@ -363,10 +377,11 @@ class S3Store(Store):
             return not isinstance(err, NotFoundError)
         return True
 
-    async def read_range(self, loc: Location, start: int, end: int, etag: str | None = None) -> bytearray:
+    async def read_range(
+        self, loc: Location, start: int, end: int, etag: str | None = None, out: memoryview | None = None
+    ) -> memoryview:
         length = end - start
-        buf = bytearray(length)
-        view = memoryview(buf)
+        view = _target(out, length)
         got = 0
         state = RetryState(self.config.retry, f"GET {loc.url} bytes {start}-{end - 1}")
         while got < length:
@@ -415,7 +430,7 @@ class S3Store(Store):
                     if final is exc:
                         raise
                     raise final from exc
-        return buf
+        return view
 
 
 _sessions: dict[tuple[int, str | None], Any] = {}
