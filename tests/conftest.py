@@ -125,9 +125,7 @@ def _no_leaks() -> Iterator[None]:
 
     def leaked_threads() -> list[threading.Thread]:
         return [
-            t
-            for t in threading.enumerate()
-            if t not in threads_before and t not in _SESSION_THREADS and t.is_alive()
+            t for t in threading.enumerate() if t not in threads_before and t not in _SESSION_THREADS and t.is_alive()
         ]
 
     def leaked_processes() -> list[psutil.Process]:

@@ -49,8 +49,7 @@ def wds_samples(paths: list[Path], url_of: dict[str, str] | None = None) -> list
 def canon(samples: list[dict[str, Any]]) -> Counter[tuple[Any, ...]]:
     """A multiset of samples, comparable whatever the order."""
     return Counter(
-        tuple(sorted((k, bytes(v) if isinstance(v, bytes | bytearray) else v) for k, v in s.items()))
-        for s in samples
+        tuple(sorted((k, bytes(v) if isinstance(v, bytes | bytearray) else v) for k, v in s.items())) for s in samples
     )
 
 
@@ -70,9 +69,7 @@ def gnu_shards(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
             (sub / f"{stem}.seg.PNG").write_bytes(os.urandom(513 * i))
             (sub / f"{stem}.json").write_text(f'{{"i": {i}}}')
         tar_path = root / f"{fmt}.tar"
-        subprocess.run(
-            ["tar", f"--format={fmt}", "--sort=name", "-cf", str(tar_path), "-C", str(src), "."], check=True
-        )
+        subprocess.run(["tar", f"--format={fmt}", "--sort=name", "-cf", str(tar_path), "-C", str(src), "."], check=True)
         out.append(tar_path)
     return out
 
@@ -132,9 +129,7 @@ def test_dataloader_workers_and_shuffle_give_exactly_the_dataset(
     bucket, prefix, paths = s3_shards
     url_of = {str(p): f"s3://{bucket}/{prefix}{p.name}" for p in paths}
     expected = wds_samples(paths, url_of)
-    ds = StreamingDataset(
-        f"s3://{bucket}/{prefix}", s3=s3cfg(seaweed), shuffle=shuffle, seed=3, shuffle_buffer=20
-    )
+    ds = StreamingDataset(f"s3://{bucket}/{prefix}", s3=s3cfg(seaweed), shuffle=shuffle, seed=3, shuffle_buffer=20)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
     got = list(loader)
     assert canon(got) == canon(expected)
@@ -149,9 +144,7 @@ def test_dataloader_start_methods(shard_dir: Path, context: str) -> None:
     keys = [s["__key__"] for s in loader]
     again = [
         s["__key__"]
-        for s in torch.utils.data.DataLoader(
-            ds, batch_size=None, num_workers=2, multiprocessing_context=context
-        )
+        for s in torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context=context)
     ]
     assert keys == again, "same seed, same epoch, same layout: same order"
     assert sorted(keys) == sorted(s["__key__"] for s in StreamingDataset(str(shard_dir)))
@@ -187,9 +180,7 @@ def test_samples_flow_before_the_shard_is_downloaded(bucket: Any, fault_proxy: A
         access_key_id=bucket.server.access_key,
         secret_access_key=bucket.server.secret_key,
     )
-    ds = StreamingDataset(
-        f"s3://{bucket.name}/big/", s3=cfg, part_size="64KiB", byte_budget="128KiB", max_requests=2
-    )
+    ds = StreamingDataset(f"s3://{bucket.name}/big/", s3=cfg, part_size="64KiB", byte_budget="128KiB", max_requests=2)
     fault_proxy.reset_counters()
     it = iter(ds)
     first = next(it)

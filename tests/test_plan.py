@@ -36,14 +36,11 @@ def test_shard_order_is_a_pure_function_of_seed_and_epoch() -> None:
     seed=st.integers(0, 3),
     remainder=st.sampled_from(["drop", "pad"]),
 )
-def test_rank_split_is_disjoint_complete_and_equal(
-    counts: list[int], world: int, seed: int, remainder: str
-) -> None:
+def test_rank_split_is_disjoint_complete_and_equal(counts: list[int], world: int, seed: int, remainder: str) -> None:
     order = shard_order(len(counts), seed=seed, epoch=0, shuffle=True)
     total = sum(counts)
     per_rank = [
-        expand(rank_pieces(order, counts, rank=r, world_size=world, remainder=remainder), counts)
-        for r in range(world)
+        expand(rank_pieces(order, counts, rank=r, world_size=world, remainder=remainder), counts) for r in range(world)
     ]
     sizes = {len(x) for x in per_rank}
     assert len(sizes) == 1, "every rank must yield the same number of samples"

@@ -154,12 +154,10 @@ END = bytes(1024)
 _CHARS = "abcxyz019_-. =+éßΩ日本😀\u0301"
 _short = st.text(alphabet=_CHARS, min_size=1, max_size=16)
 _long = st.text(alphabet=_CHARS, min_size=40, max_size=130)
-_component = st.one_of(_short, _short, _long) | st.tuples(_short, st.sampled_from(["\udcff", "\udc80x"])).map(
+_component = st.one_of(_short, _short, _long) | st.tuples(_short, st.sampled_from(["\udcff", "\udc80x"])).map("".join)
+names = st.tuples(st.lists(_component, min_size=1, max_size=6).map("/".join), st.sampled_from(["", "", "", "/"])).map(
     "".join
 )
-names = st.tuples(
-    st.lists(_component, min_size=1, max_size=6).map("/".join), st.sampled_from(["", "", "", "/"])
-).map("".join)
 sizes = st.one_of(st.sampled_from([0, 1, 100, 511, 512, 513, 1023, 1024, 1025, 4096]), st.integers(0, 3000))
 entries = st.lists(
     st.one_of(
@@ -244,9 +242,7 @@ def test_matches_tarfile(fn: ScanFn, fmt: int, items: list[tuple[str, str, Any]]
 
 @pytest.mark.parametrize("fn", IMPLS)
 @SETTINGS
-@given(
-    data=archives(), chunk_sizes=st.lists(st.integers(1, 3000), min_size=1, max_size=8), junk=st.booleans()
-)
+@given(data=archives(), chunk_sizes=st.lists(st.integers(1, 3000), min_size=1, max_size=8), junk=st.booleans())
 def test_incremental_equals_one_shot(fn: ScanFn, data: bytes, chunk_sizes: list[int], junk: bool) -> None:
     whole = fn(data, final=True)
     members, end_at = scan_in_chunks(fn, data, chunk_sizes, junk=junk)
@@ -300,9 +296,7 @@ def test_truncated(fn: ScanFn, data: bytes, cut: float, final: bool) -> None:
         assert r.next_pos == min(c, end_offset)
     else:
         r = fn(data[:c])
-        assert r.members == [
-            (m.name, m.offset_data, m.size) for m in regular if m.offset_data + padded(m.size) <= c
-        ]
+        assert r.members == [(m.name, m.offset_data, m.size) for m in regular if m.offset_data + padded(m.size) <= c]
         assert r.next_pos == max(b for b in boundaries if b <= c)
     assert r.end == (c >= end_offset + 512)
 
@@ -351,16 +345,10 @@ size_fields = st.one_of(
     st.integers(0, 2**88 - 1).map(lambda n: b"\x80" + n.to_bytes(11, "big")),
     st.binary(min_size=11, max_size=11).map(lambda b: b"\xff" + b),
 )
-typeflags = st.sampled_from(
-    [b"0", b"\0", b"7", b"1", b"2", b"3", b"5", b"6", b"S", b"V", b"D", b"L", b"K", b"x"]
-)
+typeflags = st.sampled_from([b"0", b"\0", b"7", b"1", b"2", b"3", b"5", b"6", b"S", b"V", b"D", b"L", b"K", b"x"])
 magics = st.sampled_from([b"ustar\x0000", b"ustar  \0", bytes(8), b"ustar\0xy"])
-pax_keys = st.sampled_from(
-    [b"path", b"size", b"mtime", b"linkpath", b"GNU.sparse.major", b"hdrcharset", b"a"]
-)
-pax_values = st.one_of(
-    st.binary(max_size=40), st.integers(0, 3000).map(lambda n: str(n).encode()), st.just(b"")
-)
+pax_keys = st.sampled_from([b"path", b"size", b"mtime", b"linkpath", b"GNU.sparse.major", b"hdrcharset", b"a"])
+pax_values = st.one_of(st.binary(max_size=40), st.integers(0, 3000).map(lambda n: str(n).encode()), st.just(b""))
 
 
 @st.composite
@@ -419,9 +407,7 @@ def fuzz_buffers(draw: st.DrawFn) -> bytes:
             flag = draw(st.sampled_from([b"x", b"X", b"g"]))
             parts.append(entry(b"pax", payload, flag))
         elif kind == "long":
-            parts.append(
-                entry(b"././@LongLink", draw(st.binary(max_size=300)), draw(st.sampled_from([b"L", b"K"])))
-            )
+            parts.append(entry(b"././@LongLink", draw(st.binary(max_size=300)), draw(st.sampled_from([b"L", b"K"]))))
         elif kind == "zero":
             parts.append(bytes(512))
         elif kind == "partial":
@@ -699,21 +685,13 @@ def test_extension_chains_resume_at_first_header(fn: ScanFn) -> None:
             "invalid checksum field",
             id="checksum-field",
         ),
-        pytest.param(
-            b"not a tar" * 100, CorruptShardError, "invalid checksum field in the tar header at", id="text"
-        ),
-        pytest.param(
-            b"12345670" * 100, CorruptShardError, "bad tar header checksum at offset 0", id="digits"
-        ),
+        pytest.param(b"not a tar" * 100, CorruptShardError, "invalid checksum field in the tar header at", id="text"),
+        pytest.param(b"12345670" * 100, CorruptShardError, "bad tar header checksum at offset 0", id="digits"),
         pytest.param(ext(b"abc\n"), CorruptShardError, "malformed pax record at offset 512", id="pax"),
-        pytest.param(
-            ext(b"6 a=b\n" + b"4 =x\n"), CorruptShardError, "malformed pax record at offset 518", id="pax2"
-        ),
+        pytest.param(ext(b"6 a=b\n" + b"4 =x\n"), CorruptShardError, "malformed pax record at offset 518", id="pax2"),
         pytest.param(ext(b"99 a=b\n"), CorruptShardError, "malformed pax record", id="pax-length"),
         pytest.param(ext(pax_record(b"size", b"-1")), CorruptShardError, "invalid pax size", id="pax-size"),
-        pytest.param(
-            ext(pax_record(b"size", b"9" * 19)), CorruptShardError, "invalid pax size", id="pax-big"
-        ),
+        pytest.param(ext(pax_record(b"size", b"9" * 19)), CorruptShardError, "invalid pax size", id="pax-big"),
         pytest.param(raw_header(b"s", b"S", 0), CorruptShardError, "unsupported sparse member", id="sparse"),
         pytest.param(
             ext(pax_record(b"GNU.sparse.major", b"1")),

@@ -280,9 +280,7 @@ def test_proxy_latency_is_per_request(
     assert fault_proxy.connections() == 1
 
 
-def test_proxy_bandwidth_limit(
-    fault_proxy: FaultProxy, seaweed: SeaweedServer, obj: tuple[str, str, bytes]
-) -> None:
+def test_proxy_bandwidth_limit(fault_proxy: FaultProxy, seaweed: SeaweedServer, obj: tuple[str, str, bytes]) -> None:
     name, key, data = obj
     client = _via(fault_proxy, seaweed)
     fault_proxy.set_bandwidth(2 * MiB)
@@ -370,9 +368,7 @@ def test_proxy_reset_cuts_the_body_after_k_bytes(
     assert [r.fault for r in fault_proxy.requests()] == ["reset", "reset", None]
 
 
-def test_proxy_reset_with_rst(
-    fault_proxy: FaultProxy, seaweed: SeaweedServer, obj: tuple[str, str, bytes]
-) -> None:
+def test_proxy_reset_with_rst(fault_proxy: FaultProxy, seaweed: SeaweedServer, obj: tuple[str, str, bytes]) -> None:
     name, key, _ = obj
     client = _via(fault_proxy, seaweed)
     fault_proxy.inject_reset(after_bytes=1000, rst=True)
@@ -471,9 +467,7 @@ def test_proxy_expect_100_continue_and_chunked_bodies(
     url2 = urllib.parse.urlsplit(_presigned(fault_proxy, seaweed, "put_object", bucket.name, "c"))
     conn = http.client.HTTPConnection("127.0.0.1", fault_proxy.port, timeout=10)
     try:
-        conn.request(
-            "PUT", f"{url2.path}?{url2.query}", body=iter([body[:1000], body[1000:]]), encode_chunked=True
-        )
+        conn.request("PUT", f"{url2.path}?{url2.query}", body=iter([body[:1000], body[1000:]]), encode_chunked=True)
         resp = conn.getresponse()
         resp.read()
         assert resp.status == 200
@@ -496,9 +490,7 @@ def test_proxy_answers_502_when_upstream_is_down(seaweed: SeaweedServer) -> None
         assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 502
 
 
-def test_proxy_stop_joins_with_requests_in_flight(
-    seaweed: SeaweedServer, obj: tuple[str, str, bytes]
-) -> None:
+def test_proxy_stop_joins_with_requests_in_flight(seaweed: SeaweedServer, obj: tuple[str, str, bytes]) -> None:
     name, key, _ = obj
     proxy = FaultProxy(seaweed.endpoint_url).start()
     url = urllib.parse.urlsplit(_presigned(proxy, seaweed, "get_object", name, key))
@@ -585,9 +577,7 @@ def test_synthetic_shards_options(tmp_path: Path) -> None:
     samples = _read_with_webdataset(path)
     assert [sorted(s) for s in samples] == [["__key__", "__url__", "bin", "cls"]] * 2
     with pytest.raises(ValueError):
-        write_synthetic_shards(
-            tmp_path, num_shards=1, samples_per_shard=1, sample_bytes=1, extensions=("jpg",)
-        )
+        write_synthetic_shards(tmp_path, num_shards=1, samples_per_shard=1, sample_bytes=1, extensions=("jpg",))
 
 
 def test_upload_dir(bucket: Any, tmp_path: Path) -> None:

@@ -49,9 +49,7 @@ def measure_webdataset(urls: list[str]) -> Measurement:
     import webdataset as wds
 
     child0 = _cpu_children()
-    result = measure_iterable(
-        "webdataset", lambda: wds.WebDataset(urls, shardshuffle=False, empty_check=False)
-    )
+    result = measure_iterable("webdataset", lambda: wds.WebDataset(urls, shardshuffle=False, empty_check=False))
     result.cpu_s += _cpu_children() - child0  # curl processes
     return result
 
@@ -59,9 +57,7 @@ def measure_webdataset(urls: list[str]) -> Measurement:
 def make_dataset(n_bytes: int, sample_bytes: int, shard_bytes: int, out: Path) -> list[Path]:
     per_shard = max(1, shard_bytes // sample_bytes)
     shards = max(1, n_bytes // (per_shard * sample_bytes))
-    return write_synthetic_shards(
-        out, num_shards=shards, samples_per_shard=per_shard, sample_bytes=sample_bytes
-    )
+    return write_synthetic_shards(out, num_shards=shards, samples_per_shard=per_shard, sample_bytes=sample_bytes)
 
 
 def child_rss(url: str, s3: S3Config, prefetch: PrefetchConfig) -> dict[str, Any]:
@@ -83,16 +79,12 @@ def child_rss(url: str, s3: S3Config, prefetch: PrefetchConfig) -> dict[str, Any
             "budget": prefetch.byte_budget,
         }
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code, arg], capture_output=True, text=True, check=True, timeout=600
-    )
+    out = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, check=True, timeout=600)
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="256MiB", help="dataset size for the throughput runs")
     parser.add_argument("--rss-sizes", default="128MiB,512MiB", help="two dataset sizes for the RSS runs")
     parser.add_argument("--sample-size", default="100KiB")

@@ -50,9 +50,7 @@ class Measurement:
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out.update(
-            samples_per_s=self.samples_per_s, mib_per_s=self.mib_per_s, cpu_s_per_gib=self.cpu_s_per_gib
-        )
+        out.update(samples_per_s=self.samples_per_s, mib_per_s=self.mib_per_s, cpu_s_per_gib=self.cpu_s_per_gib)
         return out
 
 

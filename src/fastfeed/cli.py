@@ -90,9 +90,7 @@ def _bench(args: argparse.Namespace) -> int:
         tempfile.TemporaryDirectory(prefix="fastfeed-demo-") as tmp,
         SeaweedServer(Path(tmp) / "store") as server,
     ):
-        print(
-            f"local S3 endpoint (SeaweedFS): {server.endpoint_url}  [started in {server.start_seconds:.1f}s]"
-        )
+        print(f"local S3 endpoint (SeaweedFS): {server.endpoint_url}  [started in {server.start_seconds:.1f}s]")
         t0 = time.perf_counter()
         paths = write_synthetic_shards(
             Path(tmp) / "shards", num_shards=num_shards, samples_per_shard=per_shard, sample_bytes=sample_size
@@ -163,9 +161,7 @@ def _run_bench(
 
 
 def _print_table(results: list[Measurement], ceiling: Measurement) -> None:
-    header = (
-        f"{'run':<22} {'samples/s':>10} {'MiB/s':>8} {'x ceiling':>9} {'1st sample':>10} {'CPU s/GiB':>9}"
-    )
+    header = f"{'run':<22} {'samples/s':>10} {'MiB/s':>8} {'x ceiling':>9} {'1st sample':>10} {'CPU s/GiB':>9}"
     print(header)
     print("-" * len(header))
     for r in results:

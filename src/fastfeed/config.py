@@ -62,9 +62,7 @@ def parse_size(value: int | float | str, *, name: str = "size") -> int:
     match = _SIZE_RE.match(value)
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _UNITS:
-        raise ConfigError(
-            f"{name}={value!r} is not a size", hint="use a byte count or a string like '8MiB' or '500GB'"
-        )
+        raise ConfigError(f"{name}={value!r} is not a size", hint="use a byte count or a string like '8MiB' or '500GB'")
     return int(float(match.group(1)) * _UNITS[unit])
 
 
@@ -188,9 +186,7 @@ class PrefetchConfig:
 
     def __post_init__(self) -> None:
         if self.part_size < 64 * 1024:
-            raise ConfigError(
-                f"part_size={self.part_size} is too small", hint="use at least 64KiB, e.g. '8MiB'"
-            )
+            raise ConfigError(f"part_size={self.part_size} is too small", hint="use at least 64KiB, e.g. '8MiB'")
         if self.max_requests < 1 or self.shards_in_flight < 1:
             raise ConfigError("max_requests and shards_in_flight must be >= 1")
         if self.byte_budget < self.part_size:

@@ -47,9 +47,7 @@ def split_key(name: str) -> tuple[str, str] | None:
     return match.group(1), match.group(2).lower()
 
 
-def iter_members(
-    url: str, chunks: Iterable[tuple[Any, bool]], *, copy: bool = True
-) -> Iterator[tuple[str, bytes]]:
+def iter_members(url: str, chunks: Iterable[tuple[Any, bool]], *, copy: bool = True) -> Iterator[tuple[str, bytes]]:
     """Yield ``(name, data)`` for each regular member of the tar archive streamed as ``chunks``.
 
     ``chunks`` yields ``(buffer, is_last)`` in byte order; buffers may be reused once the next

@@ -35,15 +35,11 @@ class RetryState:
     async def backoff(self, err: FastfeedError) -> None:
         """Sleep before the next attempt, or raise ``err`` if it must not be retried."""
         self.attempt += 1
-        limit = (
-            self.policy.max_connect_attempts if isinstance(err, EndpointError) else self.policy.max_attempts
-        )
+        limit = self.policy.max_connect_attempts if isinstance(err, EndpointError) else self.policy.max_attempts
         elapsed = time.monotonic() - self.started
         if not err.retryable or self.attempt >= limit or elapsed >= self.policy.deadline:
             if err.retryable:
-                log.warning(
-                    "giving up on %s after %d attempts in %.1fs: %s", self.what, self.attempt, elapsed, err
-                )
+                log.warning("giving up on %s after %d attempts in %.1fs: %s", self.what, self.attempt, elapsed, err)
             raise err
         cap = min(self.policy.max_delay, self.policy.base_delay * (2 ** (self.attempt - 1)))
         delay = min(self._rng.uniform(0, cap), max(0.0, self.policy.deadline - elapsed))

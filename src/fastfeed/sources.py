@@ -40,9 +40,7 @@ def resolve_source(
     else:
         items = [os.fspath(s) for s in source]
         if not items:
-            raise EmptyDatasetError(
-                "the source list is empty", hint="pass at least one shard URL or a prefix"
-            )
+            raise EmptyDatasetError("the source list is empty", hint="pass at least one shard URL or a prefix")
     for item in items:
         if not isinstance(item, str):
             raise InvalidURLError(f"shard URLs must be strings, got {type(item).__name__}")

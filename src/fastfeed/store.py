@@ -109,9 +109,7 @@ class LocalStore(Store):
     async def list(self, loc: Location, suffix: str = ".tar") -> list[ObjectInfo]:
         root = Path(loc.path)
         if not root.exists():
-            raise NotFoundError(
-                f"directory {root} does not exist", url=loc.url, hint="check the path of the dataset"
-            )
+            raise NotFoundError(f"directory {root} does not exist", url=loc.url, hint="check the path of the dataset")
         if not root.is_dir():
             raise NotFoundError(f"{root} is not a directory", url=loc.url)
         files = sorted(p for p in root.rglob(f"*{suffix}") if p.is_file())
@@ -194,9 +192,7 @@ _DENIED_CODES = {
     "AllAccessDisabled",
     "Forbidden",
 }
-_CREDENTIAL_HINT = (
-    "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and that they may read this bucket"
-)
+_CREDENTIAL_HINT = "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and that they may read this bucket"
 
 
 def map_s3_error(exc: BaseException, url: str, *, bucket_url: str | None = None) -> FastfeedError:
@@ -220,9 +216,7 @@ def map_s3_error(exc: BaseException, url: str, *, bucket_url: str | None = None)
         if code in ("NoSuchKey", "NotFound", "404") or status == 404:
             return NotFoundError(f"object not found: {url}", url=url, hint="check the key and the endpoint")
         if code in _DENIED_CODES or status == 403:
-            return AccessDeniedError(
-                f"access denied ({code or status}) for {url}", url=url, hint=_CREDENTIAL_HINT
-            )
+            return AccessDeniedError(f"access denied ({code or status}) for {url}", url=url, hint=_CREDENTIAL_HINT)
         if code in ("PreconditionFailed",) or status == 412:
             return StoreError(
                 f"object changed while it was being read: {url}",
@@ -334,9 +328,7 @@ class S3Store(Store):
             for item in resp.get("Contents", []):
                 key = item["Key"]
                 if key.endswith(suffix):
-                    out.append(
-                        ObjectInfo(f"s3://{loc.bucket}/{key}", int(item["Size"]), _etag(item.get("ETag")))
-                    )
+                    out.append(ObjectInfo(f"s3://{loc.bucket}/{key}", int(item["Size"]), _etag(item.get("ETag"))))
             if not resp.get("IsTruncated"):
                 break
             token = resp.get("NextContinuationToken")

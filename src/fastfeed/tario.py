@@ -84,9 +84,7 @@ _RawScan = tuple[list[tuple[str, int, int]], int, bool, _RawError | None]
 
 _CORRUPT_HINT = "the object is not a valid tar archive; re-create the shard"
 _SPARSE_HINT = "fastfeed cannot read GNU sparse members; re-create the shard without sparse files"
-_TRUNCATED_HINT = (
-    "the object was cut short (interrupted upload or partial copy); re-upload or re-create the shard"
-)
+_TRUNCATED_HINT = "the object was cut short (interrupted upload or partial copy); re-upload or re-create the shard"
 
 
 def scan(buf: Buffer, pos: int = 0, *, final: bool = False, url: str | None = None) -> ScanResult:
@@ -274,9 +272,7 @@ def _scan_raw(mv: memoryview, pos: int, final: bool) -> _RawScan:
                     return _stop(mv, members, chain, final, _TRUNCATED_EXTENSION, p, avail, header_size, None)
                 total = _padded(header_size)
                 if total > avail:
-                    return _stop(
-                        mv, members, chain, final, _TRUNCATED_EXTENSION, p, header_size, header_size, None
-                    )
+                    return _stop(mv, members, chain, final, _TRUNCATED_EXTENSION, p, header_size, header_size, None)
                 payload = mv[data_off : data_off + header_size].tobytes()
                 if typeflag == ord("L"):
                     if name is None:

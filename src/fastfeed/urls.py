@@ -136,9 +136,7 @@ def _expand_group(pattern: str, body: str) -> list[str]:
     if ".." in body:
         match = re.fullmatch(r"(\d+)\.\.(\d+)", body)
         if match is None:
-            raise _brace_error(
-                pattern, f"bad range {{{body}}}: expected {{first..last}} with decimal numbers"
-            )
+            raise _brace_error(pattern, f"bad range {{{body}}}: expected {{first..last}} with decimal numbers")
         first, last = match.group(1), match.group(2)
         lo, hi = int(first), int(last)
         if hi < lo:

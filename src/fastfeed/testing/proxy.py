@@ -485,9 +485,7 @@ class FaultProxy:
         """
         if seconds < 0:
             raise ValueError(f"seconds must be >= 0, got {seconds}")
-        rule = FaultRule(
-            "stall", count, method, _compile(path_regex), seconds=seconds, after_bytes=after_bytes
-        )
+        rule = FaultRule("stall", count, method, _compile(path_regex), seconds=seconds, after_bytes=after_bytes)
         return self._add(rule)
 
     def clear_faults(self) -> None:
@@ -550,9 +548,7 @@ class FaultProxy:
             rule = next((r for r in self._rules if r.matches(method, path)), None)
             if rule is not None and rule.remaining is not None:
                 rule.remaining -= 1
-            record = ProxyRequest(
-                method, path, query, head.get("range"), rule.kind if rule else None, time.monotonic()
-            )
+            record = ProxyRequest(method, path, query, head.get("range"), rule.kind if rule else None, time.monotonic())
             self._log.append(record)
         return record, rule
 
@@ -579,9 +575,7 @@ class FaultProxy:
 
     async def _main(self) -> None:
         self._stop_event = asyncio.Event()
-        server = await asyncio.start_server(
-            self._serve_client, "127.0.0.1", 0, limit=_STREAM_LIMIT, reuse_address=True
-        )
+        server = await asyncio.start_server(self._serve_client, "127.0.0.1", 0, limit=_STREAM_LIMIT, reuse_address=True)
         try:
             self._port = server.sockets[0].getsockname()[1]
             self._ready.set()
@@ -749,9 +743,7 @@ class FaultProxy:
                 elif not task.cancelled():
                     task.exception()  # mark retrieved; the outcome was handled above
 
-    async def _next_final_response(
-        self, ureader: asyncio.StreamReader, cwriter: asyncio.StreamWriter
-    ) -> _Head:
+    async def _next_final_response(self, ureader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> _Head:
         """Read the upstream's response, forwarding interim 1xx responses to the client."""
         while True:
             response = await self._next_response(ureader)

