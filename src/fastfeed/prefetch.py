@@ -25,6 +25,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -92,23 +93,57 @@ class _Part:
 
 
 class _BufferPool:
-    """Part-sized buffers reused across parts (IO loop only).
+    """Part-sized buffers reused across parts and across prefetchers of this process.
 
-    Reuse avoids allocating, zero-filling and page-faulting a fresh 8 MiB buffer per GET; at
-    most ``byte_budget / part_size`` buffers exist at once, so the pool is bounded by the budget.
+    Reuse avoids allocating, zero-filling and page-faulting a fresh 8 MiB buffer per GET (on a
+    VM, page faults made that the largest single cost of reading a local shard). Buffers in use
+    are bounded by each prefetcher's byte budget; idle buffers kept for the next prefetcher
+    (next epoch, next dataset) are bounded by ``_IDLE_LIMIT`` bytes per part size. Thread-safe:
+    successive prefetchers run on successive IO loop threads.
     """
 
     def __init__(self, size: int) -> None:
         self.size = size
         self._free: list[bytearray] = []
+        self._lock = threading.Lock()
 
     def take(self) -> bytearray:
-        return self._free.pop() if self._free else bytearray(self.size)
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return bytearray(self.size)
 
     def give(self, buffer: bytearray | None) -> None:
-        # Never pool a buffer twice: two parts sharing one buffer would corrupt data.
-        if buffer is not None and len(buffer) == self.size and all(b is not buffer for b in self._free):
-            self._free.append(buffer)
+        if buffer is None or len(buffer) != self.size:
+            return
+        with self._lock:
+            # Never pool a buffer twice: two parts sharing one buffer would corrupt data.
+            if len(self._free) * self.size < _IDLE_LIMIT and all(b is not buffer for b in self._free):
+                self._free.append(buffer)
+
+
+#: Idle pooled bytes kept per part size between prefetchers.
+_IDLE_LIMIT = 256 * 1024**2
+_pools: dict[tuple[int, int], _BufferPool] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool_for(part_size: int) -> _BufferPool:
+    key = (os.getpid(), part_size)  # a forked worker starts with its own (empty) pools
+    with _pools_lock:
+        pool = _pools.get(key)
+        if pool is None:
+            pool = _pools[key] = _BufferPool(part_size)
+        return pool
+
+
+def _reset_after_fork() -> None:
+    global _pools_lock
+    _pools_lock = threading.Lock()
+    _pools.clear()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 class ShardFetch:
@@ -186,7 +221,7 @@ class Prefetcher:
         self._finished = threading.Event()
         self._io = _loop.acquire()
         self._budget = _ByteBudget(config.byte_budget)
-        self._pool = _BufferPool(config.part_size)
+        self._pool = _pool_for(config.part_size)
         self._shard_slots = asyncio.Semaphore(config.shards_in_flight)
         self._requests = asyncio.Semaphore(config.max_requests)
         self._tasks: set[asyncio.Task[None]] = set()
