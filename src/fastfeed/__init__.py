@@ -8,6 +8,7 @@ Public API::
 See the README for the data flow and :mod:`fastfeed.errors` for the error tree.
 """
 
+from fastfeed.batch import RaggedBytes
 from fastfeed.config import PrefetchConfig, RetryConfig, S3Config, parse_size
 from fastfeed.dataset import StreamingDataset
 from fastfeed.errors import (
@@ -28,6 +29,7 @@ from fastfeed.errors import (
     TransientStoreError,
     TruncatedShardError,
 )
+from fastfeed.loader import DataLoader, LoaderStats
 
 __version__ = "0.1.0"
 
@@ -36,13 +38,16 @@ __all__ = [
     "BucketNotFoundError",
     "ConfigError",
     "CorruptShardError",
+    "DataLoader",
     "EmptyDatasetError",
     "EndpointError",
     "FastfeedError",
     "InvalidURLError",
+    "LoaderStats",
     "NotFoundError",
     "PipelineError",
     "PrefetchConfig",
+    "RaggedBytes",
     "RetryConfig",
     "S3Config",
     "ShardError",

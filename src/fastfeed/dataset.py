@@ -24,7 +24,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from fastfeed.config import PrefetchConfig, S3Config
 from fastfeed.errors import ConfigError
 from fastfeed.plan import Piece, rank_pieces, rank_sample_count, shard_order, worker_pieces
-from fastfeed.prefetch import Prefetcher
+from fastfeed.prefetch import FetchStats, Prefetcher
 from fastfeed.reader import Sample, iter_samples
 from fastfeed.sources import count_shard_samples, resolve_source
 from fastfeed.store import ObjectInfo, StoreSet
@@ -115,6 +115,8 @@ class StreamingDataset(IterableDataset[Sample]):
         self.remainder = remainder
         self.rank, self.world_size = _distributed_place(rank, world_size)
         self.epoch = 0
+        self._io_done = FetchStats()  # finished iterations of this process
+        self._io_live: FetchStats | None = None  # the iteration in progress
         self.shards: list[ObjectInfo] = resolve_source(source, StoreSet(self.s3_config))
         self._counts: list[int] | None = None
         if self.world_size > 1:
@@ -149,6 +151,21 @@ class StreamingDataset(IterableDataset[Sample]):
         """Samples this rank yields per epoch (over all of its DataLoader workers)."""
         return rank_sample_count(self.total_samples, self.world_size, self.remainder)
 
+    def io_stats(self) -> dict[str, float]:
+        """Cumulative I/O counters of this process's iterations: ``fetch_wait_s`` (time the
+        reader waited for bytes from the store), ``bytes_fetched``, ``requests``."""
+        totals = {
+            "fetch_wait_s": self._io_done.wait_s,
+            "bytes_fetched": float(self._io_done.bytes_fetched),
+            "requests": float(self._io_done.requests),
+        }
+        live = self._io_live
+        if live is not None:
+            totals["fetch_wait_s"] += live.wait_s
+            totals["bytes_fetched"] += live.bytes_fetched
+            totals["requests"] += live.requests
+        return totals
+
     def plan(self, worker: int = 0, num_workers: int = 1, epoch: int | None = None) -> list[Piece]:
         """The shard pieces a worker of this rank reads in ``epoch`` (default: the current one)."""
         order = shard_order(
@@ -158,9 +175,7 @@ class StreamingDataset(IterableDataset[Sample]):
             shuffle=self.shuffle,
         )
         counts = self._counts if self.world_size > 1 else None
-        pieces = rank_pieces(
-            order, counts, rank=self.rank, world_size=self.world_size, remainder=self.remainder
-        )
+        pieces = rank_pieces(order, counts, rank=self.rank, world_size=self.world_size, remainder=self.remainder)
         return worker_pieces(pieces, worker=worker, num_workers=num_workers)
 
     def __iter__(self) -> Iterator[Sample]:
@@ -180,6 +195,7 @@ class StreamingDataset(IterableDataset[Sample]):
             return
         shards = [self.shards[p.shard] for p in pieces]
         prefetcher = Prefetcher(shards, StoreSet(self.s3_config), self.prefetch_config)
+        self._io_live = prefetcher.stats
         try:
             for piece, fetch in zip(pieces, prefetcher, strict=False):
                 try:
@@ -188,6 +204,10 @@ class StreamingDataset(IterableDataset[Sample]):
                     fetch.close()
         finally:
             prefetcher.close()
+            self._io_live = None
+            self._io_done.wait_s += prefetcher.stats.wait_s
+            self._io_done.bytes_fetched += prefetcher.stats.bytes_fetched
+            self._io_done.requests += prefetcher.stats.requests
 
     def _count_samples(self) -> list[int]:
         import torch.distributed as dist

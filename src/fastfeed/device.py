@@ -1,0 +1,140 @@
+"""Device feeder: host batches -> device, copied on a side CUDA stream, overlapped with compute.
+
+Protocol per batch (thread ownership in brackets):
+
+1. [producer] ``copy(host_batch)``: on the feeder's side stream, every tensor is copied with
+   ``non_blocking=True`` (the host memory is a pinned ring slot); an event is recorded after the
+   copies. The host batch is kept alive until that event has fired, so its ring slot cannot be
+   reused while the DMA engine still reads it.
+2. [consumer] ``hand_over(device_batch, event)``: the consumer's current stream waits on the
+   event (no host sync), and each device tensor is ``record_stream``-ed on it so the caching
+   allocator does not recycle it early.
+3. [producer] ``reap()``: host batches whose events have fired are dropped, returning their
+   slots to the ring; ``wait_oldest()`` blocks on the oldest copy when the ring is full.
+
+Everything except the CUDA calls themselves is plain Python over a small ``ops`` object, so CPU
+tests drive the same bookkeeping with a simulated stream (see ``tests/test_loader.py``).
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Protocol
+
+import torch
+
+from fastfeed.batch import tree_map_tensors
+
+__all__ = ["CudaOps", "DeviceFeeder", "DeviceOps"]
+
+
+class DeviceOps(Protocol):
+    """The few device operations the feeder needs."""
+
+    def copy(self, batch: Any) -> tuple[Any, Any]:
+        """Start copying ``batch`` to the device; return ``(device_batch, event)``."""
+
+    def done(self, event: Any) -> bool:
+        """Whether the copies before ``event`` have completed."""
+
+    def synchronize(self, event: Any) -> None:
+        """Block until ``event`` has fired."""
+
+    def hand_over(self, batch: Any, event: Any) -> None:
+        """Make the consumer's stream wait for ``event`` before using ``batch``."""
+
+
+class CudaOps:
+    """:class:`DeviceOps` on a dedicated side stream of a CUDA device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
+
+    def copy(self, batch: Any) -> tuple[Any, Any]:
+        with torch.cuda.stream(self.stream):
+            out = tree_map_tensors(batch, lambda t: t.to(self.device, non_blocking=True))
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record(self.stream)
+        return out, event
+
+    def done(self, event: Any) -> bool:
+        return bool(event.query())
+
+    def synchronize(self, event: Any) -> None:
+        event.synchronize()
+
+    def hand_over(self, batch: Any, event: Any) -> None:
+        stream = torch.cuda.current_stream(self.device)
+        stream.wait_event(event)
+        tree_map_tensors(batch, lambda t: t.record_stream(stream))
+
+
+class SyncOps:
+    """Plain synchronous ``.to(device)`` for devices without streams (e.g. ``cpu``)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def copy(self, batch: Any) -> tuple[Any, Any]:
+        return tree_map_tensors(batch, lambda t: t.to(self.device)), None
+
+    def done(self, event: Any) -> bool:
+        return True
+
+    def synchronize(self, event: Any) -> None:
+        return None
+
+    def hand_over(self, batch: Any, event: Any) -> None:
+        return None
+
+
+class DeviceFeeder:
+    """Bookkeeping of in-flight copies over some :class:`DeviceOps`."""
+
+    def __init__(self, ops: DeviceOps) -> None:
+        self.ops = ops
+        # (event, host batch) in submission order; the host batch pins its ring slot.
+        self._pending: collections.deque[tuple[Any, Any]] = collections.deque()
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> DeviceFeeder:
+        """A CUDA side-stream feeder for CUDA devices, synchronous copies otherwise."""
+        return cls(CudaOps(device) if device.type == "cuda" else SyncOps(device))
+
+    def copy(self, host_batch: Any) -> tuple[Any, Any]:
+        """[producer] Start the copy; the host batch stays referenced until it completes."""
+        device_batch, event = self.ops.copy(host_batch)
+        if event is not None:
+            self._pending.append((event, host_batch))
+        return device_batch, event
+
+    def reap(self) -> int:
+        """[producer] Drop host batches whose copies completed; returns how many."""
+        n = 0
+        while self._pending and self.ops.done(self._pending[0][0]):
+            self._pending.popleft()
+            n += 1
+        return n
+
+    def wait_oldest(self) -> bool:
+        """[producer] Block until the oldest copy completes and drop it; False if none pending."""
+        if not self._pending:
+            return False
+        event, _ = self._pending.popleft()
+        self.ops.synchronize(event)
+        return True
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def hand_over(self, device_batch: Any, event: Any) -> None:
+        """[consumer] Order the consumer's stream after the copy."""
+        if event is not None:
+            self.ops.hand_over(device_batch, event)
+
+    def drain(self) -> None:
+        """Wait for every pending copy (shutdown)."""
+        while self.wait_oldest():
+            pass

@@ -1,0 +1,480 @@
+"""``fastfeed.DataLoader``: a drop-in ``torch.utils.data.DataLoader`` that owns the whole path
+from samples to (pinned host or device) batches.
+
+Data flow::
+
+    samples (in-process, or in worker processes)
+      -> collate: native gather into one arena region per batch (fixed fields stacked,
+         byte fields flat + offsets)          [worker: fresh arena; in-process: ring slot]
+      -> producer thread "fastfeed-batch": into a ring slot (one copy of one region when the
+         batch came from a worker), pinned when CUDA is present
+      -> optional device copy on a side CUDA stream (fastfeed.device)
+      -> bounded queue -> the training loop
+
+Only the producer thread and the worker processes do work; the training loop's ``next()`` only
+waits on a queue, and the time it waits is reported as ``stats().wait_s``.
+
+torch DataLoader arguments it ignores, and why: ``pin_memory`` (batches are always assembled in
+pinned memory when CUDA is available, with no per-batch pinning copy), ``pin_memory_device``
+(use ``device=``), ``in_order`` (batches are always in order: order is part of exact resume).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import BatchSampler, IterableDataset, RandomSampler, SequentialSampler
+
+from fastfeed.batch import Arena, collate_into, from_layout, layout_extent, to_layout, tree_map_tensors
+from fastfeed.device import DeviceFeeder
+from fastfeed.errors import ConfigError
+from fastfeed.gather import gather
+from fastfeed.ring import HostRing
+
+__all__ = ["DataLoader", "LoaderStats"]
+
+log = logging.getLogger(__name__)
+
+_POLL = 0.1
+_JOIN_TIMEOUT = 10.0
+_END = object()
+
+
+@dataclass
+class LoaderStats:
+    """Counters of a loader, cumulative over its iterations.
+
+    ``wait_s`` is the time the training loop spent blocked in ``next()``; the stage times are
+    summed over the threads and processes that did the work (so they can exceed wall time).
+    """
+
+    samples: int = 0
+    batches: int = 0
+    #: Bytes of tensor data delivered (arena regions of the batches).
+    bytes: int = 0
+    #: Training loop blocked waiting for a batch.
+    wait_s: float = 0.0
+    #: Waiting for store bytes (fastfeed datasets only).
+    fetch_s: float = 0.0
+    #: Producing samples (reading, parsing, user transforms), fetch waits excluded.
+    parse_s: float = 0.0
+    #: Collating samples into arenas.
+    collate_s: float = 0.0
+    #: Copying into the ring / issuing device copies.
+    copy_s: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+class _WorkerCollate:
+    """Runs in DataLoader worker processes: collate a batch into one fresh arena and return
+    ``(region, layout, stage_times)``; torch moves the single region through shared memory."""
+
+    def __init__(self, user_collate: Callable[[list[Any]], Any] | None) -> None:
+        self.user_collate = user_collate
+        self._last_fetch = 0.0
+
+    def __call__(self, samples: list[Any]) -> Any:
+        start = time.perf_counter()
+        if self.user_collate is not None:
+            return (
+                "user",
+                self.user_collate(samples),
+                {"collate_s": time.perf_counter() - start, "n": len(samples)},
+            )
+        arena = Arena(0)
+        batch = collate_into(samples, arena)
+        layout = to_layout(batch, arena.tensor)
+        region = arena.tensor[: layout_extent(layout)]
+        stage = {"collate_s": time.perf_counter() - start, "n": len(samples), **self._io_delta()}
+        return ("layout", region, layout, stage)
+
+    def _io_delta(self) -> dict[str, float]:
+        info = torch.utils.data.get_worker_info()
+        io_stats = getattr(info.dataset, "io_stats", None) if info is not None else None
+        if io_stats is None:
+            return {}
+        fetch = float(io_stats()["fetch_wait_s"])
+        delta, self._last_fetch = fetch - self._last_fetch, fetch
+        return {"fetch_s": delta}
+
+
+class DataLoader:
+    """Batches from any torch dataset, assembled straight into pinned host memory.
+
+    Accepts ``torch.utils.data.DataLoader``'s arguments (see the module docstring for the few
+    it ignores) plus:
+
+    Args:
+        device: if given (``"cuda"``, ``"cuda:1"``, a ``torch.device``), batches are delivered on
+            that device, copied on a side stream overlapped with compute.
+        prefetch_batches: batches assembled ahead of the training loop.
+        ring_slots: host arenas in the ring (default ``prefetch_batches + 3``).
+
+    Batches: fixed-size fields (arrays, tensors, numbers) are stacked tensors, ``bytes`` fields
+    are :class:`fastfeed.batch.RaggedBytes`, strings are lists. A ``collate_fn`` replaces this.
+    CPU batches are views of ring memory that stays reserved until the batch is freed;
+    keeping many batches alive makes the ring allocate (and warn), never hang.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int | None = 1,
+        shuffle: bool | None = None,
+        sampler: Iterable[Any] | None = None,
+        batch_sampler: Iterable[list[Any]] | None = None,
+        num_workers: int = 0,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+        timeout: float = 0,
+        worker_init_fn: Callable[[int], None] | None = None,
+        multiprocessing_context: Any = None,
+        generator: torch.Generator | None = None,
+        *,
+        prefetch_factor: int | None = None,
+        persistent_workers: bool = False,
+        pin_memory_device: str = "",
+        in_order: bool = True,
+        device: str | torch.device | None = None,
+        prefetch_batches: int = 4,
+        ring_slots: int | None = None,
+    ) -> None:
+        if num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
+        if prefetch_batches < 1:
+            raise ConfigError(f"prefetch_batches must be >= 1, got {prefetch_batches}")
+        self.dataset = dataset
+        self.iterable = isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__")
+        if self.iterable and (shuffle or sampler is not None or batch_sampler is not None):
+            raise ConfigError(
+                "shuffle, sampler and batch_sampler do not apply to an iterable dataset",
+                hint="shuffle in the dataset, e.g. StreamingDataset(shuffle=True)",
+            )
+        if batch_sampler is not None and (batch_size != 1 or shuffle or sampler is not None or drop_last):
+            raise ConfigError("batch_sampler is mutually exclusive with batch_size, shuffle, sampler and drop_last")
+        if batch_size is None:
+            raise ConfigError("batch_size=None (unbatched samples) is not supported", hint="use torch's DataLoader")
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.num_workers = num_workers
+        self.collate_fn = collate_fn
+        self.timeout = timeout
+        self.worker_init_fn = worker_init_fn
+        self.multiprocessing_context = multiprocessing_context
+        self.generator = generator
+        self.prefetch_factor = prefetch_factor
+        self.persistent_workers = persistent_workers
+        self.prefetch_batches = prefetch_batches
+        self.device = torch.device(device) if device is not None else None
+        self.pin = torch.cuda.is_available()
+        self.ring_slots = ring_slots or prefetch_batches + 3
+        self.batch_sampler: Iterable[list[Any]] | None = None
+        if not self.iterable:
+            if batch_sampler is None:
+                if sampler is None:
+                    sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+                batch_sampler = BatchSampler(sampler, batch_size, drop_last)
+            self.batch_sampler = batch_sampler
+        self._ring = HostRing(self.ring_slots, pin=self.pin)
+        self._stats = _StatsSink()
+        self._active: weakref.ref[_LoaderIterator] | None = None
+        del pin_memory, pin_memory_device, in_order  # accepted for compatibility; see docstring
+
+    def __len__(self) -> int:
+        if self.batch_sampler is not None:
+            return len(self.batch_sampler)  # type: ignore[arg-type]
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[Any]:
+        self.close()
+        iterator = _LoaderIterator(self)
+        # A weak reference: dropping the iterator in the training loop must stop its thread.
+        self._active = weakref.ref(iterator)
+        return iterator
+
+    def stats(self) -> LoaderStats:
+        """A snapshot of the counters (cheap; safe to call every step)."""
+        return self._stats.snapshot()
+
+    def close(self) -> None:
+        """Stop the active iteration: its thread and worker processes end within seconds."""
+        active = self._active() if self._active is not None else None
+        self._active = None
+        if active is not None:
+            active.close()
+
+    def __enter__(self) -> DataLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_active", None) is not None:
+            self.close()
+
+
+class _StatsSink:
+    """Thread-safe accumulator behind :meth:`DataLoader.stats`."""
+
+    def __init__(self) -> None:
+        self._stats = LoaderStats()
+        self._lock = threading.Lock()
+
+    def add(self, **values: float) -> None:
+        with self._lock:
+            for key, value in values.items():
+                setattr(self._stats, key, getattr(self._stats, key) + value)
+
+    def snapshot(self) -> LoaderStats:
+        with self._lock:
+            return LoaderStats(**asdict(self._stats))
+
+
+class _Settings:
+    """What the producer thread needs from the loader: a snapshot with no reference back to the
+    loader or its iterator, so dropping those (or garbage-collecting them) stops the thread."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.dataset = loader.dataset
+        self.iterable = loader.iterable
+        self.batch_size = loader.batch_size
+        self.drop_last = loader.drop_last
+        self.batch_sampler = loader.batch_sampler
+        self.num_workers = loader.num_workers
+        self.collate_fn = loader.collate_fn
+        self.timeout = loader.timeout
+        self.worker_init_fn = loader.worker_init_fn
+        self.multiprocessing_context = loader.multiprocessing_context
+        self.persistent_workers = loader.persistent_workers
+        self.prefetch_factor = loader.prefetch_factor
+        self.ring = loader._ring
+        self.stats = loader._stats
+
+    # ------------------------------------------------------------------ sources of raw batches
+
+    def sample_batches(self) -> Iterator[tuple[str, Any, dict[str, float]]]:
+        """In-process: lists of samples, with the time spent producing them."""
+        io_stats = getattr(self.dataset, "io_stats", None)
+        if self.iterable:
+            it = iter(self.dataset)
+            try:
+                while True:
+                    start = time.perf_counter()
+                    fetch0 = io_stats()["fetch_wait_s"] if io_stats else 0.0
+                    samples = list(itertools.islice(it, self.batch_size))
+                    if not samples or (self.drop_last and len(samples) < self.batch_size):
+                        return
+                    elapsed = time.perf_counter() - start
+                    fetch = (io_stats()["fetch_wait_s"] - fetch0) if io_stats else 0.0
+                    yield "samples", samples, {"fetch_s": fetch, "parse_s": elapsed - fetch}
+            finally:
+                close = getattr(it, "close", None)
+                if close is not None:
+                    close()
+        else:
+            assert self.batch_sampler is not None
+            for indices in self.batch_sampler:
+                start = time.perf_counter()
+                samples = [self.dataset[i] for i in indices]
+                yield "samples", samples, {"parse_s": time.perf_counter() - start}
+
+    def worker_batches(self) -> Iterator[Any]:
+        """Worker processes (torch's worker machinery) returning one arena region per batch."""
+        kwargs: dict[str, Any] = {
+            "num_workers": self.num_workers,
+            "collate_fn": _WorkerCollate(self.collate_fn),
+            "timeout": self.timeout,
+            "worker_init_fn": self.worker_init_fn,
+            "multiprocessing_context": self.multiprocessing_context,
+            "persistent_workers": self.persistent_workers,
+            "prefetch_factor": self.prefetch_factor,
+        }
+        if self.iterable:
+            kwargs.update(batch_size=self.batch_size, drop_last=self.drop_last)
+        else:
+            kwargs.update(batch_sampler=self.batch_sampler)
+        loader = torch.utils.data.DataLoader(self.dataset, **kwargs)
+        it = iter(loader)
+        try:
+            yield from it
+        finally:
+            del it  # its __del__ shuts the worker processes down and joins them
+
+
+class _LoaderIterator:
+    """One pass over the loader: a producer thread and a bounded queue.
+
+    The thread runs :func:`_produce` over a :class:`_Settings` snapshot and the queue only, never
+    this object, so an iterator (and its loader) that the training loop drops is collected and
+    its ``__del__`` stops the thread.
+    """
+
+    def __init__(self, loader: DataLoader) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=loader.prefetch_batches)
+        self._stop = threading.Event()
+        self._stats = loader._stats
+        self._feeder = DeviceFeeder.for_device(loader.device) if loader.device is not None else None
+        self._thread = threading.Thread(
+            target=_produce,
+            args=(_Settings(loader), self._feeder, self._queue, self._stop),
+            name="fastfeed-batch",
+            daemon=True,
+        )
+        self._thread.start()
+        self._done = False
+
+    # ------------------------------------------------------------------ training loop side
+
+    def __iter__(self) -> _LoaderIterator:
+        return self
+
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
+        start = time.perf_counter()
+        try:
+            while True:
+                try:
+                    item = self._queue.get(timeout=_POLL)
+                    break
+                except queue.Empty:
+                    if not self._thread.is_alive() and self._queue.empty():
+                        self._done = True
+                        raise StopIteration from None
+        finally:
+            self._stats.add(wait_s=time.perf_counter() - start)
+        if item is _END:
+            self.close()
+            raise StopIteration
+        if isinstance(item, _Failure):
+            self.close()
+            raise item.exc
+        batch, event = item
+        if self._feeder is not None:
+            self._feeder.hand_over(batch, event)
+        return batch
+
+    def close(self) -> None:
+        """Stop the producer and its workers; returns within seconds."""
+        self._done = True
+        self._stop.set()
+        while True:  # unblock a producer waiting to put
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        if self._thread is not threading.current_thread():
+            self._thread.join(_JOIN_TIMEOUT)
+            if self._thread.is_alive():
+                log.warning("fastfeed-batch thread did not stop within %.0fs", _JOIN_TIMEOUT)
+
+    def __del__(self) -> None:
+        if not self._done:
+            self.close()
+
+
+# ---------------------------------------------------------------------- producer thread
+
+
+def _produce(settings: _Settings, feeder: DeviceFeeder | None, out: queue.Queue[Any], stop: threading.Event) -> None:
+    """Thread "fastfeed-batch": raw batches -> ring slots (-> device) -> ``out``."""
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=_POLL)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    source: Iterator[Any] | None = None
+    try:
+        source = settings.worker_batches() if settings.num_workers > 0 else settings.sample_batches()
+        for item in source:
+            if stop.is_set():
+                return
+            batch, event, nbytes, n, times = _assemble(settings, feeder, item)
+            settings.stats.add(batches=1, samples=n, bytes=nbytes, **times)
+            if not put((batch, event)):
+                return
+            del batch, item
+        put(_END)
+    except BaseException as exc:  # delivered to the training loop and raised there
+        put(_Failure(exc))
+    finally:
+        if source is not None:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+        if feeder is not None:
+            feeder.drain()
+
+
+def _assemble(
+    settings: _Settings, feeder: DeviceFeeder | None, item: Any
+) -> tuple[Any, Any, int, int, dict[str, float]]:
+    kind = item[0]
+    times = dict(item[-1])
+    n = int(times.pop("n", 0))
+    if feeder is not None:
+        feeder.reap()
+        if settings.ring.free_slots() == 0:
+            feeder.wait_oldest()
+    start = time.perf_counter()
+    if kind == "samples":
+        samples = item[1]
+        n = len(samples)
+        if settings.collate_fn is not None:
+            batch = settings.collate_fn(samples)
+        else:
+            slot = settings.ring.acquire()
+            batch = collate_into(samples, slot.arena, slot.base)
+        nbytes = _tensor_bytes(batch)
+        times["collate_s"] = times.get("collate_s", 0.0) + time.perf_counter() - start
+        start = time.perf_counter()
+    elif kind == "layout":
+        region, layout = item[1], item[2]
+        slot = settings.ring.acquire()
+        slot.arena.ensure(region.numel())
+        gather(slot.arena.array, [region.numpy()], dst_offset=0)
+        batch = from_layout(layout, slot.base())
+        nbytes = int(region.numel())
+    else:  # "user": a user collate_fn ran in the worker
+        batch = item[1]
+        nbytes = _tensor_bytes(batch)
+    event = None
+    if feeder is not None:
+        batch, event = feeder.copy(batch)
+    times["copy_s"] = times.get("copy_s", 0.0) + time.perf_counter() - start
+    return batch, event, nbytes, n, times
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _tensor_bytes(batch: Any) -> int:
+    total = [0]
+
+    def count(t: torch.Tensor) -> torch.Tensor:
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    tree_map_tensors(batch, count)
+    return total[0]

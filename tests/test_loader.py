@@ -1,0 +1,282 @@
+"""fastfeed.DataLoader: batches, workers, the host ring, the device feeder, stats, shutdown."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from fastfeed import CorruptShardError, DataLoader, RaggedBytes, StreamingDataset, TruncatedShardError
+from fastfeed.device import DeviceFeeder
+from fastfeed.ring import HostRing
+
+
+class Records(Dataset[dict[str, Any]]):
+    """A map-style dataset of mixed fields, deterministic per index."""
+
+    def __init__(self, n: int = 50, fail_at: int | None = None) -> None:
+        self.n = n
+        self.fail_at = fail_at
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if i == self.fail_at:
+            raise ValueError(f"record {i} is broken")
+        rng = np.random.default_rng(i)
+        return {
+            "x": rng.standard_normal((3, 4)).astype(np.float32),
+            "t": torch.arange(5, dtype=torch.int32) + i,
+            "label": i % 7,
+            "weight": float(i) / 3,
+            "flag": i % 2 == 0,
+            "raw": bytes(rng.integers(0, 256, size=i % 13, dtype=np.uint8)),
+            "name": f"rec{i}",
+            "pair": (i, np.full(2, i, dtype=np.int16)),
+        }
+
+
+def check_batch(batch: dict[str, Any], indices: list[int]) -> None:
+    samples = [Records()[i] for i in indices]
+    ref = default_collate([{k: v for k, v in s.items() if k != "raw"} for s in samples])
+    assert torch.equal(batch["x"], ref["x"]) and batch["x"].dtype == torch.float32
+    assert torch.equal(batch["t"], ref["t"])
+    assert torch.equal(batch["label"], ref["label"]) and batch["label"].dtype == torch.int64
+    assert torch.allclose(batch["weight"], ref["weight"].double())
+    assert torch.equal(batch["flag"], ref["flag"])
+    assert batch["name"] == ref["name"]
+    assert torch.equal(batch["pair"][0], ref["pair"][0]) and torch.equal(batch["pair"][1], ref["pair"][1])
+    assert isinstance(batch["raw"], RaggedBytes)
+    assert batch["raw"].tolist() == [s["raw"] for s in samples]
+    assert batch["raw"].lengths().tolist() == [len(s["raw"]) for s in samples]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_map_style_batches_match_default_collate(workers: int) -> None:
+    loader = DataLoader(Records(), batch_size=8, num_workers=workers)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 7
+    for b, batch in enumerate(batches):
+        check_batch(batch, list(range(b * 8, min(50, b * 8 + 8))))
+    s = loader.stats()
+    assert (s.batches, s.samples) == (7, 50)
+    assert s.bytes > 50 * (48 + 20)
+    assert s.collate_s > 0
+
+
+def test_shuffle_sampler_and_drop_last() -> None:
+    g = torch.Generator().manual_seed(0)
+    loader = DataLoader(Records(), batch_size=8, shuffle=True, drop_last=True, generator=g)
+    seen = [name for batch in loader for name in batch["name"]]
+    assert len(seen) == 48 and len(set(seen)) == 48
+    assert seen != sorted(seen, key=lambda s: int(s[3:]))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_user_collate_fn_is_used(workers: int) -> None:
+    loader = DataLoader(Records(10), batch_size=4, num_workers=workers, collate_fn=lambda s: [x["name"] for x in s])
+    assert list(loader) == [[f"rec{i}" for i in range(j, min(10, j + 4))] for j in (0, 4, 8)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streaming_dataset_batches(shard_dir: Path, workers: int) -> None:
+    ds = StreamingDataset(str(shard_dir))
+    expected = {s["__key__"]: s for s in ds}
+    loader = DataLoader(ds, batch_size=16, num_workers=workers)
+    n = 0
+    for batch in loader:
+        assert set(batch) == {"__key__", "__url__", "bin", "cls", "json"}
+        assert isinstance(batch["bin"], RaggedBytes)
+        for i, key in enumerate(batch["__key__"]):
+            assert batch["bin"][i] == expected[key]["bin"]
+            assert batch["json"][i] == expected[key]["json"]
+        n += len(batch["__key__"])
+    assert n == len(expected)
+    assert loader.stats().samples == n
+
+
+def test_cpu_batches_stay_valid_while_held_and_slots_return(caplog: pytest.LogCaptureFixture) -> None:
+    loader = DataLoader(Records(64), batch_size=4, prefetch_batches=1, ring_slots=3)
+    caplog.set_level(logging.WARNING)
+    held = list(loader)  # hoard every batch: the ring overflows but nothing is overwritten
+    for b, batch in enumerate(held):
+        check_batch(batch, list(range(b * 4, b * 4 + 4)))
+    assert "ring slots are held" in caplog.text
+    ring = loader._ring
+    assert ring.overflows > 0
+    del held, batch
+    gc.collect()
+    assert ring.wait_all_free(5.0), "slots must come back once the batches are freed"
+
+
+def test_ring_reuses_slots_when_batches_are_dropped() -> None:
+    loader = DataLoader(Records(200), batch_size=4, prefetch_batches=2, ring_slots=5)
+    for batch in loader:
+        assert batch["x"].shape[0] == 4
+    assert loader._ring.overflows == 0
+
+
+class FakeOps:
+    """A simulated device: copies complete only when the test says so."""
+
+    def __init__(self) -> None:
+        self.completed: set[int] = set()
+        self.events = 0
+        self.handed: list[int] = []
+
+    def copy(self, batch: Any) -> tuple[Any, Any]:
+        self.events += 1
+        return {"copied": batch}, self.events
+
+    def done(self, event: Any) -> bool:
+        return event in self.completed
+
+    def synchronize(self, event: Any) -> None:
+        self.completed.add(event)
+
+    def hand_over(self, batch: Any, event: Any) -> None:
+        self.handed.append(event)
+
+
+def test_device_feeder_holds_host_slots_until_copies_complete() -> None:
+    ring = HostRing(2)
+    ops = FakeOps()
+    feeder = DeviceFeeder(ops)
+    from fastfeed.batch import collate_into
+
+    for i in range(2):
+        slot = ring.acquire()
+        host = collate_into([np.full(4, i, dtype=np.float32)], slot.arena, slot.base)
+        feeder.copy(host)
+        del host, slot
+    gc.collect()
+    assert ring.free_slots() == 0, "slots must stay reserved while their copies are in flight"
+    assert feeder.reap() == 0
+    ops.completed.add(1)
+    assert feeder.reap() == 1
+    gc.collect()
+    assert ring.free_slots() == 1
+    assert feeder.wait_oldest() and ops.completed == {1, 2}
+    gc.collect()
+    assert ring.free_slots() == 2
+    feeder.hand_over({"b": 1}, 7)
+    assert ops.handed == [7]
+
+
+def test_device_cpu_delivers_batches() -> None:
+    loader = DataLoader(Records(16), batch_size=8, device="cpu")
+    for b, batch in enumerate(loader):
+        check_batch(batch, list(range(b * 8, b * 8 + 8)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_batches_are_bit_identical_to_cpu() -> None:
+    cpu = list(DataLoader(Records(40), batch_size=8))
+    for ref, got in zip(cpu, DataLoader(Records(40), batch_size=8, device="cuda"), strict=True):
+        assert got["x"].is_cuda and torch.equal(got["x"].cpu(), ref["x"])
+        assert got["raw"].data.is_cuda and got["raw"].tolist() == ref["raw"].tolist()
+
+
+# ------------------------------------------------------------------------------- stats
+
+
+class Slow(Dataset[np.ndarray]):
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        time.sleep(0.02)
+        return np.full(3, i)
+
+
+def test_wait_time_is_measured() -> None:
+    loader = DataLoader(Slow(), batch_size=4)
+    batches = list(loader)
+    assert len(batches) == 3
+    s = loader.stats()
+    assert s.wait_s >= 0.1, "the loop waited for ~0.24 s of slow samples"
+    assert s.parse_s >= 0.2
+
+
+def test_streaming_stats_report_fetch_and_bytes(s3_shards: Any, seaweed: Any) -> None:
+    from fastfeed.config import S3Config
+
+    bucket, prefix, _ = s3_shards
+    s3 = S3Config(
+        endpoint_url=seaweed.endpoint_url, access_key_id=seaweed.access_key, secret_access_key=seaweed.secret_key
+    )
+    ds = StreamingDataset(f"s3://{bucket}/{prefix}", s3=s3)
+    loader = DataLoader(ds, batch_size=32)
+    total = sum(len(b["__key__"]) for b in loader)
+    s = loader.stats()
+    assert s.samples == total == 200
+    assert s.bytes >= 200 * 1024
+    assert s.fetch_s > 0
+    assert ds.io_stats()["bytes_fetched"] == sum(x.size for x in ds.shards)
+
+
+# ------------------------------------------------------------------------------- shutdown
+
+
+def _loader_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name in ("fastfeed-batch", "fastfeed-io")]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_break_and_close_stop_everything(shard_dir: Path, workers: int) -> None:
+    loader = DataLoader(StreamingDataset(str(shard_dir)), batch_size=4, num_workers=workers)
+    for i, _ in enumerate(loader):
+        if i == 2:
+            break
+    start = time.monotonic()
+    loader.close()
+    assert time.monotonic() - start < 10
+    assert not _loader_threads()
+
+
+def test_exception_in_training_step_then_gc_stops_everything(shard_dir: Path) -> None:
+    def train() -> None:
+        loader = DataLoader(StreamingDataset(str(shard_dir)), batch_size=4)
+        for _ in loader:
+            raise RuntimeError("loss is nan")
+
+    # Not pytest.raises: its ExceptionInfo would keep the traceback, hence the loader, alive.
+    try:
+        train()
+    except RuntimeError as exc:
+        assert "nan" in str(exc)
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while _loader_threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _loader_threads()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_dataset_error_reaches_the_loop_with_its_traceback(workers: int) -> None:
+    loader = DataLoader(Records(40, fail_at=13), batch_size=4, num_workers=workers)
+    with pytest.raises(ValueError, match="record 13 is broken") as info:
+        list(loader)
+    text = "".join(traceback.format_exception(info.value))
+    assert "__getitem__" in text
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_shard_in_worker_names_the_shard(tmp_path: Path, shard_dir: Path, workers: int) -> None:
+    good = sorted(shard_dir.glob("*.tar"))[0]
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(good.read_bytes()[:5000])  # cut inside a member
+    loader = DataLoader(StreamingDataset([str(good), str(bad)]), batch_size=8, num_workers=workers)
+    with pytest.raises((CorruptShardError, TruncatedShardError)) as info:
+        list(loader)
+    assert "bad.tar" in str(info.value)
