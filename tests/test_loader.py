@@ -18,6 +18,7 @@ from torch.utils.data import Dataset, default_collate
 from fastfeed import CorruptShardError, DataLoader, RaggedBytes, StreamingDataset, TruncatedShardError
 from fastfeed.device import DeviceFeeder
 from fastfeed.ring import HostRing
+from fastfeed.testing.shards import write_synthetic_shards
 
 
 class Records(Dataset[dict[str, Any]]):
@@ -280,3 +281,27 @@ def test_corrupt_shard_in_worker_names_the_shard(tmp_path: Path, shard_dir: Path
     with pytest.raises((CorruptShardError, TruncatedShardError)) as info:
         list(loader)
     assert "bad.tar" in str(info.value)
+
+
+def test_fast_path_batches_larger_than_the_budget_do_not_deadlock(tmp_path: Path) -> None:
+    """A batch spanning more parts than half the byte budget: samples are copied out, no hang."""
+    write_synthetic_shards(tmp_path, num_shards=2, samples_per_shard=60, sample_bytes=20_000)
+    ds = StreamingDataset(str(tmp_path), part_size="64KiB", byte_budget="192KiB")
+    expected = {s["__key__"]: s["bin"] for s in ds}
+    loader = DataLoader(ds, batch_size=50)  # 50 x 20 KB = 1 MB per batch >> budget
+    got = {}
+    for batch in loader:
+        for key, value in zip(batch["__key__"], batch["bin"], strict=True):
+            got[key] = value
+    assert got == expected
+
+
+def test_fast_path_and_sample_path_agree(shard_dir: Path) -> None:
+    ds = StreamingDataset(str(shard_dir))
+    fast = list(DataLoader(ds, batch_size=7))
+    slow = list(DataLoader(ds, batch_size=7, collate_fn=lambda s: s))
+    assert len(fast) == len(slow)
+    for f, s in zip(fast, slow, strict=True):
+        assert f["__key__"] == [x["__key__"] for x in s]
+        assert f["bin"].tolist() == [x["bin"] for x in s]
+        assert f["json"].tolist() == [x["json"] for x in s]

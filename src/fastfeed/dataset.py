@@ -12,11 +12,12 @@ its own IO loop and connections on first iteration.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
-from collections.abc import Generator, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Generator, Iterator, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
@@ -24,7 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from fastfeed.config import PrefetchConfig, S3Config
 from fastfeed.errors import ConfigError
 from fastfeed.plan import Piece, rank_pieces, rank_sample_count, shard_order, worker_pieces
-from fastfeed.prefetch import FetchStats, Prefetcher
+from fastfeed.prefetch import FetchStats, Prefetcher, ShardFetch
 from fastfeed.reader import Sample, iter_samples
 from fastfeed.sources import count_shard_samples, resolve_source
 from fastfeed.store import ObjectInfo, StoreSet
@@ -34,6 +35,7 @@ __all__ = ["StreamingDataset"]
 log = logging.getLogger(__name__)
 
 Source = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+T = TypeVar("T")
 
 
 class StreamingDataset(IterableDataset[Sample]):
@@ -188,6 +190,78 @@ class StreamingDataset(IterableDataset[Sample]):
             samples = _shuffle(samples, self.shuffle_buffer, rng)
         return samples
 
+    def collated_batches(
+        self, batch_size: int, collate: Callable[[list[Sample]], T], *, drop_last: bool = False
+    ) -> Iterator[T]:
+        """This worker's share of the epoch as collated batches: ``collate(samples)`` per batch.
+
+        The fast path of :class:`fastfeed.DataLoader`: sample values are memoryviews into the
+        fetched parts (no per-member copy) and stay valid only during the ``collate`` call, which
+        must copy what it keeps (the native gather into a batch arena does exactly that). Parts
+        a batch spans are held until it is collated; if that would take more than half the byte
+        budget, the samples gathered so far are copied out and the parts let go, so a batch
+        larger than the budget costs a copy, never a deadlock. With sample-level shuffling the
+        samples go through the shuffle buffer as copies, as in :meth:`__iter__`.
+        """
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if self.shuffle and self.shuffle_buffer > 1:
+            it = iter(self)
+            try:
+                while True:
+                    samples = list(itertools.islice(it, batch_size))
+                    if not samples or (drop_last and len(samples) < batch_size):
+                        return
+                    yield collate(samples)
+            finally:
+                if isinstance(it, Generator):
+                    it.close()
+            return
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        pieces = self.plan(worker, num_workers)
+        if not pieces:
+            return
+        shards = [self.shards[p.shard] for p in pieces]
+        cfg = self.prefetch_config
+        max_held = max(1, cfg.byte_budget // 2 // cfg.part_size)
+        prefetcher = Prefetcher(shards, StoreSet(self.s3_config), cfg)
+        self._io_live = prefetcher.stats
+        open_fetches: list[ShardFetch] = []
+        batch: list[Sample] = []
+
+        def let_go() -> None:
+            # Keep only the part the reader is in; every earlier part is done with.
+            *done, current = open_fetches
+            for fetch in done:
+                fetch.close()
+            current.release_before(current.parts_taken - 1)
+            open_fetches[:] = [current]
+
+        try:
+            for piece, fetch in zip(pieces, prefetcher, strict=False):
+                open_fetches.append(fetch)
+                chunks = fetch.chunks(hold=True)
+                for sample in iter_samples(fetch.url, chunks, skip=piece.skip, limit=piece.limit, views=True):
+                    batch.append(sample)
+                    if len(batch) == batch_size:
+                        yield collate(batch)
+                        batch = []
+                        let_go()
+                    elif sum(f.parts_held for f in open_fetches) > max_held:
+                        batch = [_materialize(s) for s in batch]
+                        let_go()
+            if batch and not (drop_last and len(batch) < batch_size):
+                yield collate(batch)
+        finally:
+            for fetch in open_fetches:
+                fetch.close()
+            prefetcher.close()
+            self._io_live = None
+            self._io_done.wait_s += prefetcher.stats.wait_s
+            self._io_done.bytes_fetched += prefetcher.stats.bytes_fetched
+            self._io_done.requests += prefetcher.stats.requests
+
     # ------------------------------------------------------------------ internals
 
     def _read(self, pieces: list[Piece]) -> Iterator[Sample]:
@@ -225,6 +299,10 @@ class StreamingDataset(IterableDataset[Sample]):
                 merged.update(part)
             return [merged[i] for i in range(len(self.shards))]
         return count_shard_samples(self.shards, stores, self.prefetch_config)
+
+
+def _materialize(sample: Sample) -> Sample:
+    return {k: bytes(v) if isinstance(v, memoryview) else v for k, v in sample.items()}
 
 
 def _distributed_place(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -109,6 +109,35 @@ class _WorkerCollate:
         return {"fetch_s": delta}
 
 
+class _CollatedStream(IterableDataset[Any]):
+    """Worker side of the fast path: the dataset's own collated batches, each written into one
+    fresh arena and returned as ``("layout", region, layout, stage_times)``."""
+
+    def __init__(self, dataset: Any, batch_size: int, drop_last: bool) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+
+    def __iter__(self) -> Iterator[Any]:
+        io_stats = self.dataset.io_stats
+        last_fetch = [0.0]
+
+        def collate(samples: list[Any]) -> Any:
+            start = time.perf_counter()
+            arena = Arena(0)
+            layout = to_layout(collate_into(samples, arena), arena.tensor)
+            fetch = float(io_stats()["fetch_wait_s"])
+            stage = {"n": len(samples), "collate_s": time.perf_counter() - start, "fetch_s": fetch - last_fetch[0]}
+            last_fetch[0] = fetch
+            return ("layout", arena.tensor[: layout_extent(layout)], layout, stage)
+
+        return iter(self.dataset.collated_batches(self.batch_size, collate, drop_last=self.drop_last))
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
 class DataLoader:
     """Batches from any torch dataset, assembled straight into pinned host memory.
 
@@ -266,10 +295,42 @@ class _Settings:
 
     # ------------------------------------------------------------------ sources of raw batches
 
+    def fast_path(self) -> bool:
+        """Whether the dataset can collate its own batches from views of fetched bytes."""
+        return self.collate_fn is None and callable(getattr(self.dataset, "collated_batches", None))
+
     def sample_batches(self) -> Iterator[tuple[str, Any, dict[str, float]]]:
-        """In-process: lists of samples, with the time spent producing them."""
+        """In-process: lists of samples (or, on the fast path, batches already collated into a
+        ring slot), with the time spent producing them."""
         io_stats = getattr(self.dataset, "io_stats", None)
-        if self.iterable:
+        if self.fast_path():
+            ring = self.ring
+            timing = {"collate_s": 0.0}
+
+            def collate(samples: list[Any]) -> tuple[Any, int]:
+                start = time.perf_counter()
+                slot = ring.acquire()
+                batch = collate_into(samples, slot.arena, slot.base)
+                timing["collate_s"] = time.perf_counter() - start
+                return batch, len(samples)
+
+            batches = self.dataset.collated_batches(self.batch_size, collate, drop_last=self.drop_last)
+            try:
+                while True:
+                    start = time.perf_counter()
+                    fetch0 = io_stats()["fetch_wait_s"] if io_stats else 0.0
+                    try:
+                        batch, n = next(batches)
+                    except StopIteration:
+                        return
+                    elapsed = time.perf_counter() - start
+                    fetch = (io_stats()["fetch_wait_s"] - fetch0) if io_stats else 0.0
+                    times = {"n": n, "fetch_s": fetch, "collate_s": timing["collate_s"]}
+                    times["parse_s"] = max(0.0, elapsed - fetch - timing["collate_s"])
+                    yield "collated", batch, times
+            finally:
+                batches.close()
+        elif self.iterable:
             it = iter(self.dataset)
             try:
                 while True:
@@ -303,11 +364,16 @@ class _Settings:
             "persistent_workers": self.persistent_workers,
             "prefetch_factor": self.prefetch_factor,
         }
-        if self.iterable:
+        dataset = self.dataset
+        if self.fast_path():
+            # Workers collate whole batches themselves; torch only moves them.
+            dataset = _CollatedStream(self.dataset, self.batch_size, self.drop_last)
+            kwargs.update(batch_size=None, collate_fn=_identity)
+        elif self.iterable:
             kwargs.update(batch_size=self.batch_size, drop_last=self.drop_last)
         else:
             kwargs.update(batch_sampler=self.batch_sampler)
-        loader = torch.utils.data.DataLoader(self.dataset, **kwargs)
+        loader = torch.utils.data.DataLoader(dataset, **kwargs)
         it = iter(loader)
         try:
             yield from it
@@ -436,7 +502,11 @@ def _assemble(
         if settings.ring.free_slots() == 0:
             feeder.wait_oldest()
     start = time.perf_counter()
-    if kind == "samples":
+    if kind == "collated":  # the fast path collated into a ring slot already
+        batch = item[1]
+        nbytes = _tensor_bytes(batch)
+        start = time.perf_counter()
+    elif kind == "samples":
         samples = item[1]
         n = len(samples)
         if settings.collate_fn is not None:

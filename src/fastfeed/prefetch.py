@@ -158,6 +158,7 @@ class ShardFetch:
         self._owner = owner
         self._parts = parts
         self._returned = [False] * len(parts)  # budget of part i given back (exactly once)
+        self._held = 0  # parts handed out and not given back
         self._next = 0
         self._closed = False
 
@@ -165,23 +166,43 @@ class ShardFetch:
     def url(self) -> str:
         return self.info.url
 
-    def chunks(self) -> Iterator[tuple[memoryview, bool]]:
+    def chunks(self, *, hold: bool = False) -> Iterator[tuple[memoryview, bool]]:
         """Yield ``(bytes, is_last)`` for each part in order, blocking until each has landed.
 
         A part's buffer goes back to the pool (and its budget is returned) when the consumer
         asks for the next part or closes the shard: it is overwritten after that, so release
-        views of it and copy what you keep before asking for more.
+        views of it and copy what you keep before asking for more. With ``hold=True`` parts are
+        kept until :meth:`release_before` or :meth:`close` (for callers that gather views of
+        several parts into one batch); they still count against the byte budget.
         """
         while self._next < len(self._parts) and not self._closed:
             index = self._next
             data = self._owner._wait(self._parts[index].future)
             self._next += 1
+            self._held += 1
             yield data, index == len(self._parts) - 1
-            self._give_back(index)
+            if not hold:
+                self._give_back(index)
+
+    @property
+    def parts_taken(self) -> int:
+        """Parts handed to the consumer so far."""
+        return self._next
+
+    @property
+    def parts_held(self) -> int:
+        """Parts handed to the consumer and not given back yet."""
+        return self._held
+
+    def release_before(self, index: int) -> None:
+        """Give back every part before ``index`` (held with ``chunks(hold=True)``)."""
+        for i in range(min(index, self._next)):
+            self._give_back(i)
 
     def _give_back(self, index: int) -> None:
         if not self._returned[index]:
             self._returned[index] = True
+            self._held -= 1
             self._owner._release_part(self._parts[index])
 
     def close(self) -> None:

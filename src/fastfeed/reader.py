@@ -47,12 +47,17 @@ def split_key(name: str) -> tuple[str, str] | None:
     return match.group(1), match.group(2).lower()
 
 
-def iter_members(url: str, chunks: Iterable[tuple[Any, bool]], *, copy: bool = True) -> Iterator[tuple[str, bytes]]:
+def iter_members(
+    url: str, chunks: Iterable[tuple[Any, bool]], *, data: str = "copy"
+) -> Iterator[tuple[str, bytes | memoryview]]:
     """Yield ``(name, data)`` for each regular member of the tar archive streamed as ``chunks``.
 
-    ``chunks`` yields ``(buffer, is_last)`` in byte order; buffers may be reused once the next
-    chunk is requested (members are copied out). With ``copy=False`` only names are wanted and
-    ``data`` is ``b""``.
+    ``chunks`` yields ``(buffer, is_last)`` in byte order. ``data`` says what ``data`` is:
+
+    * ``"copy"``: the member's bytes, copied out (chunks may be reused once the next is asked for);
+    * ``"view"``: a memoryview into the chunk, valid only while the caller keeps that chunk
+      (members that straddle two chunks are copies);
+    * ``"none"``: ``b""`` (only names are wanted).
 
     Raises:
         CorruptShardError: the bytes are not a valid tar archive (or the object is empty).
@@ -77,7 +82,8 @@ def iter_members(url: str, chunks: Iterable[tuple[Any, bool]], *, copy: bool = T
                 final = is_last and taken == len(view)
                 result = scan(pending, 0, final=final, url=url)
                 for name, off, size in result.members:
-                    yield name, bytes(pending[off : off + size]) if copy else b""
+                    # `pending` is rewritten below: straddling members are always copies.
+                    yield name, bytes(pending[off : off + size]) if data != "none" else b""
                 if result.end:
                     return
                 old_tail = len(pending) - taken  # bytes of `pending` that predate this chunk
@@ -93,7 +99,12 @@ def iter_members(url: str, chunks: Iterable[tuple[Any, bool]], *, copy: bool = T
                 continue
         result = scan(view, pos, final=is_last, url=url)
         for name, off, size in result.members:
-            yield name, bytes(view[off : off + size]) if copy else b""
+            if data == "copy":
+                yield name, bytes(view[off : off + size])
+            elif data == "view":
+                yield name, view[off : off + size]
+            else:
+                yield name, b""
         if result.end:
             return
         if result.next_pos < len(view):
@@ -109,19 +120,26 @@ def iter_members(url: str, chunks: Iterable[tuple[Any, bool]], *, copy: bool = T
 
 
 def iter_samples(
-    url: str, chunks: Iterable[tuple[Any, bool]], *, skip: int = 0, limit: int | None = None
+    url: str,
+    chunks: Iterable[tuple[Any, bool]],
+    *,
+    skip: int = 0,
+    limit: int | None = None,
+    views: bool = False,
 ) -> Iterator[Sample]:
     """Group the members of one shard into WebDataset samples.
 
     ``skip`` samples are dropped from the start, and at most ``limit`` samples are yielded after
-    that (``None``: all); reading stops as soon as the limit is reached.
+    that (``None``: all); reading stops as soon as the limit is reached. With ``views=True``
+    values are memoryviews into the chunks (see :func:`iter_members`), for callers that gather
+    them into batches before letting the chunks go.
     """
     if limit is not None and limit <= 0:
         return
     index = 0
     yielded = 0
     current: Sample | None = None
-    for name, data in iter_members(url, chunks):
+    for name, data in iter_members(url, chunks, data="view" if views else "copy"):
         parts = split_key(name)
         if parts is None:
             continue

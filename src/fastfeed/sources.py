@@ -113,7 +113,7 @@ def count_shard_samples(shards: Sequence[ObjectInfo], stores: StoreSet, config: 
         with Prefetcher([shards[i] for i in remote], stores, config) as prefetcher:
             for i, fetch in zip(remote, prefetcher, strict=False):
                 try:
-                    names = (name for name, _ in iter_members(fetch.url, fetch.chunks(), copy=False))
+                    names = (name for name, _ in iter_members(fetch.url, fetch.chunks(), data="none"))
                     counts[i] = count_samples(names)
                 finally:
                     fetch.close()
@@ -125,7 +125,7 @@ def _count_local(loc: Location) -> int:
         with open(loc.path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size == 0:
-                return count_samples(name for name, _ in iter_members(loc.url, [(b"", True)], copy=False))
+                return count_samples(name for name, _ in iter_members(loc.url, [(b"", True)], data="none"))
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                 result = scan(mm, 0, final=True, url=loc.url)
                 return count_samples(name for name, _, _ in result.members)
