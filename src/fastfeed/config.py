@@ -128,8 +128,16 @@ class S3Config:
     #: HTTP connection pool size per process.
     max_pool_connections: int = 64
     retry: RetryConfig = dataclasses.field(default_factory=RetryConfig)
+    #: The data-plane engine for ranged GETs: ``"aiobotocore"`` or ``"obstore"`` (Rust
+    #: object_store; ``pip install 'fastfeed[obstore]'``; about half the client CPU per small GET
+    #: and a fifth per client created, see benchmarks/streaming/bench_engines.py). Listing and
+    #: HEAD at dataset construction always use aiobotocore, so fork-started DataLoader workers
+    #: stay safe (obstore is not fork-safe once used in a process).
+    engine: str = "aiobotocore"
 
     def __post_init__(self) -> None:
+        if self.engine not in ("aiobotocore", "obstore"):
+            raise ConfigError(f"engine={self.engine!r} is invalid", hint="use 'aiobotocore' or 'obstore'")
         if self.addressing_style not in ("path", "virtual", "auto"):
             raise ConfigError(
                 f"addressing_style={self.addressing_style!r} is invalid",

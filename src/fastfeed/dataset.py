@@ -12,6 +12,7 @@ its own IO loop and connections on first iteration.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -119,7 +120,7 @@ class StreamingDataset(IterableDataset[Sample]):
         self.epoch = 0
         self._io_done = FetchStats()  # finished iterations of this process
         self._io_live: FetchStats | None = None  # the iteration in progress
-        self.shards: list[ObjectInfo] = resolve_source(source, StoreSet(self.s3_config))
+        self.shards: list[ObjectInfo] = resolve_source(source, StoreSet(self._control_plane))
         self._counts: list[int] | None = None
         if self.world_size > 1:
             self._counts = self._count_samples()
@@ -132,6 +133,13 @@ class StreamingDataset(IterableDataset[Sample]):
         )
 
     # ------------------------------------------------------------------ public API
+
+    @property
+    def _control_plane(self) -> S3Config:
+        """The S3 config for work done where the dataset is built (listing, HEAD, counting):
+        always aiobotocore, so a parent process never starts obstore's runtime, which would
+        hang DataLoader workers forked from it. Iteration uses ``s3_config.engine``."""
+        return dataclasses.replace(self.s3_config, engine="aiobotocore")
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose (shuffled) order the next iteration produces."""
@@ -286,7 +294,7 @@ class StreamingDataset(IterableDataset[Sample]):
     def _count_samples(self) -> list[int]:
         import torch.distributed as dist
 
-        stores = StoreSet(self.s3_config)
+        stores = StoreSet(self._control_plane)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # Each rank scans a disjoint share of the shards, then all ranks exchange counts.
             world, rank = dist.get_world_size(), dist.get_rank()

@@ -47,7 +47,7 @@ from fastfeed.errors import (
 from fastfeed.retry import RetryState, retry_async
 from fastfeed.urls import Location, parse_url
 
-__all__ = ["LocalStore", "ObjectInfo", "S3Store", "Store", "open_store"]
+__all__ = ["LocalStore", "ObjectInfo", "S3Store", "Store", "create_s3_store", "open_store"]
 
 log = logging.getLogger(__name__)
 
@@ -466,7 +466,7 @@ class StoreSet:
     def __init__(self, s3: S3Config, retry: RetryConfig | None = None) -> None:
         self.s3_config = s3
         self._local = LocalStore(retry or s3.retry)
-        self._s3: S3Store | None = None
+        self._s3: Store | None = None
         self._lock = asyncio.Lock()
 
     async def get(self, loc: Location) -> Store:
@@ -475,7 +475,7 @@ class StoreSet:
             return self._local
         async with self._lock:
             if self._s3 is None:
-                self._s3 = await S3Store.create(self.s3_config)
+                self._s3 = await create_s3_store(self.s3_config)
             return self._s3
 
     async def aclose(self) -> None:
@@ -484,12 +484,21 @@ class StoreSet:
             await store.aclose()
 
 
+async def create_s3_store(config: S3Config) -> Store:
+    """The S3 store of ``config.engine``: :class:`S3Store` or the obstore engine."""
+    if config.engine == "obstore":
+        from fastfeed.store_obstore import ObstoreS3Store
+
+        return await ObstoreS3Store.create(config)
+    return await S3Store.create(config)
+
+
 async def open_store(url: str, config: S3Config) -> Store:
     """Create the store for ``url``'s scheme (the caller closes it with ``aclose``)."""
     loc = parse_url(url)
     if loc.scheme == "file":
         return LocalStore(config.retry)
-    return await S3Store.create(config)
+    return await create_s3_store(config)
 
 
 async def gather_limited(coros: Sequence[Any], limit: int) -> list[Any]:
