@@ -186,6 +186,15 @@ ScanResult stop(const std::uint8_t* data, std::size_t len, std::size_t chain, bo
 
 ScanResult scan(const std::uint8_t* data, std::size_t len, std::size_t pos, bool final,
                 std::vector<Member>& out) {
+  const MemberVisitor append = [](void* ctx, const Member& m, std::size_t) {
+    static_cast<std::vector<Member>*>(ctx)->push_back(m);
+    return true;
+  };
+  return scan_each(data, len, pos, final, append, &out);
+}
+
+ScanResult scan_each(const std::uint8_t* data, std::size_t len, std::size_t pos, bool final,
+                     MemberVisitor visit, void* ctx) {
   if (pos > len) pos = len;  // the binding rejects this; clamping keeps reads in bounds anyway
   std::size_t p = pos;
   for (;;) {
@@ -320,7 +329,11 @@ ScanResult scan(const std::uint8_t* data, std::size_t len, std::size_t pos, bool
       if (regular) {
         pending.data_offset = data_off;
         pending.size = member_size;
-        out.push_back(pending);
+        if (!visit(ctx, pending, chain)) {
+          ScanResult r;
+          r.next_pos = chain;
+          return r;
+        }
       }
       p = next;
       break;

@@ -95,4 +95,16 @@ struct ScanResult {
 ScanResult scan(const std::uint8_t* data, std::size_t len, std::size_t pos, bool final,
                 std::vector<Member>& out);
 
+// Called by scan_each() for each complete regular member, in archive order. `chain` is the
+// offset of the member's first header (its extension headers included). Returning false
+// refuses the member: the scan stops before it, with next_pos = chain and end = false, and
+// reads nothing after it.
+using MemberVisitor = bool (*)(void* ctx, const Member& member, std::size_t chain);
+
+// scan() with a visitor instead of an output vector (scan() is scan_each() with a visitor that
+// appends): same parsing, errors and next_pos contract. The visitor may throw; the exception
+// passes through.
+ScanResult scan_each(const std::uint8_t* data, std::size_t len, std::size_t pos, bool final,
+                     MemberVisitor visit, void* ctx);
+
 }  // namespace fastfeed::tar

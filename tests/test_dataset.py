@@ -207,3 +207,27 @@ def make_tar(members: list[tuple[str, bytes]]) -> bytes:
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+def test_sample_counts_are_cached_per_etag(bucket: Any, fault_proxy: Any, tmp_path: Path) -> None:
+    """Counting a store dataset reads it once per machine; a changed object is counted again."""
+    write_synthetic_shards(tmp_path / "d", num_shards=3, samples_per_shard=10, sample_bytes=2000)
+    upload_dir(bucket.client, bucket.name, tmp_path / "d", prefix="c/")
+    cfg = S3Config(
+        endpoint_url=fault_proxy.endpoint_url,
+        access_key_id=bucket.server.access_key,
+        secret_access_key=bucket.server.secret_key,
+    )
+    cache = tmp_path / "counts"
+
+    def count() -> tuple[int, int]:
+        fault_proxy.reset_counters()
+        ds = StreamingDataset(f"s3://{bucket.name}/c/", s3=cfg, index_cache=cache)
+        n = len(ds)
+        return n, fault_proxy.count(method="GET", path_regex=r"\.tar$")
+
+    assert count() == (30, 3)  # one GET per shard to count it
+    assert count() == (30, 0)  # remembered
+    write_synthetic_shards(tmp_path / "e", num_shards=1, samples_per_shard=7, sample_bytes=2000)
+    bucket.client.upload_file(str(tmp_path / "e" / "shard-000000.tar"), bucket.name, "c/shard-000000.tar")
+    assert count() == (27, 1)  # the changed shard only

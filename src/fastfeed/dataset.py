@@ -65,6 +65,9 @@ class StreamingDataset(IterableDataset[Sample]):
         remainder: with several ranks, every rank yields exactly the same number of samples
             per epoch; ``"drop"`` skips the last ``total % world_size`` samples of the epoch's
             order, ``"pad"`` wraps around and repeats up to ``world_size - 1`` samples.
+        index_cache: where per-shard sample counts of objects in a store are remembered (keyed by
+            URL, ETag and size), so a dataset is scanned once per machine when counts are needed
+            (several ranks, ``len()``); ``None`` disables it.
 
     Each sample is a dict: ``"__key__"``, ``"__url__"`` and one ``bytes`` value per file
     extension, exactly as WebDataset yields them.
@@ -95,6 +98,7 @@ class StreamingDataset(IterableDataset[Sample]):
         rank: int | None = None,
         world_size: int | None = None,
         remainder: str = "drop",
+        index_cache: str | os.PathLike[str] | None = "~/.cache/fastfeed/counts",
     ) -> None:
         super().__init__()
         if s3 is None:
@@ -116,6 +120,7 @@ class StreamingDataset(IterableDataset[Sample]):
         self.seed = int(seed)
         self.shuffle_buffer = int(shuffle_buffer)
         self.remainder = remainder
+        self.index_cache = os.path.expanduser(os.fspath(index_cache)) if index_cache is not None else None
         self.rank, self.world_size = _distributed_place(rank, world_size)
         self.epoch = 0
         self._io_done = FetchStats()  # finished iterations of this process
@@ -299,14 +304,14 @@ class StreamingDataset(IterableDataset[Sample]):
             # Each rank scans a disjoint share of the shards, then all ranks exchange counts.
             world, rank = dist.get_world_size(), dist.get_rank()
             mine = list(range(rank, len(self.shards), world))
-            local = count_shard_samples([self.shards[i] for i in mine], stores, self.prefetch_config)
+            local = count_shard_samples([self.shards[i] for i in mine], stores, self.prefetch_config, self.index_cache)
             gathered: list[Any] = [None] * world
             dist.all_gather_object(gathered, dict(zip(mine, local, strict=True)))
             merged: dict[int, int] = {}
             for part in gathered:
                 merged.update(part)
             return [merged[i] for i in range(len(self.shards))]
-        return count_shard_samples(self.shards, stores, self.prefetch_config)
+        return count_shard_samples(self.shards, stores, self.prefetch_config, self.index_cache)
 
 
 def _materialize(sample: Sample) -> Sample:

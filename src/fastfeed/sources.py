@@ -9,9 +9,12 @@ construction within seconds, naming the object, instead of midway through an epo
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import mmap
 import os
+import tempfile
 from collections.abc import Sequence
 
 from fastfeed import _loop
@@ -94,19 +97,26 @@ async def _head(stores: StoreSet, loc: Location) -> ObjectInfo:
         raise
 
 
-def count_shard_samples(shards: Sequence[ObjectInfo], stores: StoreSet, config: PrefetchConfig) -> list[int]:
+def count_shard_samples(
+    shards: Sequence[ObjectInfo], stores: StoreSet, config: PrefetchConfig, cache_dir: str | None = None
+) -> list[int]:
     """Number of samples in each shard (blocking).
 
     Local files are scanned through ``mmap``: only the 512-byte headers are touched. Objects in a
     store are streamed through the prefetcher once and their headers parsed; the data is not
-    copied or kept.
+    copied or kept. With ``cache_dir``, counts of objects with an ETag are remembered there
+    (keyed by URL, ETag and size, so a changed object is counted again): a dataset on S3 is
+    scanned once per machine, not once per run.
     """
     counts = [-1] * len(shards)
     remote: list[int] = []
+    cache = _CountCache(cache_dir) if cache_dir else None
     for i, info in enumerate(shards):
         loc = parse_url(info.url)
         if loc.scheme == "file":
             counts[i] = _count_local(loc)
+        elif cache is not None and (cached := cache.get(info)) is not None:
+            counts[i] = cached
         else:
             remote.append(i)
     if remote:
@@ -115,9 +125,60 @@ def count_shard_samples(shards: Sequence[ObjectInfo], stores: StoreSet, config: 
                 try:
                     names = (name for name, _ in iter_members(fetch.url, fetch.chunks(), data="none"))
                     counts[i] = count_samples(names)
+                    if cache is not None:
+                        cache.put(shards[i], counts[i])
                 finally:
                     fetch.close()
     return counts
+
+
+class _CountCache:
+    """Sample counts of store objects, one small JSON file per (URL, ETag, size).
+
+    Written atomically (temp file + rename); unreadable entries are ignored and recounted, and
+    a cache directory that cannot be written only costs a warning.
+    """
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._warned = False
+
+    def _path(self, info: ObjectInfo) -> str | None:
+        if not info.etag:
+            return None
+        digest = hashlib.sha256(f"{info.url}\0{info.etag}\0{info.size}".encode()).hexdigest()
+        return os.path.join(self.root, digest[:2], digest + ".json")
+
+    def get(self, info: ObjectInfo) -> int | None:
+        path = self._path(info)
+        if path is None:
+            return None
+        try:
+            with open(path) as f:
+                entry = json.load(f)
+            if entry.get("url") == info.url and entry.get("etag") == info.etag and entry.get("size") == info.size:
+                return int(entry["samples"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return None
+
+    def put(self, info: ObjectInfo, samples: int) -> None:
+        path = self._path(info)
+        if path is None:
+            return
+        entry = {"url": info.url, "etag": info.etag, "size": info.size, "samples": samples}
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(entry, f)
+            os.replace(tmp, path)
+        except OSError as exc:
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "cannot write the sample-count cache under %s (%s); counting again next run", self.root, exc
+                )
 
 
 def _count_local(loc: Location) -> int:
