@@ -9,17 +9,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastfeed import StreamingDataset
 from fastfeed.config import S3Config
+from fastfeed.testing.shards import write_synthetic_shards
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _batch_len(batch: list[Any]) -> int:
+    return len(batch)
 
 
 def _rank_main(rank: int, world: int, port: int, source: str, s3: S3Config, out: str, remainder: str) -> None:
@@ -30,6 +36,10 @@ def _rank_main(rank: int, world: int, port: int, source: str, s3: S3Config, out:
         for epoch in range(2):
             ds.set_epoch(epoch)
             result["epochs"].append([f"{s['__url__']}#{s['__key__']}" for s in ds])
+        # torch's DataLoader yields a partial batch per worker: the per-worker split must give
+        # every rank the same number of batches, or DDP would hang on the last step.
+        loader = torch.utils.data.DataLoader(ds, batch_size=7, num_workers=2, collate_fn=_batch_len)
+        result["batches"] = list(loader)
         dist.barrier()
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
@@ -39,17 +49,24 @@ def _rank_main(rank: int, world: int, port: int, source: str, s3: S3Config, out:
 @pytest.mark.slow
 @pytest.mark.parametrize("remainder", ["drop", "pad"])
 def test_two_gloo_ranks_get_disjoint_complete_equal_splits(
-    s3_shards: Any, seaweed: Any, tmp_path: Path, remainder: str
+    bucket: Any, seaweed: Any, tmp_path: Path, remainder: str
 ) -> None:
-    bucket, prefix, paths = s3_shards
+    # Uneven shards, 125 samples (odd: the remainder policy matters). With this seed and epoch,
+    # giving workers whole pieces round-robin would give the ranks 9 and 10 batches of 7.
+    paths = []
+    for i, n in enumerate([29, 31, 7, 21, 37]):
+        (p,) = write_synthetic_shards(tmp_path / f"s{i}", num_shards=1, samples_per_shard=n, sample_bytes=300, seed=i)
+        paths.append(p.rename(tmp_path / f"shard-{i:06d}.tar"))
+    for p in paths:
+        bucket.client.upload_file(str(p), bucket.name, f"u/{p.name}")
+    prefix = "u/"
     s3 = S3Config(
         endpoint_url=seaweed.endpoint_url,
         access_key_id=seaweed.access_key,
         secret_access_key=seaweed.secret_key,
         region="us-east-1",
     )
-    # An odd total, so the remainder policy matters: drop one shard's last sample.
-    source = [f"s3://{bucket}/{prefix}{p.name}" for p in paths]
+    source = [f"s3://{bucket.name}/{prefix}{p.name}" for p in paths]
     everything = [f"{s['__url__']}#{s['__key__']}" for s in StreamingDataset(source, s3=s3)]
     world = 2
     mp.start_processes(
@@ -72,4 +89,6 @@ def test_two_gloo_ranks_get_disjoint_complete_equal_splits(
             assert len(splits[0]) == -(-total // world)
             assert set(splits[0]) | set(splits[1]) == set(everything), "pad covers every sample"
     assert results[0]["epochs"][0] != results[0]["epochs"][1], "set_epoch changes the order"
+    assert sorted(results[0]["batches"]) == sorted(results[1]["batches"]), "equal batch counts per rank"
+    assert sum(results[0]["batches"]) == results[0]["len"]
     os.environ.pop("MASTER_PORT", None)

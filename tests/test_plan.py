@@ -69,3 +69,24 @@ def test_worker_round_robin_partitions_pieces() -> None:
     parts = [worker_pieces(pieces, worker=w, num_workers=3) for w in range(3)]
     assert sorted(p.shard for part in parts for p in part) == list(range(7))
     assert parts[0] == [Piece(0), Piece(3), Piece(6)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    counts=st.lists(st.integers(0, 30), min_size=1, max_size=10),
+    world=st.integers(1, 4),
+    workers=st.integers(1, 4),
+    seed=st.integers(0, 3),
+)
+def test_worker_split_with_counts_is_exact_and_equal_across_ranks(
+    counts: list[int], world: int, workers: int, seed: int
+) -> None:
+    order = shard_order(len(counts), seed=seed, epoch=1, shuffle=True)
+    per_rank_sizes = []
+    for rank in range(world):
+        pieces = rank_pieces(order, counts, rank=rank, world_size=world)
+        parts = [worker_pieces(pieces, worker=w, num_workers=workers, counts=counts) for w in range(workers)]
+        assert [s for part in parts for s in expand(part, counts)] == expand(pieces, counts), "a partition, in order"
+        per_rank_sizes.append([len(expand(part, counts)) for part in parts])
+    assert all(sizes == per_rank_sizes[0] for sizes in per_rank_sizes), "same per-worker counts on every rank"
+    assert max(per_rank_sizes[0]) - min(per_rank_sizes[0]) <= 1

@@ -191,7 +191,7 @@ class StreamingDataset(IterableDataset[Sample]):
         )
         counts = self._counts if self.world_size > 1 else None
         pieces = rank_pieces(order, counts, rank=self.rank, world_size=self.world_size, remainder=self.remainder)
-        return worker_pieces(pieces, worker=worker, num_workers=num_workers)
+        return worker_pieces(pieces, worker=worker, num_workers=num_workers, counts=counts)
 
     def __iter__(self) -> Iterator[Sample]:
         info = get_worker_info()

@@ -111,8 +111,36 @@ def _range_pieces(order: Sequence[int], counts: Sequence[int], start: int, end: 
     return pieces
 
 
-def worker_pieces(pieces: Sequence[Piece], *, worker: int, num_workers: int) -> list[Piece]:
-    """The pieces DataLoader worker ``worker`` of ``num_workers`` reads: round-robin."""
+def worker_pieces(
+    pieces: Sequence[Piece], *, worker: int, num_workers: int, counts: Sequence[int] | None = None
+) -> list[Piece]:
+    """The pieces DataLoader worker ``worker`` of ``num_workers`` reads.
+
+    Without ``counts``: whole pieces, round-robin. With ``counts`` (known whenever there are
+    several ranks): the rank's samples, laid end to end, are cut into ``num_workers`` contiguous
+    runs of equal length (the first ``n % num_workers`` one sample longer). Every rank has the
+    same sample count, hence the same per-worker counts and the same number of (partial)
+    batches: torch's DataLoader yields a partial batch per worker, so round-robin pieces could
+    give ranks different batch counts and hang DDP.
+    """
     if not 0 <= worker < num_workers:
         raise ConfigError(f"worker {worker} is outside num_workers {num_workers}")
-    return list(pieces[worker::num_workers])
+    if counts is None:
+        return list(pieces[worker::num_workers])
+    sizes = [(counts[p.shard] - p.skip) if p.limit is None else p.limit for p in pieces]
+    total = sum(sizes)
+    base, extra = divmod(total, num_workers)
+    start = worker * base + min(worker, extra)
+    end = start + base + (1 if worker < extra else 0)
+    out: list[Piece] = []
+    offset = 0
+    for piece, size in zip(pieces, sizes, strict=True):
+        lo, hi = max(start, offset), min(end, offset + size)
+        if lo < hi:
+            skip = piece.skip + (lo - offset)
+            whole_tail = hi == offset + size and piece.limit is None
+            out.append(Piece(piece.shard, skip, None if whole_tail else hi - lo))
+        offset += size
+        if offset >= end:
+            break
+    return out
