@@ -9,16 +9,19 @@
 #include <nanobind/nanobind.h>
 
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "gather.h"
+#include "samples.h"
 #include "tar_index.h"
 
 namespace nb = nanobind;
 namespace tar = fastfeed::tar;
 namespace gth = fastfeed::gather;
+namespace smp = fastfeed::samples;
 
 namespace {
 
@@ -92,10 +95,8 @@ nb::object build_members(const std::uint8_t* base, const std::vector<tar::Member
   return list;
 }
 
-// scan(buf, pos, final) -> (members, next_pos, end, error)
-// error is None or (kind, offset, name: bytes | None, a, b); see tar::ErrorKind.
-nb::tuple scan(nb::handle buf, nb::handle pos_obj, bool final) {
-  BufferExport view(buf);
+// A scan's `pos` argument: an index in 0..len(buf), else ValueError.
+std::size_t scan_pos(nb::handle pos_obj, const BufferExport& view) {
   // Clamps instead of overflowing for huge ints, so that they fail the range check below.
   const Py_ssize_t pos = PyNumber_AsSsize_t(pos_obj.ptr(), nullptr);
   if (pos == -1 && PyErr_Occurred()) throw nb::python_error();
@@ -103,27 +104,153 @@ nb::tuple scan(nb::handle buf, nb::handle pos_obj, bool final) {
     PyErr_Format(PyExc_ValueError, "pos=%zd is outside the buffer (0..%zu)", pos, view.size());
     throw nb::python_error();
   }
+  return static_cast<std::size_t>(pos);
+}
+
+// The error tuple (kind, offset, name: bytes | None, a, b) of a failed tar scan.
+nb::tuple scan_error(const std::uint8_t* base, const tar::ScanResult& r) {
+  nb::object name = nb::none();
+  if (r.err_has_name) {
+    std::string scratch;
+    std::size_t len = 0;
+    const char* p = name_bytes(base, r.err_prefix, r.err_name, scratch, len);
+    name = nb::steal(PyBytes_FromStringAndSize(p, static_cast<Py_ssize_t>(len)));
+    if (!name.is_valid()) throw nb::python_error();
+  }
+  return nb::make_tuple(static_cast<int>(r.error), r.err_offset, name, r.err_a, r.err_b);
+}
+
+// scan(buf, pos, final) -> (members, next_pos, end, error)
+// error is None or (kind, offset, name: bytes | None, a, b); see tar::ErrorKind.
+nb::tuple scan(nb::handle buf, nb::handle pos_obj, bool final) {
+  BufferExport view(buf);
+  const std::size_t pos = scan_pos(pos_obj, view);
 
   std::vector<tar::Member> members;
   tar::ScanResult r;
   {
     nb::gil_scoped_release nogil;  // pure C++ over the exported bytes from here on
-    r = tar::scan(view.data(), view.size(), static_cast<std::size_t>(pos), final, members);
+    r = tar::scan(view.data(), view.size(), pos, final, members);
   }
 
   if (r.error != tar::ErrorKind::kNone) {
-    nb::object name = nb::none();
-    if (r.err_has_name) {
-      std::string scratch;
-      std::size_t len = 0;
-      const char* p = name_bytes(view.data(), r.err_prefix, r.err_name, scratch, len);
-      name = nb::steal(PyBytes_FromStringAndSize(p, static_cast<Py_ssize_t>(len)));
-      if (!name.is_valid()) throw nb::python_error();
-    }
-    nb::tuple err = nb::make_tuple(static_cast<int>(r.error), r.err_offset, name, r.err_a, r.err_b);
-    return nb::make_tuple(nb::list(), r.next_pos, false, err);
+    return nb::make_tuple(nb::list(), r.next_pos, false, scan_error(view.data(), r));
   }
   return nb::make_tuple(build_members(view.data(), members), r.next_pos, r.end, nb::none());
+}
+
+// ---------------------------------------------------------------------------------------------
+// scan_samples(): the binding of samples.{h,cpp}; the reference is scan_samples_py() in
+// src/fastfeed/columnar.py.
+
+// New reference to the text of raw name bytes, or nullptr with a Python error set.
+PyObject* decode(const std::uint8_t* base, const tar::Span& prefix, const tar::Span& name,
+                 std::string& scratch) {
+  std::size_t len = 0;
+  const char* p = name_bytes(base, prefix, name, scratch, len);
+  return PyUnicode_DecodeUTF8(p, static_cast<Py_ssize_t>(len), "surrogateescape");
+}
+
+// scan_samples(buf, pos, final, max_samples) -> (keys, fields, next_pos, end, error, duplicate)
+// max_samples < 0: no limit. fields: {ext: bytearray of int64 (data_offset, size) rows, one per
+// key}. error: as scan(); duplicate: None or (member name, key) of a repeated extension. On
+// either, keys and fields are empty.
+nb::tuple scan_samples(nb::handle buf, nb::handle pos_obj, bool final, std::int64_t max_samples) {
+  BufferExport view(buf);
+  const std::size_t pos = scan_pos(pos_obj, view);
+  const std::size_t limit =
+      max_samples < 0 ? smp::kNoLimit : static_cast<std::size_t>(max_samples);
+
+  smp::SampleScan r;
+  {
+    nb::gil_scoped_release nogil;
+    r = smp::scan(view.data(), view.size(), pos, final, limit);
+  }
+  if (r.tar.error != tar::ErrorKind::kNone) {
+    return nb::make_tuple(nb::list(), nb::dict(), r.tar.next_pos, false,
+                          scan_error(view.data(), r.tar), nb::none());
+  }
+
+  // Canonical extensions: the ASCII-lowered bytes decoded, and lowered by Python's str.lower
+  // when not ASCII (which may map several byte strings to one text).
+  const std::size_t n_raw = r.exts.size();
+  nb::list names;                  // canonical extension texts, by canonical id
+  nb::dict ids;                    // text -> canonical id
+  std::vector<std::uint32_t> canon(n_raw);
+  std::vector<std::uint8_t> reserved;
+  for (std::size_t e = 0; e < n_raw; ++e) {
+    const std::string& raw = r.exts[e];
+    nb::object text = nb::steal(
+        PyUnicode_DecodeUTF8(raw.data(), static_cast<Py_ssize_t>(raw.size()), "surrogateescape"));
+    if (!text.is_valid()) throw nb::python_error();
+    if (!PyUnicode_IS_ASCII(text.ptr())) {
+      text = nb::steal(PyObject_CallMethod(text.ptr(), "lower", nullptr));
+      if (!text.is_valid()) throw nb::python_error();
+    }
+    PyObject* known = PyDict_GetItemWithError(ids.ptr(), text.ptr());  // borrowed
+    if (known == nullptr && PyErr_Occurred()) throw nb::python_error();
+    if (known != nullptr) {
+      canon[e] = static_cast<std::uint32_t>(PyLong_AsUnsignedLong(known));
+      continue;
+    }
+    canon[e] = static_cast<std::uint32_t>(reserved.size());
+    ids[text] = canon[e];
+    names.append(text);
+    reserved.push_back(PyUnicode_CompareWithASCIIString(text.ptr(), "__key__") == 0 ||
+                               PyUnicode_CompareWithASCIIString(text.ptr(), "__url__") == 0
+                           ? 1
+                           : 0);
+  }
+  const std::size_t n_canon = reserved.size();
+
+  // One bytearray of (-1, 0) rows for each extension that a returned sample has.
+  const std::size_t n = r.complete;
+  const std::size_t n_members = n < r.samples.size() ? r.samples[n].first : r.members.size();
+  std::vector<bool> present(n_canon, false);
+  for (std::size_t i = 0; i < n_members; ++i) present[canon[r.members[i].ext]] = true;
+  std::vector<nb::object> arrays(n_canon);
+  std::vector<std::int64_t*> out(n_canon, nullptr);
+  for (std::size_t c = 0; c < n_canon; ++c) {
+    if (!present[c]) continue;
+    arrays[c] = nb::steal(
+        PyByteArray_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(n * 2 * sizeof(std::int64_t))));
+    if (!arrays[c].is_valid()) throw nb::python_error();
+    // bytearray storage comes from PyObject_Malloc: aligned for int64.
+    auto* rows = reinterpret_cast<std::int64_t*>(PyByteArray_AS_STRING(arrays[c].ptr()));
+    for (std::size_t i = 0; i < n; ++i) {
+      rows[2 * i] = -1;
+      rows[2 * i + 1] = 0;
+    }
+    out[c] = rows;
+  }
+
+  std::string scratch;
+  const std::size_t dup = smp::fill_fields(r, canon.data(), reserved.data(), n_canon, out.data());
+  if (dup != smp::kNone) {
+    std::size_t s = 0;  // the sample of member `dup`
+    while (s + 1 < r.samples.size() && r.samples[s + 1].first <= dup) ++s;
+    const tar::Member& m = r.members[dup].member;
+    nb::object name = nb::steal(decode(view.data(), m.prefix, m.name, scratch));
+    if (!name.is_valid()) throw nb::python_error();
+    nb::object key =
+        nb::steal(decode(view.data(), r.samples[s].key_prefix, r.samples[s].key_name, scratch));
+    if (!key.is_valid()) throw nb::python_error();
+    return nb::make_tuple(nb::list(), nb::dict(), r.next_pos, false, nb::none(),
+                          nb::make_tuple(name, key));
+  }
+
+  nb::object keys = nb::steal(PyList_New(static_cast<Py_ssize_t>(n)));
+  if (!keys.is_valid()) throw nb::python_error();
+  for (std::size_t i = 0; i < n; ++i) {
+    PyObject* key = decode(view.data(), r.samples[i].key_prefix, r.samples[i].key_name, scratch);
+    if (key == nullptr) throw nb::python_error();
+    PyList_SET_ITEM(keys.ptr(), static_cast<Py_ssize_t>(i), key);
+  }
+  nb::dict fields;
+  for (std::size_t c = 0; c < n_canon; ++c) {
+    if (present[c]) fields[names[c]] = arrays[c];
+  }
+  return nb::make_tuple(keys, fields, r.next_pos, r.end, nb::none(), nb::none());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -335,6 +462,122 @@ nb::object gather(nb::handle dst, nb::handle srcs, nb::handle dst_offset_obj,
   throw nb::python_error();
 }
 
+// ---------------------------------------------------------------------------------------------
+// gather_spans(): the columnar gather, on the same core as gather(). Every check below has a
+// twin, in the same order and with the same exception class and message, in gather_spans_py()
+// in src/fastfeed/columnar.py.
+
+// The C-contiguous export of src or spans (`what`), read-only allowed.
+Py_buffer* export_readable(Exports& ex, PyObject* obj, const char* what, const char* kind) {
+  if (!PyObject_CheckBuffer(obj)) {
+    PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous %sbuffer, not %R", what, kind,
+                 type_name(obj).ptr());
+    throw nb::python_error();
+  }
+  Py_buffer* v = ex.add(obj, PyBUF_FULL_RO);  // what memoryview() asks for
+  if (v == nullptr) throw nb::python_error();
+  if (!PyBuffer_IsContiguous(v, 'C')) {
+    PyErr_Format(PyExc_BufferError, "%s is not C-contiguous", what);
+    throw nb::python_error();
+  }
+  return v;
+}
+
+// gather_spans(dst, src, spans, dst_offset, offsets) -> bytes written
+nb::object gather_spans(nb::handle dst, nb::handle src, nb::handle spans_obj,
+                        nb::handle dst_offset_obj, nb::handle offsets_obj) {
+  const Py_ssize_t dst_offset = index_arg(dst_offset_obj, "dst_offset", 0, PY_SSIZE_T_MAX);
+  Exports ex(offsets_obj.is_none() ? 3 : 4);
+  Py_buffer* dv = export_writable(ex, dst.ptr(), "dst", "");
+  Py_buffer* sv = export_readable(ex, src.ptr(), "src", "");
+  Py_buffer* pv = export_readable(ex, spans_obj.ptr(), "spans", "int64 ");
+  if (!is_int64_format(pv->format, pv->itemsize)) {
+    PyErr_Format(PyExc_TypeError, "spans must hold int64 values, got format %R with itemsize %zd",
+                 nb::str(pv->format != nullptr ? pv->format : "B").ptr(), pv->itemsize);
+    throw nb::python_error();
+  }
+  if (pv->ndim != 2 || pv->shape[1] != 2) {
+    nb::list shape;
+    for (int d = 0; d < pv->ndim; ++d) shape.append(pv->shape[d]);
+    PyErr_Format(PyExc_ValueError, "spans must have shape [n, 2], got %R", nb::tuple(shape).ptr());
+    throw nb::python_error();
+  }
+  const Py_ssize_t n = pv->shape[0];
+
+  std::uint8_t* offsets = nullptr;
+  std::size_t offsets_len = 0;
+  if (!offsets_obj.is_none()) {
+    Py_buffer* ov = export_writable(ex, offsets_obj.ptr(), "offsets", "int64 ");
+    if (!is_int64_format(ov->format, ov->itemsize)) {
+      PyErr_Format(PyExc_TypeError, "offsets must hold int64 values, got format %R with itemsize %zd",
+                   nb::str(ov->format != nullptr ? ov->format : "B").ptr(), ov->itemsize);
+      throw nb::python_error();
+    }
+    offsets = static_cast<std::uint8_t*>(ov->buf);
+    offsets_len = static_cast<std::size_t>(ov->len);
+    const std::size_t have = offsets_len / sizeof(std::int64_t);
+    if (have <= static_cast<std::size_t>(n)) {
+      PyErr_Format(PyExc_ValueError,
+                   "offsets has %zu elements, needs at least %zd (len(spans) + 1)", have, n + 1);
+      throw nb::python_error();
+    }
+  }
+
+  // Every span inside src: (-1, 0) is an empty row, otherwise 0 <= off, 0 <= size and
+  // off + size <= len(src).
+  const auto* base = static_cast<const std::uint8_t*>(sv->buf);
+  const auto src_len = static_cast<std::int64_t>(sv->len);
+  const auto* rows = static_cast<const std::uint8_t*>(pv->buf);
+  std::vector<gth::Piece> pieces(static_cast<std::size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    std::int64_t span[2];
+    std::memcpy(span, rows + static_cast<std::size_t>(i) * sizeof span, sizeof span);  // any alignment
+    const std::int64_t off = span[0];
+    const std::int64_t size = span[1];
+    gth::Piece& p = pieces[static_cast<std::size_t>(i)];
+    if (off == -1 && size == 0) continue;  // a sample without this field
+    if (off < 0 || size < 0 || off > src_len || size > src_len - off) {
+      PyErr_Format(PyExc_ValueError, "spans[%zd] = (%lld, %lld) is outside src (%lld bytes)", i,
+                   static_cast<long long>(off), static_cast<long long>(size),
+                   static_cast<long long>(src_len));
+      throw nb::python_error();
+    }
+    p.data = base + off;
+    p.len = static_cast<std::size_t>(size);
+  }
+
+  auto* out = static_cast<std::uint8_t*>(dv->buf);
+  const auto dst_len = static_cast<std::size_t>(dv->len);
+  const auto max_total = static_cast<std::size_t>(PY_SSIZE_T_MAX);
+  const auto off = static_cast<std::size_t>(dst_offset);
+  gth::Result r = gth::total_size(pieces.data(), pieces.size(), max_total);
+  if (r.status == gth::Status::kOk && r.total >= kReleaseGilBytes) {
+    nb::gil_scoped_release nogil;  // every pointer above stays valid: the exports pin them
+    r = gth::gather(out, dst_len, off, pieces.data(), pieces.size(), offsets, offsets_len,
+                    max_total, 1);
+  } else if (r.status == gth::Status::kOk) {
+    r = gth::gather(out, dst_len, off, pieces.data(), pieces.size(), offsets, offsets_len,
+                    max_total, 1);
+  }
+
+  switch (r.status) {
+    case gth::Status::kOk:
+      return nb::steal(PyLong_FromSize_t(r.total));
+    case gth::Status::kTooLarge:
+      PyErr_SetString(PyExc_ValueError, "the spans add up to more than sys.maxsize bytes");
+      break;
+    case gth::Status::kDstTooSmall:
+      PyErr_Format(PyExc_ValueError,
+                   "dst too small: needs %zu bytes (dst_offset %zd + %zu from %zd spans), has %zu",
+                   off + r.total, dst_offset, r.total, n, dst_len);
+      break;
+    case gth::Status::kOffsetsTooShort:  // checked above
+      PyErr_SetString(PyExc_ValueError, "offsets too short");
+      break;
+  }
+  throw nb::python_error();
+}
+
 }  // namespace
 
 NB_MODULE(_native, m) {
@@ -363,4 +606,16 @@ NB_MODULE(_native, m) {
         "Copy the C-contiguous buffers srcs back to back into the writable buffer dst at\n"
         "byte dst_offset (GIL released for large copies); use fastfeed.gather.gather.");
   m.attr("GATHER_MAX_THREADS") = gth::kMaxThreads;
+
+  m.def("scan_samples", &scan_samples, nb::arg("buf"), nb::arg("pos"), nb::arg("final"),
+        nb::arg("max_samples"),
+        "scan_samples(buf, pos, final, max_samples) -> (keys, fields, next_pos, end, error,\n"
+        "duplicate)\n\n"
+        "Group the tar members in buf[pos:] into WebDataset samples (the tar scan runs with the\n"
+        "GIL released); max_samples < 0: no limit. Use fastfeed.columnar.scan_samples.");
+  m.def("gather_spans", &gather_spans, nb::arg("dst").none(), nb::arg("src").none(),
+        nb::arg("spans").none(), nb::arg("dst_offset").none(), nb::arg("offsets").none(),
+        "gather_spans(dst, src, spans, dst_offset, offsets) -> bytes written\n\n"
+        "Copy src[off:off + size] for each int64 row (off, size) of spans back to back into\n"
+        "dst at byte dst_offset; use fastfeed.columnar.gather_spans.");
 }

@@ -39,3 +39,34 @@ def gather(
     Returns the number of bytes written; the GIL is released for copies of 64 KiB and more.
     Semantics, checks and errors as :func:`fastfeed.gather.gather`.
     """
+
+def scan_samples(
+    buf: Buffer, pos: int, final: bool, max_samples: int
+) -> tuple[
+    list[str],
+    dict[str, bytearray],
+    int,
+    bool,
+    tuple[int, int, bytes | None, int, int] | None,
+    tuple[str, str] | None,
+]:
+    """Group the tar members in ``buf[pos:]`` into WebDataset samples (``max_samples < 0``: all).
+
+    Returns ``(keys, fields, next_pos, end, error, duplicate)``: ``fields`` maps each extension
+    to a bytearray of native int64 ``(data_offset, size)`` rows, one per key; ``error`` is a tar
+    error as in :func:`scan`; ``duplicate`` is ``None`` or ``(member name, key)`` of a repeated
+    extension. Semantics as :func:`fastfeed.columnar.scan_samples`.
+    """
+
+def gather_spans(
+    dst: Buffer | NDArray[Any],
+    src: Buffer | NDArray[Any],
+    spans: Buffer | NDArray[Any],
+    dst_offset: int,
+    offsets: Buffer | NDArray[Any] | None,
+) -> int:
+    """Copy ``src[off:off + size]`` for each int64 row ``(off, size)`` of ``spans`` into ``dst``.
+
+    Returns the number of bytes written; semantics, checks and errors as
+    :func:`fastfeed.columnar.gather_spans`.
+    """
