@@ -305,3 +305,17 @@ def test_fast_path_and_sample_path_agree(shard_dir: Path) -> None:
         assert f["__key__"] == [x["__key__"] for x in s]
         assert f["bin"].tolist() == [x["bin"] for x in s]
         assert f["json"].tolist() == [x["json"] for x in s]
+
+
+def test_worker_slots_are_reused_and_hoarding_never_hangs(shard_dir: Path) -> None:
+    ds = StreamingDataset(str(shard_dir))
+    expected = [s["__key__"] for s in ds]
+    loader = DataLoader(ds, batch_size=4, num_workers=2)
+    keys = [k for batch in loader for k in batch["__key__"]]  # batches dropped as we go
+    assert sorted(keys) == sorted(expected)
+    held = list(DataLoader(ds, batch_size=4, num_workers=2))  # every batch kept alive
+    assert sorted(k for b in held for k in b["__key__"]) == sorted(expected)
+    by_key = {s["__key__"]: s["bin"] for s in ds}
+    for b in held:  # nothing was overwritten under a held batch
+        for key, value in zip(b["__key__"], b["bin"], strict=True):
+            assert value == by_key[key]

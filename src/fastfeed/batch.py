@@ -28,7 +28,18 @@ import torch
 from fastfeed.errors import ConfigError
 from fastfeed.gather import gather
 
-__all__ = ["Arena", "RaggedBytes", "TensorRef", "collate_into", "from_layout", "nbytes_needed", "to_layout"]
+__all__ = [
+    "Arena",
+    "ColumnBatch",
+    "ColumnRun",
+    "RaggedBytes",
+    "TensorRef",
+    "collate_columns_into",
+    "collate_into",
+    "from_layout",
+    "nbytes_needed",
+    "to_layout",
+]
 
 #: Alignment of every field inside an arena (bytes): cache lines, and enough for any dtype.
 _ALIGN = 64
@@ -79,12 +90,15 @@ class Arena:
     """A growable byte region that batches are written into.
 
     ``pin=True`` allocates page-locked memory (only when CUDA is available), so host-to-device
-    copies can run asynchronously without a staging copy. Growing reallocates: callers size
-    arenas from the first batches so that growth is rare (a log line says when it happens).
+    copies can run asynchronously without a staging copy. ``shared=True`` allocates it in shared
+    memory that torch can hand to another process by file descriptor (worker -> main). Growing
+    reallocates (``generation`` counts it); callers reuse arenas so growth is rare.
     """
 
-    def __init__(self, nbytes: int, *, pin: bool = False) -> None:
+    def __init__(self, nbytes: int, *, pin: bool = False, shared: bool = False) -> None:
         self.pin = bool(pin and torch.cuda.is_available())
+        self.shared = shared
+        self.generation = 0
         self.tensor = torch.empty(0, dtype=torch.uint8)
         self.array = self.tensor.numpy()
         self.grows = 0
@@ -103,7 +117,10 @@ class Arena:
             nbytes = max(nbytes, int(self.nbytes * 1.5))
         nbytes = _round_up(max(nbytes, _ALIGN), 4096)
         self.tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+        if self.shared:
+            self.tensor.share_memory_()  # type: ignore[no-untyped-call]
         self.array = self.tensor.numpy()
+        self.generation += 1
 
 
 def _round_up(n: int, align: int) -> int:
@@ -370,3 +387,99 @@ def layout_extent(layout: Any) -> int:
     if isinstance(layout, tuple | list):
         return max((layout_extent(v) for v in layout), default=0)
     return 0
+
+
+# ----------------------------------------------------------------------------------- columns
+
+
+@dataclass
+class ColumnRun:
+    """Consecutive samples as spans of one buffer: ``fields[ext]`` is ``int64 [n, 2]``
+    ``(offset, size)`` rows, ``(-1, 0)`` where a sample lacks ``ext``."""
+
+    buffer: Any
+    keys: list[str]
+    url: str
+    fields: dict[str, np.ndarray]
+
+
+@dataclass
+class ColumnBatch:
+    """A batch of WebDataset samples in columnar form: runs of spans, no per-sample objects."""
+
+    runs: list[ColumnRun]
+
+    def __len__(self) -> int:
+        return sum(len(run.keys) for run in self.runs)
+
+
+def collate_columns_into(
+    batch: ColumnBatch, arena: Arena, make_base: Callable[[], torch.Tensor] | None = None
+) -> dict[str, Any]:
+    """Collate a :class:`ColumnBatch` into ``arena``: the same batch :func:`collate_into` makes
+    from the equivalent sample dicts (``__key__``/``__url__`` lists, a :class:`RaggedBytes` per
+    extension), with one native span gather per field and run."""
+    from fastfeed.columnar import gather_spans
+
+    n = len(batch)
+    if n == 0:
+        raise ConfigError("cannot collate an empty batch")
+    exts: list[str] = []
+    for run in batch.runs:
+        for ext in run.fields:
+            if ext not in exts:
+                exts.append(ext)
+    sizes: dict[str, np.ndarray] = {}
+    for ext in exts:
+        parts = []
+        for run in batch.runs:
+            spans = run.fields.get(ext)
+            if spans is None or (len(spans) and bool((spans[:, 0] < 0).any())):
+                raise ConfigError(
+                    f"field {ext!r} is missing from some samples of a batch ({run.url})",
+                    hint="every sample of a batch needs the same fields; filter or pass a collate_fn",
+                )
+            parts.append(spans[:, 1])
+        sizes[ext] = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    total = sum(_round_up(8 * (n + 1), _ALIGN) + _round_up(int(s.sum()), _ALIGN) for s in sizes.values())
+    arena.ensure(total)
+    tensor = arena.tensor if make_base is None else make_base()
+    array = arena.array
+    out: dict[str, Any] = {
+        "__key__": [key for run in batch.runs for key in run.keys],
+        "__url__": [run.url for run in batch.runs for _ in run.keys],
+    }
+    cursor = [0]
+    for ext in exts:
+        off_start = _take(cursor, 8 * (n + 1))
+        offsets = array[off_start : off_start + 8 * (n + 1)].view(np.int64)
+        offsets[0] = 0
+        np.cumsum(sizes[ext], out=offsets[1:])
+        nbytes = int(offsets[-1])
+        data_start = _take(cursor, nbytes)
+        dst = data_start
+        for run in batch.runs:
+            dst += gather_spans(array, run.buffer, run.fields[ext], dst_offset=dst)
+        out[ext] = RaggedBytes(
+            tensor[data_start : data_start + nbytes], tensor[off_start : off_start + 8 * (n + 1)].view(torch.int64)
+        )
+    return out
+
+
+def materialize_run(run: ColumnRun) -> ColumnRun:
+    """A copy of ``run`` whose bytes live in a new compact buffer (to let its source go)."""
+    from fastfeed.columnar import gather_spans
+
+    total = sum(int(spans[:, 1].sum()) for spans in run.fields.values())
+    buffer = bytearray(total)
+    fields: dict[str, np.ndarray] = {}
+    cursor = 0
+    for ext, spans in run.fields.items():
+        offsets = np.empty(len(spans) + 1, np.int64)
+        gather_spans(buffer, run.buffer, spans, dst_offset=cursor, offsets=offsets)
+        new = np.empty_like(spans)
+        new[:, 0] = np.where(spans[:, 0] < 0, -1, offsets[:-1] + cursor)
+        new[:, 1] = spans[:, 1]
+        fields[ext] = new
+        cursor += int(offsets[-1])
+    return ColumnRun(buffer, run.keys, run.url, fields)

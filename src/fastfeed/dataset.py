@@ -23,11 +23,12 @@ from typing import Any, TypeVar
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
+from fastfeed.batch import ColumnBatch, ColumnRun, materialize_run
 from fastfeed.config import PrefetchConfig, S3Config
 from fastfeed.errors import ConfigError
 from fastfeed.plan import Piece, rank_pieces, rank_sample_count, shard_order, worker_pieces
 from fastfeed.prefetch import FetchStats, Prefetcher, ShardFetch
-from fastfeed.reader import Sample, iter_samples
+from fastfeed.reader import Sample, iter_sample_runs, iter_samples
 from fastfeed.sources import count_shard_samples, resolve_source
 from fastfeed.store import ObjectInfo, StoreSet
 
@@ -204,17 +205,19 @@ class StreamingDataset(IterableDataset[Sample]):
         return samples
 
     def collated_batches(
-        self, batch_size: int, collate: Callable[[list[Sample]], T], *, drop_last: bool = False
+        self, batch_size: int, collate: Callable[[ColumnBatch | list[Sample]], T], *, drop_last: bool = False
     ) -> Iterator[T]:
-        """This worker's share of the epoch as collated batches: ``collate(samples)`` per batch.
+        """This worker's share of the epoch as collated batches: ``collate(batch)`` per batch.
 
-        The fast path of :class:`fastfeed.DataLoader`: sample values are memoryviews into the
-        fetched parts (no per-member copy) and stay valid only during the ``collate`` call, which
-        must copy what it keeps (the native gather into a batch arena does exactly that). Parts
-        a batch spans are held until it is collated; if that would take more than half the byte
-        budget, the samples gathered so far are copied out and the parts let go, so a batch
-        larger than the budget costs a copy, never a deadlock. With sample-level shuffling the
-        samples go through the shuffle buffer as copies, as in :meth:`__iter__`.
+        The fast path of :class:`fastfeed.DataLoader`. Without sample-level shuffling, ``batch``
+        is a :class:`~fastfeed.batch.ColumnBatch`: runs of samples as byte spans of the fetched
+        parts, found by the native columnar scan with no Python object per member or sample.
+        The spans are valid only during the ``collate`` call, which must copy what it keeps
+        (:func:`~fastfeed.batch.collate_columns_into` gathers them into a batch arena). Parts a
+        batch spans are held until it is collated; if that would take more than half the byte
+        budget, the runs gathered so far are copied out and the parts let go, so a batch larger
+        than the budget costs a copy, never a deadlock. With sample-level shuffling, ``batch``
+        is a list of sample dicts from the shuffle buffer, as :meth:`__iter__` yields them.
         """
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -241,7 +244,8 @@ class StreamingDataset(IterableDataset[Sample]):
         prefetcher = Prefetcher(shards, StoreSet(self.s3_config), cfg)
         self._io_live = prefetcher.stats
         open_fetches: list[ShardFetch] = []
-        batch: list[Sample] = []
+        runs: list[ColumnRun] = []
+        count = 0  # samples in `runs`
 
         def let_go() -> None:
             # Keep only the part the reader is in; every earlier part is done with.
@@ -254,18 +258,30 @@ class StreamingDataset(IterableDataset[Sample]):
         try:
             for piece, fetch in zip(pieces, prefetcher, strict=False):
                 open_fetches.append(fetch)
-                chunks = fetch.chunks(hold=True)
-                for sample in iter_samples(fetch.url, chunks, skip=piece.skip, limit=piece.limit, views=True):
-                    batch.append(sample)
-                    if len(batch) == batch_size:
-                        yield collate(batch)
-                        batch = []
+                first = piece.skip  # sample indices [first, stop) of this shard are wanted
+                stop = None if piece.limit is None else piece.skip + piece.limit
+                seen = 0  # samples of this shard scanned so far
+                for buffer, scan in iter_sample_runs(fetch.url, fetch.chunks(hold=True)):
+                    n = len(scan.keys)
+                    lo, hi = max(first - seen, 0), n if stop is None else min(n, stop - seen)
+                    seen += n
+                    while lo < hi:
+                        take = min(hi - lo, batch_size - count)
+                        fields = {ext: spans[lo : lo + take] for ext, spans in scan.fields.items()}
+                        runs.append(ColumnRun(buffer, scan.keys[lo : lo + take], fetch.url, fields))
+                        count += take
+                        lo += take
+                        if count == batch_size:
+                            yield collate(ColumnBatch(runs))
+                            runs, count = [], 0
+                            let_go()
+                    if stop is not None and seen >= stop:
+                        break
+                    if sum(f.parts_held for f in open_fetches) > max_held:
+                        runs = [materialize_run(run) for run in runs]
                         let_go()
-                    elif sum(f.parts_held for f in open_fetches) > max_held:
-                        batch = [_materialize(s) for s in batch]
-                        let_go()
-            if batch and not (drop_last and len(batch) < batch_size):
-                yield collate(batch)
+            if runs and not (drop_last and count < batch_size):
+                yield collate(ColumnBatch(runs))
         finally:
             for fetch in open_fetches:
                 fetch.close()
@@ -312,10 +328,6 @@ class StreamingDataset(IterableDataset[Sample]):
                 merged.update(part)
             return [merged[i] for i in range(len(self.shards))]
         return count_shard_samples(self.shards, stores, self.prefetch_config, self.index_cache)
-
-
-def _materialize(sample: Sample) -> Sample:
-    return {k: bytes(v) if isinstance(v, memoryview) else v for k, v in sample.items()}
 
 
 def _distributed_place(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -34,7 +35,16 @@ from typing import Any
 import torch
 from torch.utils.data import BatchSampler, IterableDataset, RandomSampler, SequentialSampler
 
-from fastfeed.batch import Arena, collate_into, from_layout, layout_extent, to_layout, tree_map_tensors
+from fastfeed.batch import (
+    Arena,
+    ColumnBatch,
+    collate_columns_into,
+    collate_into,
+    from_layout,
+    layout_extent,
+    to_layout,
+    tree_map_tensors,
+)
 from fastfeed.device import DeviceFeeder
 from fastfeed.errors import ConfigError
 from fastfeed.gather import gather
@@ -45,6 +55,8 @@ __all__ = ["DataLoader", "LoaderStats"]
 log = logging.getLogger(__name__)
 
 _POLL = 0.1
+#: Seconds a worker waits for one of its shared-memory slots before using a fresh region.
+_SLOT_WAIT = 0.5
 _JOIN_TIMEOUT = 10.0
 _END = object()
 
@@ -110,28 +122,101 @@ class _WorkerCollate:
 
 
 class _CollatedStream(IterableDataset[Any]):
-    """Worker side of the fast path: the dataset's own collated batches, each written into one
-    fresh arena and returned as ``("layout", region, layout, stage_times)``."""
+    """Worker side of the fast path: the dataset's own collated batches, written into a small
+    ring of shared-memory slots per worker and announced as
+    ``("slot", worker, slot, generation, tensor_or_None, layout, stage_times)``.
 
-    def __init__(self, dataset: Any, batch_size: int, drop_last: bool) -> None:
+    A slot's tensor crosses to the main process (by file descriptor) only the first time it is
+    used and after it grows; after that only its number travels. The main process sets
+    ``free[worker, slot]`` back to 1 once the batch built on the slot is gone (freed by the
+    training loop, or its device copy completed); the worker waits for a free slot, polling with
+    a short sleep and giving up if its parent process dies.
+    """
+
+    def __init__(self, dataset: Any, batch_size: int, drop_last: bool, free: torch.Tensor) -> None:
         self.dataset = dataset
         self.batch_size = batch_size
         self.drop_last = drop_last
+        self.free = free  # int8 [num_workers, slots] in shared memory: 1 = the worker may write
 
     def __iter__(self) -> Iterator[Any]:
+        info = torch.utils.data.get_worker_info()
+        assert info is not None, "_CollatedStream runs in DataLoader workers only"
+        worker = info.id
+        # Only this worker clears its row (1 -> 0) and only the main process sets it (0 -> 1):
+        # plain byte loads and stores, no lock needed. (Not torch.nonzero: it asserts when the
+        # tensor changes under it.)
+        free = self.free[worker].numpy()
+        arenas = [Arena(0, shared=True) for _ in range(len(free))]
+        sent = [0] * len(arenas)  # generation of each slot the main process already has
         io_stats = self.dataset.io_stats
         last_fetch = [0.0]
+        parent = os.getppid()
 
-        def collate(samples: list[Any]) -> Any:
+        def claim() -> int | None:
+            delay = 0.0002
+            deadline = time.monotonic() + _SLOT_WAIT
+            while True:
+                for k in range(len(free)):
+                    if free[k]:
+                        free[k] = 0
+                        return k
+                if os.getppid() != parent:
+                    raise RuntimeError("the training process is gone")
+                if time.monotonic() > deadline:
+                    return None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.005)
+
+        def collate(samples: ColumnBatch | list[Any]) -> Any:
             start = time.perf_counter()
-            arena = Arena(0)
-            layout = to_layout(collate_into(samples, arena), arena.tensor)
+            k = claim()
+            if k is None:
+                spare = Arena(0)
+                batch = (
+                    collate_columns_into(samples, spare)
+                    if isinstance(samples, ColumnBatch)
+                    else collate_into(samples, spare)
+                )
+                layout = to_layout(batch, spare.tensor)
+                stage = {"n": len(samples), "collate_s": time.perf_counter() - start}
+                return ("layout", spare.tensor[: layout_extent(layout)], layout, stage)
+            arena = arenas[k]
+            if isinstance(samples, ColumnBatch):
+                batch = collate_columns_into(samples, arena)
+            else:
+                batch = collate_into(samples, arena)
+            layout = to_layout(batch, arena.tensor)
+            tensor = None
+            if sent[k] != arena.generation:
+                tensor, sent[k] = arena.tensor, arena.generation
             fetch = float(io_stats()["fetch_wait_s"])
             stage = {"n": len(samples), "collate_s": time.perf_counter() - start, "fetch_s": fetch - last_fetch[0]}
             last_fetch[0] = fetch
-            return ("layout", arena.tensor[: layout_extent(layout)], layout, stage)
+            return ("slot", worker, k, arena.generation, tensor, layout, stage)
 
         return iter(self.dataset.collated_batches(self.batch_size, collate, drop_last=self.drop_last))
+
+
+class _SlotTable:
+    """Main-process side of the worker slots: the tensors received, and their release."""
+
+    def __init__(self, free: torch.Tensor) -> None:
+        self.free = free
+        self.tensors: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}
+
+    def base(self, worker: int, slot: int, generation: int, tensor: torch.Tensor | None) -> torch.Tensor:
+        if tensor is not None:
+            self.tensors[(worker, slot)] = (generation, tensor)
+        have, shared = self.tensors[(worker, slot)]
+        if have != generation:
+            raise RuntimeError(f"worker {worker} slot {slot}: generation {generation} unknown (have {have})")
+        view = shared.numpy()[:]  # its death (all batch views gone) frees the slot
+        weakref.finalize(view, self._release, worker, slot)
+        return torch.from_numpy(view)
+
+    def _release(self, worker: int, slot: int) -> None:
+        self.free[worker, slot] = 1
 
 
 def _identity(item: Any) -> Any:
@@ -292,6 +377,7 @@ class _Settings:
         self.prefetch_factor = loader.prefetch_factor
         self.ring = loader._ring
         self.stats = loader._stats
+        self.slot_table: _SlotTable | None = None
 
     # ------------------------------------------------------------------ sources of raw batches
 
@@ -307,10 +393,13 @@ class _Settings:
             ring = self.ring
             timing = {"collate_s": 0.0}
 
-            def collate(samples: list[Any]) -> tuple[Any, int]:
+            def collate(samples: ColumnBatch | list[Any]) -> tuple[Any, int]:
                 start = time.perf_counter()
                 slot = ring.acquire()
-                batch = collate_into(samples, slot.arena, slot.base)
+                if isinstance(samples, ColumnBatch):
+                    batch = collate_columns_into(samples, slot.arena, slot.base)
+                else:
+                    batch = collate_into(samples, slot.arena, slot.base)
                 timing["collate_s"] = time.perf_counter() - start
                 return batch, len(samples)
 
@@ -366,8 +455,11 @@ class _Settings:
         }
         dataset = self.dataset
         if self.fast_path():
-            # Workers collate whole batches themselves; torch only moves them.
-            dataset = _CollatedStream(self.dataset, self.batch_size, self.drop_last)
+            # Workers collate whole batches into shared-memory slots; torch only moves messages.
+            slots = (self.prefetch_factor or 2) + 3
+            free = torch.ones(self.num_workers, slots, dtype=torch.int8).share_memory_()  # type: ignore[no-untyped-call]
+            self.slot_table = _SlotTable(free)
+            dataset = _CollatedStream(self.dataset, self.batch_size, self.drop_last, free)
             kwargs.update(batch_size=None, collate_fn=_identity)
         elif self.iterable:
             kwargs.update(batch_size=self.batch_size, drop_last=self.drop_last)
@@ -517,6 +609,11 @@ def _assemble(
         nbytes = _tensor_bytes(batch)
         times["collate_s"] = times.get("collate_s", 0.0) + time.perf_counter() - start
         start = time.perf_counter()
+    elif kind == "slot":  # a worker's shared-memory slot: views of it, no copy
+        _, worker, slot, generation, tensor, layout = item[:6]
+        assert settings.slot_table is not None
+        batch = from_layout(layout, settings.slot_table.base(worker, slot, generation, tensor))
+        nbytes = layout_extent(layout)
     elif kind == "layout":
         region, layout = item[1], item[2]
         slot = settings.ring.acquire()

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastfeed.errors import CorruptShardError, TruncatedShardError
 from fastfeed.tario import scan
 
-__all__ = ["Sample", "iter_members", "iter_samples", "split_key"]
+if TYPE_CHECKING:
+    from fastfeed.columnar import SampleScan
+
+__all__ = ["Sample", "iter_members", "iter_sample_runs", "iter_samples", "split_key"]
 
 Sample = dict[str, Any]
 
@@ -176,3 +179,59 @@ def count_samples(names: Iterable[str]) -> int:
             count += 1
             last = parts[0]
     return count
+
+
+def iter_sample_runs(url: str, chunks: Iterable[tuple[Any, bool]]) -> Iterator[tuple[Any, SampleScan]]:
+    """Yield ``(buffer, scan)`` runs of whole samples for a tar archive streamed as ``chunks``.
+
+    The columnar counterpart of :func:`iter_samples`: each ``scan`` (a
+    :class:`~fastfeed.columnar.SampleScan`) holds the keys of consecutive complete samples and,
+    per extension, their ``(offset, size)`` spans in ``buffer``. ``buffer`` is the chunk itself
+    (valid while the caller holds the chunk) or, for samples that straddle chunks, an immutable
+    ``bytes`` copy of just those samples. No Python object is created per member.
+    """
+    from fastfeed.columnar import scan_samples  # columnar imports this module
+
+    carry = b""  # bytes of the first incomplete sample onwards, not yet returned
+    saw_any = False
+    for chunk, is_last in chunks:
+        view = memoryview(chunk)
+        saw_any = saw_any or len(view) > 0
+        pos = 0
+        taken = 0  # bytes of this chunk already copied into `carry`
+        step = max(_STRADDLE_STEP, len(carry))
+        while carry:
+            n = min(step, len(view) - taken)
+            combined = carry + view[taken : taken + n].tobytes()
+            taken += n
+            final = is_last and taken == len(view)
+            result = scan_samples(combined, 0, final=final, url=url)
+            if result.keys:
+                yield combined, result
+            if result.end:
+                return
+            chunk_base = len(combined) - taken  # index in `combined` of this chunk's offset 0
+            if result.next_pos >= chunk_base:
+                pos, carry = result.next_pos - chunk_base, b""
+                break
+            carry = combined[result.next_pos :]
+            if taken == len(view):
+                break
+            step *= 2
+        if carry:
+            continue  # the whole chunk went into `carry`: the straddling sample goes on
+        result = scan_samples(view, pos, final=is_last, url=url)
+        if result.keys:
+            yield view, result
+        if result.end:
+            return
+        if result.next_pos < len(view):
+            carry = view[result.next_pos :].tobytes()
+    if not saw_any:
+        raise CorruptShardError("the object is empty, not a tar archive", url=url, hint="re-create the shard")
+    if carry and any(carry):
+        raise TruncatedShardError(
+            f"the object ends inside a sample ({len(carry)} unparsed bytes at the end)",
+            url=url,
+            hint="the upload was probably cut short; re-upload the shard",
+        )
