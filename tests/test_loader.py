@@ -319,3 +319,10 @@ def test_worker_slots_are_reused_and_hoarding_never_hangs(shard_dir: Path) -> No
     for b in held:  # nothing was overwritten under a held batch
         for key, value in zip(b["__key__"], b["bin"], strict=True):
             assert value == by_key[key]
+
+
+def test_an_iterator_outlives_its_loader_object(shard_dir: Path) -> None:
+    """`for b in DataLoader(ds)` keeps only the iterator: dropping the loader must not stop it."""
+    it = iter(DataLoader(StreamingDataset(str(shard_dir)), batch_size=10))
+    gc.collect()
+    assert sum(len(b["__key__"]) for b in it) == 200

@@ -83,18 +83,24 @@ def sample_bytes(sample: Any) -> int:
 
 
 def measure_iterable(
-    name: str, make: Callable[[], Iterable[Any]], size_of: Callable[[Any], int] = sample_bytes
+    name: str,
+    make: Callable[[], Iterable[Any]],
+    size_of: Callable[[Any], int] = sample_bytes,
+    count_of: Callable[[Any], int] | None = None,
 ) -> Measurement:
-    """Time one full pass over ``make()`` (construction included in the time to first sample)."""
+    """Time one full pass over ``make()`` (construction included in the time to first sample).
+
+    Each item counts as ``count_of(item)`` samples (default 1: items are samples) of
+    ``size_of(item)`` bytes."""
     cpu0 = _cpu()
     t0 = time.perf_counter()
     first = 0.0
     samples = 0
     total = 0
     for sample in make():
-        if samples == 0:
+        if not first:
             first = time.perf_counter() - t0
-        samples += 1
+        samples += 1 if count_of is None else count_of(sample)
         total += size_of(sample)
     seconds = time.perf_counter() - t0
     return Measurement(name, samples, total, seconds, first, _cpu() - cpu0)

@@ -22,10 +22,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fastfeed.batch import RaggedBytes
 from fastfeed.bench import Measurement, measure_iterable, measure_raw_get, peak_rss_bytes
 from fastfeed.config import PrefetchConfig, S3Config, format_size, parse_size
 from fastfeed.dataset import StreamingDataset
 from fastfeed.errors import FastfeedError
+from fastfeed.loader import DataLoader
 
 __all__ = ["main"]
 
@@ -38,6 +40,8 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--demo", action="store_true", help="start a local S3 server with a synthetic dataset")
     bench.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     bench.add_argument("--epochs", type=int, default=1)
+    bench.add_argument("--batch-size", type=int, default=64, help="batch size of the DataLoader runs")
+    bench.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     bench.add_argument("--shuffle", action="store_true")
     bench.add_argument("--part-size", default="8MiB")
     bench.add_argument("--max-requests", type=int, default=16)
@@ -108,6 +112,7 @@ def _bench(args: argparse.Namespace) -> int:
         )
         for path in paths:
             path.unlink()
+        client.close()  # an idle keep-alive connection makes the store's shutdown wait
         s3 = S3Config(
             endpoint_url=server.endpoint_url,
             access_key_id=server.access_key,
@@ -138,7 +143,17 @@ def _run_bench(
     ceiling = measure_raw_get(shards, s3, prefetch)
     results.append(ceiling)
     for epoch in range(args.epochs):
-        results.append(measure_iterable(f"fastfeed epoch {epoch}", functools.partial(make_dataset, epoch)))
+        results.append(measure_iterable(f"samples, epoch {epoch}", functools.partial(make_dataset, epoch)))
+    for epoch in range(args.epochs):
+
+        def batches(epoch: int = epoch) -> DataLoader:
+            return DataLoader(make_dataset(epoch), batch_size=args.batch_size, num_workers=args.workers)
+
+        results.append(
+            measure_iterable(
+                f"batches, epoch {epoch}", batches, size_of=_batch_bytes, count_of=lambda b: len(b["__key__"])
+            )
+        )
     _print_table(results, ceiling)
     print(f"peak RSS: {format_size(peak_rss_bytes())}")
     if args.json_path:
@@ -158,6 +173,10 @@ def _run_bench(
         Path(args.json_path).write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json_path}")
     return 0
+
+
+def _batch_bytes(batch: Any) -> int:
+    return sum(v.data.numel() for v in batch.values() if isinstance(v, RaggedBytes))
 
 
 def _print_table(results: list[Measurement], ceiling: Measurement) -> None:

@@ -336,10 +336,6 @@ class DataLoader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        if getattr(self, "_active", None) is not None:
-            self.close()
-
 
 class _StatsSink:
     """Thread-safe accumulator behind :meth:`DataLoader.stats`."""
