@@ -12,6 +12,7 @@ its own IO loop and connections on first iteration.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -238,11 +239,8 @@ class StreamingDataset(IterableDataset[Sample]):
         pieces = self.plan(worker, num_workers)
         if not pieces:
             return
-        shards = [self.shards[p.shard] for p in pieces]
         cfg = self.prefetch_config
         max_held = max(1, cfg.byte_budget // 2 // cfg.part_size)
-        prefetcher = Prefetcher(shards, StoreSet(self.s3_config), cfg)
-        self._io_live = prefetcher.stats
         open_fetches: list[ShardFetch] = []
         runs: list[ColumnRun] = []
         count = 0  # samples in `runs`
@@ -255,62 +253,64 @@ class StreamingDataset(IterableDataset[Sample]):
             current.release_before(current.parts_taken - 1)
             open_fetches[:] = [current]
 
-        try:
-            for piece, fetch in zip(pieces, prefetcher, strict=False):
-                open_fetches.append(fetch)
-                first = piece.skip  # sample indices [first, stop) of this shard are wanted
-                stop = None if piece.limit is None else piece.skip + piece.limit
-                seen = 0  # samples of this shard scanned so far
-                for buffer, scan in iter_sample_runs(fetch.url, fetch.chunks(hold=True)):
-                    n = len(scan.keys)
-                    lo, hi = max(first - seen, 0), n if stop is None else min(n, stop - seen)
-                    seen += n
-                    while lo < hi:
-                        take = min(hi - lo, batch_size - count)
-                        fields = {ext: spans[lo : lo + take] for ext, spans in scan.fields.items()}
-                        runs.append(ColumnRun(buffer, scan.keys[lo : lo + take], fetch.url, fields))
-                        count += take
-                        lo += take
-                        if count == batch_size:
-                            yield collate(ColumnBatch(runs))
-                            runs, count = [], 0
+        with self._prefetching(pieces) as prefetcher:
+            try:
+                for piece, fetch in zip(pieces, prefetcher, strict=False):
+                    open_fetches.append(fetch)
+                    first = piece.skip  # sample indices [first, stop) of this shard are wanted
+                    stop = None if piece.limit is None else piece.skip + piece.limit
+                    seen = 0  # samples of this shard scanned so far
+                    for buffer, scan in iter_sample_runs(fetch.url, fetch.chunks(hold=True)):
+                        n = len(scan.keys)
+                        lo, hi = max(first - seen, 0), n if stop is None else min(n, stop - seen)
+                        seen += n
+                        while lo < hi:
+                            take = min(hi - lo, batch_size - count)
+                            fields = {ext: spans[lo : lo + take] for ext, spans in scan.fields.items()}
+                            runs.append(ColumnRun(buffer, scan.keys[lo : lo + take], fetch.url, fields))
+                            count += take
+                            lo += take
+                            if count == batch_size:
+                                yield collate(ColumnBatch(runs))
+                                runs, count = [], 0
+                                let_go()
+                        if stop is not None and seen >= stop:
+                            break
+                        if sum(f.parts_held for f in open_fetches) > max_held:
+                            runs = [materialize_run(run) for run in runs]
                             let_go()
-                    if stop is not None and seen >= stop:
-                        break
-                    if sum(f.parts_held for f in open_fetches) > max_held:
-                        runs = [materialize_run(run) for run in runs]
-                        let_go()
-            if runs and not (drop_last and count < batch_size):
-                yield collate(ColumnBatch(runs))
+                if runs and not (drop_last and count < batch_size):
+                    yield collate(ColumnBatch(runs))
+            finally:
+                for fetch in open_fetches:
+                    fetch.close()
+
+    # ------------------------------------------------------------------ internals
+
+    @contextlib.contextmanager
+    def _prefetching(self, pieces: list[Piece]) -> Iterator[Prefetcher]:
+        """A prefetcher over ``pieces``' shards whose I/O counters feed :meth:`io_stats`."""
+        shards = [self.shards[p.shard] for p in pieces]
+        prefetcher = Prefetcher(shards, StoreSet(self.s3_config), self.prefetch_config)
+        self._io_live = prefetcher.stats
+        try:
+            yield prefetcher
         finally:
-            for fetch in open_fetches:
-                fetch.close()
             prefetcher.close()
             self._io_live = None
             self._io_done.wait_s += prefetcher.stats.wait_s
             self._io_done.bytes_fetched += prefetcher.stats.bytes_fetched
             self._io_done.requests += prefetcher.stats.requests
 
-    # ------------------------------------------------------------------ internals
-
     def _read(self, pieces: list[Piece]) -> Iterator[Sample]:
         if not pieces:
             return
-        shards = [self.shards[p.shard] for p in pieces]
-        prefetcher = Prefetcher(shards, StoreSet(self.s3_config), self.prefetch_config)
-        self._io_live = prefetcher.stats
-        try:
+        with self._prefetching(pieces) as prefetcher:
             for piece, fetch in zip(pieces, prefetcher, strict=False):
                 try:
                     yield from iter_samples(fetch.url, fetch.chunks(), skip=piece.skip, limit=piece.limit)
                 finally:
                     fetch.close()
-        finally:
-            prefetcher.close()
-            self._io_live = None
-            self._io_done.wait_s += prefetcher.stats.wait_s
-            self._io_done.bytes_fetched += prefetcher.stats.bytes_fetched
-            self._io_done.requests += prefetcher.stats.requests
 
     def _count_samples(self) -> list[int]:
         import torch.distributed as dist
