@@ -21,6 +21,7 @@ pinned memory when CUDA is available, with no per-batch pinning copy), ``pin_mem
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
@@ -28,7 +29,7 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -49,6 +50,7 @@ from fastfeed.device import DeviceFeeder
 from fastfeed.errors import ConfigError
 from fastfeed.gather import gather
 from fastfeed.ring import HostRing
+from fastfeed.streams import StreamPos, stream_batches
 
 __all__ = ["DataLoader", "LoaderStats"]
 
@@ -88,9 +90,106 @@ class LoaderStats:
         return asdict(self)
 
 
+class _StreamConfig:
+    """What reading streams needs (picklable: it travels to spawned workers)."""
+
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int,
+        drop_last: bool,
+        num_streams: int,
+        next_stream: int,
+        starts: dict[int, StreamPos],
+    ) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.num_streams = num_streams
+        self.next_stream = next_stream
+        self.starts = starts
+
+    def stream_source(
+        self, streams: list[int], collate: Callable[[ColumnBatch], Any]
+    ) -> Generator[tuple[Any, ...], None, None]:
+        """Round-robin over ``streams`` (those still running), each from its resume position:
+        ``("batch", stream, value, position_after, io_fetch_delta)`` items, then an ``("end",
+        stream)`` item when a stream is exhausted."""
+        io_stats = self.dataset.io_stats
+        gens = {
+            v: stream_batches(
+                self.dataset, v, self.num_streams, self.batch_size, collate,
+                drop_last=self.drop_last, start=self.starts.get(v),
+            )
+            for v in streams
+        }  # fmt: skip
+        live = set(streams)
+        v = streams[0] if streams else 0
+        try:
+            while live:
+                fetch0 = io_stats()["fetch_wait_s"]
+                try:
+                    value, after = next(gens[v])
+                except StopIteration:
+                    live.discard(v)
+                    yield ("end", v)
+                else:
+                    yield ("batch", v, value, after, io_stats()["fetch_wait_s"] - fetch0)
+                v = _cyclic_next(v, live, self.num_streams)
+        finally:
+            for gen in gens.values():
+                gen.close()
+
+
+def _is_fast_path(dataset: Any, collate_fn: Any) -> bool:
+    from fastfeed.dataset import StreamingDataset
+
+    return collate_fn is None and isinstance(dataset, StreamingDataset)
+
+
+def _rotated(n: int, first: int) -> list[int]:
+    """``0..n-1`` starting at ``first``: the round-robin order of streams from a resume point."""
+    return [(first + i) % n for i in range(n)]
+
+
+def _in_stream_order(items: Iterator[tuple[Any, ...]], order: list[int]) -> Iterator[tuple[Any, ...]]:
+    """Reorder worker messages into the streams' round-robin order (what one process would
+    produce): workers run disjoint streams and each emits its own streams in that order, so the
+    wait for the next stream's batch is short and the buffers stay small."""
+    pending: dict[int, collections.deque[tuple[Any, ...]]] = {v: collections.deque() for v in order}
+    ended: set[int] = set()
+    live = set(order)
+    n = max(order) + 1 if order else 1
+    v = order[0] if order else 0
+    while live:
+        while not pending[v] and v not in ended:
+            item = next(items, None)
+            if item is None:
+                raise RuntimeError(f"DataLoader workers ended before stream {v} did")
+            if item[0] == "end":
+                ended.add(item[1])
+            else:
+                pending[item[-2][0]].append(item)
+        if pending[v]:
+            yield pending[v].popleft()
+        else:
+            live.discard(v)
+        v = _cyclic_next(v, live, n)
+
+
+def _cyclic_next(v: int, live: set[int], n: int) -> int:
+    """The stream after ``v`` in the cyclic order 0..n-1, among ``live`` (any value if empty)."""
+    for step in range(1, n + 1):
+        candidate = (v + step) % n
+        if candidate in live:
+            return candidate
+    return v
+
+
 class _WorkerCollate:
-    """Runs in DataLoader worker processes: collate a batch into one fresh arena and return
-    ``(region, layout, stage_times)``; torch moves the single region through shared memory."""
+    """Runs in DataLoader worker processes (datasets other than StreamingDataset): collate a batch
+    into one fresh arena and return ``("layout", region, layout, None, stage_times)``; torch moves
+    the single region through shared memory."""
 
     def __init__(self, user_collate: Callable[[list[Any]], Any] | None) -> None:
         self.user_collate = user_collate
@@ -99,17 +198,14 @@ class _WorkerCollate:
     def __call__(self, samples: list[Any]) -> Any:
         start = time.perf_counter()
         if self.user_collate is not None:
-            return (
-                "user",
-                self.user_collate(samples),
-                {"collate_s": time.perf_counter() - start, "n": len(samples)},
-            )
+            batch = self.user_collate(samples)
+            return ("user", batch, None, {"collate_s": time.perf_counter() - start, "n": len(samples)})
         arena = Arena(0)
         batch = collate_into(samples, arena)
         layout = to_layout(batch, arena.tensor)
         region = arena.tensor[: layout_extent(layout)]
         stage = {"collate_s": time.perf_counter() - start, "n": len(samples), **self._io_delta()}
-        return ("layout", region, layout, stage)
+        return ("layout", region, layout, None, stage)
 
     def _io_delta(self) -> dict[str, float]:
         info = torch.utils.data.get_worker_info()
@@ -133,10 +229,9 @@ class _CollatedStream(IterableDataset[Any]):
     a short sleep and giving up if its parent process dies.
     """
 
-    def __init__(self, dataset: Any, batch_size: int, drop_last: bool, free: torch.Tensor) -> None:
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.drop_last = drop_last
+    def __init__(self, settings: _StreamConfig, free: torch.Tensor) -> None:
+        self.settings = settings
+        self.dataset = settings.dataset
         self.free = free  # int8 [num_workers, slots] in shared memory: 1 = the worker may write
 
     def __iter__(self) -> Iterator[Any]:
@@ -149,8 +244,6 @@ class _CollatedStream(IterableDataset[Any]):
         free = self.free[worker].numpy()
         arenas = [Arena(0, shared=True) for _ in range(len(free))]
         sent = [0] * len(arenas)  # generation of each slot the main process already has
-        io_stats = self.dataset.io_stats
-        last_fetch = [0.0]
         parent = os.getppid()
 
         def claim() -> int | None:
@@ -168,34 +261,31 @@ class _CollatedStream(IterableDataset[Any]):
                 time.sleep(delay)
                 delay = min(delay * 2, 0.005)
 
-        def collate(samples: ColumnBatch | list[Any]) -> Any:
+        def collate(samples: ColumnBatch) -> Any:
             start = time.perf_counter()
             k = claim()
             if k is None:
                 spare = Arena(0)
-                batch = (
-                    collate_columns_into(samples, spare)
-                    if isinstance(samples, ColumnBatch)
-                    else collate_into(samples, spare)
-                )
-                layout = to_layout(batch, spare.tensor)
+                layout = to_layout(collate_columns_into(samples, spare), spare.tensor)
                 stage = {"n": len(samples), "collate_s": time.perf_counter() - start}
                 return ("layout", spare.tensor[: layout_extent(layout)], layout, stage)
             arena = arenas[k]
-            if isinstance(samples, ColumnBatch):
-                batch = collate_columns_into(samples, arena)
-            else:
-                batch = collate_into(samples, arena)
-            layout = to_layout(batch, arena.tensor)
+            layout = to_layout(collate_columns_into(samples, arena), arena.tensor)
             tensor = None
             if sent[k] != arena.generation:
                 tensor, sent[k] = arena.tensor, arena.generation
-            fetch = float(io_stats()["fetch_wait_s"])
-            stage = {"n": len(samples), "collate_s": time.perf_counter() - start, "fetch_s": fetch - last_fetch[0]}
-            last_fetch[0] = fetch
+            stage = {"n": len(samples), "collate_s": time.perf_counter() - start}
             return ("slot", worker, k, arena.generation, tensor, layout, stage)
 
-        return iter(self.dataset.collated_batches(self.batch_size, collate, drop_last=self.drop_last))
+        settings = self.settings
+        mine = [v for v in _rotated(settings.num_streams, settings.next_stream) if v % info.num_workers == worker]
+        for item in settings.stream_source(mine, collate):
+            if item[0] == "end":
+                yield ("end", item[1])
+            else:
+                _, v, message, after, fetch = item
+                message[-1]["fetch_s"] = fetch
+                yield (*message[:-1], (v, after), message[-1])
 
 
 class _SlotTable:
@@ -234,6 +324,11 @@ class DataLoader:
             that device, copied on a side stream overlapped with compute.
         prefetch_batches: batches assembled ahead of the training loop.
         ring_slots: host arenas in the ring (default ``prefetch_batches + 3``).
+        num_streams: with a :class:`~fastfeed.StreamingDataset`, the epoch is read as this many
+            streams whose batches are interleaved round-robin (see :mod:`fastfeed.streams`): the
+            batch order depends on it and not on ``num_workers``, so a run resumed from
+            :meth:`state_dict` with any number of workers continues exactly. Keep it fixed
+            across restarts (and >= ``num_workers``, or some workers idle).
 
     Batches: fixed-size fields (arrays, tensors, numbers) are stacked tensors, ``bytes`` fields
     are :class:`fastfeed.batch.RaggedBytes`, strings are lists. A ``collate_fn`` replaces this.
@@ -264,11 +359,14 @@ class DataLoader:
         device: str | torch.device | None = None,
         prefetch_batches: int = 4,
         ring_slots: int | None = None,
+        num_streams: int = 8,
     ) -> None:
         if num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
         if prefetch_batches < 1:
             raise ConfigError(f"prefetch_batches must be >= 1, got {prefetch_batches}")
+        if num_streams < 1:
+            raise ConfigError(f"num_streams must be >= 1, got {num_streams}")
         self.dataset = dataset
         self.iterable = isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__")
         if self.iterable and (shuffle or sampler is not None or batch_sampler is not None):
@@ -291,6 +389,7 @@ class DataLoader:
         self.prefetch_factor = prefetch_factor
         self.persistent_workers = persistent_workers
         self.prefetch_batches = prefetch_batches
+        self.num_streams = num_streams
         self.device = torch.device(device) if device is not None else None
         self.pin = torch.cuda.is_available()
         self.ring_slots = ring_slots or prefetch_batches + 3
@@ -303,6 +402,7 @@ class DataLoader:
             self.batch_sampler = batch_sampler
         self._ring = HostRing(self.ring_slots, pin=self.pin)
         self._stats = _StatsSink()
+        self._progress = _Progress(dataset)
         self._active: weakref.ref[_LoaderIterator] | None = None
         del pin_memory, pin_memory_device, in_order  # accepted for compatibility; see docstring
 
@@ -322,6 +422,21 @@ class DataLoader:
     def stats(self) -> LoaderStats:
         """A snapshot of the counters (cheap; safe to call every step)."""
         return self._stats.snapshot()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the training loop is in the epoch: a few integers per stream.
+
+        Restore it with :meth:`load_state_dict` into a fresh loader (same dataset source, seed,
+        batch size, ``num_streams`` and world size; any ``num_workers``, any process): the next
+        iteration yields exactly the batches the uninterrupted run had left, in order. Only the
+        block each stream was in is read again (at most ``shuffle_buffer`` samples, rounded up
+        to whole batches), never earlier shards.
+        """
+        return self._progress.state(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict` at the next ``iter(loader)`` (see there)."""
+        self._progress.load(self, state)
 
     def close(self) -> None:
         """Stop the active iteration: its thread and worker processes end within seconds."""
@@ -374,47 +489,62 @@ class _Settings:
         self.ring = loader._ring
         self.stats = loader._stats
         self.slot_table: _SlotTable | None = None
+        resume = loader._progress.resume
+        if resume is not None and resume.epoch != getattr(loader.dataset, "epoch", 0):
+            log.warning(
+                "ignoring the loaded state of epoch %d: the dataset is at epoch %d",
+                resume.epoch,
+                getattr(loader.dataset, "epoch", 0),
+            )
+            resume = None
+        self.streams = _StreamConfig(
+            loader.dataset,
+            loader.batch_size,
+            loader.drop_last,
+            loader.num_streams,
+            resume.next_stream if resume else 0,
+            dict(resume.positions) if resume else {},
+        )
 
     # ------------------------------------------------------------------ sources of raw batches
 
     def fast_path(self) -> bool:
-        """Whether the dataset can collate its own batches from views of fetched bytes."""
-        return self.collate_fn is None and callable(getattr(self.dataset, "collated_batches", None))
+        """Whether the dataset reads its own batches as resumable streams of byte spans."""
+        return _is_fast_path(self.dataset, self.collate_fn)
 
-    def sample_batches(self) -> Iterator[tuple[str, Any, dict[str, float]]]:
+    def sample_batches(self) -> Iterator[tuple[Any, ...]]:
         """In-process: lists of samples (or, on the fast path, batches already collated into a
-        ring slot), with the time spent producing them."""
+        ring slot, in stream order), with the time spent producing them."""
         io_stats = getattr(self.dataset, "io_stats", None)
         if self.fast_path():
             ring = self.ring
             timing = {"collate_s": 0.0}
 
-            def collate(samples: ColumnBatch | list[Any]) -> tuple[Any, int]:
+            def collate(columns: ColumnBatch) -> tuple[Any, int]:
                 start = time.perf_counter()
                 slot = ring.acquire()
-                if isinstance(samples, ColumnBatch):
-                    batch = collate_columns_into(samples, slot.arena, slot.base)
-                else:
-                    batch = collate_into(samples, slot.arena, slot.base)
+                batch = collate_columns_into(columns, slot.arena, slot.base)
                 timing["collate_s"] = time.perf_counter() - start
-                return batch, len(samples)
+                return batch, len(columns)
 
-            batches = self.dataset.collated_batches(self.batch_size, collate, drop_last=self.drop_last)
+            streams = self.streams
+            source = streams.stream_source(_rotated(streams.num_streams, streams.next_stream), collate)
             try:
                 while True:
                     start = time.perf_counter()
-                    fetch0 = io_stats()["fetch_wait_s"] if io_stats else 0.0
                     try:
-                        batch, n = next(batches)
+                        item = next(source)
                     except StopIteration:
                         return
+                    if item[0] == "end":
+                        continue
+                    _, v, (batch, n), after, fetch = item
                     elapsed = time.perf_counter() - start
-                    fetch = (io_stats()["fetch_wait_s"] - fetch0) if io_stats else 0.0
                     times = {"n": n, "fetch_s": fetch, "collate_s": timing["collate_s"]}
                     times["parse_s"] = max(0.0, elapsed - fetch - timing["collate_s"])
-                    yield "collated", batch, times
+                    yield "collated", batch, (v, after), times
             finally:
-                batches.close()
+                source.close()
         elif self.iterable:
             it = iter(self.dataset)
             try:
@@ -426,7 +556,7 @@ class _Settings:
                         return
                     elapsed = time.perf_counter() - start
                     fetch = (io_stats()["fetch_wait_s"] - fetch0) if io_stats else 0.0
-                    yield "samples", samples, {"fetch_s": fetch, "parse_s": elapsed - fetch}
+                    yield "samples", samples, None, {"fetch_s": fetch, "parse_s": elapsed - fetch}
             finally:
                 close = getattr(it, "close", None)
                 if close is not None:
@@ -436,7 +566,7 @@ class _Settings:
             for indices in self.batch_sampler:
                 start = time.perf_counter()
                 samples = [self.dataset[i] for i in indices]
-                yield "samples", samples, {"parse_s": time.perf_counter() - start}
+                yield "samples", samples, None, {"parse_s": time.perf_counter() - start}
 
     def worker_batches(self) -> Iterator[Any]:
         """Worker processes (torch's worker machinery) returning one arena region per batch."""
@@ -455,7 +585,7 @@ class _Settings:
             slots = (self.prefetch_factor or 2) + 3
             free = torch.ones(self.num_workers, slots, dtype=torch.int8).share_memory_()  # type: ignore[no-untyped-call]
             self.slot_table = _SlotTable(free)
-            dataset = _CollatedStream(self.dataset, self.batch_size, self.drop_last, free)
+            dataset = _CollatedStream(self.streams, free)
             kwargs.update(batch_size=None, collate_fn=_identity)
         elif self.iterable:
             kwargs.update(batch_size=self.batch_size, drop_last=self.drop_last)
@@ -464,7 +594,11 @@ class _Settings:
         loader = torch.utils.data.DataLoader(dataset, **kwargs)
         it = iter(loader)
         try:
-            yield from it
+            if self.fast_path():
+                order = _rotated(self.streams.num_streams, self.streams.next_stream)
+                yield from _in_stream_order(it, order)
+            else:
+                yield from it
         finally:
             del it  # its __del__ shuts the worker processes down and joins them
 
@@ -478,13 +612,16 @@ class _LoaderIterator:
     """
 
     def __init__(self, loader: DataLoader) -> None:
+        settings = _Settings(loader)  # reads the resume point, if any
+        loader._progress.start(settings.streams)
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=loader.prefetch_batches)
         self._stop = threading.Event()
         self._stats = loader._stats
+        self._progress = loader._progress
         self._feeder = DeviceFeeder.for_device(loader.device) if loader.device is not None else None
         self._thread = threading.Thread(
             target=_produce,
-            args=(_Settings(loader), self._feeder, self._queue, self._stop),
+            args=(settings, self._feeder, self._queue, self._stop),
             name="fastfeed-batch",
             daemon=True,
         )
@@ -517,7 +654,9 @@ class _LoaderIterator:
         if isinstance(item, _Failure):
             self.close()
             raise item.exc
-        batch, event = item
+        batch, event, meta = item
+        if meta is not None:
+            self._progress.delivered(*meta)
         if self._feeder is not None:
             self._feeder.hand_over(batch, event)
         return batch
@@ -564,7 +703,7 @@ def _produce(settings: _Settings, feeder: DeviceFeeder | None, out: queue.Queue[
                 return
             batch, event, nbytes, n, times = _assemble(settings, feeder, item)
             settings.stats.add(batches=1, samples=n, bytes=nbytes, **times)
-            if not put((batch, event)):
+            if not put((batch, event, item[-2])):
                 return
             del batch, item
         put(_END)
@@ -582,6 +721,7 @@ def _produce(settings: _Settings, feeder: DeviceFeeder | None, out: queue.Queue[
 def _assemble(
     settings: _Settings, feeder: DeviceFeeder | None, item: Any
 ) -> tuple[Any, Any, int, int, dict[str, float]]:
+    """Items are ``(kind, payload..., stream_meta, stage_times)``."""
     kind = item[0]
     times = dict(item[-1])
     n = int(times.pop("n", 0))
@@ -625,6 +765,88 @@ def _assemble(
         batch, event = feeder.copy(batch)
     times["copy_s"] = times.get("copy_s", 0.0) + time.perf_counter() - start
     return batch, event, nbytes, n, times
+
+
+class _Progress:
+    """What the training loop has received this epoch (written by the iterator on each batch)."""
+
+    VERSION = 1
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+        self._lock = threading.Lock()
+        self.epoch = int(getattr(dataset, "epoch", 0))
+        self.positions: dict[int, StreamPos] = {}
+        self.next_stream = 0
+        self.resume: _Resume | None = None
+
+    def start(self, streams: _StreamConfig) -> None:
+        with self._lock:
+            self.epoch = int(getattr(self.dataset, "epoch", 0))
+            self.positions = dict(streams.starts)
+            self.next_stream = streams.next_stream
+            self.resume = None  # used once
+
+    def delivered(self, stream: int, after: StreamPos) -> None:
+        with self._lock:
+            self.positions[stream] = after
+            self.next_stream = stream + 1  # taken modulo num_streams when resuming
+
+    def state(self, loader: DataLoader) -> dict[str, Any]:
+        if not _is_fast_path(loader.dataset, loader.collate_fn):
+            raise ConfigError(
+                "state_dict() needs a fastfeed.StreamingDataset and no collate_fn",
+                hint="exact resume for other datasets is not implemented yet",
+            )
+        ds = self.dataset
+        with self._lock:
+            return {
+                "version": self.VERSION,
+                "epoch": self.epoch,
+                "num_streams": loader.num_streams,
+                "batch_size": loader.batch_size,
+                "drop_last": loader.drop_last,
+                "seed": ds.seed,
+                "shuffle": ds.shuffle,
+                "shuffle_buffer": ds.shuffle_buffer,
+                "rank": ds.rank,
+                "world_size": ds.world_size,
+                "shards": len(ds.shards),
+                "next_stream": self.next_stream % loader.num_streams,
+                "streams": {str(v): p.as_dict() for v, p in sorted(self.positions.items())},
+            }
+
+    def load(self, loader: DataLoader, state: dict[str, Any]) -> None:
+        ds = self.dataset
+        expect = {
+            "version": self.VERSION,
+            "num_streams": loader.num_streams,
+            "batch_size": loader.batch_size,
+            "drop_last": loader.drop_last,
+            "seed": getattr(ds, "seed", None),
+            "shuffle": getattr(ds, "shuffle", None),
+            "shuffle_buffer": getattr(ds, "shuffle_buffer", None),
+            "world_size": getattr(ds, "world_size", None),
+            "rank": getattr(ds, "rank", None),
+            "shards": len(getattr(ds, "shards", ())),
+        }
+        for key, value in expect.items():
+            if state.get(key) != value:
+                raise ConfigError(
+                    f"cannot resume: the saved loader state has {key}={state.get(key)!r}, this loader {value!r}",
+                    hint="resume with the same dataset, seed, batch size, num_streams and world size",
+                )
+        ds.set_epoch(int(state["epoch"]))
+        positions = {int(v): StreamPos(**p) for v, p in state["streams"].items()}
+        with self._lock:
+            self.resume = _Resume(int(state["epoch"]), positions, int(state["next_stream"]))
+
+
+@dataclass
+class _Resume:
+    epoch: int
+    positions: dict[int, StreamPos]
+    next_stream: int
 
 
 class _Failure:

@@ -1,0 +1,168 @@
+"""Resumable streams: an epoch's batches in an order that does not depend on ``num_workers``.
+
+A rank's share of the epoch is cut into ``num_streams`` streams (virtual workers; their pieces
+come from :meth:`StreamingDataset.plan`, by equal sample runs when sample counts are known).
+Each stream is read as consecutive *blocks* of samples; with shuffling, each block is permuted
+by a generator seeded by ``(seed, epoch, rank, stream, block)``, and a block is a whole number
+of batches, so batches never cross blocks or streams. The epoch's batch order is round-robin
+over the streams that still have batches.
+
+So the order is a pure function of the seed, the epoch, the rank layout and ``num_streams``; real
+DataLoader workers only run streams (worker ``w`` runs the streams ``v`` with
+``v % num_workers == w``). A stream's position is a :class:`StreamPos` (block, where the block
+starts, samples of it already delivered): resuming re-reads only the current block (at most
+``block_size`` samples), never earlier shards.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Generator
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+
+from fastfeed.batch import ColumnBatch, ColumnRun, materialize_run
+from fastfeed.reader import iter_sample_runs
+
+if TYPE_CHECKING:
+    from fastfeed.dataset import StreamingDataset
+    from fastfeed.prefetch import ShardFetch
+
+__all__ = ["StreamPos", "block_size_for", "stream_batches"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StreamPos:
+    """Where a stream resumes: block number ``block`` starts at sample ``offset`` (counted from
+    the piece's own start) of piece ``piece``; ``delivered`` of its samples were delivered."""
+
+    block: int = 0
+    piece: int = 0
+    offset: int = 0
+    delivered: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def block_size_for(batch_size: int, shuffle: bool, shuffle_buffer: int) -> int:
+    """Samples per block: one batch without shuffling, else the shuffle buffer rounded up to whole
+    batches."""
+    if not shuffle or shuffle_buffer <= 1:
+        return batch_size
+    return math.ceil(shuffle_buffer / batch_size) * batch_size
+
+
+def stream_batches(
+    dataset: StreamingDataset,
+    stream: int,
+    num_streams: int,
+    batch_size: int,
+    collate: Callable[[ColumnBatch], T],
+    *,
+    drop_last: bool = False,
+    start: StreamPos | None = None,
+) -> Generator[tuple[T, StreamPos], None, None]:
+    """Stream ``stream``'s batches from ``start``: ``(collate(batch), position after it)``.
+
+    ``batch`` is a :class:`~fastfeed.batch.ColumnBatch` valid only during ``collate``.
+    """
+    pieces = dataset.plan(stream, num_streams)
+    pos = start or StreamPos()
+    if not pieces or pos.piece >= len(pieces):
+        return
+    block_size = block_size_for(batch_size, dataset.shuffle, dataset.shuffle_buffer)
+    cfg = dataset.prefetch_config
+    max_held = max(1, cfg.byte_budget // 2 // cfg.part_size)
+    todo = pieces[pos.piece :]
+    open_fetches: list[ShardFetch] = []
+    block: list[ColumnRun] = []
+    count = 0
+    block_no, block_start = pos.block, (pos.piece, pos.offset)
+    skip_first = pos.delivered
+
+    def let_go() -> None:
+        *done, current = open_fetches
+        for fetch in done:
+            fetch.close()
+        current.release_before(current.parts_taken - 1)
+        open_fetches[:] = [current]
+
+    def emit(next_start: tuple[int, int]) -> Generator[tuple[T, StreamPos], None, None]:
+        nonlocal skip_first
+        n = count
+        order = np.arange(n)
+        if dataset.shuffle and dataset.shuffle_buffer > 1:
+            seq = np.random.SeedSequence(
+                [dataset.seed & 0xFFFFFFFF, dataset.epoch, dataset.rank, stream, block_no, 0xB10C]
+            )
+            order = np.random.Generator(np.random.PCG64(seq)).permutation(n)
+        run_of = np.repeat(np.arange(len(block)), [len(r.keys) for r in block])
+        row_of = np.concatenate([np.arange(len(r.keys)) for r in block]) if block else np.zeros(0, np.int64)
+        first, skip_first = skip_first, 0
+        for lo in range(first, n, batch_size):
+            idx = order[lo : lo + batch_size]
+            if drop_last and len(idx) < batch_size:
+                return
+            runs = []
+            for r in dict.fromkeys(run_of[idx].tolist()):
+                rows = row_of[idx[run_of[idx] == r]]
+                run = block[r]
+                runs.append(
+                    ColumnRun(
+                        run.buffer, [run.keys[i] for i in rows], run.url, {e: s[rows] for e, s in run.fields.items()}
+                    )
+                )
+            done = lo + len(idx)
+            after = (
+                StreamPos(block_no + 1, next_start[0], next_start[1], 0)
+                if done >= n
+                else StreamPos(block_no, block_start[0], block_start[1], done)
+            )
+            yield collate(ColumnBatch(runs)), after
+
+    with dataset._prefetching(todo) as prefetcher:
+        try:
+            for k, (piece, fetch) in enumerate(zip(todo, prefetcher, strict=False)):
+                p = pos.piece + k
+                open_fetches.append(fetch)
+                begin = pos.offset if k == 0 else 0  # samples of this piece to skip (relative)
+                first = piece.skip + begin
+                stop = None if piece.limit is None else piece.skip + piece.limit
+                seen = 0
+                for buffer, scan in iter_sample_runs(fetch.url, fetch.chunks(hold=True)):
+                    n = len(scan.keys)
+                    lo, hi = max(first - seen, 0), n if stop is None else min(n, stop - seen)
+                    base = seen  # absolute sample index of row 0 in this shard
+                    seen += n
+                    while lo < hi:
+                        take = min(hi - lo, block_size - count)
+                        fields = {ext: spans[lo : lo + take] for ext, spans in scan.fields.items()}
+                        block.append(ColumnRun(buffer, scan.keys[lo : lo + take], fetch.url, fields))
+                        count += take
+                        lo += take
+                        if count == block_size:
+                            nxt = (p, base + lo - piece.skip)
+                            yield from emit(nxt)
+                            block_no, block_start = block_no + 1, nxt
+                            block, count = [], 0
+                            let_go()
+                    if stop is not None and seen >= stop:
+                        break
+                    if sum(f.parts_held for f in open_fetches) > max_held:
+                        block = [materialize_run(run) for run in block]
+                        let_go()
+            if block:
+                yield from emit((pos.piece + len(todo), 0))
+        finally:
+            for fetch in open_fetches:
+                fetch.close()
+
+
+def positions_from_dict(state: dict[str, Any]) -> dict[int, StreamPos]:
+    """Inverse of ``{v: pos.as_dict()}``."""
+    return {int(v): StreamPos(**p) for v, p in state.items()}
