@@ -331,3 +331,18 @@ def test_an_iterator_outlives_its_loader_object(shard_dir: Path) -> None:
     it = iter(DataLoader(StreamingDataset(str(shard_dir)), batch_size=10))
     gc.collect()
     assert sum(len(b["__key__"]) for b in it) == 200
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_batches_spanning_more_shards_than_are_in_flight(tmp_path: Path, shuffle: bool) -> None:
+    """Tiny shards, big batches: a block spans more shards than the prefetcher keeps open, so the
+    reader must let shards go (copying their samples) instead of waiting for a slot it holds."""
+    for i in range(12):
+        (p,) = write_synthetic_shards(tmp_path / f"s{i}", num_shards=1, samples_per_shard=2, sample_bytes=100, seed=i)
+        p.rename(tmp_path / f"shard-{i:06d}.tar")
+    ds = StreamingDataset(str(tmp_path), shuffle=shuffle, shuffle_buffer=40, shards_in_flight=2)
+    expected = sorted(f"{s['__url__']}#{s['__key__']}" for s in ds)
+    batches = list(DataLoader(ds, batch_size=10, num_streams=2))
+    got = sorted(f"{u}#{k}" for b in batches for u, k in zip(b["__url__"], b["__key__"], strict=True))
+    assert got == expected

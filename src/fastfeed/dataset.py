@@ -14,22 +14,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import logging
 import os
 import random
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from fastfeed.batch import ColumnBatch, ColumnRun, materialize_run
 from fastfeed.config import PrefetchConfig, S3Config
 from fastfeed.errors import ConfigError
 from fastfeed.plan import Piece, rank_pieces, rank_sample_count, shard_order, worker_pieces
-from fastfeed.prefetch import FetchStats, Prefetcher, ShardFetch
-from fastfeed.reader import Sample, iter_sample_runs, iter_samples
+from fastfeed.prefetch import FetchStats, Prefetcher
+from fastfeed.reader import Sample, iter_samples
 from fastfeed.sources import count_shard_samples, resolve_source
 from fastfeed.store import ObjectInfo, StoreSet
 
@@ -126,7 +124,7 @@ class StreamingDataset(IterableDataset[Sample]):
         self.rank, self.world_size = _distributed_place(rank, world_size)
         self.epoch = 0
         self._io_done = FetchStats()  # finished iterations of this process
-        self._io_live: FetchStats | None = None  # the iteration in progress
+        self._io_live: list[FetchStats] = []  # iterations (streams) in progress
         self.shards: list[ObjectInfo] = resolve_source(source, StoreSet(self._control_plane))
         self._counts: list[int] | None = None
         if self.world_size > 1:
@@ -176,8 +174,7 @@ class StreamingDataset(IterableDataset[Sample]):
             "bytes_fetched": float(self._io_done.bytes_fetched),
             "requests": float(self._io_done.requests),
         }
-        live = self._io_live
-        if live is not None:
+        for live in list(self._io_live):
             totals["fetch_wait_s"] += live.wait_s
             totals["bytes_fetched"] += live.bytes_fetched
             totals["requests"] += live.requests
@@ -205,102 +202,41 @@ class StreamingDataset(IterableDataset[Sample]):
             samples = _shuffle(samples, self.shuffle_buffer, rng)
         return samples
 
-    def collated_batches(
-        self, batch_size: int, collate: Callable[[ColumnBatch | list[Sample]], T], *, drop_last: bool = False
-    ) -> Iterator[T]:
-        """This worker's share of the epoch as collated batches: ``collate(batch)`` per batch.
-
-        The fast path of :class:`fastfeed.DataLoader`. Without sample-level shuffling, ``batch``
-        is a :class:`~fastfeed.batch.ColumnBatch`: runs of samples as byte spans of the fetched
-        parts, found by the native columnar scan with no Python object per member or sample.
-        The spans are valid only during the ``collate`` call, which must copy what it keeps
-        (:func:`~fastfeed.batch.collate_columns_into` gathers them into a batch arena). Parts a
-        batch spans are held until it is collated; if that would take more than half the byte
-        budget, the runs gathered so far are copied out and the parts let go, so a batch larger
-        than the budget costs a copy, never a deadlock. With sample-level shuffling, ``batch``
-        is a list of sample dicts from the shuffle buffer, as :meth:`__iter__` yields them.
-        """
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-        if self.shuffle and self.shuffle_buffer > 1:
-            it = iter(self)
-            try:
-                while True:
-                    samples = list(itertools.islice(it, batch_size))
-                    if not samples or (drop_last and len(samples) < batch_size):
-                        return
-                    yield collate(samples)
-            finally:
-                if isinstance(it, Generator):
-                    it.close()
-            return
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        pieces = self.plan(worker, num_workers)
-        if not pieces:
-            return
-        cfg = self.prefetch_config
-        max_held = max(1, cfg.byte_budget // 2 // cfg.part_size)
-        open_fetches: list[ShardFetch] = []
-        runs: list[ColumnRun] = []
-        count = 0  # samples in `runs`
-
-        def let_go() -> None:
-            # Keep only the part the reader is in; every earlier part is done with.
-            *done, current = open_fetches
-            for fetch in done:
-                fetch.close()
-            current.release_before(current.parts_taken - 1)
-            open_fetches[:] = [current]
-
-        with self._prefetching(pieces) as prefetcher:
-            try:
-                for piece, fetch in zip(pieces, prefetcher, strict=False):
-                    open_fetches.append(fetch)
-                    first = piece.skip  # sample indices [first, stop) of this shard are wanted
-                    stop = None if piece.limit is None else piece.skip + piece.limit
-                    seen = 0  # samples of this shard scanned so far
-                    for buffer, scan in iter_sample_runs(fetch.url, fetch.chunks(hold=True)):
-                        n = len(scan.keys)
-                        lo, hi = max(first - seen, 0), n if stop is None else min(n, stop - seen)
-                        seen += n
-                        while lo < hi:
-                            take = min(hi - lo, batch_size - count)
-                            fields = {ext: spans[lo : lo + take] for ext, spans in scan.fields.items()}
-                            runs.append(ColumnRun(buffer, scan.keys[lo : lo + take], fetch.url, fields))
-                            count += take
-                            lo += take
-                            if count == batch_size:
-                                yield collate(ColumnBatch(runs))
-                                runs, count = [], 0
-                                let_go()
-                        if stop is not None and seen >= stop:
-                            break
-                        if sum(f.parts_held for f in open_fetches) > max_held:
-                            runs = [materialize_run(run) for run in runs]
-                            let_go()
-                if runs and not (drop_last and count < batch_size):
-                    yield collate(ColumnBatch(runs))
-            finally:
-                for fetch in open_fetches:
-                    fetch.close()
-
     # ------------------------------------------------------------------ internals
 
     @contextlib.contextmanager
-    def _prefetching(self, pieces: list[Piece]) -> Iterator[Prefetcher]:
-        """A prefetcher over ``pieces``' shards whose I/O counters feed :meth:`io_stats`."""
+    def _prefetching(self, pieces: list[Piece], share: int = 1) -> Iterator[Prefetcher]:
+        """A prefetcher over ``pieces``' shards whose I/O counters feed :meth:`io_stats`.
+
+        ``share``: how many prefetchers of this dataset run at once in this process (one per
+        stream); each gets that fraction of the byte budget, requests and shards in flight, so
+        the process as a whole stays within the configured bounds.
+        """
         shards = [self.shards[p.shard] for p in pieces]
-        prefetcher = Prefetcher(shards, StoreSet(self.s3_config), self.prefetch_config)
-        self._io_live = prefetcher.stats
+        cfg = self.stream_prefetch_config(share)
+        prefetcher = Prefetcher(shards, StoreSet(self.s3_config), cfg)
+        self._io_live.append(prefetcher.stats)
         try:
             yield prefetcher
         finally:
             prefetcher.close()
-            self._io_live = None
+            self._io_live = [x for x in self._io_live if x is not prefetcher.stats]
             self._io_done.wait_s += prefetcher.stats.wait_s
             self._io_done.bytes_fetched += prefetcher.stats.bytes_fetched
             self._io_done.requests += prefetcher.stats.requests
+
+    def stream_prefetch_config(self, share: int = 1) -> PrefetchConfig:
+        """The prefetch bounds of one of ``share`` prefetchers running at once in a process. Each
+        keeps at least two parts of budget: one a reader may hold, one to fetch the next."""
+        cfg = self.prefetch_config
+        if share > 1:
+            cfg = dataclasses.replace(
+                cfg,
+                byte_budget=max(2 * cfg.part_size, cfg.byte_budget // share),
+                max_requests=max(2, cfg.max_requests // share),
+                shards_in_flight=max(1, cfg.shards_in_flight // share),
+            )
+        return cfg
 
     def _read(self, pieces: list[Piece]) -> Iterator[Sample]:
         if not pieces:

@@ -119,7 +119,7 @@ class _StreamConfig:
         gens = {
             v: stream_batches(
                 self.dataset, v, self.num_streams, self.batch_size, collate,
-                drop_last=self.drop_last, start=self.starts.get(v),
+                drop_last=self.drop_last, start=self.starts.get(v), share=len(streams),
             )
             for v in streams
         }  # fmt: skip

@@ -49,12 +49,13 @@ class StreamPos:
         return asdict(self)
 
 
-def block_size_for(batch_size: int, shuffle: bool, shuffle_buffer: int) -> int:
-    """Samples per block: one batch without shuffling, else the shuffle buffer rounded up to whole
-    batches."""
+def block_size_for(batch_size: int, shuffle: bool, shuffle_buffer: int, num_streams: int = 1) -> int:
+    """Samples per block: one batch without shuffling, else the stream's share of the shuffle
+    buffer (``shuffle_buffer`` counts samples held for shuffling across all streams), rounded up
+    to whole batches."""
     if not shuffle or shuffle_buffer <= 1:
         return batch_size
-    return math.ceil(shuffle_buffer / batch_size) * batch_size
+    return max(1, math.ceil(shuffle_buffer / num_streams / batch_size)) * batch_size
 
 
 def stream_batches(
@@ -66,17 +67,19 @@ def stream_batches(
     *,
     drop_last: bool = False,
     start: StreamPos | None = None,
+    share: int = 1,
 ) -> Generator[tuple[T, StreamPos], None, None]:
     """Stream ``stream``'s batches from ``start``: ``(collate(batch), position after it)``.
 
-    ``batch`` is a :class:`~fastfeed.batch.ColumnBatch` valid only during ``collate``.
+    ``batch`` is a :class:`~fastfeed.batch.ColumnBatch` valid only during ``collate``. ``share``
+    is the number of streams this process runs at once: they split the prefetch budget.
     """
     pieces = dataset.plan(stream, num_streams)
     pos = start or StreamPos()
     if not pieces or pos.piece >= len(pieces):
         return
-    block_size = block_size_for(batch_size, dataset.shuffle, dataset.shuffle_buffer)
-    cfg = dataset.prefetch_config
+    block_size = block_size_for(batch_size, dataset.shuffle, dataset.shuffle_buffer, num_streams)
+    cfg = dataset.stream_prefetch_config(share)
     max_held = max(1, cfg.byte_budget // 2 // cfg.part_size)
     todo = pieces[pos.piece :]
     open_fetches: list[ShardFetch] = []
@@ -125,10 +128,21 @@ def stream_batches(
             )
             yield collate(ColumnBatch(runs)), after
 
-    with dataset._prefetching(todo) as prefetcher:
+    with dataset._prefetching(todo, share) as prefetcher:
+        fetches = iter(prefetcher)
         try:
-            for k, (piece, fetch) in enumerate(zip(todo, prefetcher, strict=False)):
+            for k, piece in enumerate(todo):
                 p = pos.piece + k
+                if len(open_fetches) >= cfg.shards_in_flight:
+                    # The block holds every shard the prefetcher may have open: asking for the next
+                    # one would wait forever. Copy the block out and let those shards go.
+                    block = [materialize_run(run) for run in block]
+                    for held in open_fetches:
+                        held.close()
+                    open_fetches.clear()
+                fetch = next(fetches, None)
+                if fetch is None:
+                    break
                 open_fetches.append(fetch)
                 begin = pos.offset if k == 0 else 0  # samples of this piece to skip (relative)
                 first = piece.skip + begin
