@@ -299,7 +299,8 @@ class Prefetcher:
             data = await store.read_range(loc, part.start, part.end, info.etag, out=out)
         except asyncio.CancelledError:
             fut.cancel()
-            self._pool.give(part.buffer)
+            # Not back to the pool: a read running in a thread (local files) may still be
+            # writing into the buffer after the coroutine was cancelled. Let it be collected.
             part.buffer = None
             raise
         except FastfeedError as known:
@@ -382,8 +383,9 @@ class Prefetcher:
                     # without taking budget.
                     part.future.cancel()
                 else:
-                    # Issued: its budget is held until now whether or not it has landed. A part
-                    # still in flight gives its buffer back when its task sees the cancellation.
+                    # Issued: its budget is held until now whether or not it has landed. Only a
+                    # part that has landed returns its buffer to the pool; one still in flight
+                    # drops it (a reading thread may still be writing into it).
                     part.task.cancel()
                     self._budget.release(part.end - part.start)
                     if part.task.done():
