@@ -8,6 +8,7 @@ same run, so figures can be reported as fractions of what the machine and store 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import resource
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -65,13 +66,10 @@ def peak_rss_bytes() -> int:
     Reads ``VmHWM`` from ``/proc/self/status`` where it exists: ``ru_maxrss`` survives
     ``fork`` + ``exec``, so in a child process it reports the parent's peak at fork time.
     """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:  # no procfs: fall back below
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

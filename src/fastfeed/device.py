@@ -136,5 +136,5 @@ class DeviceFeeder:
 
     def drain(self) -> None:
         """Wait for every pending copy (shutdown)."""
-        while self.wait_oldest():
-            pass
+        while self._pending:
+            self.wait_oldest()

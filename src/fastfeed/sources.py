@@ -9,6 +9,7 @@ construction within seconds, naming the object, instead of midway through an epo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -153,13 +154,11 @@ class _CountCache:
         path = self._path(info)
         if path is None:
             return None
-        try:
-            with open(path) as f:
-                entry = json.load(f)
+        # A missing or unreadable entry is a miss: the shard is counted again.
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError), open(path) as f:
+            entry = json.load(f)
             if entry.get("url") == info.url and entry.get("etag") == info.etag and entry.get("size") == info.size:
                 return int(entry["samples"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
         return None
 
     def put(self, info: ObjectInfo, samples: int) -> None:
