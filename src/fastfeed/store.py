@@ -192,7 +192,24 @@ _DENIED_CODES = {
     "AllAccessDisabled",
     "Forbidden",
 }
-_CREDENTIAL_HINT = "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and that they may read this bucket"
+BUCKET_HINT = "create the bucket or fix the URL; check AWS_ENDPOINT_URL points at the right store"
+CREDENTIAL_HINT = "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and that they may read this bucket"
+
+
+def bucket_missing(bucket_url: str) -> BucketNotFoundError:
+    """The error for a bucket that does not exist (every S3 engine raises this one)."""
+    return BucketNotFoundError(f"bucket does not exist: {bucket_url}", url=bucket_url, hint=BUCKET_HINT)
+
+
+def sorted_listing(found: list[ObjectInfo], prefix_url: str, suffix: str) -> list[ObjectInfo]:
+    """A listing's shards sorted by URL, or :class:`EmptyDatasetError` naming the prefix."""
+    if not found:
+        raise EmptyDatasetError(
+            f"no *{suffix} objects under {prefix_url}",
+            url=prefix_url,
+            hint="check the prefix (listing is case-sensitive) and the endpoint",
+        )
+    return sorted(found, key=lambda o: o.url)
 
 
 def map_s3_error(exc: BaseException, url: str, *, bucket_url: str | None = None) -> FastfeedError:
@@ -208,15 +225,11 @@ def map_s3_error(exc: BaseException, url: str, *, bucket_url: str | None = None)
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         if code == "NoSuchBucket":
             bucket = bucket_url or url
-            return BucketNotFoundError(
-                f"bucket does not exist: {bucket}",
-                url=bucket,
-                hint="create the bucket or fix the URL; check AWS_ENDPOINT_URL points at the right store",
-            )
+            return bucket_missing(bucket)
         if code in ("NoSuchKey", "NotFound", "404") or status == 404:
             return NotFoundError(f"object not found: {url}", url=url, hint="check the key and the endpoint")
         if code in _DENIED_CODES or status == 403:
-            return AccessDeniedError(f"access denied ({code or status}) for {url}", url=url, hint=_CREDENTIAL_HINT)
+            return AccessDeniedError(f"access denied ({code or status}) for {url}", url=url, hint=CREDENTIAL_HINT)
         if code in ("PreconditionFailed",) or status == 412:
             return StoreError(
                 f"object changed while it was being read: {url}",
@@ -229,7 +242,7 @@ def map_s3_error(exc: BaseException, url: str, *, bucket_url: str | None = None)
             return TransientStoreError(f"store error {code or status} for {url}", url=url)
         return StoreError(f"S3 error {code or status} for {url}: {error.get('Message', '')}", url=url)
     if isinstance(exc, bex.NoCredentialsError | bex.PartialCredentialsError):
-        return AccessDeniedError(f"no usable AWS credentials to read {url}", url=url, hint=_CREDENTIAL_HINT)
+        return AccessDeniedError(f"no usable AWS credentials to read {url}", url=url, hint=CREDENTIAL_HINT)
     if isinstance(exc, bex.ConnectTimeoutError):
         return StoreTimeoutError(f"timed out connecting to the endpoint for {url}", url=url)
     if isinstance(exc, bex.ReadTimeoutError | asyncio.TimeoutError | TimeoutError):
@@ -332,14 +345,7 @@ class S3Store(Store):
             if not resp.get("IsTruncated"):
                 break
             token = resp.get("NextContinuationToken")
-        if not out:
-            raise EmptyDatasetError(
-                f"no *{suffix} objects under s3://{loc.bucket}/{prefix}",
-                url=f"s3://{loc.bucket}/{prefix}",
-                hint="check the prefix (listing is case-sensitive) and the endpoint",
-            )
-        out.sort(key=lambda o: o.url)
-        return out
+        return sorted_listing(out, f"s3://{loc.bucket}/{prefix}", suffix)
 
     async def head(self, loc: Location) -> ObjectInfo:
         if not loc.key or loc.key.endswith("/"):
@@ -354,11 +360,7 @@ class S3Store(Store):
         except NotFoundError as err:
             # HEAD has no body, so a missing bucket looks like a missing key: tell them apart.
             if not isinstance(err, BucketNotFoundError) and not await self._bucket_exists(loc):
-                raise BucketNotFoundError(
-                    f"bucket does not exist: s3://{loc.bucket}",
-                    url=f"s3://{loc.bucket}",
-                    hint="create the bucket or fix the URL; check AWS_ENDPOINT_URL points at the right store",
-                ) from err
+                raise bucket_missing(f"s3://{loc.bucket}") from err
             raise
 
     async def _bucket_exists(self, loc: Location) -> bool:

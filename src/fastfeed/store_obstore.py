@@ -53,7 +53,6 @@ from fastfeed.errors import (
     AccessDeniedError,
     BucketNotFoundError,
     ConfigError,
-    EmptyDatasetError,
     EndpointError,
     FastfeedError,
     NotFoundError,
@@ -63,7 +62,7 @@ from fastfeed.errors import (
     TransientStoreError,
 )
 from fastfeed.retry import RetryState, retry_async
-from fastfeed.store import ObjectInfo, Store, _target
+from fastfeed.store import CREDENTIAL_HINT, ObjectInfo, Store, _target, bucket_missing, sorted_listing
 from fastfeed.urls import Location
 
 if TYPE_CHECKING:
@@ -99,8 +98,6 @@ _DENIED_CODES = {
     "AllAccessDisabled",
     "Forbidden",
 }
-_CREDENTIAL_HINT = "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and that they may read this bucket"
-_BUCKET_HINT = "create the bucket or fix the URL; check AWS_ENDPOINT_URL points at the right store"
 
 # Fields of object_store's error as obstore renders it ("Debug source:" + Rust {:#?} output).
 _STATUS_RE = re.compile(r"\bstatus: (\d{3})\b")
@@ -158,12 +155,12 @@ def map_obstore_error(exc: BaseException, url: str, *, bucket_url: str | None = 
     status, kind, code = _parse(exc)
     bucket = bucket_url or url
     if code == "NoSuchBucket":
-        return BucketNotFoundError(f"bucket does not exist: {bucket}", url=bucket, hint=_BUCKET_HINT)
+        return bucket_missing(bucket)
     if isinstance(exc, FileNotFoundError):
         return NotFoundError(f"object not found: {url}", url=url, hint="check the key and the endpoint")
     if isinstance(exc, ox.PermissionDeniedError | ox.UnauthenticatedError):
         return AccessDeniedError(
-            f"access denied ({code or status or type(exc).__name__}) for {url}", url=url, hint=_CREDENTIAL_HINT
+            f"access denied ({code or status or type(exc).__name__}) for {url}", url=url, hint=CREDENTIAL_HINT
         )
     if isinstance(exc, ox.PreconditionError):
         return _changed(url)
@@ -198,7 +195,7 @@ def _from_status(status: int, code: str, url: str, bucket: str, exc: BaseExcepti
     if status == 404:
         return NotFoundError(f"object not found: {url}", url=url, hint="check the key and the endpoint")
     if status in (401, 403) or code in _DENIED_CODES:
-        return AccessDeniedError(f"access denied ({code or status}) for {url}", url=url, hint=_CREDENTIAL_HINT)
+        return AccessDeniedError(f"access denied ({code or status}) for {url}", url=url, hint=CREDENTIAL_HINT)
     if status == 412:
         return _changed(url)
     if code in _THROTTLE_CODES or status in (429, 503):
@@ -257,7 +254,7 @@ def _credential_provider(profile: str | None) -> _BotocoreCredentials | None:
     try:
         creds = session.get_credentials()
     except Exception as exc:  # a broken profile: say so now, as botocore would on first request
-        raise AccessDeniedError(f"cannot load AWS credentials: {exc}", hint=_CREDENTIAL_HINT) from exc
+        raise AccessDeniedError(f"cannot load AWS credentials: {exc}", hint=CREDENTIAL_HINT) from exc
     if creds is None:
         return None
     return _BotocoreCredentials(creds, isinstance(creds, botocore.credentials.RefreshableCredentials))
@@ -310,7 +307,7 @@ class ObstoreS3Store(Store):
                 self._provider_loaded = True
             if self._provider is None:
                 raise AccessDeniedError(
-                    f"no usable AWS credentials to read s3://{bucket}", url=f"s3://{bucket}", hint=_CREDENTIAL_HINT
+                    f"no usable AWS credentials to read s3://{bucket}", url=f"s3://{bucket}", hint=CREDENTIAL_HINT
                 )
         store = self._stores.get(bucket)  # another task may have built it meanwhile
         if store is None:
@@ -399,17 +396,8 @@ class ObstoreS3Store(Store):
             # ListObjectsV2 answers 404 only for a missing bucket.
             if isinstance(err, BucketNotFoundError):
                 raise
-            raise BucketNotFoundError(
-                f"bucket does not exist: {bucket_url}", url=bucket_url, hint=_BUCKET_HINT
-            ) from err
-        if not out:
-            raise EmptyDatasetError(
-                f"no *{suffix} objects under s3://{loc.bucket}/{prefix}",
-                url=f"s3://{loc.bucket}/{prefix}",
-                hint="check the prefix (listing is case-sensitive) and the endpoint",
-            )
-        out.sort(key=lambda o: o.url)
-        return out
+            raise bucket_missing(bucket_url) from err
+        return sorted_listing(out, f"s3://{loc.bucket}/{prefix}", suffix)
 
     async def head(self, loc: Location) -> ObjectInfo:
         import obstore
@@ -433,7 +421,7 @@ class ObstoreS3Store(Store):
         if isinstance(err, BucketNotFoundError) or await self._bucket_exists(loc):
             return
         bucket_url = f"s3://{loc.bucket}"
-        raise BucketNotFoundError(f"bucket does not exist: {bucket_url}", url=bucket_url, hint=_BUCKET_HINT) from err
+        raise bucket_missing(bucket_url) from err
 
     async def _bucket_exists(self, loc: Location) -> bool:
         import obstore
