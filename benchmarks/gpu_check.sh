@@ -1,18 +1,30 @@
 #!/usr/bin/env bash
-# GPU check of the device path, for a lent CUDA machine (see /work/.library/device): it has
-# python3 with a CUDA torch, nanobind, scikit-build-core and cmake, but no network, so the
-# other dependencies travel as wheels in .whl/ (prepare them here with
-# `benchmarks/gpu_prepare_wheels.sh`, then run this script with `.whl` carried).
-#   run: bash benchmarks/gpu_check.sh   (writes $OUT/gpu_check.json when $OUT is set)
-set -euo pipefail
+# GPU check of the device path, for a lent CUDA machine (see /work/.library/device). That machine
+# has python3 with a CUDA torch, cmake and ninja but no network, so fastfeed's other dependencies
+# (and the build backend, pinned to this repo's versions) travel as wheels in .whl/: prepare them
+# here with `benchmarks/gpu_prepare_wheels.sh`, then run this script with `.whl` carried.
+#   run: bash benchmarks/gpu_check.sh   (results in $OUT/gpu_check.json and $OUT/gpu_pytest.log)
+# Steps: build + install fastfeed, benchmarks/gpu/gpu_check.py (bandwidth, overlap, bit-identity),
+# then the loader/resume/gather tests with CUDA present (pinned arenas, the CUDA-only tests).
+set -uo pipefail
 cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/gpu_check_out}
+mkdir -p "$out"
 site=/tmp/ff-site
 rm -rf "$site"
 if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
 fi
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --target "$site" .
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-python3 benchmarks/gpu/gpu_check.py | tee "${OUT:-/tmp}/gpu_check.json"
-python3 -m pytest -q -p no:cacheprovider tests/test_loader.py -k "cuda or device" || true
+start=$(date +%s)
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --target "$site" . >"$out/gpu_build.log" 2>&1 \
+  || { tail -40 "$out/gpu_build.log"; exit 1; }
+echo "build: $(($(date +%s) - start)) s"
+rc=0
+timeout 240 python3 benchmarks/gpu/gpu_check.py "$out/gpu_check.json" || rc=$?
+echo "gpu_check.py: rc=$rc"
+timeout 200 python3 -m pytest -q -p no:cacheprovider -x --timeout 120 \
+  tests/test_loader.py tests/test_resume.py tests/test_gather.py tests/test_columnar.py tests/test_sample_runs.py \
+  -k "not streaming_stats_report" 2>&1 | tee "$out/gpu_pytest.log" | tail -25
+exit $rc

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset, default_collate
 
 from fastfeed import CorruptShardError, DataLoader, RaggedBytes, StreamingDataset, TruncatedShardError
 from fastfeed.device import DeviceFeeder
+from fastfeed.loader import _SlotTable
 from fastfeed.ring import HostRing
 from fastfeed.testing.shards import write_synthetic_shards
 
@@ -186,6 +187,78 @@ def test_cuda_batches_are_bit_identical_to_cpu() -> None:
     for ref, got in zip(cpu, DataLoader(Records(40), batch_size=8, device="cuda"), strict=True):
         assert got["x"].is_cuda and torch.equal(got["x"].cpu(), ref["x"])
         assert got["raw"].data.is_cuda and got["raw"].tolist() == ref["raw"].tolist()
+
+
+class RecordingPinner:
+    """Stands in for cudaHostRegister/Unregister: records which memory is page-locked."""
+
+    def __init__(self, accept: bool = True) -> None:
+        self.accept = accept
+        self.live: dict[int, torch.Tensor] = {}
+        self.calls: list[tuple[str, int]] = []
+
+    def register(self, tensor: torch.Tensor) -> bool:
+        self.calls.append(("register", tensor.data_ptr()))
+        if self.accept:
+            self.live[tensor.data_ptr()] = tensor
+        return self.accept
+
+    def unregister(self, tensor: torch.Tensor) -> None:
+        self.calls.append(("unregister", tensor.data_ptr()))
+        del self.live[tensor.data_ptr()]
+
+
+def test_worker_slots_are_pinned_once_per_generation_and_unpinned_on_close() -> None:
+    free = torch.zeros(1, 2, dtype=torch.int8)
+    pinner = RecordingPinner()
+    table = _SlotTable(free, pinner)
+    first = torch.arange(16, dtype=torch.uint8)
+    view = table.base(0, 0, 1, first)
+    assert torch.equal(view, first) and list(pinner.live) == [first.data_ptr()]
+    del view
+    gc.collect()
+    assert free[0, 0] == 1, "the slot is free once its batch views are gone"
+    free[0, 0] = 0
+    view = table.base(0, 0, 1, None)  # reused, same generation: nothing crosses, nothing pinned
+    assert len(pinner.calls) == 1
+    del view
+    grown = torch.arange(64, dtype=torch.uint8)
+    assert table.base(0, 0, 2, grown).numel() == 64
+    assert pinner.calls == [
+        ("register", first.data_ptr()),
+        ("unregister", first.data_ptr()),
+        ("register", grown.data_ptr()),
+    ]
+    with pytest.raises(RuntimeError, match="generation 1 unknown"):
+        table.base(0, 0, 1, None)
+    table.close()
+    assert pinner.live == {}
+
+
+def test_a_slot_that_cannot_be_pinned_still_works_and_is_not_unpinned() -> None:
+    pinner = RecordingPinner(accept=False)
+    table = _SlotTable(torch.zeros(1, 1, dtype=torch.int8), pinner)
+    assert table.base(0, 0, 1, torch.ones(8, dtype=torch.uint8)).sum() == 8
+    table.close()
+    assert pinner.calls == [("register", pinner.calls[0][1])]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_streaming_batches_from_workers_are_bit_identical(shard_dir: Path) -> None:
+    urls = sorted(str(p) for p in shard_dir.glob("*.tar"))
+    ref = list(DataLoader(StreamingDataset(urls, shuffle=True, seed=3), batch_size=16))
+    loader = DataLoader(StreamingDataset(urls, shuffle=True, seed=3), batch_size=16, num_workers=2, device="cuda")
+    got = list(loader)
+    assert len(got) == len(ref)
+    for r, g in zip(ref, got, strict=True):
+        assert r.keys() == g.keys()
+        for key in r:
+            if isinstance(r[key], torch.Tensor):
+                assert g[key].is_cuda and torch.equal(g[key].cpu(), r[key])
+            elif hasattr(r[key], "tolist"):
+                assert g[key].data.is_cuda and g[key].tolist() == r[key].tolist()
+            else:
+                assert g[key] == r[key]
 
 
 # ------------------------------------------------------------------------------- stats

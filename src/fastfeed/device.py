@@ -19,13 +19,16 @@ tests drive the same bookkeeping with a simulated stream (see ``tests/test_loade
 from __future__ import annotations
 
 import collections
+import logging
 from typing import Any, Protocol
 
 import torch
 
 from fastfeed.batch import tree_map_tensors
 
-__all__ = ["CudaOps", "DeviceFeeder", "DeviceOps"]
+__all__ = ["CudaOps", "DeviceFeeder", "DeviceOps", "HostPinner"]
+
+log = logging.getLogger(__name__)
 
 
 class DeviceOps(Protocol):
@@ -138,3 +141,29 @@ class DeviceFeeder:
         """Wait for every pending copy (shutdown)."""
         while self._pending:
             self.wait_oldest()
+
+
+class HostPinner:
+    """Page-locks memory that torch did not allocate (``cudaHostRegister``), so copies from it
+    to a CUDA device run asynchronously on the DMA engine instead of through a staging buffer.
+
+    Used for the workers' shared-memory slots as the main process first receives them. Tests
+    substitute an object with the same two methods.
+    """
+
+    def register(self, tensor: torch.Tensor) -> bool:
+        """Page-lock ``tensor``'s memory; False (and a debug log) if CUDA refuses."""
+        cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
+        err = cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0)
+        if int(err) != 0:
+            log.debug(
+                "cudaHostRegister of a %d-byte worker slot failed (%s); copies from it stay synchronous",
+                tensor.numel(),
+                err,
+            )
+            return False
+        return True
+
+    def unregister(self, tensor: torch.Tensor) -> None:
+        """Undo :meth:`register` (every copy from the memory must have completed)."""
+        torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr())  # type: ignore[no-untyped-call]

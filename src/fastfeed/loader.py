@@ -46,7 +46,7 @@ from fastfeed.batch import (
     to_layout,
     tree_map_tensors,
 )
-from fastfeed.device import DeviceFeeder
+from fastfeed.device import DeviceFeeder, HostPinner
 from fastfeed.errors import ConfigError
 from fastfeed.gather import gather
 from fastfeed.ring import HostRing
@@ -289,15 +289,23 @@ class _CollatedStream(IterableDataset[Any]):
 
 
 class _SlotTable:
-    """Main-process side of the worker slots: the tensors received, and their release."""
+    """Main-process side of the worker slots: the tensors received, page-locked by ``pinner``
+    when given, and their release."""
 
-    def __init__(self, free: torch.Tensor) -> None:
+    def __init__(self, free: torch.Tensor, pinner: HostPinner | None = None) -> None:
         self.free = free
+        self.pinner = pinner
         self.tensors: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}
+        self.pinned: dict[tuple[int, int], torch.Tensor] = {}
 
     def base(self, worker: int, slot: int, generation: int, tensor: torch.Tensor | None) -> torch.Tensor:
         if tensor is not None:
+            # A new or grown slot. The old one's batches are all gone (the worker rewrites a
+            # slot only after its release), and with them every copy from it.
+            self._unpin((worker, slot))
             self.tensors[(worker, slot)] = (generation, tensor)
+            if self.pinner is not None and self.pinner.register(tensor):
+                self.pinned[(worker, slot)] = tensor
         have, shared = self.tensors[(worker, slot)]
         if have != generation:
             raise RuntimeError(f"worker {worker} slot {slot}: generation {generation} unknown (have {have})")
@@ -307,6 +315,16 @@ class _SlotTable:
 
     def _release(self, worker: int, slot: int) -> None:
         self.free[worker, slot] = 1
+
+    def _unpin(self, key: tuple[int, int]) -> None:
+        tensor = self.pinned.pop(key, None)
+        if tensor is not None and self.pinner is not None:
+            self.pinner.unregister(tensor)
+
+    def close(self) -> None:
+        """Unpin every slot (call once no copy from them can be in flight)."""
+        for key in list(self.pinned):
+            self._unpin(key)
 
 
 def _identity(item: Any) -> Any:
@@ -488,6 +506,7 @@ class _Settings:
         self.prefetch_factor = loader.prefetch_factor
         self.ring = loader._ring
         self.stats = loader._stats
+        self.pin_slots = loader.pin
         self.slot_table: _SlotTable | None = None
         resume = loader._progress.resume
         if resume is not None and resume.epoch != getattr(loader.dataset, "epoch", 0):
@@ -584,7 +603,7 @@ class _Settings:
             # Workers collate whole batches into shared-memory slots; torch only moves messages.
             slots = (self.prefetch_factor or 2) + 3
             free = torch.ones(self.num_workers, slots, dtype=torch.int8).share_memory_()  # type: ignore[no-untyped-call]
-            self.slot_table = _SlotTable(free)
+            self.slot_table = _SlotTable(free, HostPinner() if self.pin_slots else None)
             dataset = _CollatedStream(self.streams, free)
             kwargs.update(batch_size=None, collate_fn=_identity)
         elif self.iterable:
@@ -716,6 +735,11 @@ def _produce(settings: _Settings, feeder: DeviceFeeder | None, out: queue.Queue[
                 close()
         if feeder is not None:
             feeder.drain()
+        if settings.slot_table is not None:
+            if settings.pin_slots and settings.slot_table.pinned:
+                # The training loop may still be copying from CPU batches it was handed.
+                torch.cuda.synchronize()
+            settings.slot_table.close()
 
 
 def _assemble(
