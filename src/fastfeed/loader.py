@@ -5,9 +5,10 @@ Data flow::
 
     samples (in-process, or in worker processes)
       -> collate: native gather into one arena region per batch (fixed fields stacked,
-         byte fields flat + offsets)          [worker: fresh arena; in-process: ring slot]
-      -> producer thread "fastfeed-batch": into a ring slot (one copy of one region when the
-         batch came from a worker), pinned when CUDA is present
+         byte fields flat + offsets)   [in-process: a ring slot; worker: one of its
+                                        shared-memory slots, page-locked by the main process]
+      -> producer thread "fastfeed-batch": a worker's slot is used in place (views of it, no
+         copy); only a user collate_fn's batch travels as torch sends it
       -> optional device copy on a side CUDA stream (fastfeed.device)
       -> bounded queue -> the training loop
 
@@ -186,13 +187,73 @@ def _cyclic_next(v: int, live: set[int], n: int) -> int:
     return v
 
 
+class _WorkerSlots:
+    """Worker side of the shared-memory slots: a small ring of shared arenas per worker that
+    batches are collated into, announced as
+    ``("slot", worker, slot, generation, tensor_or_None, layout, stage_times)``.
+
+    A slot's tensor crosses to the main process (by file descriptor) only the first time it is
+    used and after it grows; after that only its number travels. The main process sets
+    ``free[worker, slot]`` back to 1 once the batch built on the slot is gone (freed by the
+    training loop, or its device copy completed); the worker waits for a free slot, polling with
+    a short sleep, gives up if its parent process dies, and after ``_SLOT_WAIT`` seconds
+    collates into a fresh region instead (``("layout", region, layout, stage_times)``: one more
+    copy in the main process, never a deadlock when the training loop keeps batches alive).
+    """
+
+    def __init__(self, free: torch.Tensor, worker: int) -> None:
+        # Only this worker clears its row (1 -> 0) and only the main process sets it (0 -> 1):
+        # plain byte loads and stores, no lock needed. (Not torch.nonzero: it asserts when the
+        # tensor changes under it.)
+        self.worker = worker
+        self.free = free[worker].numpy()
+        self.arenas = [Arena(0, shared=True) for _ in range(len(self.free))]
+        self.sent = [0] * len(self.arenas)  # generation of each slot the main process already has
+        self.parent = os.getppid()
+
+    def claim(self) -> int | None:
+        free = self.free
+        delay = 0.0002
+        deadline = time.monotonic() + _SLOT_WAIT
+        while True:
+            for k in range(len(free)):
+                if free[k]:
+                    free[k] = 0
+                    return k
+            if os.getppid() != self.parent:
+                raise RuntimeError("the training process is gone")
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.005)
+
+    def collate(self, fill: Callable[[Arena], Any], n: int) -> tuple[Any, ...]:
+        """``fill(arena)`` writes the batch into an arena and returns it."""
+        start = time.perf_counter()
+        k = self.claim()
+        if k is None:
+            spare = Arena(0)
+            layout = to_layout(fill(spare), spare.tensor)
+            stage = {"n": n, "collate_s": time.perf_counter() - start}
+            return ("layout", spare.tensor[: layout_extent(layout)], layout, stage)
+        arena = self.arenas[k]
+        layout = to_layout(fill(arena), arena.tensor)
+        tensor = None
+        if self.sent[k] != arena.generation:
+            tensor, self.sent[k] = arena.tensor, arena.generation
+        stage = {"n": n, "collate_s": time.perf_counter() - start}
+        return ("slot", self.worker, k, arena.generation, tensor, layout, stage)
+
+
 class _WorkerCollate:
     """Runs in DataLoader worker processes (datasets other than StreamingDataset): collate a batch
-    into one fresh arena and return ``("layout", region, layout, None, stage_times)``; torch moves
-    the single region through shared memory."""
+    into one of the worker's shared-memory slots (:class:`_WorkerSlots`); a user ``collate_fn``'s
+    batch travels as torch sends it (``("user", batch, None, stage_times)``)."""
 
-    def __init__(self, user_collate: Callable[[list[Any]], Any] | None) -> None:
+    def __init__(self, user_collate: Callable[[list[Any]], Any] | None, free: torch.Tensor | None = None) -> None:
         self.user_collate = user_collate
+        self.free = free  # int8 [num_workers, slots] in shared memory, see _WorkerSlots
+        self._slots: _WorkerSlots | None = None
         self._last_fetch = 0.0
 
     def __call__(self, samples: list[Any]) -> Any:
@@ -200,12 +261,13 @@ class _WorkerCollate:
         if self.user_collate is not None:
             batch = self.user_collate(samples)
             return ("user", batch, None, {"collate_s": time.perf_counter() - start, "n": len(samples)})
-        arena = Arena(0)
-        batch = collate_into(samples, arena)
-        layout = to_layout(batch, arena.tensor)
-        region = arena.tensor[: layout_extent(layout)]
-        stage = {"collate_s": time.perf_counter() - start, "n": len(samples), **self._io_delta()}
-        return ("layout", region, layout, None, stage)
+        if self._slots is None:
+            info = torch.utils.data.get_worker_info()
+            assert info is not None and self.free is not None, "_WorkerCollate runs in DataLoader workers only"
+            self._slots = _WorkerSlots(self.free, info.id)
+        message = self._slots.collate(lambda arena: collate_into(samples, arena), len(samples))
+        message[-1].update(self._io_delta())
+        return (*message[:-1], None, message[-1])
 
     def _io_delta(self) -> dict[str, float]:
         info = torch.utils.data.get_worker_info()
@@ -218,16 +280,8 @@ class _WorkerCollate:
 
 
 class _CollatedStream(IterableDataset[Any]):
-    """Worker side of the fast path: the dataset's own collated batches, written into a small
-    ring of shared-memory slots per worker and announced as
-    ``("slot", worker, slot, generation, tensor_or_None, layout, stage_times)``.
-
-    A slot's tensor crosses to the main process (by file descriptor) only the first time it is
-    used and after it grows; after that only its number travels. The main process sets
-    ``free[worker, slot]`` back to 1 once the batch built on the slot is gone (freed by the
-    training loop, or its device copy completed); the worker waits for a free slot, polling with
-    a short sleep and giving up if its parent process dies.
-    """
+    """Worker side of the fast path: the dataset's own streams, collated by each worker into its
+    shared-memory slots (:class:`_WorkerSlots`)."""
 
     def __init__(self, settings: _StreamConfig, free: torch.Tensor) -> None:
         self.settings = settings
@@ -238,44 +292,10 @@ class _CollatedStream(IterableDataset[Any]):
         info = torch.utils.data.get_worker_info()
         assert info is not None, "_CollatedStream runs in DataLoader workers only"
         worker = info.id
-        # Only this worker clears its row (1 -> 0) and only the main process sets it (0 -> 1):
-        # plain byte loads and stores, no lock needed. (Not torch.nonzero: it asserts when the
-        # tensor changes under it.)
-        free = self.free[worker].numpy()
-        arenas = [Arena(0, shared=True) for _ in range(len(free))]
-        sent = [0] * len(arenas)  # generation of each slot the main process already has
-        parent = os.getppid()
-
-        def claim() -> int | None:
-            delay = 0.0002
-            deadline = time.monotonic() + _SLOT_WAIT
-            while True:
-                for k in range(len(free)):
-                    if free[k]:
-                        free[k] = 0
-                        return k
-                if os.getppid() != parent:
-                    raise RuntimeError("the training process is gone")
-                if time.monotonic() > deadline:
-                    return None
-                time.sleep(delay)
-                delay = min(delay * 2, 0.005)
+        slots = _WorkerSlots(self.free, worker)
 
         def collate(samples: ColumnBatch) -> Any:
-            start = time.perf_counter()
-            k = claim()
-            if k is None:
-                spare = Arena(0)
-                layout = to_layout(collate_columns_into(samples, spare), spare.tensor)
-                stage = {"n": len(samples), "collate_s": time.perf_counter() - start}
-                return ("layout", spare.tensor[: layout_extent(layout)], layout, stage)
-            arena = arenas[k]
-            layout = to_layout(collate_columns_into(samples, arena), arena.tensor)
-            tensor = None
-            if sent[k] != arena.generation:
-                tensor, sent[k] = arena.tensor, arena.generation
-            stage = {"n": len(samples), "collate_s": time.perf_counter() - start}
-            return ("slot", worker, k, arena.generation, tensor, layout, stage)
+            return slots.collate(lambda arena: collate_columns_into(samples, arena), len(samples))
 
         settings = self.settings
         mine = [v for v in _rotated(settings.num_streams, settings.next_stream) if v % info.num_workers == worker]
@@ -589,9 +609,12 @@ class _Settings:
 
     def worker_batches(self) -> Iterator[Any]:
         """Worker processes (torch's worker machinery) returning one arena region per batch."""
+        slots = (self.prefetch_factor or 2) + 3
+        free = torch.ones(self.num_workers, slots, dtype=torch.int8).share_memory_()  # type: ignore[no-untyped-call]
+        self.slot_table = _SlotTable(free, HostPinner() if self.pin_slots else None)
         kwargs: dict[str, Any] = {
             "num_workers": self.num_workers,
-            "collate_fn": _WorkerCollate(self.collate_fn),
+            "collate_fn": _WorkerCollate(self.collate_fn, free),
             "timeout": self.timeout,
             "worker_init_fn": self.worker_init_fn,
             "multiprocessing_context": self.multiprocessing_context,
@@ -600,10 +623,7 @@ class _Settings:
         }
         dataset = self.dataset
         if self.fast_path():
-            # Workers collate whole batches into shared-memory slots; torch only moves messages.
-            slots = (self.prefetch_factor or 2) + 3
-            free = torch.ones(self.num_workers, slots, dtype=torch.int8).share_memory_()  # type: ignore[no-untyped-call]
-            self.slot_table = _SlotTable(free, HostPinner() if self.pin_slots else None)
+            # Workers read their streams and collate whole batches; torch only moves messages.
             dataset = _CollatedStream(self.streams, free)
             kwargs.update(batch_size=None, collate_fn=_identity)
         elif self.iterable:
