@@ -28,6 +28,7 @@ from fastfeed.errors import ConfigError
 from fastfeed.plan import Piece, rank_pieces, rank_sample_count, shard_order, worker_pieces
 from fastfeed.prefetch import FetchStats, Prefetcher
 from fastfeed.reader import Sample, iter_samples
+from fastfeed.reshard import Segment, segment_rank_pieces
 from fastfeed.sources import count_shard_samples, resolve_source
 from fastfeed.store import ObjectInfo, StoreSet
 
@@ -123,6 +124,11 @@ class StreamingDataset(IterableDataset[Sample]):
         self.index_cache = os.path.expanduser(os.fspath(index_cache)) if index_cache is not None else None
         self.rank, self.world_size = _distributed_place(rank, world_size)
         self.epoch = 0
+        # After a resume on another world size: the closed segments of epoch _segments_epoch
+        # (see fastfeed.reshard) and, cached, this rank's pieces of the segment after them.
+        self._segments: tuple[Segment, ...] = ()
+        self._segments_epoch = -1
+        self._segment_pieces: list[Piece] | None = None
         self._io_done = FetchStats()  # finished iterations of this process
         self._io_live: list[FetchStats] = []  # iterations (streams) in progress
         self.shards: list[ObjectInfo] = resolve_source(source, StoreSet(self._control_plane))
@@ -148,6 +154,8 @@ class StreamingDataset(IterableDataset[Sample]):
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose (shuffled) order the next iteration produces."""
+        if int(epoch) != self._segments_epoch:
+            self._segments, self._segments_epoch, self._segment_pieces = (), -1, None
         self.epoch = int(epoch)
 
     @property
@@ -182,15 +190,34 @@ class StreamingDataset(IterableDataset[Sample]):
 
     def plan(self, worker: int = 0, num_workers: int = 1, epoch: int | None = None) -> list[Piece]:
         """The shard pieces a worker of this rank reads in ``epoch`` (default: the current one)."""
-        order = shard_order(
-            len(self.shards),
-            seed=self.seed,
-            epoch=self.epoch if epoch is None else epoch,
-            shuffle=self.shuffle,
+        epoch = self.epoch if epoch is None else epoch
+        if self.segment and epoch == self.epoch:
+            if self._segment_pieces is None:
+                self._segment_pieces = segment_rank_pieces(self, self._segments, self.rank, self.world_size)
+            counts = self.shard_sample_counts
+            return worker_pieces(self._segment_pieces, worker=worker, num_workers=num_workers, counts=counts)
+        order = shard_order(len(self.shards), seed=self.seed, epoch=epoch, shuffle=self.shuffle)
+        counts_or_none = self._counts if self.world_size > 1 else None
+        pieces = rank_pieces(
+            order, counts_or_none, rank=self.rank, world_size=self.world_size, remainder=self.remainder
         )
-        counts = self._counts if self.world_size > 1 else None
-        pieces = rank_pieces(order, counts, rank=self.rank, world_size=self.world_size, remainder=self.remainder)
-        return worker_pieces(pieces, worker=worker, num_workers=num_workers, counts=counts)
+        return worker_pieces(pieces, worker=worker, num_workers=num_workers, counts=counts_or_none)
+
+    @property
+    def segment(self) -> int:
+        """How many times the current epoch was resumed on a different world size (0: never)."""
+        return len(self._segments) if self._segments_epoch == self.epoch else 0
+
+    @property
+    def segments(self) -> tuple[Segment, ...]:
+        """The current epoch's closed segments (see :mod:`fastfeed.reshard`)."""
+        return self._segments if self.segment else ()
+
+    def _resume_segments(self, epoch: int, segments: tuple[Segment, ...]) -> None:
+        """Read the rest of ``epoch`` after ``segments`` (called by the loader's resume)."""
+        self.epoch = int(epoch)
+        self._segments, self._segments_epoch = tuple(segments), int(epoch)
+        self._segment_pieces = None
 
     def __iter__(self) -> Iterator[Sample]:
         info = get_worker_info()
@@ -244,7 +271,12 @@ class StreamingDataset(IterableDataset[Sample]):
         with self._prefetching(pieces) as prefetcher:
             for piece, fetch in zip(pieces, prefetcher, strict=False):
                 try:
-                    yield from iter_samples(fetch.url, fetch.chunks(), skip=piece.skip, limit=piece.limit)
+                    samples = iter_samples(fetch.url, fetch.chunks(), skip=piece.skip, limit=piece.limit)
+                    if piece.rows is None:
+                        yield from samples
+                    else:
+                        wanted = {r - piece.skip for r in piece.rows}
+                        yield from (x for i, x in enumerate(samples) if i in wanted)
                 finally:
                     fetch.close()
 

@@ -50,6 +50,7 @@ from fastfeed.batch import (
 from fastfeed.device import DeviceFeeder, HostPinner
 from fastfeed.errors import ConfigError
 from fastfeed.gather import gather
+from fastfeed.reshard import Segment, close_segment
 from fastfeed.ring import HostRing
 from fastfeed.streams import StreamPos, stream_batches
 
@@ -814,7 +815,7 @@ def _assemble(
 class _Progress:
     """What the training loop has received this epoch (written by the iterator on each batch)."""
 
-    VERSION = 1
+    VERSION = 2
 
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
@@ -853,37 +854,71 @@ class _Progress:
                 "seed": ds.seed,
                 "shuffle": ds.shuffle,
                 "shuffle_buffer": ds.shuffle_buffer,
+                "remainder": ds.remainder,
                 "rank": ds.rank,
                 "world_size": ds.world_size,
                 "shards": len(ds.shards),
+                "segments": [seg.as_dict() for seg in ds.segments],
                 "next_stream": self.next_stream % loader.num_streams,
                 "streams": {str(v): p.as_dict() for v, p in sorted(self.positions.items())},
             }
 
     def load(self, loader: DataLoader, state: dict[str, Any]) -> None:
         ds = self.dataset
-        expect = {
-            "version": self.VERSION,
-            "num_streams": loader.num_streams,
-            "batch_size": loader.batch_size,
-            "drop_last": loader.drop_last,
+        if state.get("version") not in (1, self.VERSION):
+            raise ConfigError(
+                f"cannot resume: loader state version {state.get('version')!r} is not supported",
+                hint=f"this fastfeed reads versions 1 and {self.VERSION}",
+            )
+        # What the epoch consists of: must match for any resume.
+        expect: dict[str, Any] = {
             "seed": getattr(ds, "seed", None),
             "shuffle": getattr(ds, "shuffle", None),
             "shuffle_buffer": getattr(ds, "shuffle_buffer", None),
-            "world_size": getattr(ds, "world_size", None),
-            "rank": getattr(ds, "rank", None),
             "shards": len(getattr(ds, "shards", ())),
+            "remainder": getattr(ds, "remainder", None),
         }
+        same_world = state.get("world_size") == getattr(ds, "world_size", None)
+        if same_world:
+            # Exact continuation: this rank's own streams, read the same way.
+            expect.update(
+                num_streams=loader.num_streams,
+                batch_size=loader.batch_size,
+                drop_last=loader.drop_last,
+                rank=getattr(ds, "rank", None),
+            )
         for key, value in expect.items():
-            if state.get(key) != value:
+            have = state.get(key, "drop" if key == "remainder" else None)
+            if have != value:
                 raise ConfigError(
-                    f"cannot resume: the saved loader state has {key}={state.get(key)!r}, this loader {value!r}",
-                    hint="resume with the same dataset, seed, batch size, num_streams and world size",
+                    f"cannot resume: the saved loader state has {key}={have!r}, this loader {value!r}",
+                    hint="resume with the same dataset, seed, shuffle settings and remainder; on the same "
+                    "world size each rank loads its own state with the same batch size and num_streams",
                 )
-        ds.set_epoch(int(state["epoch"]))
+        epoch = int(state["epoch"])
+        segments = tuple(Segment.from_dict(d) for d in state.get("segments", []))
         positions = {int(v): StreamPos(**p) for v, p in state["streams"].items()}
+        next_stream = int(state["next_stream"])
+        if not same_world:
+            closed = close_segment(
+                ds,
+                world_size=int(state["world_size"]),
+                num_streams=int(state["num_streams"]),
+                batch_size=int(state["batch_size"]),
+                positions=positions,
+            )
+            segments += (closed,)
+            positions, next_stream = {}, 0
+            log.info(
+                "resuming epoch %d on %d ranks from a state saved on %d: the samples not yet delivered are "
+                "split across the ranks (none repeated; see fastfeed.reshard)",
+                epoch,
+                ds.world_size,
+                closed.world_size,
+            )
+        ds._resume_segments(epoch, segments)
         with self._lock:
-            self.resume = _Resume(int(state["epoch"]), positions, int(state["next_stream"]))
+            self.resume = _Resume(epoch, positions, next_stream)
 
 
 @dataclass

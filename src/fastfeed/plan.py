@@ -28,16 +28,62 @@ import numpy as np
 
 from fastfeed.errors import ConfigError
 
-__all__ = ["Piece", "rank_pieces", "rank_sample_count", "shard_order", "worker_pieces"]
+__all__ = ["Piece", "cut", "rank_pieces", "rank_sample_count", "rank_share", "shard_order", "worker_pieces"]
 
 
 @dataclass(frozen=True)
 class Piece:
-    """Read samples ``[skip, skip + limit)`` of shard number ``shard`` (``limit=None``: to the end)."""
+    """Read samples ``[skip, skip + limit)`` of shard number ``shard`` (``limit=None``: to the end).
+
+    ``rows``, when set, names the exact samples to read (ascending indices within the shard;
+    ``skip`` and ``limit`` then span them). Such pieces only arise when a run is resumed on a
+    different world size: they hold what is left of a shuffle block that was partly delivered.
+    """
 
     shard: int
     skip: int = 0
     limit: int | None = None
+    rows: tuple[int, ...] | None = None
+
+    @classmethod
+    def of_rows(cls, shard: int, rows: Sequence[int]) -> Piece:
+        """The piece reading exactly samples ``rows`` (non-empty) of ``shard``."""
+        ordered = tuple(sorted(int(r) for r in rows))
+        return cls(shard, ordered[0], ordered[-1] - ordered[0] + 1, ordered)
+
+    def size(self, counts: Sequence[int]) -> int:
+        """Samples this piece yields, given the shards' sample counts."""
+        if self.rows is not None:
+            return len(self.rows)
+        return (counts[self.shard] - self.skip) if self.limit is None else self.limit
+
+    def indices(self, counts: Sequence[int]) -> Sequence[int]:
+        """The shard's sample indices this piece yields, in order."""
+        if self.rows is not None:
+            return self.rows
+        return range(self.skip, self.skip + self.size(counts))
+
+    def sub(self, lo: int, hi: int, counts: Sequence[int] | None) -> Piece:
+        """The piece yielding this piece's samples ``[lo, hi)`` (``0 <= lo < hi <= size``)."""
+        if self.rows is not None:
+            return Piece.of_rows(self.shard, self.rows[lo:hi])
+        whole_tail = self.limit is None and counts is not None and hi == self.size(counts)
+        return Piece(self.shard, self.skip + lo, None if whole_tail else hi - lo)
+
+
+def cut(pieces: Sequence[Piece], counts: Sequence[int], start: int, end: int) -> list[Piece]:
+    """Pieces covering samples ``[start, end)`` of ``pieces`` laid end to end."""
+    out: list[Piece] = []
+    offset = 0
+    for piece in pieces:
+        size = piece.size(counts)
+        lo, hi = max(start, offset), min(end, offset + size)
+        if lo < hi:
+            out.append(piece if (lo, hi) == (offset, offset + size) else piece.sub(lo - offset, hi - offset, counts))
+        offset += size
+        if offset >= end:
+            break
+    return out
 
 
 def shard_order(num_shards: int, *, seed: int, epoch: int, shuffle: bool) -> list[int]:
@@ -76,39 +122,29 @@ def rank_pieces(
         return [Piece(s) for s in order]
     if counts is None:
         raise ConfigError("splitting across ranks needs per-shard sample counts")
-    total = sum(counts[s] for s in order)
+    return rank_share([Piece(s) for s in order], counts, rank=rank, world_size=world_size, remainder=remainder)
+
+
+def rank_share(
+    pieces: Sequence[Piece], counts: Sequence[int], *, rank: int, world_size: int, remainder: str = "drop"
+) -> list[Piece]:
+    """Rank ``rank``'s contiguous run of the samples of ``pieces`` laid end to end: every rank
+    gets the same number (see the module docstring for ``remainder``)."""
+    total = sum(p.size(counts) for p in pieces)
     per_rank = rank_sample_count(total, world_size, remainder)
     if total == 0 or per_rank == 0:
         return []
-    start = rank * per_rank
-    pieces: list[Piece] = []
-    # With "pad" the run may wrap past the end of the epoch (possibly more than once for tiny
-    # datasets); walk it in sample-index space modulo total.
+    out: list[Piece] = []
+    # With "pad" the run may wrap past the end (possibly more than once for tiny datasets);
+    # walk it in sample-index space modulo total.
     remaining = per_rank
-    cursor = start % total
+    cursor = (rank * per_rank) % total
     while remaining > 0:
         take = min(remaining, total - cursor)
-        pieces.extend(_range_pieces(order, counts, cursor, cursor + take))
+        out.extend(cut(pieces, counts, cursor, cursor + take))
         remaining -= take
         cursor = 0
-    return pieces
-
-
-def _range_pieces(order: Sequence[int], counts: Sequence[int], start: int, end: int) -> list[Piece]:
-    """Pieces covering samples ``[start, end)`` of the shards laid end to end in ``order``."""
-    pieces: list[Piece] = []
-    offset = 0
-    for shard in order:
-        n = counts[shard]
-        lo, hi = max(start, offset), min(end, offset + n)
-        if lo < hi:
-            skip = lo - offset
-            limit = None if hi == offset + n else hi - lo
-            pieces.append(Piece(shard, skip, limit))
-        offset += n
-        if offset >= end:
-            break
-    return pieces
+    return out
 
 
 def worker_pieces(
@@ -127,20 +163,7 @@ def worker_pieces(
         raise ConfigError(f"worker {worker} is outside num_workers {num_workers}")
     if counts is None:
         return list(pieces[worker::num_workers])
-    sizes = [(counts[p.shard] - p.skip) if p.limit is None else p.limit for p in pieces]
-    total = sum(sizes)
+    total = sum(p.size(counts) for p in pieces)
     base, extra = divmod(total, num_workers)
     start = worker * base + min(worker, extra)
-    end = start + base + (1 if worker < extra else 0)
-    out: list[Piece] = []
-    offset = 0
-    for piece, size in zip(pieces, sizes, strict=True):
-        lo, hi = max(start, offset), min(end, offset + size)
-        if lo < hi:
-            skip = piece.skip + (lo - offset)
-            whole_tail = hi == offset + size and piece.limit is None
-            out.append(Piece(piece.shard, skip, None if whole_tail else hi - lo))
-        offset += size
-        if offset >= end:
-            break
-    return out
+    return cut(pieces, counts, start, start + base + (1 if worker < extra else 0))

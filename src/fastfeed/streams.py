@@ -58,6 +58,16 @@ def block_size_for(batch_size: int, shuffle: bool, shuffle_buffer: int, num_stre
     return max(1, math.ceil(shuffle_buffer / num_streams / batch_size)) * batch_size
 
 
+def block_order(dataset: StreamingDataset, segment: int, rank: int, stream: int, block: int, n: int) -> np.ndarray:
+    """The order in which a block's ``n`` samples are delivered: a permutation seeded by
+    ``(seed, epoch, rank, stream, block)`` with shuffling (and the resume segment, after a
+    resume on another world size, see :mod:`fastfeed.reshard`), else ``arange(n)``."""
+    if not (dataset.shuffle and dataset.shuffle_buffer > 1):
+        return np.arange(n)
+    key = [dataset.seed & 0xFFFFFFFF, dataset.epoch, rank, stream, block, 0xB10C] + ([segment] if segment else [])
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(key))).permutation(n)
+
+
 def stream_batches(
     dataset: StreamingDataset,
     stream: int,
@@ -75,6 +85,7 @@ def stream_batches(
     is the number of streams this process runs at once: they split the prefetch budget.
     """
     pieces = dataset.plan(stream, num_streams)
+    segment = dataset.segment
     pos = start or StreamPos()
     if not pieces or pos.piece >= len(pieces):
         return
@@ -98,12 +109,7 @@ def stream_batches(
     def emit(next_start: tuple[int, int]) -> Generator[tuple[T, StreamPos], None, None]:
         nonlocal skip_first
         n = count
-        order = np.arange(n)
-        if dataset.shuffle and dataset.shuffle_buffer > 1:
-            seq = np.random.SeedSequence(
-                [dataset.seed & 0xFFFFFFFF, dataset.epoch, dataset.rank, stream, block_no, 0xB10C]
-            )
-            order = np.random.Generator(np.random.PCG64(seq)).permutation(n)
+        order = block_order(dataset, segment, dataset.rank, stream, block_no, n)
         run_of = np.repeat(np.arange(len(block)), [len(r.keys) for r in block])
         row_of = np.concatenate([np.arange(len(r.keys)) for r in block]) if block else np.zeros(0, np.int64)
         first, skip_first = skip_first, 0
@@ -144,23 +150,36 @@ def stream_batches(
                 if fetch is None:
                     break
                 open_fetches.append(fetch)
-                begin = pos.offset if k == 0 else 0  # samples of this piece to skip (relative)
-                first = piece.skip + begin
+                used = pos.offset if k == 0 else 0  # samples of this piece already read
+                rows = None if piece.rows is None else np.asarray(piece.rows[used:], dtype=np.int64)
+                first = piece.skip + used
                 stop = None if piece.limit is None else piece.skip + piece.limit
                 seen = 0
                 for buffer, scan in iter_sample_runs(fetch.url, fetch.chunks(hold=True)):
                     n = len(scan.keys)
-                    lo, hi = max(first - seen, 0), n if stop is None else min(n, stop - seen)
-                    base = seen  # absolute sample index of row 0 in this shard
+                    base = seen  # the shard's sample index of row 0 of this run
                     seen += n
+                    if rows is None:
+                        lo, hi = max(first - base, 0), n if stop is None else min(n, stop - base)
+                        picked = None
+                    else:  # explicit rows: take those in this run
+                        picked = rows[np.searchsorted(rows, base) : np.searchsorted(rows, seen)] - base
+                        lo, hi = 0, len(picked)
                     while lo < hi:
                         take = min(hi - lo, block_size - count)
-                        fields = {ext: spans[lo : lo + take] for ext, spans in scan.fields.items()}
-                        block.append(ColumnRun(buffer, scan.keys[lo : lo + take], fetch.url, fields))
+                        if picked is None:
+                            fields = {ext: spans[lo : lo + take] for ext, spans in scan.fields.items()}
+                            keys = scan.keys[lo : lo + take]
+                        else:
+                            sel = picked[lo : lo + take]
+                            fields = {ext: spans[sel] for ext, spans in scan.fields.items()}
+                            keys = [scan.keys[i] for i in sel.tolist()]
+                        block.append(ColumnRun(buffer, keys, fetch.url, fields))
                         count += take
                         lo += take
+                        used += take
                         if count == block_size:
-                            nxt = (p, base + lo - piece.skip)
+                            nxt = (p, used)
                             yield from emit(nxt)
                             block_no, block_start = block_no + 1, nxt
                             block, count = [], 0
