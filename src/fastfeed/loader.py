@@ -470,6 +470,10 @@ class DataLoader:
         iteration yields exactly the batches the uninterrupted run had left, in order. Only the
         block each stream was in is read again (at most ``shuffle_buffer`` samples, rounded up
         to whole batches), never earlier shards.
+
+        On a different world size, any one rank's state resumes every new rank (batch size and
+        ``num_streams`` may change too): the samples not yet delivered are split evenly across
+        the new ranks, none repeated (see :mod:`fastfeed.reshard` for the exact guarantee).
         """
         return self._progress.state(self)
 
