@@ -25,6 +25,7 @@ rc=0
 timeout 240 python3 benchmarks/gpu/gpu_check.py "$out/gpu_check.json" || rc=$?
 echo "gpu_check.py: rc=$rc"
 timeout 200 python3 -m pytest -q -p no:cacheprovider -x --timeout 120 \
-  tests/test_loader.py tests/test_resume.py tests/test_gather.py tests/test_columnar.py tests/test_sample_runs.py \
+  tests/test_loader.py tests/test_resume.py tests/test_reshard.py tests/test_gather.py tests/test_columnar.py \
+  tests/test_sample_runs.py \
   -k "not streaming_stats_report" 2>&1 | tee "$out/gpu_pytest.log" | tail -25
 exit $rc

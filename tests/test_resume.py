@@ -7,8 +7,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+import torch
+from torch.utils.data import Dataset, RandomSampler
 
 from fastfeed import ConfigError, DataLoader, StreamingDataset
 from fastfeed.testing.shards import write_synthetic_shards
@@ -128,3 +132,100 @@ def test_state_of_another_epoch_is_ignored(uneven: Path, caplog: pytest.LogCaptu
     fresh.dataset.set_epoch(3)
     assert len(keys_of(list(fresh))) == len(keys_of(list(make(uneven, False, 0))))
     assert "ignoring the loaded state" in caplog.text
+
+
+# --------------------------------------------------------------- map-style datasets, collate_fn
+
+
+class Numbers(Dataset[dict[str, Any]]):
+    def __init__(self, n: int = 103) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"i": i, "x": np.full(3, i, dtype=np.int32)}
+
+
+def indices(batches: list[Any]) -> list[list[int]]:
+    return [b["i"].tolist() for b in batches]
+
+
+def _first_key(samples: list[dict[str, Any]]) -> list[str]:
+    return [f"{s['__url__']}#{s['__key__']}:{len(s['bin'])}" for s in samples]
+
+
+@pytest.mark.parametrize(("before", "after"), [(0, 2), (2, 0)])
+def test_map_style_shuffled_resume_continues_exactly(before: int, after: int) -> None:
+    torch.manual_seed(123)
+    full = indices(list(DataLoader(Numbers(), batch_size=8, shuffle=True, num_workers=before)))
+    assert sorted(i for b in full for i in b) == list(range(103)) and full != sorted(full)
+    torch.manual_seed(123)  # the same loader seed: the same epoch order
+    loader = DataLoader(Numbers(), batch_size=8, shuffle=True, num_workers=before)
+    it = iter(loader)
+    head = [next(it)["i"].tolist() for _ in range(5)]
+    state = json.loads(json.dumps(loader.state_dict()))
+    loader.close()
+    assert head == full[:5]
+    torch.manual_seed(999)  # a fresh process would draw another seed: the state carries the order
+    fresh = DataLoader(Numbers(), batch_size=8, shuffle=True, num_workers=after)
+    fresh.load_state_dict(state)
+    assert indices(list(fresh)) == full[5:]
+
+
+def test_map_style_resume_in_a_later_epoch_with_a_collate_fn() -> None:
+    def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"i": torch.tensor([s["i"] for s in samples])}
+
+    torch.manual_seed(5)
+    reference = DataLoader(Numbers(), batch_size=10, shuffle=True, collate_fn=collate)
+    epochs = [indices(list(reference)) for _ in range(2)]
+    assert epochs[0] != epochs[1]
+    torch.manual_seed(5)
+    loader = DataLoader(Numbers(), batch_size=10, shuffle=True, collate_fn=collate)
+    list(loader)  # epoch 0
+    it = iter(loader)
+    head = [next(it)["i"].tolist() for _ in range(3)]
+    state = loader.state_dict()
+    assert head == epochs[1][:3]
+    fresh = DataLoader(Numbers(), batch_size=10, shuffle=True, collate_fn=collate)
+    fresh.load_state_dict(state)
+    assert indices(list(fresh)) == epochs[1][3:]
+    assert len(indices(list(fresh))) == 11, "the state applies to one iteration; the next is a whole epoch"
+
+
+def test_a_sampler_on_the_global_rng_cannot_be_saved() -> None:
+    ds = Numbers()
+    loader = DataLoader(ds, batch_size=4, sampler=RandomSampler(ds))
+    with pytest.raises(ConfigError, match="global random generator"):
+        loader.state_dict()
+    seeded = DataLoader(ds, batch_size=4, sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(1)))
+    state = seeded.state_dict()
+    with pytest.raises(ConfigError, match="batch_size"):
+        DataLoader(ds, batch_size=5, sampler=RandomSampler(ds, generator=torch.Generator())).load_state_dict(state)
+    with pytest.raises(ConfigError, match="not a map-style loader's"):
+        DataLoader(ds, batch_size=4).load_state_dict({"version": 2, "epoch": 0, "streams": {}})
+
+
+@pytest.mark.parametrize(("before", "after"), [(0, 2), (2, 1)])
+def test_streaming_with_a_collate_fn_resumes_exactly(uneven: Path, before: int, after: int) -> None:
+    def mk(workers: int) -> DataLoader:
+        ds = StreamingDataset(str(uneven), shuffle=True, seed=4, shuffle_buffer=20)
+        ds.set_epoch(2)  # as make() does
+        return DataLoader(ds, batch_size=6, num_workers=workers, num_streams=4, collate_fn=_first_key)
+
+    full = list(mk(before))
+    plain = keys_of(list(make(uneven, True, 0)))
+    # The same streams as without collate_fn, handed to it as WebDataset sample dicts.
+    assert [[k.rsplit(":", 1)[0] for k in b] for b in full] == plain
+    assert all(k.endswith(":700") for b in full for k in b)
+    loader = mk(before)
+    it = iter(loader)
+    head = [next(it) for _ in range(4)]
+    state = loader.state_dict()
+    loader.close()
+    assert head == full[:4]
+    fresh = mk(after)
+    fresh.load_state_dict(state)
+    assert list(fresh) == full[4:]

@@ -412,6 +412,22 @@ class ColumnBatch:
     def __len__(self) -> int:
         return sum(len(run.keys) for run in self.runs)
 
+    def samples(self) -> list[dict[str, Any]]:
+        """The batch as WebDataset sample dicts (``__key__``, ``__url__``, ``bytes`` per
+        extension), for a user ``collate_fn``; copies the bytes out of the shard buffers."""
+        out: list[dict[str, Any]] = []
+        for run in self.runs:
+            view = memoryview(run.buffer).cast("B")
+            exts = list(run.fields.items())
+            for i, key in enumerate(run.keys):
+                sample: dict[str, Any] = {"__key__": key, "__url__": run.url}
+                for ext, spans in exts:
+                    offset, size = int(spans[i, 0]), int(spans[i, 1])
+                    if offset >= 0:
+                        sample[ext] = bytes(view[offset : offset + size])
+                out.append(sample)
+        return out
+
 
 def collate_columns_into(
     batch: ColumnBatch, arena: Arena, make_base: Callable[[], torch.Tensor] | None = None

@@ -22,6 +22,7 @@ pinned memory when CUDA is available, with no per-batch pinning copy), ``pin_mem
 
 from __future__ import annotations
 
+import base64
 import collections
 import itertools
 import logging
@@ -35,7 +36,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import BatchSampler, IterableDataset, RandomSampler, SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
+)
 
 from fastfeed.batch import (
     Arena,
@@ -103,8 +111,10 @@ class _StreamConfig:
         num_streams: int,
         next_stream: int,
         starts: dict[int, StreamPos],
+        collate_fn: Callable[[list[Any]], Any] | None = None,
     ) -> None:
         self.dataset = dataset
+        self.collate_fn = collate_fn
         self.batch_size = batch_size
         self.drop_last = drop_last
         self.num_streams = num_streams
@@ -143,10 +153,11 @@ class _StreamConfig:
                 gen.close()
 
 
-def _is_fast_path(dataset: Any, collate_fn: Any) -> bool:
+def _is_streaming(dataset: Any) -> bool:
+    """Whether the loader reads ``dataset`` as resumable streams (see :mod:`fastfeed.streams`)."""
     from fastfeed.dataset import StreamingDataset
 
-    return collate_fn is None and isinstance(dataset, StreamingDataset)
+    return isinstance(dataset, StreamingDataset)
 
 
 def _rotated(n: int, first: int) -> list[int]:
@@ -294,8 +305,13 @@ class _CollatedStream(IterableDataset[Any]):
         assert info is not None, "_CollatedStream runs in DataLoader workers only"
         worker = info.id
         slots = _WorkerSlots(self.free, worker)
+        user_collate = self.settings.collate_fn
 
         def collate(samples: ColumnBatch) -> Any:
+            if user_collate is not None:
+                start = time.perf_counter()
+                batch = user_collate(samples.samples())
+                return ("user", batch, {"n": len(samples), "collate_s": time.perf_counter() - start})
             return slots.collate(lambda arena: collate_columns_into(samples, arena), len(samples))
 
         settings = self.settings
@@ -435,13 +451,21 @@ class DataLoader:
         self.batch_sampler: Iterable[list[Any]] | None = None
         if not self.iterable:
             if batch_sampler is None:
-                if sampler is None:
-                    sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+                if sampler is None and shuffle:
+                    if generator is None:
+                        # The loader's own generator, seeded from torch's global RNG (so
+                        # torch.manual_seed governs it, as in torch), whose state exact resume saves.
+                        generator = torch.Generator()
+                        generator.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
+                    sampler = RandomSampler(dataset, generator=generator)
+                elif sampler is None:
+                    sampler = SequentialSampler(dataset)
                 batch_sampler = BatchSampler(sampler, batch_size, drop_last)
             self.batch_sampler = batch_sampler
         self._ring = HostRing(self.ring_slots, pin=self.pin)
         self._stats = _StatsSink()
         self._progress = _Progress(dataset)
+        self._sampler_progress = _SamplerProgress(self.batch_sampler) if self.batch_sampler is not None else None
         self._active: weakref.ref[_LoaderIterator] | None = None
         del pin_memory, pin_memory_device, in_order  # accepted for compatibility; see docstring
 
@@ -474,12 +498,30 @@ class DataLoader:
         On a different world size, any one rank's state resumes every new rank (batch size and
         ``num_streams`` may change too): the samples not yet delivered are split evenly across
         the new ranks, none repeated (see :mod:`fastfeed.reshard` for the exact guarantee).
+
+        Map-style datasets: the state is the number of batches delivered this epoch and the
+        sampler's generator state at the epoch's start; resuming replays sampler indices, not
+        data. Raises :class:`~fastfeed.errors.ConfigError` for a sampler drawing from torch's
+        global RNG (give it a ``generator``) and for iterable datasets other than
+        :class:`~fastfeed.StreamingDataset`.
         """
+        if self._sampler_progress is not None:
+            return self._sampler_progress.state(self)
+        if not _is_streaming(self.dataset):
+            raise ConfigError(
+                "state_dict() needs a map-style dataset or a fastfeed.StreamingDataset",
+                hint="an arbitrary iterable dataset cannot be resumed without replaying it",
+            )
         return self._progress.state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict` at the next ``iter(loader)`` (see there)."""
-        self._progress.load(self, state)
+        if self._sampler_progress is not None:
+            self._sampler_progress.load(self, state)
+        elif _is_streaming(self.dataset):
+            self._progress.load(self, state)
+        else:
+            raise ConfigError("load_state_dict() needs a map-style dataset or a fastfeed.StreamingDataset")
 
     def close(self) -> None:
         """Stop the active iteration: its thread and worker processes end within seconds."""
@@ -522,6 +564,10 @@ class _Settings:
         self.batch_size = loader.batch_size
         self.drop_last = loader.drop_last
         self.batch_sampler = loader.batch_sampler
+        if loader._sampler_progress is not None:
+            skip = loader._sampler_progress.start()
+            if skip and self.batch_sampler is not None:
+                self.batch_sampler = _Skip(self.batch_sampler, skip)
         self.num_workers = loader.num_workers
         self.collate_fn = loader.collate_fn
         self.timeout = loader.timeout
@@ -548,13 +594,15 @@ class _Settings:
             loader.num_streams,
             resume.next_stream if resume else 0,
             dict(resume.positions) if resume else {},
+            loader.collate_fn,
         )
 
     # ------------------------------------------------------------------ sources of raw batches
 
     def fast_path(self) -> bool:
-        """Whether the dataset reads its own batches as resumable streams of byte spans."""
-        return _is_fast_path(self.dataset, self.collate_fn)
+        """Whether the dataset reads its own batches as resumable streams of byte spans (with a
+        ``collate_fn``, the spans become sample dicts for it)."""
+        return _is_streaming(self.dataset)
 
     def sample_batches(self) -> Iterator[tuple[Any, ...]]:
         """In-process: lists of samples (or, on the fast path, batches already collated into a
@@ -564,10 +612,15 @@ class _Settings:
             ring = self.ring
             timing = {"collate_s": 0.0}
 
+            user_collate = self.collate_fn
+
             def collate(columns: ColumnBatch) -> tuple[Any, int]:
                 start = time.perf_counter()
-                slot = ring.acquire()
-                batch = collate_columns_into(columns, slot.arena, slot.base)
+                if user_collate is not None:
+                    batch = user_collate(columns.samples())
+                else:
+                    slot = ring.acquire()
+                    batch = collate_columns_into(columns, slot.arena, slot.base)
                 timing["collate_s"] = time.perf_counter() - start
                 return batch, len(columns)
 
@@ -658,6 +711,7 @@ class _LoaderIterator:
     def __init__(self, loader: DataLoader) -> None:
         settings = _Settings(loader)  # reads the resume point, if any
         loader._progress.start(settings.streams)
+        self._sampler_progress = loader._sampler_progress
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=loader.prefetch_batches)
         self._stop = threading.Event()
         self._stats = loader._stats
@@ -701,6 +755,8 @@ class _LoaderIterator:
         batch, event, meta = item
         if meta is not None:
             self._progress.delivered(*meta)
+        elif self._sampler_progress is not None:
+            self._sampler_progress.delivered()
         if self._feeder is not None:
             self._feeder.hand_over(batch, event)
         return batch
@@ -816,6 +872,104 @@ def _assemble(
     return batch, event, nbytes, n, times
 
 
+class _SamplerProgress:
+    """Progress through a map-style dataset's batch sampler: the batches delivered in the current
+    iteration, and the state of the sampler's random generators when the iteration started (the
+    order is a function of those; samplers without a generator, like ``DistributedSampler``,
+    must be deterministic for their epoch). Resuming replays the sampler's indices, not data."""
+
+    VERSION = 1
+
+    def __init__(self, batch_sampler: Iterable[list[Any]]) -> None:
+        self.batch_sampler = batch_sampler
+        self._lock = threading.Lock()
+        self.generators = _sampler_generators(batch_sampler)
+        self.start_states: list[torch.Tensor] = []
+        self.batches = 0
+        self.pending_skip: int | None = None
+
+    def start(self) -> int:
+        """A new iteration: returns how many batches to skip (a loaded state's), once."""
+        with self._lock:
+            skip, self.pending_skip = self.pending_skip or 0, None
+            self.start_states = [g.get_state() for g in self.generators or ()]
+            self.batches = skip
+            return skip
+
+    def delivered(self) -> None:
+        with self._lock:
+            self.batches += 1
+
+    def state(self, loader: DataLoader) -> dict[str, Any]:
+        if self.generators is None:
+            raise ConfigError(
+                "state_dict(): the sampler draws its order from torch's global random generator, so a resumed "
+                "run could not repeat it",
+                hint="pass generator=torch.Generator() to the sampler, or use shuffle=True (the loader then "
+                "keeps its own generator)",
+            )
+        with self._lock:
+            return {
+                "version": self.VERSION,
+                "kind": "sampler",
+                "batches": self.batches,
+                "batch_size": loader.batch_size,
+                "drop_last": loader.drop_last,
+                "dataset_len": len(loader.dataset),
+                "generators": [base64.b64encode(bytes(st.numpy())).decode() for st in self.start_states],
+            }
+
+    def load(self, loader: DataLoader, state: dict[str, Any]) -> None:
+        if state.get("kind") != "sampler" or state.get("version") != self.VERSION:
+            raise ConfigError(
+                "cannot resume: this state is not a map-style loader's",
+                hint="load the state_dict() of a loader over the same kind of dataset",
+            )
+        expect = {"batch_size": loader.batch_size, "drop_last": loader.drop_last, "dataset_len": len(loader.dataset)}
+        for key, value in expect.items():
+            if state.get(key) != value:
+                raise ConfigError(
+                    f"cannot resume: the saved loader state has {key}={state.get(key)!r}, this loader {value!r}",
+                    hint="resume with the same dataset, batch size and sampler",
+                )
+        saved = state["generators"]
+        if self.generators is None or len(saved) != len(self.generators):
+            raise ConfigError("cannot resume: the sampler's random generators differ from the saved state's")
+        with self._lock:
+            for g, text in zip(self.generators, saved, strict=True):
+                g.set_state(torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8))
+            self.pending_skip = int(state["batches"])
+
+
+def _sampler_generators(batch_sampler: Any) -> list[torch.Generator] | None:
+    """The generators behind a (batch) sampler chain, or None if one draws from the global RNG."""
+    gens: list[torch.Generator] = []
+    obj, seen = batch_sampler, set()
+    while obj is not None and id(obj) not in seen:
+        seen.add(id(obj))
+        if hasattr(obj, "generator"):
+            g = obj.generator
+            if isinstance(g, torch.Generator):
+                gens.append(g)
+            elif isinstance(obj, RandomSampler | SubsetRandomSampler | WeightedRandomSampler):
+                return None  # generator=None: a fresh seed from the global RNG per iteration
+        obj = getattr(obj, "sampler", None)
+    return gens
+
+
+class _Skip:
+    """A batch sampler without its first ``skip`` batches (indices are generated, not loaded)."""
+
+    def __init__(self, batch_sampler: Iterable[list[Any]], skip: int) -> None:
+        self.batch_sampler, self.skip = batch_sampler, skip
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        return itertools.islice(iter(self.batch_sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.batch_sampler) - self.skip)  # type: ignore[arg-type]
+
+
 class _Progress:
     """What the training loop has received this epoch (written by the iterator on each batch)."""
 
@@ -842,11 +996,6 @@ class _Progress:
             self.next_stream = stream + 1  # taken modulo num_streams when resuming
 
     def state(self, loader: DataLoader) -> dict[str, Any]:
-        if not _is_fast_path(loader.dataset, loader.collate_fn):
-            raise ConfigError(
-                "state_dict() needs a fastfeed.StreamingDataset and no collate_fn",
-                hint="exact resume for other datasets is not implemented yet",
-            )
         ds = self.dataset
         with self._lock:
             return {
