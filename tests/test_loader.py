@@ -419,3 +419,43 @@ def test_batches_spanning_more_shards_than_are_in_flight(tmp_path: Path, shuffle
     batches = list(DataLoader(ds, batch_size=10, num_streams=2))
     got = sorted(f"{u}#{k}" for b in batches for u, k in zip(b["__url__"], b["__key__"], strict=True))
     assert got == expected
+
+
+class RegionOps(FakeOps):
+    """A simulated device that also takes one-region copies (as CudaOps does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.regions: list[int] = []
+
+    def copy_region(self, region: torch.Tensor, layout: Any) -> tuple[Any, Any]:
+        from fastfeed.batch import from_layout
+
+        self.events += 1
+        self.regions.append(region.numel())
+        return from_layout(layout, region.clone()), self.events
+
+
+def test_collated_batches_cross_to_the_device_as_one_region() -> None:
+    from fastfeed.batch import collate_into
+    from fastfeed.device import region_layout
+
+    ring = HostRing(1)
+    slot = ring.acquire()
+    samples = [Records()[i] for i in range(4)]
+    host = collate_into(samples, slot.arena, slot.base)
+    found = region_layout(host)
+    assert found is not None
+    region = found[0]
+    assert 0 < region.numel() <= slot.arena.nbytes
+    ops = RegionOps()
+    device_batch, event = DeviceFeeder(ops).copy(host)
+    assert ops.regions == [region.numel()] and event == 1
+    assert torch.equal(device_batch["x"], host["x"]) and device_batch["raw"].tolist() == host["raw"].tolist()
+    assert device_batch["x"].data_ptr() != host["x"].data_ptr(), "the device batch views the copied region"
+    # Tensors of several storages (a user collate_fn's batch) go tensor by tensor.
+    assert region_layout({"a": torch.ones(3), "b": torch.zeros(2)}) is None
+    assert region_layout({"a": torch.ones(4, 4).t()}) is None, "non-contiguous"
+    mixed = DeviceFeeder(ops).copy({"a": torch.ones(3), "b": torch.zeros(2)})[0]
+    assert mixed == {"copied": {"a": mixed["copied"]["a"], "b": mixed["copied"]["b"]}}
+    assert ops.regions == [region.numel()]

@@ -19,14 +19,15 @@ tests drive the same bookkeeping with a simulated stream (see ``tests/test_loade
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 from typing import Any, Protocol
 
 import torch
 
-from fastfeed.batch import tree_map_tensors
+from fastfeed.batch import from_layout, layout_extent, to_layout, tree_map_tensors
 
-__all__ = ["CudaOps", "DeviceFeeder", "DeviceOps", "HostPinner"]
+__all__ = ["CudaOps", "DeviceFeeder", "DeviceOps", "HostPinner", "RegionCopy", "region_layout"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,17 @@ class DeviceOps(Protocol):
     def hand_over(self, batch: Any, event: Any) -> None:
         """Make the consumer's stream wait for ``event`` before using ``batch``."""
 
+    # Optional: ``copy_region(region, layout) -> (device_batch, event)`` copies one contiguous
+    # host region in one transfer; the device batch is ``from_layout(layout, device_region)``.
+
+
+@dataclasses.dataclass
+class RegionCopy:
+    """The event of a one-region copy, and the device region its batch views."""
+
+    event: Any
+    region: torch.Tensor
+
 
 class CudaOps:
     """:class:`DeviceOps` on a dedicated side stream of a CUDA device."""
@@ -61,16 +73,31 @@ class CudaOps:
             event.record(self.stream)
         return out, event
 
+    def copy_region(self, region: torch.Tensor, layout: Any) -> tuple[Any, Any]:
+        with torch.cuda.stream(self.stream):
+            dev = torch.empty(region.numel(), dtype=torch.uint8, device=self.device)
+            dev.copy_(region, non_blocking=True)
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record(self.stream)
+        return from_layout(layout, dev), RegionCopy(event, dev)
+
     def done(self, event: Any) -> bool:
-        return bool(event.query())
+        return bool(_event(event).query())
 
     def synchronize(self, event: Any) -> None:
-        event.synchronize()
+        _event(event).synchronize()
 
     def hand_over(self, batch: Any, event: Any) -> None:
         stream = torch.cuda.current_stream(self.device)
-        stream.wait_event(event)
-        tree_map_tensors(batch, lambda t: t.record_stream(stream))
+        stream.wait_event(_event(event))
+        if isinstance(event, RegionCopy):
+            event.region.record_stream(stream)  # one allocation behind every field
+        else:
+            tree_map_tensors(batch, lambda t: t.record_stream(stream))
+
+
+def _event(token: Any) -> Any:
+    return token.event if isinstance(token, RegionCopy) else token
 
 
 class SyncOps:
@@ -81,6 +108,9 @@ class SyncOps:
 
     def copy(self, batch: Any) -> tuple[Any, Any]:
         return tree_map_tensors(batch, lambda t: t.to(self.device)), None
+
+    def copy_region(self, region: torch.Tensor, layout: Any) -> tuple[Any, Any]:
+        return from_layout(layout, region.to(self.device)), None
 
     def done(self, event: Any) -> bool:
         return True
@@ -106,8 +136,18 @@ class DeviceFeeder:
         return cls(CudaOps(device) if device.type == "cuda" else SyncOps(device))
 
     def copy(self, host_batch: Any) -> tuple[Any, Any]:
-        """[producer] Start the copy; the host batch stays referenced until it completes."""
-        device_batch, event = self.ops.copy(host_batch)
+        """[producer] Start the copy; the host batch stays referenced until it completes.
+
+        A batch whose tensors all view one host region (every batch fastfeed collates: a ring
+        slot or a worker slot) is copied as that region, in one transfer into one device
+        allocation; other batches tensor by tensor.
+        """
+        found = region_layout(host_batch)
+        copy_region = getattr(self.ops, "copy_region", None)
+        if found is not None and copy_region is not None:
+            device_batch, event = copy_region(*found)
+        else:
+            device_batch, event = self.ops.copy(host_batch)
         if event is not None:
             self._pending.append((event, host_batch))
         return device_batch, event
@@ -167,3 +207,20 @@ class HostPinner:
     def unregister(self, tensor: torch.Tensor) -> None:
         """Undo :meth:`register` (every copy from the memory must have completed)."""
         torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr())  # type: ignore[no-untyped-call]
+
+
+def region_layout(batch: Any) -> tuple[torch.Tensor, Any] | None:
+    """``(region, layout)`` if every tensor of ``batch`` is a contiguous CPU view of one storage:
+    ``region`` is that storage's bytes up to the last tensor's end, and
+    ``from_layout(layout, region)`` rebuilds the batch. None otherwise (or without tensors)."""
+    tensors: list[torch.Tensor] = []
+    tree_map_tensors(batch, lambda t: tensors.append(t) or t)  # type: ignore[func-returns-value]
+    if not tensors:
+        return None
+    ptr = tensors[0].untyped_storage().data_ptr()
+    for t in tensors:
+        if t.device.type != "cpu" or not t.is_contiguous() or t.untyped_storage().data_ptr() != ptr:
+            return None
+    base = torch.empty(0, dtype=torch.uint8).set_(tensors[0].untyped_storage())
+    layout = to_layout(batch, base)
+    return base[: layout_extent(layout)], layout
