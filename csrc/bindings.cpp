@@ -578,6 +578,67 @@ nb::object gather_spans(nb::handle dst, nb::handle src, nb::handle spans_obj,
   throw nb::python_error();
 }
 
+// ---------------------------------------------------------------------------------------------
+// parse_ints(): WebDataset's small ASCII integer fields (.cls, .idx, ...) of a whole batch at
+// once. Twin: RaggedBytes._to_ints_py() in src/fastfeed/batch.py (the tests compare them).
+
+bool is_space(std::uint8_t c) { return c == ' ' || (c >= 9 && c <= 13); }
+
+// One item: optional spaces, an optional sign, 1 to 18 digits, optional spaces.
+bool parse_one(const std::uint8_t* p, std::int64_t len, std::int64_t& value) {
+  std::int64_t i = 0;
+  while (i < len && is_space(p[i])) ++i;
+  bool negative = false;
+  if (i < len && (p[i] == '-' || p[i] == '+')) negative = p[i++] == '-';
+  const std::int64_t first = i;
+  std::int64_t v = 0;
+  while (i < len && p[i] >= '0' && p[i] <= '9' && i - first < 18) v = v * 10 + (p[i++] - '0');
+  if (i == first) return false;
+  while (i < len && is_space(p[i])) ++i;
+  if (i != len) return false;
+  value = negative ? -v : v;
+  return true;
+}
+
+// parse_ints(data, offsets, out) -> index of the first item that is not an integer, or -1
+Py_ssize_t parse_ints(nb::handle data_obj, nb::handle offsets_obj, nb::handle out_obj) {
+  Exports ex(3);
+  Py_buffer* dv = export_readable(ex, data_obj.ptr(), "data", "");
+  Py_buffer* ov = export_readable(ex, offsets_obj.ptr(), "offsets", "int64 ");
+  Py_buffer* outv = export_writable(ex, out_obj.ptr(), "out", "int64 ");
+  if (!is_int64_format(ov->format, ov->itemsize) || !is_int64_format(outv->format, outv->itemsize)) {
+    PyErr_SetString(PyExc_TypeError, "offsets and out must hold int64 values");
+    throw nb::python_error();
+  }
+  const Py_ssize_t n = ov->len / 8 - 1;
+  if (n < 0 || outv->len / 8 < n) {
+    PyErr_Format(PyExc_ValueError, "out has %zd elements, needs %zd", outv->len / 8, n);
+    throw nb::python_error();
+  }
+  const auto* base = static_cast<const std::uint8_t*>(dv->buf);
+  const auto data_len = static_cast<std::int64_t>(dv->len);
+  const auto* offs = static_cast<const std::uint8_t*>(ov->buf);
+  auto* out = static_cast<std::uint8_t*>(outv->buf);
+  Py_ssize_t bad = -1;
+  {
+    nb::gil_scoped_release nogil;  // the exports pin every buffer
+    std::int64_t lo = 0;
+    std::memcpy(&lo, offs, 8);
+    for (Py_ssize_t i = 0; i < n && bad < 0; ++i) {
+      std::int64_t hi = 0;
+      std::memcpy(&hi, offs + (i + 1) * 8, 8);
+      std::int64_t value = 0;
+      if (lo < 0 || hi < lo || hi > data_len || !parse_one(base + lo, hi - lo, value)) {
+        bad = i;
+      } else {
+        std::memcpy(out + i * 8, &value, 8);
+      }
+      lo = hi;
+    }
+  }
+  return bad;
+}
+
 }  // namespace
 
 NB_MODULE(_native, m) {
@@ -613,6 +674,11 @@ NB_MODULE(_native, m) {
         "duplicate)\n\n"
         "Group the tar members in buf[pos:] into WebDataset samples (the tar scan runs with the\n"
         "GIL released); max_samples < 0: no limit. Use fastfeed.columnar.scan_samples.");
+  m.def("parse_ints", &parse_ints, nb::arg("data").none(), nb::arg("offsets").none(),
+        nb::arg("out").none(),
+        "parse_ints(data, offsets, out) -> index of the first non-integer item, or -1\n\n"
+        "Parse each data[offsets[i]:offsets[i + 1]] as an ASCII integer into int64 out[i]\n"
+        "(GIL released); use fastfeed.batch.RaggedBytes.to_ints.");
   m.def("gather_spans", &gather_spans, nb::arg("dst").none(), nb::arg("src").none(),
         nb::arg("spans").none(), nb::arg("dst_offset").none(), nb::arg("offsets").none(),
         "gather_spans(dst, src, spans, dst_offset, offsets) -> bytes written\n\n"

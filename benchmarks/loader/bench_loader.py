@@ -11,7 +11,7 @@ worker count and each repeat (order rotated) measures batches/s of one full pass
   collation, same per-sample dataset);
 * ``fastfeed``: ``fastfeed.DataLoader(ds)`` on the ``StreamingDataset`` itself: records are
   gathered from the fetched bytes into one flat buffer (``RaggedBytes``) and viewed as
-  ``[B, 4096]``; labels parsed from the ``.cls`` field per batch.
+  ``[B, 4096]``; labels parsed from the ``.cls`` field per batch by ``RaggedBytes.to_ints()``.
 
 Every contender ends each batch with the same tensors (records ``[B, 4096]`` uint8, labels
 ``[B]`` int64). Reports medians and ratios to torch.
@@ -71,7 +71,7 @@ def run(kind: str, ds: Decoded, batch: int, workers: int, record: int) -> dict[s
     for b in loader:
         if kind == "fastfeed":
             rec = b["bin"].data.view(-1, record)
-            label = torch.tensor([int(x) for x in b["cls"]])
+            label = b["cls"].to_ints()  # one native parse of the ASCII labels
         else:
             rec, label = b["rec"], b["label"]
         if not isinstance(rec, torch.Tensor) or rec.shape[0] != label.shape[0]:

@@ -70,3 +70,10 @@ def gather_spans(
     Returns the number of bytes written; semantics, checks and errors as
     :func:`fastfeed.columnar.gather_spans`.
     """
+
+def parse_ints(data: Buffer | NDArray[Any], offsets: Buffer | NDArray[Any], out: Buffer | NDArray[Any]) -> int:
+    """Parse each ``data[offsets[i]:offsets[i + 1]]`` as an ASCII integer into ``out[i]``.
+
+    Returns the index of the first item that is not an integer, or -1. Semantics as
+    :meth:`fastfeed.batch.RaggedBytes.to_ints`.
+    """

@@ -78,6 +78,35 @@ class RaggedBytes:
         """Length of each item, ``int64 [B]``."""
         return self.offsets[1:] - self.offsets[:-1]
 
+    def to_ints(self) -> torch.Tensor:
+        """Each item parsed as an ASCII decimal integer (WebDataset's ``.cls``, ``.idx``...):
+        ``int64 [B]``, in one native pass, no per-item Python objects. Surrounding whitespace
+        and a leading ``-`` or ``+`` are allowed; at most 18 digits.
+
+        Raises:
+            ValueError: an item that is not such an integer (the first one, named).
+        """
+        from fastfeed import _native
+
+        data = self.data.cpu().contiguous().numpy()
+        offsets = self.offsets.cpu().contiguous().numpy()
+        out = np.empty(max(len(offsets) - 1, 0), dtype=np.int64)
+        bad = _native.parse_ints(data, offsets, out) if len(out) else -1
+        if bad >= 0:
+            raise ValueError(f"item {bad} of the batch is not an integer: {self[bad]!r}")
+        return torch.from_numpy(out)
+
+    def _to_ints_py(self) -> torch.Tensor:
+        """Reference for :meth:`to_ints` (tests)."""
+        values = []
+        for i, item in enumerate(self):
+            text = item.decode("ascii", errors="replace").strip(" \t\n\r\x0b\x0c")
+            digits = text[1:] if text[:1] in ("-", "+") else text
+            if not (0 < len(digits) <= 18 and digits.isascii() and digits.isdigit()):
+                raise ValueError(f"item {i} of the batch is not an integer: {item!r}")
+            values.append(int(text))
+        return torch.tensor(values, dtype=torch.int64)
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> RaggedBytes:
         """Both tensors moved to ``device``."""
         return RaggedBytes(
@@ -319,6 +348,8 @@ def tree_map_tensors(batch: Any, fn: Any) -> Any:
     """Apply ``fn`` to every tensor (and both tensors of every RaggedBytes) in ``batch``."""
     if isinstance(batch, torch.Tensor):
         return fn(batch)
+    if type(batch) in _LEAVES:
+        return batch
     if isinstance(batch, RaggedBytes):
         # Not the dataclass constructor's type check: a layout's RaggedBytes holds TensorRefs.
         return RaggedBytes(fn(batch.data), fn(batch.offsets))
@@ -327,8 +358,14 @@ def tree_map_tensors(batch: Any, fn: Any) -> Any:
     if isinstance(batch, tuple):
         return tuple(tree_map_tensors(v, fn) for v in batch)
     if isinstance(batch, list):
+        if batch and type(batch[0]) in _LEAVES and all(type(v) in _LEAVES for v in batch):
+            return batch  # e.g. __key__ / __url__ columns: nothing to map, and nothing copied
         return [tree_map_tensors(v, fn) for v in batch]
     return batch
+
+
+#: Types that hold no tensor (a fast exit from tree_map_tensors).
+_LEAVES = frozenset({str, bytes, int, float, bool, type(None)})
 
 
 # ----------------------------------------------------------------------------------- layouts
