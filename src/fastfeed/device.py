@@ -191,14 +191,21 @@ class HostPinner:
     substitute an object with the same two methods.
     """
 
+    def __init__(self) -> None:
+        self.failures = 0
+
     def register(self, tensor: torch.Tensor) -> bool:
-        """Page-lock ``tensor``'s memory; False (and a debug log) if CUDA refuses."""
+        """Page-lock ``tensor``'s memory; False (and a warning, once) if CUDA refuses."""
         cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
         err = cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0)
         if int(err) != 0:
-            log.debug(
-                "cudaHostRegister of a %d-byte worker slot failed (%s); copies from it stay synchronous",
+            self.failures += 1
+            # Once per pinner (a loader iteration): the batches stay correct, only slower to copy.
+            (log.warning if self.failures == 1 else log.debug)(
+                "cudaHostRegister of a %d-byte worker slot at %#x failed (%s); copies from it are "
+                "synchronous (check the locked-memory limit, ulimit -l)",
                 tensor.numel(),
+                tensor.data_ptr(),
                 err,
             )
             return False
