@@ -51,6 +51,15 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--demo-shard-size", default="16MiB", help="bytes per synthetic shard (--demo)")
     bench.add_argument("--json", dest="json_path", help="write every figure and the config to this file")
     bench.add_argument("-v", "--verbose", action="store_true", help="log fastfeed's INFO messages")
+    cache = sub.add_parser("cache", help="inspect or clear a node's shard cache (StreamingDataset(cache_dir=...))")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    info = cache_sub.add_parser("info", help="entries and bytes in a cache directory")
+    info.add_argument("dir")
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    clear = cache_sub.add_parser("clear", help="remove every entry no process is reading (safe while training)")
+    clear.add_argument("dir")
+    for p in (info, clear):
+        p.add_argument("-v", "--verbose", action="store_true", help="log fastfeed's INFO messages")
     return parser
 
 
@@ -63,12 +72,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "bench":
             return _bench(args)
+        if args.command == "cache":
+            return _cache(args)
     except FastfeedError as err:
         print(f"fastfeed: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     return 1
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from fastfeed.cache import cache_info, clear_cache
+
+    if args.cache_command == "info":
+        info = cache_info(args.dir)
+        if args.json:
+            print(json.dumps(info.__dict__, indent=2))
+        else:
+            print(f"{info.dir}: {info.entries} shard(s), {format_size(info.entry_bytes)}", end="")
+            print(f"; {info.partial} being filled ({format_size(info.partial_bytes)} so far)" if info.partial else "")
+        return 0
+    removed, in_use = clear_cache(args.dir)
+    print(f"removed {removed} file(s)" + (f"; {in_use} in use by running processes, kept" if in_use else ""))
+    return 0
 
 
 def _bench(args: argparse.Namespace) -> int:

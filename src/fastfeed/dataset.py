@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
+from fastfeed.cache import CacheConfig, Planner, ShardCache, entry_key, url_hash_of
 from fastfeed.config import PrefetchConfig, S3Config
 from fastfeed.errors import ConfigError
 from fastfeed.plan import Piece, rank_pieces, rank_sample_count, shard_order, worker_pieces
@@ -66,6 +67,14 @@ class StreamingDataset(IterableDataset[Sample]):
         remainder: with several ranks, every rank yields exactly the same number of samples
             per epoch; ``"drop"`` skips the last ``total % world_size`` samples of the epoch's
             order, ``"pad"`` wraps around and repeats up to ``world_size - 1`` samples.
+        cache_dir, cache_limit: cache shards on this node's local disk, bounded by
+            ``cache_limit`` bytes (``"500GB"``): each shard is fetched from the store once per
+            node and shared by every worker, rank and job there (see :mod:`fastfeed.cache`).
+            A limit that cannot hold ``shards_in_flight`` of the largest shard is an error.
+        cache_on_error: ``"warn"`` (default) or ``"raise"`` when the cache directory is not
+            writable or its disk is full; with ``"warn"`` reading continues from the store.
+        cache_policy: ``"belady"`` (default; evicts the shard this dataset needs again
+            farthest in the future, by its deterministic plan) or ``"lru"``.
         index_cache: where per-shard sample counts of objects in a store are remembered (keyed by
             URL, ETag and size), so a dataset is scanned once per machine when counts are needed
             (several ranks, ``len()``); ``None`` disables it.
@@ -100,6 +109,10 @@ class StreamingDataset(IterableDataset[Sample]):
         world_size: int | None = None,
         remainder: str = "drop",
         index_cache: str | os.PathLike[str] | None = "~/.cache/fastfeed/counts",
+        cache_dir: str | os.PathLike[str] | None = None,
+        cache_limit: int | str | None = None,
+        cache_on_error: str = "warn",
+        cache_policy: str = "belady",
     ) -> None:
         super().__init__()
         if s3 is None:
@@ -132,6 +145,10 @@ class StreamingDataset(IterableDataset[Sample]):
         self._io_done = FetchStats()  # finished iterations of this process
         self._io_live: list[FetchStats] = []  # iterations (streams) in progress
         self.shards: list[ObjectInfo] = resolve_source(source, StoreSet(self._control_plane))
+        self.cache_config = self._check_cache(cache_dir, cache_limit, cache_on_error, cache_policy)
+        #: Streams the epoch is read as (set by fastfeed.DataLoader); the cache's plan uses it.
+        self.read_streams = 1
+        self._planners: dict[tuple[int, int], Planner] = {}
         self._counts: list[int] | None = None
         if self.world_size > 1:
             self._counts = self._count_samples()
@@ -186,6 +203,10 @@ class StreamingDataset(IterableDataset[Sample]):
             totals["fetch_wait_s"] += live.wait_s
             totals["bytes_fetched"] += live.bytes_fetched
             totals["requests"] += live.requests
+        done = self._io_done
+        totals["cache_hits"] = float(done.cache_hits + sum(x.cache_hits for x in self._io_live))
+        totals["cache_misses"] = float(done.cache_misses + sum(x.cache_misses for x in self._io_live))
+        totals["bytes_from_cache"] = float(done.bytes_from_cache + sum(x.bytes_from_cache for x in self._io_live))
         return totals
 
     def plan(self, worker: int = 0, num_workers: int = 1, epoch: int | None = None) -> list[Piece]:
@@ -241,7 +262,11 @@ class StreamingDataset(IterableDataset[Sample]):
         """
         shards = [self.shards[p.shard] for p in pieces]
         cfg = self.stream_prefetch_config(share)
-        prefetcher = Prefetcher(shards, StoreSet(self.s3_config), cfg)
+        cache = planner = None
+        if self.cache_config is not None:
+            cache = ShardCache.for_config(self.cache_config)
+            planner = self._cache_planner() if self.cache_config.policy == "belady" else None
+        prefetcher = Prefetcher(shards, StoreSet(self.s3_config), cfg, cache, planner)
         self._io_live.append(prefetcher.stats)
         try:
             yield prefetcher
@@ -251,6 +276,9 @@ class StreamingDataset(IterableDataset[Sample]):
             self._io_done.wait_s += prefetcher.stats.wait_s
             self._io_done.bytes_fetched += prefetcher.stats.bytes_fetched
             self._io_done.requests += prefetcher.stats.requests
+            self._io_done.cache_hits += prefetcher.stats.cache_hits
+            self._io_done.cache_misses += prefetcher.stats.cache_misses
+            self._io_done.bytes_from_cache += prefetcher.stats.bytes_from_cache
 
     def stream_prefetch_config(self, share: int = 1) -> PrefetchConfig:
         """The prefetch bounds of one of ``share`` prefetchers running at once in a process. Each
@@ -264,6 +292,72 @@ class StreamingDataset(IterableDataset[Sample]):
                 shards_in_flight=max(1, cfg.shards_in_flight // share),
             )
         return cfg
+
+    def _check_cache(
+        self, cache_dir: str | os.PathLike[str] | None, cache_limit: int | str | None, on_error: str, policy: str
+    ) -> CacheConfig | None:
+        if cache_dir is None:
+            if cache_limit is not None:
+                raise ConfigError("cache_limit needs a cache_dir")
+            return None
+        if cache_limit is None:
+            raise ConfigError("cache_dir needs a cache_limit", hint='e.g. cache_limit="500GB"')
+        config = CacheConfig.of(cache_dir, cache_limit, on_error, policy)
+        cached = [s.size for s in self.shards if not s.url.startswith("file://")]
+        need = max(cached, default=0) * self.prefetch_config.shards_in_flight
+        if need > config.limit:
+            raise ConfigError(
+                f"cache_limit {config.limit} bytes cannot hold the largest shard ({max(cached)} bytes) times the "
+                f"{self.prefetch_config.shards_in_flight} shards a reader keeps in flight ({need} bytes)",
+                url=config.dir,
+                hint="raise cache_limit or lower shards_in_flight",
+            )
+        return config
+
+    def _cache_planner(self) -> Planner:
+        """The cache's view of the future (see :mod:`fastfeed.cache`): when each shard is read
+        next, in epochs from the start of the current one. All ranks and streams of a node
+        advance together, so a shard's time in an epoch is its offset along the stream that
+        reads it, over that stream's length."""
+        key = (self.epoch, self.read_streams)
+        planner = self._planners.get(key)
+        if planner is None:
+            times = [self._use_times(self.epoch), self._use_times(self.epoch + 1)]
+
+            def next_use(url_hash: str, now_hash: str) -> float | None:
+                current = times[0].get(now_hash, [0.0])
+                now = min(current) if current else 0.0
+                later = [t for t in times[0].get(url_hash, []) if t > now]
+                if later:
+                    return min(later)
+                following = times[1].get(url_hash)
+                return 1.0 + min(following) if following else None
+
+            planner = self._planners[key] = next_use
+        return planner
+
+    def _use_times(self, epoch: int) -> dict[str, list[float]]:
+        counts = self._counts
+        out: dict[str, list[float]] = {}
+        order = shard_order(len(self.shards), seed=self.seed, epoch=epoch, shuffle=self.shuffle)
+        streams = max(1, self.read_streams)
+        for rank in range(self.world_size):
+            if self.world_size > 1 and counts is not None:
+                base = rank_pieces(order, counts, rank=rank, world_size=self.world_size, remainder=self.remainder)
+            else:
+                base = rank_pieces(order, None, rank=0, world_size=1)
+            for v in range(streams):
+                pieces = worker_pieces(
+                    base, worker=v, num_workers=streams, counts=counts if self.world_size > 1 else None
+                )
+                sizes = [p.size(counts) if counts is not None else 1 for p in pieces]
+                total = max(1, sum(sizes))
+                offset = 0
+                for piece, size in zip(pieces, sizes, strict=True):
+                    url_hash = url_hash_of(entry_key(self.shards[piece.shard]))
+                    out.setdefault(url_hash, []).append(offset / total)
+                    offset += size
+        return out
 
     def _read(self, pieces: list[Piece]) -> Iterator[Sample]:
         if not pieces:

@@ -95,6 +95,13 @@ class LoaderStats:
     collate_s: float = 0.0
     #: Copying into the ring / issuing device copies.
     copy_s: float = 0.0
+    #: Bytes read from the store (S3 or local files), and from the node's cache (fastfeed
+    #: datasets with ``cache_dir``).
+    bytes_fetched: int = 0
+    bytes_from_cache: int = 0
+    #: Shards found complete in the cache, and shards that were not (fetched, or waited for).
+    cache_hits: int = 0
+    cache_misses: int = 0
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -125,8 +132,9 @@ class _StreamConfig:
         self, streams: list[int], collate: Callable[[ColumnBatch], Any]
     ) -> Generator[tuple[Any, ...], None, None]:
         """Round-robin over ``streams`` (those still running), each from its resume position:
-        ``("batch", stream, value, position_after, io_fetch_delta)`` items, then an ``("end",
-        stream)`` item when a stream is exhausted."""
+        ``("batch", stream, value, position_after, io_deltas)`` items (``io_deltas``: the
+        :class:`LoaderStats` I/O fields this batch added), then an ``("end", stream)`` item
+        when a stream is exhausted."""
         io_stats = self.dataset.io_stats
         gens = {
             v: stream_batches(
@@ -139,18 +147,29 @@ class _StreamConfig:
         v = streams[0] if streams else 0
         try:
             while live:
-                fetch0 = io_stats()["fetch_wait_s"]
+                io0 = io_stats()
                 try:
                     value, after = next(gens[v])
                 except StopIteration:
                     live.discard(v)
                     yield ("end", v)
                 else:
-                    yield ("batch", v, value, after, io_stats()["fetch_wait_s"] - fetch0)
+                    yield ("batch", v, value, after, _io_delta(io0, io_stats()))
                 v = _cyclic_next(v, live, self.num_streams)
         finally:
             for gen in gens.values():
                 gen.close()
+
+
+def _io_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """The dataset's I/O counters between two ``io_stats()`` snapshots, as LoaderStats fields."""
+    return {
+        "fetch_s": after["fetch_wait_s"] - before["fetch_wait_s"],
+        **{
+            key: int(after.get(key, 0) - before.get(key, 0))
+            for key in ("bytes_fetched", "cache_hits", "cache_misses", "bytes_from_cache")
+        },
+    }
 
 
 def _is_streaming(dataset: Any) -> bool:
@@ -320,8 +339,8 @@ class _CollatedStream(IterableDataset[Any]):
             if item[0] == "end":
                 yield ("end", item[1])
             else:
-                _, v, message, after, fetch = item
-                message[-1]["fetch_s"] = fetch
+                _, v, message, after, io = item
+                message[-1].update(io)
                 yield (*message[:-1], (v, after), message[-1])
 
 
@@ -465,6 +484,8 @@ class DataLoader:
         self._ring = HostRing(self.ring_slots, pin=self.pin)
         self._stats = _StatsSink()
         self._progress = _Progress(dataset)
+        if _is_streaming(dataset):
+            dataset.read_streams = num_streams  # the cache plans by the streams actually read
         self._sampler_progress = _SamplerProgress(self.batch_sampler) if self.batch_sampler is not None else None
         self._active: weakref.ref[_LoaderIterator] | None = None
         del pin_memory, pin_memory_device, in_order  # accepted for compatibility; see docstring
@@ -635,10 +656,10 @@ class _Settings:
                         return
                     if item[0] == "end":
                         continue
-                    _, v, (batch, n), after, fetch = item
+                    _, v, (batch, n), after, io = item
                     elapsed = time.perf_counter() - start
-                    times = {"n": n, "fetch_s": fetch, "collate_s": timing["collate_s"]}
-                    times["parse_s"] = max(0.0, elapsed - fetch - timing["collate_s"])
+                    times = {"n": n, **io, "collate_s": timing["collate_s"]}
+                    times["parse_s"] = max(0.0, elapsed - io["fetch_s"] - timing["collate_s"])
                     yield "collated", batch, (v, after), times
             finally:
                 source.close()

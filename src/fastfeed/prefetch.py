@@ -32,12 +32,16 @@ import time
 import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from fastfeed import _loop
 from fastfeed.config import PrefetchConfig
 from fastfeed.errors import FastfeedError, PipelineError
 from fastfeed.store import ObjectInfo, Store, StoreSet
 from fastfeed.urls import Location, parse_url
+
+if TYPE_CHECKING:
+    from fastfeed.cache import Planner, ShardCache
 
 __all__ = ["FetchStats", "Prefetcher", "ShardFetch"]
 
@@ -58,6 +62,12 @@ class FetchStats:
     #: Seconds the consumer spent blocked waiting for bytes.
     wait_s: float = 0.0
     shards_opened: int = 0
+    #: With a cache (fastfeed.cache): shards found complete on local disk, shards not (filled
+    #: by this or another process, or read from the store when they do not fit), and bytes
+    #: read from local disk. ``bytes_fetched`` counts bytes from the store only.
+    cache_hits: int = 0
+    cache_misses: int = 0
+    bytes_from_cache: int = 0
 
 
 class _ByteBudget:
@@ -232,8 +242,12 @@ class Prefetcher:
         shards: Sequence[ObjectInfo],
         stores: StoreSet,
         config: PrefetchConfig,
+        cache: ShardCache | None = None,
+        planner: Planner | None = None,
     ) -> None:
         self.config = config
+        self._cache = cache
+        self._planner = planner
         self.stats = FetchStats()
         self._shards = list(shards)
         self._stores = stores
@@ -256,10 +270,27 @@ class Prefetcher:
                 await self._shard_slots.acquire()
                 loc = parse_url(info.url)
                 store = await self._stores.get(loc)
+                source: Any = store
+                if self._cache is not None and loc.scheme != "file":
+                    source = await self._cache.open(
+                        info,
+                        loc,
+                        store,
+                        self._planner,
+                        self._count_fetched,
+                        self._count_cached,
+                        self._tasks,
+                        self.config.part_size,
+                    )
+                    if getattr(source, "hit", False):
+                        self.stats.cache_hits += 1
+                    else:
+                        self.stats.cache_misses += 1
                 step = self.config.part_size
                 parts = [_Part(s, min(s + step, info.size)) for s in range(0, info.size, step)]
                 self.stats.shards_opened += 1
                 self._queue.put(ShardFetch(self, info, parts))
+                part_tasks: list[asyncio.Task[None]] = []
                 for part in parts:
                     size = part.end - part.start
                     if part.future.cancelled():
@@ -270,10 +301,15 @@ class Prefetcher:
                         self._requests.release()
                         self._budget.release(size)
                         continue
-                    task = asyncio.create_task(self._fetch(store, loc, info, part))
+                    task = asyncio.create_task(self._fetch(source, loc, info, part, counted=source is store))
                     part.task = task
+                    part_tasks.append(task)
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
+                if source is not store:
+                    closer = asyncio.create_task(_close_after(source, part_tasks))
+                    self._tasks.add(closer)
+                    closer.add_done_callback(self._tasks.discard)
             self._queue.put(None)
             if self._tasks:
                 await asyncio.gather(*list(self._tasks), return_exceptions=True)
@@ -291,7 +327,13 @@ class Prefetcher:
             finally:
                 self._finished.set()
 
-    async def _fetch(self, store: Store, loc: Location, info: ObjectInfo, part: _Part) -> None:
+    def _count_fetched(self, n: int) -> None:
+        self.stats.bytes_fetched += n
+
+    def _count_cached(self, n: int) -> None:
+        self.stats.bytes_from_cache += n
+
+    async def _fetch(self, store: Store, loc: Location, info: ObjectInfo, part: _Part, counted: bool = True) -> None:
         fut = part.future
         part.buffer = self._pool.take()
         try:
@@ -318,7 +360,8 @@ class Prefetcher:
                 fut.set_exception(err)
         else:
             self.stats.requests += 1
-            self.stats.bytes_fetched += len(data)
+            if counted:  # else the cache counts store and disk bytes itself
+                self.stats.bytes_fetched += len(data)
             if fut.set_running_or_notify_cancel():
                 fut.set_result(data)
         finally:
@@ -422,3 +465,12 @@ class Prefetcher:
         if not self._closed.is_set():
             with contextlib.suppress(Exception):  # interpreter shutdown
                 self.close()
+
+
+async def _close_after(source: Any, tasks: list[asyncio.Task[None]]) -> None:
+    """Close a cached shard's reader once every part read from it has ended."""
+    try:
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        source.close()

@@ -1,0 +1,241 @@
+"""The node-local shard cache (fastfeed.cache) against the real S3 server, through a counting
+proxy: every GET the store sees is counted there, across processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fastfeed import ConfigError, DataLoader, StreamingDataset
+from fastfeed.cache import cache_info, clear_cache
+from fastfeed.config import S3Config
+from fastfeed.testing.shards import upload_dir, write_synthetic_shards
+
+SHARDS = 6
+PER_SHARD = 20
+SAMPLE = 20_000  # ~400 KiB shards
+
+
+@pytest.fixture
+def data(bucket: Any, fault_proxy: Any, tmp_path: Path) -> dict[str, Any]:
+    local = tmp_path / "shards"
+    paths = write_synthetic_shards(local, num_shards=SHARDS, samples_per_shard=PER_SHARD, sample_bytes=SAMPLE)
+    upload_dir(bucket.client, bucket.name, local, prefix="c/")
+    s3 = S3Config(
+        endpoint_url=fault_proxy.endpoint_url,
+        access_key_id=bucket.server.access_key,
+        secret_access_key=bucket.server.secret_key,
+    )
+    return {
+        "url": f"s3://{bucket.name}/c/",
+        "s3": s3,
+        "paths": paths,
+        "bytes": sum(p.stat().st_size for p in paths),
+        "cache": str(tmp_path / "cache"),
+        "bucket": bucket,
+        "proxy": fault_proxy,
+    }
+
+
+def gets(proxy: Any) -> int:
+    return int(proxy.count(method="GET", path_regex=r"\.tar"))
+
+
+def keys(samples: Any) -> list[str]:
+    return [f"{s['__url__']}#{s['__key__']}" for s in samples]
+
+
+def dataset(data: dict[str, Any], **kw: Any) -> StreamingDataset:
+    kw.setdefault("cache_limit", "1GB")
+    return StreamingDataset(data["url"], s3=data["s3"], cache_dir=data["cache"], **kw)
+
+
+def test_second_epoch_is_read_from_the_cache(data: dict[str, Any]) -> None:
+    proxy = data["proxy"]
+    reference = keys(StreamingDataset([str(p) for p in data["paths"]]))
+    proxy.reset_counters()
+    ds = dataset(data)
+    first = keys(ds)
+    fetched = gets(proxy)
+    assert fetched >= SHARDS
+    assert [k.split("#")[1] for k in first] == [k.split("#")[1] for k in reference]
+    io = ds.io_stats()
+    assert io["cache_misses"] == SHARDS and io["cache_hits"] == 0
+    info = cache_info(data["cache"])
+    assert info.entries == SHARDS and info.entry_bytes == data["bytes"] and info.partial == 0
+    ds.set_epoch(1)
+    assert keys(ds) == first
+    assert gets(proxy) == fetched, "a warm epoch sends no GET to the store"
+    io = ds.io_stats()
+    assert io["cache_hits"] == SHARDS and io["bytes_from_cache"] >= data["bytes"]
+
+
+def test_loader_stats_report_the_cache(data: dict[str, Any]) -> None:
+    loader = DataLoader(dataset(data), batch_size=8, num_workers=2)
+    list(loader)
+    cold = loader.stats()
+    assert cold.cache_misses == SHARDS and cold.bytes_fetched >= data["bytes"]
+    list(loader)
+    warm = loader.stats()
+    assert warm.cache_hits - cold.cache_hits == SHARDS
+    assert warm.bytes_fetched == cold.bytes_fetched, "nothing more from the store"
+    assert warm.bytes_from_cache - cold.bytes_from_cache >= data["bytes"]
+
+
+def test_a_changed_object_is_never_served_stale(data: dict[str, Any], tmp_path: Path) -> None:
+    list(dataset(data))
+    bucket = data["bucket"]
+    first = data["paths"][0]
+    (new,) = write_synthetic_shards(
+        tmp_path / "v2", num_shards=1, samples_per_shard=PER_SHARD + 3, sample_bytes=SAMPLE, seed=7
+    )
+    bucket.client.upload_file(str(new), bucket.name, f"c/{first.name}")
+    ds = dataset(data)  # lists the new ETag
+    samples = [s for s in ds if s["__url__"].endswith(first.name)]
+    assert len(samples) == PER_SHARD + 3
+    expected = [s["bin"] for s in StreamingDataset(str(new))]
+    assert [s["bin"] for s in samples] == expected
+    assert ds.io_stats()["cache_misses"] == 1
+    assert cache_info(data["cache"]).entries == SHARDS + 1  # the old version stays until evicted
+
+
+def test_limits_that_cannot_work_fail_at_construction(data: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match="cannot hold the largest shard"):
+        dataset(data, cache_limit=100_000)
+    with pytest.raises(ConfigError, match="needs a cache_limit"):
+        StreamingDataset(data["url"], s3=data["s3"], cache_dir=data["cache"])
+    with pytest.raises(ConfigError, match="cache_limit"):
+        dataset(data, cache_limit="lots")
+
+
+def test_an_unwritable_cache_dir_warns_and_streams(data: dict[str, Any], tmp_path: Path, caplog: Any) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    ds = StreamingDataset(data["url"], s3=data["s3"], cache_dir=str(blocker / "cache"), cache_limit="1GB")
+    assert len(keys(ds)) == SHARDS * PER_SHARD
+    assert "not usable" in caplog.text
+    with pytest.raises(Exception, match="not usable"):
+        list(
+            StreamingDataset(
+                data["url"], s3=data["s3"], cache_dir=str(blocker / "c"), cache_limit="1GB", cache_on_error="raise"
+            )
+        )
+
+
+def test_cache_cli_info_and_clear(data: dict[str, Any]) -> None:
+    list(dataset(data))
+    out = subprocess.run(
+        [sys.executable, "-m", "fastfeed.cli", "cache", "info", data["cache"], "--json"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    info = json.loads(out.stdout)
+    assert info["entries"] == SHARDS and info["entry_bytes"] == data["bytes"]
+    assert clear_cache(data["cache"]) == (SHARDS, 0)
+    assert cache_info(data["cache"]).entries == 0
+
+
+# ------------------------------------------------------------------------ several processes
+
+_READER = """
+import json, sys
+from fastfeed import DataLoader, StreamingDataset
+from fastfeed.config import S3Config
+cfg = json.loads(sys.argv[1])
+ds = StreamingDataset(cfg["url"], s3=S3Config(**cfg["s3"]), cache_dir=cfg["cache"], cache_limit="1GB",
+                      shuffle=True, seed=cfg["seed"])
+loader = DataLoader(ds, batch_size=7, num_workers=cfg["workers"], collate_fn=lambda s: [x["__key__"] for x in s])
+keys = [k for batch in loader for k in batch]
+print(json.dumps({"samples": len(keys), "unique": len(set(keys))}))
+"""
+
+
+def _reader_args(data: dict[str, Any], seed: int, workers: int) -> list[str]:
+    s3 = {k: data["s3"].__dict__[k] for k in ("endpoint_url", "access_key_id", "secret_access_key")}
+    cfg = {"url": data["url"], "s3": s3, "cache": data["cache"], "seed": seed, "workers": workers}
+    return [sys.executable, "-c", _READER, json.dumps(cfg)]
+
+
+def test_jobs_and_workers_sharing_a_cache_fetch_each_shard_once(data: dict[str, Any]) -> None:
+    proxy = data["proxy"]
+    proxy.set_bandwidth(4_000_000)  # slow enough that the three jobs overlap
+    proxy.reset_counters()
+    jobs = [subprocess.Popen(_reader_args(data, seed, 2), stdout=subprocess.PIPE, text=True) for seed in (1, 2, 3)]
+    try:
+        outs = [json.loads(job.communicate(timeout=120)[0]) for job in jobs]
+    finally:
+        for job in jobs:
+            job.kill()
+    assert all(o == {"samples": SHARDS * PER_SHARD, "unique": SHARDS * PER_SHARD} for o in outs)
+    assert [job.returncode for job in jobs] == [0, 0, 0]
+    assert gets(proxy) == SHARDS, "three jobs with two workers each: every shard fetched once"
+    assert cache_info(data["cache"]).entries == SHARDS
+
+
+_FILLER = """
+import json, sys
+from fastfeed import StreamingDataset
+from fastfeed.config import S3Config
+cfg = json.loads(sys.argv[1])
+ds = StreamingDataset(cfg["url"], s3=S3Config(**cfg["s3"]), cache_dir=cfg["cache"], cache_limit="1GB",
+                      part_size="64KiB")
+for sample in ds:
+    pass
+"""
+
+
+def test_kill_9_during_a_fill_leaves_a_cache_the_next_run_uses(data: dict[str, Any]) -> None:
+    proxy = data["proxy"]
+    proxy.set_bandwidth(300_000)  # a fill takes seconds, in 64 KiB parts: the kill lands mid-fill
+    args = _reader_args(data, 0, 0)
+    args[2] = _FILLER
+    job = subprocess.Popen(args)
+    tmp = Path(data["cache"], "v1", "tmp")
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            parts = [p for p in tmp.glob("*.part") if p.stat().st_size > 0] if tmp.exists() else []
+            if parts:
+                break
+            time.sleep(0.02)
+        assert parts, "the filler never started writing"
+        os.kill(job.pid, signal.SIGKILL)
+        job.wait(timeout=30)
+    finally:
+        job.kill()
+    assert cache_info(data["cache"]).partial >= 1, "the killed fill left its part file"
+    proxy.set_bandwidth(None)
+    reference = {
+        f"{Path(s['__url__']).name}#{s['__key__']}": s["bin"] for s in StreamingDataset([str(p) for p in data["paths"]])
+    }
+    ds = dataset(data)
+    got = {f"{Path(s['__url__']).name}#{s['__key__']}": s["bin"] for s in ds}
+    assert got == reference
+    info = cache_info(data["cache"])
+    assert info.partial == 0 and info.entries == SHARDS, "leftovers cleaned, every shard cached"
+    entries = sorted(Path(data["cache"], "v1", "entries").iterdir(), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+    by_size = sorted(data["paths"], key=lambda p: p.stat().st_size)
+    assert sorted(e.read_bytes() for e in entries) == sorted(p.read_bytes() for p in by_size), "entries are exact"
+
+
+def test_a_full_disk_warns_and_loses_nothing(data: dict[str, Any]) -> None:
+    script = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))\n" + _READER  # every shard is bigger
+    )
+    args = _reader_args(data, 0, 0)
+    args[2] = script
+    out = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"samples": SHARDS * PER_SHARD, "unique": SHARDS * PER_SHARD}
+    assert "disk is full" in out.stderr and out.stderr.count("disk is full") == 1, out.stderr
+    info = cache_info(data["cache"])
+    assert info.entries == 0 and info.partial == 0
