@@ -239,3 +239,122 @@ def test_a_full_disk_warns_and_loses_nothing(data: dict[str, Any]) -> None:
     assert "disk is full" in out.stderr and out.stderr.count("disk is full") == 1, out.stderr
     info = cache_info(data["cache"])
     assert info.entries == 0 and info.partial == 0
+
+
+# ------------------------------------------------------------------- real process groups
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rank_main(rank: int, world: int, port: int, cfg: dict[str, Any], out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        ds = StreamingDataset(
+            cfg["url"], s3=S3Config(**cfg["s3"]), cache_dir=cfg["cache"], cache_limit="1GB", shuffle=True,
+            seed=5, index_cache=cfg["index"],
+        )  # fmt: skip
+        epochs = []
+        for epoch in range(2):
+            ds.set_epoch(epoch)
+            epochs.append([s["__key__"] + "@" + s["__url__"] for s in ds])
+            dist.barrier()
+        Path(out, f"rank{rank}.json").write_text(json.dumps({"epochs": epochs, "io": ds.io_stats()}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_share_the_node_cache_across_epochs(data: dict[str, Any], tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    proxy = data["proxy"]
+    s3 = {k: data["s3"].__dict__[k] for k in ("endpoint_url", "access_key_id", "secret_access_key")}
+    cfg = {"url": data["url"], "s3": s3, "cache": data["cache"], "index": str(tmp_path / "counts")}
+    StreamingDataset(data["url"], s3=data["s3"], index_cache=cfg["index"]).shard_sample_counts  # noqa: B018 - count once
+    proxy.reset_counters()
+    mp.start_processes(
+        _rank_main, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+    )
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for epoch in range(2):
+        both = ranks[0]["epochs"][epoch] + ranks[1]["epochs"][epoch]
+        assert len(both) == len(set(both)) == SHARDS * PER_SHARD
+    assert ranks[0]["epochs"][0] != ranks[0]["epochs"][1], "shuffled: each rank reads other shards in epoch 2"
+    assert gets(proxy) == SHARDS, "two ranks, two epochs: each shard fetched once for the node"
+    assert sum(r["io"]["cache_hits"] for r in ranks) >= SHARDS
+
+
+# ---------------------------------------------------------------------------- eviction
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_half_size_cache_belady_fetches_half_per_epoch_lru_more(data: dict[str, Any], shuffle: bool) -> None:
+    total = data["bytes"]
+    limit = total // 2
+    fetched: dict[str, list[float]] = {}
+    for policy in ("belady", "lru"):
+        ds = StreamingDataset(
+            data["url"], s3=data["s3"], cache_dir=f"{data['cache']}-{policy}", cache_limit=limit,
+            cache_policy=policy, shards_in_flight=1, shuffle=shuffle, seed=3,
+        )  # fmt: skip
+        before = 0.0
+        fetched[policy] = []
+        for epoch in range(3):
+            ds.set_epoch(epoch)
+            assert len(keys(ds)) == SHARDS * PER_SHARD
+            now = ds.io_stats()["bytes_fetched"]
+            fetched[policy].append((now - before) / total)
+            before = now
+            assert cache_info(f"{data['cache']}-{policy}").entry_bytes <= limit
+    assert fetched["belady"][0] == fetched["lru"][0] == 1.0  # cold
+    # Six shards of nearly equal size, three fit: Belady re-fetches about half each epoch.
+    assert all(0.3 <= f <= 0.7 for f in fetched["belady"][1:]), fetched
+    if not shuffle:  # the same order every epoch: LRU evicts each shard just before it is needed
+        assert fetched["lru"][1:] == [1.0, 1.0], fetched
+    assert sum(fetched["belady"][1:]) < sum(fetched["lru"][1:]), fetched
+
+
+def test_a_shard_being_read_is_never_evicted_and_live_fills_survive_cleanup(data: dict[str, Any]) -> None:
+    import fcntl
+
+    from fastfeed.cache import CacheConfig, ShardCache
+
+    list(dataset(data))
+    cache = ShardCache(CacheConfig.of(data["cache"], "1GB"))
+    entries = sorted(os.listdir(cache.entries))
+    reader = os.open(cache.entries / entries[0], os.O_RDONLY)
+    fcntl.flock(reader, fcntl.LOCK_SH)  # a reader, as a hit holds it
+    try:
+        assert not cache._evict(entries[0]) and (cache.entries / entries[0]).exists()
+        assert cache._evict(entries[1]) and not (cache.entries / entries[1]).exists()
+    finally:
+        os.close(reader)
+    # A part file whose filler is alive (holds LOCK_EX) survives the start-up clean-up; an
+    # abandoned one does not.
+    live, dead = cache.tmp / "live-0-1.part", cache.tmp / "dead-0-1.part"
+    live.write_bytes(b"x")
+    dead.write_bytes(b"y")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl,os,sys,time; fd=os.open(sys.argv[1], os.O_RDWR); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)", str(live)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        assert cache.cleanup() == 1
+        assert live.exists() and not dead.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+    assert cache.cleanup() == 1 and not live.exists(), "once its process is gone, it is a leftover"
+    os.close(cache._lock_fd)
