@@ -358,3 +358,17 @@ def test_a_shard_being_read_is_never_evicted_and_live_fills_survive_cleanup(data
             holder.stdout.close()
     assert cache.cleanup() == 1 and not live.exists(), "once its process is gone, it is a leftover"
     os.close(cache._lock_fd)
+
+
+def test_samples_flow_while_the_shard_is_still_being_written(data: dict[str, Any]) -> None:
+    data["proxy"].set_bandwidth(400_000)  # ~1.2 s per shard, written in 64 KiB parts
+    ds = dataset(data, part_size="64KiB", shards_in_flight=1)
+    it = iter(ds)
+    first = next(it)
+    info = cache_info(data["cache"])
+    assert info.entries == 0 and info.partial == 1, "the first sample came before its shard was complete"
+    assert 0 < info.partial_bytes < data["paths"][0].stat().st_size
+    data["proxy"].set_bandwidth(None)
+    rest = list(it)
+    assert first["__key__"] == "000000_00000000" and len(rest) == SHARDS * PER_SHARD - 1
+    assert cache_info(data["cache"]).entries == SHARDS

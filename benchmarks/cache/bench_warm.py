@@ -1,0 +1,685 @@
+#!/usr/bin/env python
+"""Warm-epoch benchmark: fastfeed's node cache vs MosaicML Streaming vs LitData vs a raw disk read.
+
+Starts a local SeaweedFS on 127.0.0.1 (free ports), writes synthetic WebDataset shards (100 KB
+``bin`` payload per sample), uploads them, converts the same samples to MDS (MosaicML
+Streaming) and to LitData's optimized format, uploads those under other prefixes, then for
+each contender reads the dataset once from S3 (cold: fills the library's local cache) and
+times the WARM epoch, data already on local disk:
+
+* ``raw``: a plain sequential read of every shard file in fastfeed's cache (8 MiB chunks,
+  ``readinto`` one reused buffer): the ceiling;
+* ``fastfeed``: ``StreamingDataset(s3://..., cache_dir=..., cache_limit="20GB")``;
+* ``mosaic``: ``streaming.StreamingDataset(remote="s3://.../mds/", local=...)``;
+* ``litdata``: ``litdata.StreamingDataset("s3://.../litdata/", cache_dir=...)``.
+
+Each library is timed in two settings: ``loop`` (plain single-process ``for s in ds``) and
+``loader`` (batch 64, 2 worker processes: ``fastfeed.DataLoader``, ``torch.utils.data.DataLoader``
+for mosaic, ``litdata.StreamingDataLoader`` for litdata; workers start inside the timed span).
+Every pass must deliver every sample: its sample count and payload bytes are checked.
+Nothing may be re-downloaded in a warm pass: fastfeed's ``bytes_fetched`` must not grow and
+each peer's cache files (names, sizes, inodes) must not change; a violation fails the run.
+The warm pass is repeated (contender order rotated each repeat) and medians are reported
+(MB = 10**6 bytes of ``bin`` payload). A peer that is not importable, or whose conversion or
+cold pass fails, is skipped with the reason printed. See README_peers.md for the peers' setup.
+
+    python benchmarks/cache/bench_warm.py --size 1GiB --repeats 3 --json warm.json
+    python benchmarks/cache/bench_warm.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+import traceback
+import types
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import fastfeed
+from fastfeed.config import S3Config, format_size, parse_size
+from fastfeed.testing.servers import SeaweedServer
+from fastfeed.testing.shards import upload_dir, write_synthetic_shards
+
+BUCKET = "bench"
+BATCH = 64
+WORKERS = 2
+READ_CHUNK = 8 << 20
+PEERS = ("mosaic", "litdata")
+SETTINGS = ("loop", "loader")
+
+
+@dataclass
+class Run:
+    """One timed pass."""
+
+    name: str
+    samples: int
+    payload_bytes: int
+    seconds: float
+    cpu_s: float
+    read_bytes: int = 0  # raw only: file bytes read
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.payload_bytes / self.seconds / 1e6
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "mb_per_s": self.mb_per_s, "samples_per_s": self.samples_per_s}
+
+
+@dataclass
+class Expected:
+    samples: int
+    payload_bytes: int
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process plus its reaped children (loader workers once joined)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _check(name: str, samples: int, payload: int, expected: Expected) -> None:
+    if samples != expected.samples or payload != expected.payload_bytes:
+        raise AssertionError(
+            f"{name}: read {samples} samples / {payload} payload bytes, "
+            f"expected {expected.samples} / {expected.payload_bytes}"
+        )
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every regular file under ``root``: relative path -> (size, inode). A re-downloaded file
+    is written anew (new inode or size), a removed or added one changes the key set."""
+    out = {}
+    for p in root.rglob("*"):
+        if p.is_file() and not p.name.endswith(".lock"):
+            st = p.stat()
+            out[str(p.relative_to(root))] = (st.st_size, st.st_ino)
+    return out
+
+
+def _snapshot_diff(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> dict[str, int]:
+    return {
+        "files_added": len(after.keys() - before.keys()),
+        "files_removed": len(before.keys() - after.keys()),
+        "files_rewritten": sum(1 for k in before.keys() & after.keys() if before[k] != after[k]),
+    }
+
+
+def _dir_stats(root: Path) -> dict[str, int]:
+    files = [p for p in root.rglob("*") if p.is_file()]
+    return {"files": len(files), "bytes": sum(p.stat().st_size for p in files)}
+
+
+def _shutdown_torch_iter(it: Any) -> None:
+    """Stop a torch DataLoader iterator's worker processes now (also on an error mid-pass)."""
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
+def iter_tar_samples(path: str) -> Iterator[dict[str, Any]]:
+    """The samples of one local WebDataset shard as ``{"bin": bytes, "cls": int}`` (conversion input)."""
+    sample: dict[str, Any] = {}
+    key = None
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            stem, _, ext = member.name.partition(".")
+            if stem != key:
+                if sample:
+                    yield sample
+                sample, key = {}, stem
+            fh = tar.extractfile(member)
+            assert fh is not None
+            data = fh.read()
+            if ext == "bin":
+                sample["bin"] = data
+            elif ext == "cls":
+                sample["cls"] = int(data)
+    if sample:
+        yield sample
+
+
+def litdata_fn(path: str) -> Iterator[dict[str, Any]]:
+    """``litdata.optimize``'s per-input function (top level, so its workers can import it)."""
+    yield from iter_tar_samples(path)
+
+
+# -- contenders ------------------------------------------------------------------------------
+
+
+class Contender:
+    """A library under test: ``setup`` converts/uploads, ``cold`` fills its cache, ``warm``
+    times one pass in a setting, ``cache_root`` is where its local copy lives."""
+
+    name = ""
+    cache_root: Path
+
+    def setup(self) -> None:
+        pass
+
+    def cold(self) -> Run:
+        raise NotImplementedError
+
+    def warm(self, setting: str) -> Run:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class FastfeedContender(Contender):
+    name = "fastfeed"
+
+    def __init__(self, url: str, s3: S3Config, cache_dir: Path, expected: Expected) -> None:
+        self.cache_dir = self.cache_root = cache_dir
+        self.expected = expected
+        self.ds = fastfeed.StreamingDataset(url, s3=s3, cache_dir=cache_dir, cache_limit="20GB", index_cache=None)
+
+    def _loop(self) -> tuple[int, int]:
+        n = nbytes = 0
+        for s in self.ds:
+            nbytes += len(s["bin"])
+            n += 1
+        return n, nbytes
+
+    def cold(self) -> Run:
+        start, cpu0 = time.perf_counter(), _cpu_s()
+        n, nbytes = self._loop()
+        run = Run("fastfeed-cold", n, nbytes, time.perf_counter() - start, _cpu_s() - cpu0)
+        _check(run.name, n, nbytes, self.expected)
+        run.extra = {"io": self.ds.io_stats()}
+        return run
+
+    def warm(self, setting: str) -> Run:
+        io0 = self.ds.io_stats()
+        start, cpu0 = time.perf_counter(), _cpu_s()
+        extra: dict[str, Any] = {}
+        if setting == "loop":
+            n, nbytes = self._loop()
+            seconds = time.perf_counter() - start
+        else:
+            n = nbytes = 0
+            loader = fastfeed.DataLoader(self.ds, batch_size=BATCH, num_workers=WORKERS)
+            try:
+                for batch in loader:
+                    bins = batch["bin"]
+                    nbytes += bins.data.numel()
+                    n += len(bins)
+                seconds = time.perf_counter() - start
+                st = loader.stats()
+                extra["loader_bytes_fetched"] = st.bytes_fetched
+                extra["loader_bytes_from_cache"] = st.bytes_from_cache
+                extra["loader_cache_hits"] = st.cache_hits
+                extra["loader_cache_misses"] = st.cache_misses
+            finally:
+                loader.close()
+        run = Run(f"fastfeed-{setting}", n, nbytes, seconds, _cpu_s() - cpu0, extra=extra)
+        _check(run.name, n, nbytes, self.expected)
+        io1 = self.ds.io_stats()
+        fetched = io1["bytes_fetched"] - io0["bytes_fetched"] + extra.get("loader_bytes_fetched", 0)
+        run.extra.update(
+            bytes_fetched=fetched,
+            bytes_from_cache=io1["bytes_from_cache"] - io0["bytes_from_cache"],
+            cache_misses=io1["cache_misses"] - io0["cache_misses"] + extra.get("loader_cache_misses", 0),
+        )
+        if fetched:
+            raise AssertionError(f"{run.name}: warm pass fetched {fetched:.0f} bytes from the store")
+        return run
+
+    def entries(self) -> list[Path]:
+        return sorted((self.cache_dir / "v1" / "entries").glob("*.tar"))
+
+
+class RawContender(Contender):
+    """Sequential read of fastfeed's cached shard files: the local-disk ceiling."""
+
+    name = "raw"
+
+    def __init__(self, files: list[Path], expected: Expected) -> None:
+        self.files = files
+        self.expected = expected
+        self.buf = bytearray(READ_CHUNK)
+
+    def warm(self, setting: str) -> Run:
+        view = memoryview(self.buf)
+        start, cpu0 = time.perf_counter(), _cpu_s()
+        total = 0
+        for path in self.files:
+            with open(path, "rb", buffering=0) as fh:
+                while True:
+                    got = fh.readinto(view)
+                    if not got:
+                        break
+                    total += got
+        seconds = time.perf_counter() - start
+        # Payload-equivalent: the same samples' payload delivered at this file-read speed.
+        return Run("raw", self.expected.samples, self.expected.payload_bytes, seconds, _cpu_s() - cpu0, total)
+
+
+class PeerContender(Contender):
+    """Common shape of the two peers: a converted copy under ``prefix`` and a local cache dir."""
+
+    def __init__(self, tmp: Path, server: SeaweedServer, shard_paths: list[Path], args: argparse.Namespace) -> None:
+        self.tmp = tmp
+        self.server = server
+        self.shard_paths = shard_paths
+        self.args = args
+        self.expected = Expected(0, 0)
+        self.cache_root = tmp / f"{self.name}-cache"
+        self.ds: Any = None
+        self.format_stats: dict[str, int] = {}
+
+    def open_dataset(self) -> Any:
+        raise NotImplementedError
+
+    def make_loader(self) -> Any:
+        raise NotImplementedError
+
+    def _loop(self) -> tuple[int, int]:
+        n = nbytes = 0
+        for s in self.ds:
+            nbytes += len(s["bin"])
+            n += 1
+        return n, nbytes
+
+    def cold(self) -> Run:
+        start, cpu0 = time.perf_counter(), _cpu_s()
+        self.ds = self.open_dataset()
+        n, nbytes = self._loop()
+        run = Run(f"{self.name}-cold", n, nbytes, time.perf_counter() - start, _cpu_s() - cpu0)
+        _check(run.name, n, nbytes, self.expected)
+        return run
+
+    def warm(self, setting: str) -> Run:
+        before = _snapshot(self.cache_root)
+        start, cpu0 = time.perf_counter(), _cpu_s()
+        if setting == "loop":
+            n, nbytes = self._loop()
+        else:
+            n = nbytes = 0
+            it = iter(self.make_loader())
+            try:
+                for batch in it:
+                    bins = batch["bin"]
+                    nbytes += sum(len(b) for b in bins)
+                    n += len(bins)
+            finally:
+                _shutdown_torch_iter(it)
+        seconds = time.perf_counter() - start
+        run = Run(f"{self.name}-{setting}", n, nbytes, seconds, _cpu_s() - cpu0)
+        _check(run.name, n, nbytes, self.expected)
+        diff = _snapshot_diff(before, _snapshot(self.cache_root))
+        run.extra.update(diff)
+        if any(diff.values()):
+            raise AssertionError(f"{run.name}: the local cache changed during a warm pass: {diff}")
+        return run
+
+
+class MosaicContender(PeerContender):
+    name = "mosaic"
+
+    def setup(self) -> None:
+        from streaming import MDSWriter
+
+        out = self.tmp / "mds-out"
+        # Same samples per file as the tar shards: size_limit a little above one shard's encoded samples.
+        spp, sb = self.args.samples_per_shard, self.args.sample_bytes
+        n = nbytes = 0
+        with MDSWriter(out=str(out), columns={"bin": "bytes", "cls": "int"}, size_limit=spp * (sb + 64)) as w:
+            for path in self.shard_paths:
+                for s in iter_tar_samples(str(path)):
+                    w.write(s)
+                    n += 1
+                    nbytes += len(s["bin"])
+        self.expected = Expected(n, nbytes)
+        self.format_stats = _dir_stats(out)
+        upload_dir(self.server.client(), BUCKET, out, prefix="mds/")
+        _rmtree(out)
+
+    def open_dataset(self) -> Any:
+        import streaming
+
+        return streaming.StreamingDataset(
+            remote=f"s3://{BUCKET}/mds/", local=str(self.cache_root), batch_size=BATCH, shuffle=False
+        )
+
+    def make_loader(self) -> Any:
+        return torch.utils.data.DataLoader(self.ds, batch_size=BATCH, num_workers=WORKERS)
+
+    def close(self) -> None:
+        self.ds = None
+        with contextlib.suppress(Exception):
+            from streaming.base.util import clean_stale_shared_memory
+
+            clean_stale_shared_memory()
+
+
+class LitdataContender(PeerContender):
+    name = "litdata"
+
+    def storage_options(self) -> dict[str, Any]:
+        from botocore.config import Config
+
+        return {
+            "endpoint_url": self.server.endpoint_url,
+            "aws_access_key_id": self.server.access_key,
+            "aws_secret_access_key": self.server.secret_key,
+            "region_name": "us-east-1",
+            "config": Config(s3={"addressing_style": "path"}, retries={"max_attempts": 3, "mode": "standard"}),
+        }
+
+    def setup(self) -> None:
+        import litdata
+
+        out = self.tmp / "litdata-out"
+        litdata.optimize(
+            fn=litdata_fn,
+            inputs=[str(p) for p in self.shard_paths],
+            output_dir=str(out),
+            chunk_size=self.args.samples_per_shard,  # same samples per file as the tar shards
+            num_workers=1,
+            reorder_files=False,
+            verbose=False,
+            start_method="fork",
+        )
+        self.format_stats = _dir_stats(out)
+        n = len(self.shard_paths) * self.args.samples_per_shard
+        self.expected = Expected(n, n * self.args.sample_bytes)
+        upload_dir(self.server.client(), BUCKET, out, prefix="litdata/")
+        _rmtree(out)
+
+    def open_dataset(self) -> Any:
+        import litdata
+
+        return litdata.StreamingDataset(
+            f"s3://{BUCKET}/litdata/",
+            cache_dir=str(self.cache_root),
+            storage_options=self.storage_options(),
+            max_cache_size="20GB",
+        )
+
+    def make_loader(self) -> Any:
+        import litdata
+
+        return litdata.StreamingDataLoader(self.ds, batch_size=BATCH, num_workers=WORKERS)
+
+    def close(self) -> None:
+        self.ds = None
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the block, restoring the previous values after."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def import_mosaic() -> str | None:
+    """Import MosaicML Streaming; return a note if a workaround was needed.
+
+    PyPI's torchvision wheels are CUDA builds: next to torch's CPU build their C ops fail to load
+    and ``import torchvision`` raises. Streaming imports torchvision only in ``streaming.vision``
+    (its CIFAR/ImageNet dataset classes), which ``streaming/__init__`` imports eagerly and MDS
+    reading never uses; in that case that one subpackage is replaced by an empty module.
+    """
+    note = None
+    try:
+        import torchvision  # noqa: F401
+    except Exception as exc:
+        sys.modules["streaming.vision"] = types.ModuleType("streaming.vision")
+        note = f"torchvision unusable ({type(exc).__name__}: {exc}); streaming.vision stubbed out (not used by MDS)"
+    importlib.import_module("streaming")
+    return note
+
+
+def import_litdata() -> str:
+    """Import LitData and let its obstore chunk downloads use a plain-HTTP endpoint.
+
+    LitData fetches chunks with obstore, whose client refuses ``http://`` URLs unless its
+    ``allow_http`` client option is set, and LitData passes fixed client options (no env or
+    ``storage_options`` route to it). Adding ``allow_http`` only affects the cold pass' downloads.
+    """
+    import litdata.streaming.downloader as downloader
+
+    downloader._OBSTORE_CLIENT_OPTIONS["allow_http"] = "true"  # type: ignore[typeddict-unknown-key]
+    return "obstore client option allow_http=true added (the local SeaweedFS endpoint is http://)"
+
+
+def _version(module: str) -> str | None:
+    try:
+        return str(importlib.import_module(module).__version__)
+    except Exception:
+        return None
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="1GiB", help="dataset payload size (rounded down to whole shards)")
+    parser.add_argument("--quick", action="store_true", help="a ~200 MiB dataset (overrides --size)")
+    parser.add_argument("--samples-per-shard", type=int, default=160)
+    parser.add_argument("--sample-bytes", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peers", default=",".join(PEERS), help="comma-separated peers to try (empty: none)")
+    parser.add_argument("--json", dest="json_path")
+    args = parser.parse_args()
+    if args.quick:
+        args.size = "200MiB"
+    per_shard = args.samples_per_shard * args.sample_bytes
+    num_shards = max(1, parse_size(args.size) // per_shard)
+    wanted_peers = [p for p in args.peers.split(",") if p]
+    for p in wanted_peers:
+        if p not in PEERS:
+            parser.error(f"unknown peer {p!r}; choose from {', '.join(PEERS)}")
+    warnings.filterwarnings("ignore", module="streaming")  # mosaic's "predownload not set"-style notices
+
+    skipped: dict[str, str] = {}
+    notes: dict[str, str] = {}
+    importers = {"mosaic": import_mosaic, "litdata": import_litdata}
+    for peer in wanted_peers:
+        try:
+            note = importers[peer]()
+        except Exception as exc:
+            skipped[peer] = f"not importable: {type(exc).__name__}: {exc}"
+            print(f"SKIP {peer}: {skipped[peer]}")
+        else:
+            if note:
+                notes[peer] = note
+                print(f"note {peer}: {note}")
+
+    rows: dict[str, list[Run]] = {}
+    cold: dict[str, dict[str, Any]] = {}
+    fmt: dict[str, dict[str, int]] = {}
+    contenders: dict[str, Contender] = {}
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ff-warm-", dir="/tmp")))
+        server = stack.enter_context(SeaweedServer(tmp / "store"))
+        server.create_bucket(BUCKET)
+        # Mosaic reads the endpoint and credentials from the environment (forked workers inherit it).
+        stack.enter_context(
+            _env(
+                {
+                    "S3_ENDPOINT_URL": server.endpoint_url,
+                    "AWS_ACCESS_KEY_ID": server.access_key,
+                    "AWS_SECRET_ACCESS_KEY": server.secret_key,
+                    "AWS_DEFAULT_REGION": "us-east-1",
+                }
+            )
+        )
+        local = tmp / "shards"
+        t0 = time.perf_counter()
+        shard_paths = write_synthetic_shards(
+            local, num_shards=num_shards, samples_per_shard=args.samples_per_shard, sample_bytes=args.sample_bytes
+        )
+        upload_dir(server.client(), BUCKET, local, prefix="wds/")
+        expected = Expected(num_shards * args.samples_per_shard, num_shards * per_shard)
+        fmt["wds"] = _dir_stats(local)
+        print(
+            f"dataset: {num_shards} shards x {args.samples_per_shard} samples x {args.sample_bytes} B payload "
+            f"({format_size(fmt['wds']['bytes'])} of tar) written and uploaded in {time.perf_counter() - t0:.1f} s"
+        )
+
+        s3 = S3Config(
+            endpoint_url=server.endpoint_url,
+            access_key_id=server.access_key,
+            secret_access_key=server.secret_key,
+            region="us-east-1",
+        )
+        ff = FastfeedContender(f"s3://{BUCKET}/wds/", s3, tmp / "fastfeed-cache", expected)
+        contenders["fastfeed"] = ff
+        peer_classes: dict[str, type[PeerContender]] = {"mosaic": MosaicContender, "litdata": LitdataContender}
+        for peer in wanted_peers:
+            if peer in skipped:
+                continue
+            c = peer_classes[peer](tmp, server, shard_paths, args)
+            stack.callback(c.close)
+            try:
+                t0 = time.perf_counter()
+                c.setup()
+                fmt[peer] = c.format_stats
+                print(f"{peer}: converted and uploaded in {time.perf_counter() - t0:.1f} s ({fmt[peer]})")
+                contenders[peer] = c
+            except Exception as exc:
+                skipped[peer] = f"conversion/upload failed: {type(exc).__name__}: {exc}"
+                print(f"SKIP {peer}: {skipped[peer]}")
+                traceback.print_exc()
+        _rmtree(local)  # the peers' copies are converted; warm reads must come from each library's cache
+
+        for name, c in list(contenders.items()):
+            try:
+                run = c.cold()
+            except Exception as exc:
+                if name == "fastfeed":
+                    raise
+                skipped[name] = f"cold pass failed: {type(exc).__name__}: {exc}"
+                print(f"SKIP {name}: {skipped[name]}")
+                traceback.print_exc()
+                c.close()
+                del contenders[name]
+                continue
+            cold[name] = {**run.as_dict(), "cache": _dir_stats(c.cache_root)}
+            print(f"  cold {name:<9} {run.mb_per_s:8.0f} MB/s  {run.samples_per_s:8.0f} samples/s  ({run.seconds:.1f} s)")
+
+        entries = ff.entries()
+        if len(entries) != num_shards:
+            raise AssertionError(f"fastfeed cache holds {len(entries)} entries, expected {num_shards}")
+        contenders = {"raw": RawContender(entries, expected), **contenders}
+
+        keys = [("raw", "read")] + [(n, s) for n in contenders if n != "raw" for s in SETTINGS]
+        rows = {f"{n}-{s}" if n != "raw" else "raw": [] for n, s in keys}
+        names = list(contenders)
+        for r in range(args.repeats):
+            order = names[r % len(names) :] + names[: r % len(names)]
+            for name in order:
+                for setting in ("read",) if name == "raw" else SETTINGS:
+                    run = contenders[name].warm(setting)
+                    rows[run.name].append(run)
+                    note = ""
+                    if name == "raw":
+                        note = f"  ({run.read_bytes / run.seconds / 1e6:.0f} MB/s of file bytes)"
+                    elif name == "fastfeed":
+                        note = f"  (fetched {run.extra['bytes_fetched']:.0f} B)"
+                    print(
+                        f"  repeat {r} {run.name:<16} {run.mb_per_s:8.0f} MB/s  {run.samples_per_s:8.0f} samples/s"
+                        f"  {run.cpu_s / run.seconds:4.2f} CPU/s{note}"
+                    )
+        for c in contenders.values():
+            c.close()
+
+    med = {k: statistics.median(m.mb_per_s for m in v) for k, v in rows.items() if v}
+    sps = {k: statistics.median(m.samples_per_s for m in v) for k, v in rows.items() if v}
+    raw_file = statistics.median(m.read_bytes / m.seconds / 1e6 for m in rows["raw"])
+    ratios: dict[str, dict[str, float]] = {}
+    print()
+    print(f"warm epoch, median of {args.repeats} (MB = 1e6 B of payload; raw: payload-equivalent)")
+    print(f"{'run':<16} {'MB/s':>8} {'samples/s':>10} {'x raw':>6} {'ff / this':>9}")
+    for k in med:
+        setting = k.rsplit("-", 1)[-1]
+        ff_key = f"fastfeed-{setting}"
+        ratio = med[ff_key] / med[k] if ff_key in med and not k.startswith("fastfeed") and k != "raw" else None
+        ratios[k] = {"x_raw": med[k] / med["raw"], **({"fastfeed_over": ratio} if ratio else {})}
+        shown = f"{ratio:9.2f}" if ratio else f"{'':>9}"
+        print(f"{k:<16} {med[k]:8.0f} {sps[k]:10.0f} {med[k] / med['raw']:6.2f} {shown}")
+    print(f"raw file-bytes read speed: {raw_file:.0f} MB/s")
+    for peer, why in skipped.items():
+        print(f"skipped {peer}: {why}")
+
+    report = {
+        "command": " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "versions": {
+                "fastfeed": fastfeed.__version__,
+                "torch": torch.__version__,
+                "mosaicml-streaming": _version("streaming"),
+                "litdata": _version("litdata"),
+            },
+        },
+        "config": {
+            **vars(args),
+            "num_shards": num_shards,
+            "batch_size": BATCH,
+            "num_workers": WORKERS,
+            "read_chunk": READ_CHUNK,
+        },
+        "formats": fmt,
+        "skipped": skipped,
+        "peer_notes": notes,
+        "cold": cold,
+        "median_mb_per_s": med,
+        "median_samples_per_s": sps,
+        "median_raw_file_mb_per_s": raw_file,
+        "ratios": ratios,
+        "runs": {k: [m.as_dict() for m in v] for k, v in rows.items()},
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
