@@ -9,12 +9,15 @@ See the README for the data flow and :mod:`fastfeed.errors` for the error tree.
 """
 
 from fastfeed.batch import RaggedBytes
+from fastfeed.checkpoint import Checkpointer, CheckpointInfo, CheckpointStats, SaveHandle
 from fastfeed.config import PrefetchConfig, RetryConfig, S3Config, parse_size
 from fastfeed.dataset import StreamingDataset
 from fastfeed.errors import (
     AccessDeniedError,
     BucketNotFoundError,
+    CheckpointError,
     ConfigError,
+    CorruptCheckpointError,
     CorruptShardError,
     EmptyDatasetError,
     EndpointError,
@@ -36,7 +39,12 @@ __version__ = "0.1.0"
 __all__ = [
     "AccessDeniedError",
     "BucketNotFoundError",
+    "CheckpointError",
+    "CheckpointInfo",
+    "CheckpointStats",
+    "Checkpointer",
     "ConfigError",
+    "CorruptCheckpointError",
     "CorruptShardError",
     "DataLoader",
     "EmptyDatasetError",
@@ -50,6 +58,7 @@ __all__ = [
     "RaggedBytes",
     "RetryConfig",
     "S3Config",
+    "SaveHandle",
     "ShardError",
     "StoreError",
     "StoreTimeoutError",

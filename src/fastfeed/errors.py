@@ -19,6 +19,8 @@ specific type with ``raise ... from exc``; nothing in fastfeed matches on ``str(
     ├── ShardError                  the bytes of a shard are not a valid tar archive
     │   ├── CorruptShardError       bad header checksum, bad field, not a tar at all
     │   └── TruncatedShardError     the object ends inside a header or a member
+    ├── CheckpointError             a checkpoint cannot be saved or loaded
+    │   └── CorruptCheckpointError  committed, but its data is missing or fails its checksum
     └── PipelineError               an error raised in a background stage, re-raised in the
                                     consumer with the stage name and shard URL
 
@@ -32,7 +34,9 @@ from __future__ import annotations
 __all__ = [
     "AccessDeniedError",
     "BucketNotFoundError",
+    "CheckpointError",
     "ConfigError",
+    "CorruptCheckpointError",
     "CorruptShardError",
     "EmptyDatasetError",
     "EndpointError",
@@ -150,6 +154,14 @@ class CorruptShardError(ShardError):
 
 class TruncatedShardError(ShardError):
     """The object ends inside a tar header or inside a member's data."""
+
+
+class CheckpointError(FastfeedError):
+    """A checkpoint cannot be saved or loaded (see :mod:`fastfeed.checkpoint`)."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A committed checkpoint whose data is missing, truncated or fails its checksum."""
 
 
 class PipelineError(FastfeedError):

@@ -1,0 +1,325 @@
+"""Where checkpoints are written: an S3 prefix or a local directory, behind one small async
+interface (used on the fastfeed IO loop by :mod:`fastfeed.checkpoint`).
+
+Writes of large objects go up as multipart uploads with parts in parallel; a failed one is
+aborted, so it leaves nothing behind that looks like an object. ``put(..., if_absent=True)``
+is a conditional write (``If-None-Match: *``) where the store supports it, a plain write
+where it does not (the checkpointer is the only writer of its prefix).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import tempfile
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastfeed.config import S3Config
+from fastfeed.errors import FastfeedError, NotFoundError, StoreError
+from fastfeed.retry import retry_async
+from fastfeed.store import S3Store, bucket_missing, map_s3_error
+from fastfeed.urls import Location, parse_url
+
+__all__ = ["CkptStore", "LocalCkptStore", "S3CkptStore", "StoredObject", "open_ckpt_store"]
+
+T = TypeVar("T")
+
+#: S3's smallest part (all but the last).
+MIN_PART = 5 << 20
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str  # relative to the store's prefix
+    size: int
+
+
+class CkptStore:
+    """Keys are relative to the checkpoint prefix (``step-000000000042/MANIFEST.json``)."""
+
+    url: str
+
+    async def check_writable(self) -> None:
+        """Raise a clear error now if the prefix cannot be written (missing bucket, denied)."""
+        raise NotImplementedError
+
+    async def put(self, key: str, data: memoryview, *, if_absent: bool = False) -> None:
+        raise NotImplementedError
+
+    async def put_large(self, key: str, data: memoryview, *, part_size: int, concurrency: int) -> None:
+        """Write ``data`` as one object, in parallel parts when large."""
+        await self.put(key, data)
+
+    async def get(self, key: str) -> bytes:
+        raise NotImplementedError
+
+    async def get_into(self, key: str, out: memoryview, *, part_size: int, concurrency: int) -> None:
+        """Read the whole object (exactly ``len(out)`` bytes) into ``out``, in parallel ranges."""
+        raise NotImplementedError
+
+    async def list_objects(self, prefix: str = "") -> list[StoredObject]:
+        raise NotImplementedError
+
+    async def delete(self, keys: list[str]) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def open_ckpt_store(url: str, s3: S3Config) -> CkptStore:
+    loc = parse_url(url.rstrip("/") + "/")
+    if loc.scheme == "file":
+        return LocalCkptStore(loc.path)
+    return S3CkptStore(await S3Store.create(s3), loc)
+
+
+class S3CkptStore(CkptStore):
+    def __init__(self, store: S3Store, loc: Location) -> None:
+        self._store = store
+        self._client: Any = store._client
+        self._retry = store.config.retry
+        self.bucket = loc.bucket
+        self.prefix = loc.key if loc.key.endswith("/") or not loc.key else loc.key + "/"
+        self.url = f"s3://{self.bucket}/{self.prefix}"
+
+    def _key(self, key: str) -> str:
+        return self.prefix + key
+
+    async def _call(self, what: str, url: str, op: Callable[[], Awaitable[T]]) -> T:
+        mapper = functools.partial(map_s3_error, url=url, bucket_url=f"s3://{self.bucket}")
+        return await retry_async(op, self._retry, what, lambda exc: mapper(exc))
+
+    async def check_writable(self) -> None:
+        # The bucket first (some servers create a missing bucket on PUT), then a write probe.
+        await self._call(
+            f"listing {self.url}",
+            self.url,
+            functools.partial(self._client.list_objects_v2, Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1),
+        )
+        probe = self._key(f".fastfeed-probe-{os.getpid()}")
+        url = f"s3://{self.bucket}/{probe}"
+        try:
+            await self._call(
+                f"PUT {url}", url, lambda: self._client.put_object(Bucket=self.bucket, Key=probe, Body=b"")
+            )
+        except NotFoundError as err:
+            raise bucket_missing(f"s3://{self.bucket}") from err
+        await self._call(f"DELETE {url}", url, lambda: self._client.delete_object(Bucket=self.bucket, Key=probe))
+
+    async def put(self, key: str, data: memoryview, *, if_absent: bool = False) -> None:
+        full = self._key(key)
+        url = f"s3://{self.bucket}/{full}"
+
+        async def op() -> Any:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": full, "Body": bytes(data)}
+            if if_absent:
+                kwargs["IfNoneMatch"] = "*"
+            return await self._client.put_object(**kwargs)
+
+        try:
+            await self._call(f"PUT {url}", url, op)
+        except StoreError as err:
+            if if_absent and _unsupported_condition(err):
+                await self.put(key, data)  # the store does not do conditional writes
+                return
+            raise
+
+    async def put_large(self, key: str, data: memoryview, *, part_size: int, concurrency: int) -> None:
+        part_size = max(part_size, MIN_PART)
+        if len(data) <= part_size:
+            await self.put(key, data)
+            return
+        full = self._key(key)
+        url = f"s3://{self.bucket}/{full}"
+        created = await self._call(
+            f"create multipart upload {url}",
+            url,
+            lambda: self._client.create_multipart_upload(Bucket=self.bucket, Key=full),
+        )
+        upload_id = created["UploadId"]
+        limit = asyncio.Semaphore(concurrency)
+        starts = list(range(0, len(data), part_size))
+
+        async def part(number: int, start: int) -> dict[str, Any]:
+            body = data[start : start + part_size]
+            async with limit:
+                resp = await self._call(
+                    f"upload part {number} of {url}",
+                    url,
+                    lambda: self._client.upload_part(
+                        Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=number, Body=bytes(body)
+                    ),
+                )
+            return {"PartNumber": number, "ETag": resp["ETag"]}
+
+        try:
+            parts = await asyncio.gather(*(part(i + 1, s) for i, s in enumerate(starts)))
+            await self._call(
+                f"complete multipart upload {url}",
+                url,
+                lambda: self._client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": list(parts)}
+                ),
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(
+                    self._client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
+                )
+            raise
+
+    async def get(self, key: str) -> bytes:
+        full = self._key(key)
+        url = f"s3://{self.bucket}/{full}"
+
+        async def op() -> bytes:
+            resp = await self._client.get_object(Bucket=self.bucket, Key=full)
+            async with resp["Body"] as body:
+                data: bytes = await body.read()
+            return data
+
+        return await self._call(f"GET {url}", url, op)
+
+    async def get_into(self, key: str, out: memoryview, *, part_size: int, concurrency: int) -> None:
+        loc = parse_url(f"s3://{self.bucket}/{self._key(key)}")
+        limit = asyncio.Semaphore(concurrency)
+
+        async def part(start: int) -> None:
+            end = min(start + part_size, len(out))
+            async with limit:
+                await self._store.read_range(loc, start, end, out=out[start:end])
+
+        await asyncio.gather(*(part(s) for s in range(0, len(out), part_size)))
+
+    async def list_objects(self, prefix: str = "") -> list[StoredObject]:
+        out: list[StoredObject] = []
+        token: str | None = None
+        full = self._key(prefix)
+        url = f"s3://{self.bucket}/{full}"
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full}
+            if token:
+                kwargs["ContinuationToken"] = token
+            resp = await self._call(f"listing {url}", url, functools.partial(self._client.list_objects_v2, **kwargs))
+            for item in resp.get("Contents", []):
+                out.append(StoredObject(item["Key"][len(self.prefix) :], int(item["Size"])))
+            if not resp.get("IsTruncated"):
+                return out
+            token = resp.get("NextContinuationToken")
+
+    async def delete(self, keys: list[str]) -> None:
+        for key in keys:  # one by one: every S3 implementation has DeleteObject
+            full = self._key(key)
+            url = f"s3://{self.bucket}/{full}"
+            await self._call(
+                f"DELETE {url}", url, functools.partial(self._client.delete_object, Bucket=self.bucket, Key=full)
+            )
+
+    async def aclose(self) -> None:
+        await self._store.aclose()
+
+
+def _unsupported_condition(err: FastfeedError) -> bool:
+    text = str(err)
+    return "NotImplemented" in text or "501" in text or "not implemented" in text.lower()
+
+
+class LocalCkptStore(CkptStore):
+    """A local (or network-mounted) directory; writes are a temp file + fsync + rename."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.url = "file://" + self.root + "/"
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, *key.split("/"))
+
+    async def check_writable(self) -> None:
+        def probe() -> None:
+            try:
+                os.makedirs(self.root, exist_ok=True)
+                with tempfile.NamedTemporaryFile(dir=self.root, prefix=".fastfeed-probe-"):
+                    pass
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot write checkpoints to {self.root}: {exc}", url=self.url, hint="pick a writable directory"
+                ) from exc
+
+        await asyncio.to_thread(probe)
+
+    async def put(self, key: str, data: memoryview, *, if_absent: bool = False) -> None:
+        path = self._path(key)
+
+        def write() -> None:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                if if_absent:
+                    os.link(tmp, path)  # fails if it exists: a conditional write
+                    os.unlink(tmp)
+                else:
+                    os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
+
+        try:
+            await asyncio.to_thread(write)
+        except FileExistsError as exc:
+            raise StoreError(f"{path} exists already", url=self.url) from exc
+        except OSError as exc:
+            raise StoreError(f"cannot write {path}: {exc}", url=self.url, hint="check space and permissions") from exc
+
+    async def get(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return await asyncio.to_thread(_read_file, path)
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"{path} does not exist", url="file://" + path) from exc
+
+    async def get_into(self, key: str, out: memoryview, *, part_size: int, concurrency: int) -> None:
+        data = await self.get(key)
+        if len(data) != len(out):
+            raise StoreError(f"{self._path(key)} has {len(data)} bytes, expected {len(out)}", url=self.url)
+        out[:] = data
+
+    async def list_objects(self, prefix: str = "") -> list[StoredObject]:
+        def walk() -> list[StoredObject]:
+            found = []
+            for dirpath, _, files in os.walk(self.root):
+                for name in files:
+                    if name.startswith(".tmp-") or name.startswith(".fastfeed-probe-"):
+                        continue
+                    full = os.path.join(dirpath, name)
+                    key = os.path.relpath(full, self.root).replace(os.sep, "/")
+                    if key.startswith(prefix):
+                        found.append(StoredObject(key, os.path.getsize(full)))
+            return found
+
+        return await asyncio.to_thread(walk)
+
+    async def delete(self, keys: list[str]) -> None:
+        def remove() -> None:
+            for key in keys:
+                path = self._path(key)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.dirname(path))  # the step directory, once empty
+
+        await asyncio.to_thread(remove)
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
