@@ -9,6 +9,7 @@ See the README for the data flow and :mod:`fastfeed.errors` for the error tree.
 """
 
 from fastfeed.batch import RaggedBytes
+from fastfeed.callbacks import CheckpointCallback
 from fastfeed.checkpoint import Checkpointer, CheckpointInfo, CheckpointStats, SaveHandle
 from fastfeed.config import PrefetchConfig, RetryConfig, S3Config, parse_size
 from fastfeed.dataset import StreamingDataset
@@ -39,6 +40,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AccessDeniedError",
     "BucketNotFoundError",
+    "CheckpointCallback",
     "CheckpointError",
     "CheckpointInfo",
     "CheckpointStats",

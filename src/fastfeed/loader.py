@@ -481,6 +481,12 @@ class DataLoader:
                     sampler = SequentialSampler(dataset)
                 batch_sampler = BatchSampler(sampler, batch_size, drop_last)
             self.batch_sampler = batch_sampler
+        # Worker seeds: torch's DataLoader draws a base seed per iteration, from the global RNG
+        # unless given a generator. Drawing it here once and deriving each iteration's from it
+        # keeps iterating from touching the global RNG, so a run restored from a checkpoint
+        # (RNG states included) sees the same random numbers as the uninterrupted run.
+        self._seed_base = int(torch.empty((), dtype=torch.int64).random_().item()) if generator is None else 0
+        self._iterations = 0
         self._ring = HostRing(self.ring_slots, pin=self.pin)
         self._stats = _StatsSink()
         self._progress = _Progress(dataset)
@@ -498,10 +504,21 @@ class DataLoader:
 
     def __iter__(self) -> Iterator[Any]:
         self.close()
+        self._iterations += 1
         iterator = _LoaderIterator(self)
         # A weak reference: dropping the iterator in the training loop must stop its thread.
         self._active = weakref.ref(iterator)
         return iterator
+
+    def _worker_generator(self) -> torch.Generator:
+        """The generator torch's DataLoader draws this iteration's worker base seed from: the
+        user's, or one seeded by this loader's seed and the epoch (StreamingDataset) or the
+        iteration number (others; restored by :meth:`load_state_dict`)."""
+        if self.generator is not None:
+            return self.generator
+        key = getattr(self.dataset, "epoch", None) if _is_streaming(self.dataset) else self._iterations
+        seed = hash((self._seed_base, key)) & 0x7FFF_FFFF_FFFF_FFFF
+        return torch.Generator().manual_seed(seed)
 
     def stats(self) -> LoaderStats:
         """A snapshot of the counters (cheap; safe to call every step)."""
@@ -596,6 +613,7 @@ class _Settings:
         self.multiprocessing_context = loader.multiprocessing_context
         self.persistent_workers = loader.persistent_workers
         self.prefetch_factor = loader.prefetch_factor
+        self.worker_generator = loader._worker_generator()
         self.ring = loader._ring
         self.stats = loader._stats
         self.pin_slots = loader.pin
@@ -699,6 +717,7 @@ class _Settings:
             "multiprocessing_context": self.multiprocessing_context,
             "persistent_workers": self.persistent_workers,
             "prefetch_factor": self.prefetch_factor,
+            "generator": self.worker_generator,
         }
         dataset = self.dataset
         if self.fast_path():
@@ -964,6 +983,7 @@ class _SamplerProgress:
                 "batch_size": loader.batch_size,
                 "drop_last": loader.drop_last,
                 "dataset_len": len(loader.dataset),
+                "iteration": loader._iterations,
                 "generators": [base64.b64encode(bytes(st.numpy())).decode() for st in self.start_states],
             }
 
@@ -987,6 +1007,8 @@ class _SamplerProgress:
             for g, text in zip(self.generators, saved, strict=True):
                 g.set_state(torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8))
             self.pending_skip = int(state["batches"])
+        # The resumed iteration is the saved one (its worker seeds too): __iter__ counts it again.
+        loader._iterations = int(state.get("iteration", 1)) - 1
 
 
 def _sampler_generators(batch_sampler: Any) -> list[torch.Generator] | None:
