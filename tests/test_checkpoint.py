@@ -89,6 +89,7 @@ def test_keep_last_deletes_older_checkpoints_after_the_newer_commit(target: tupl
     with Checkpointer(url, s3=s3, keep_last=2) as ckpt:
         for step in range(1, 6):
             ckpt.save({"w": torch.full((1000,), float(step))}, step=step).result(timeout=60)
+        ckpt.wait()  # retention runs right after each commit
         assert [i.step for i in ckpt.list()] == [4, 5]
         assert torch.equal(ckpt.load()["w"], torch.full((1000,), 5.0))
         assert torch.equal(ckpt.load(step=4)["w"], torch.full((1000,), 4.0))

@@ -21,6 +21,7 @@ the previous committed checkpoint (with a warning) if the newest is corrupt or i
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import concurrent.futures
 import dataclasses
@@ -326,6 +327,10 @@ class Checkpointer:
                     self._stats.upload_s += time.perf_counter() - job.started
                     self._stats.bytes_uploaded += job.total
                 job.handle._future.set_result(info)
+                try:
+                    self._retain()  # only now that the newer checkpoint is committed
+                except Exception as exc:  # the save itself succeeded; retry at the next one
+                    log.warning("checkpoint retention under %s failed: %s", self.url, exc)
             finally:
                 with self._lock:
                     self._free_arenas.append(job.arena)
@@ -336,7 +341,6 @@ class Checkpointer:
         if job.event is not None:
             job.event.synchronize()
         blob = memoryview(job.arena.numpy().data).cast("B")[: job.total]
-        digest = hashlib.sha256(blob).hexdigest()  # releases the GIL for large buffers
         prefix = _step_dir(job.step)
         existing = self._io.run(self._store.list_objects(prefix))
         if any(o.key == prefix + _MANIFEST for o in existing):
@@ -347,10 +351,17 @@ class Checkpointer:
             )
         name = f"data-{secrets.token_hex(6)}.bin"
         created = time.time()
-        try:
-            self._io.run(
-                self._store.put_large(prefix + name, blob, part_size=self.part_size, concurrency=self.max_concurrency)
+
+        async def upload() -> str:
+            # The checksum (hashlib releases the GIL) runs while the parts go up.
+            digest, _ = await asyncio.gather(
+                asyncio.to_thread(lambda: hashlib.sha256(blob).hexdigest()),
+                self._store.put_large(prefix + name, blob, part_size=self.part_size, concurrency=self.max_concurrency),
             )
+            return str(digest)
+
+        try:
+            digest = self._io.run(upload())
             manifest = {
                 "format": FORMAT,
                 "step": job.step,
@@ -368,9 +379,7 @@ class Checkpointer:
             except Exception as cleanup:  # the upload error matters more
                 log.debug("could not remove %s%s after a failed save: %r", prefix, name, cleanup)
             raise
-        info = CheckpointInfo(job.step, created, job.total, job.metadata, self.url + prefix)
-        self._retain()
-        return info
+        return CheckpointInfo(job.step, created, job.total, job.metadata, self.url + prefix)
 
     def _retain(self) -> None:
         objects = self._io.run(self._store.list_objects())
