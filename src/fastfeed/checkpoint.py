@@ -3,29 +3,28 @@
 ``save()`` stalls the training loop only for a snapshot: every tensor and array of the state is
 copied into one reused staging buffer of exactly the state's size (page-locked, and filled on a
 side CUDA stream, when tensors live on a GPU); plain values are captured by the codec
-(:mod:`fastfeed.ckpt_codec`, no pickle). A background thread then checksums the buffer,
-uploads it as one object (multipart, parts in parallel) and writes the manifest last::
+(:mod:`fastfeed.ckpt_codec`, no pickle). A background thread then uploads it as one object
+(multipart, parts in parallel, a CRC32 of each part computed on the way) and writes the
+manifest last::
 
     <url>/step-000000000042/data-<random>.bin    every leaf, 64-byte aligned
     <url>/step-000000000042/MANIFEST.json        the commit record: format, step, time,
                                                  metadata, tree, leaf specs + offsets,
-                                                 blob name, size and sha256
+                                                 blob name, size and a CRC32 per part
 
 A checkpoint exists if and only if its manifest does (written with ``If-None-Match: *``
 where the store supports it). A crash at any moment leaves either the previous state of the
 prefix or a new committed checkpoint: a partial upload has no manifest (and an aborted
 multipart upload leaves no object). Retention deletes old checkpoints only after a newer one
-committed, manifest first. Loading verifies the size and sha256 of the data and falls back to
+committed, manifest first. Loading verifies the size and the per-part CRC32s of the data and falls back to
 the previous committed checkpoint (with a warning) if the newest is corrupt or incomplete.
 """
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import concurrent.futures
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ import secrets
 import threading
 import time
 import weakref
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +43,7 @@ import torch
 
 from fastfeed import _loop
 from fastfeed.ckpt_codec import LeafSpec, decode, encode, spec_from_json, spec_to_json
-from fastfeed.ckpt_store import CkptStore, StoredObject, open_ckpt_store
+from fastfeed.ckpt_store import MIN_PART, CkptStore, StoredObject, open_ckpt_store
 from fastfeed.config import S3Config, parse_size
 from fastfeed.errors import CheckpointError, ConfigError, CorruptCheckpointError, FastfeedError, NotFoundError
 
@@ -182,6 +182,8 @@ class Checkpointer:
         self.keep_last = keep_last
         self.on_busy = on_busy
         self.part_size = parse_size(part_size, name="part_size")
+        if self.part_size < MIN_PART:
+            raise ConfigError(f"part_size must be at least 5 MiB (S3's smallest multipart part), got {part_size!r}")
         self.max_concurrency = max(1, int(max_concurrency))
         if s3 is None:
             s3 = S3Config.resolve(endpoint_url=endpoint_url)
@@ -352,16 +354,10 @@ class Checkpointer:
         name = f"data-{secrets.token_hex(6)}.bin"
         created = time.time()
 
-        async def upload() -> str:
-            # The checksum (hashlib releases the GIL) runs while the parts go up.
-            digest, _ = await asyncio.gather(
-                asyncio.to_thread(lambda: hashlib.sha256(blob).hexdigest()),
-                self._store.put_large(prefix + name, blob, part_size=self.part_size, concurrency=self.max_concurrency),
-            )
-            return str(digest)
-
         try:
-            digest = self._io.run(upload())
+            crcs = self._io.run(
+                self._store.put_large(prefix + name, blob, part_size=self.part_size, concurrency=self.max_concurrency)
+            )
             manifest = {
                 "format": FORMAT,
                 "step": job.step,
@@ -369,7 +365,7 @@ class Checkpointer:
                 "metadata": job.metadata,
                 "tree": job.tree,
                 "leaves": [{"spec": spec_to_json(s), "offset": o} for s, o in zip(job.specs, job.offsets, strict=True)],
-                "blob": {"name": name, "size": job.total, "sha256": digest},
+                "blob": {"name": name, "size": job.total, "part_size": self.part_size, "crc32": crcs},
             }
             body = json.dumps(manifest, separators=(",", ":")).encode()
             self._io.run(self._store.put(prefix + _MANIFEST, memoryview(body), if_absent=True))
@@ -510,8 +506,13 @@ class Checkpointer:
             if "has" in str(err) and "bytes" in str(err):
                 raise CorruptCheckpointError(f"the data of step {info.step} is truncated: {err}", url=info.url) from err
             raise
-        if hashlib.sha256(view).hexdigest() != blob_meta["sha256"]:
-            raise CorruptCheckpointError(f"the data of step {info.step} fails its sha256 checksum", url=info.url)
+        part = int(blob_meta["part_size"])
+        for i, expected in enumerate(blob_meta["crc32"]):
+            if zlib.crc32(view[i * part : (i + 1) * part]) != int(expected):
+                raise CorruptCheckpointError(
+                    f"the data of step {info.step} fails its CRC32 checksum (bytes {i * part}-{(i + 1) * part - 1})",
+                    url=info.url,
+                )
         specs = [spec_from_json(d["spec"]) for d in manifest["leaves"]]
         offsets = [int(d["offset"]) for d in manifest["leaves"]]
         buffers = [view[o : o + s.nbytes] for s, o in zip(specs, offsets, strict=True)]

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import os
 import tempfile
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -50,9 +51,12 @@ class CkptStore:
     async def put(self, key: str, data: memoryview, *, if_absent: bool = False) -> None:
         raise NotImplementedError
 
-    async def put_large(self, key: str, data: memoryview, *, part_size: int, concurrency: int) -> None:
-        """Write ``data`` as one object, in parallel parts when large."""
+    async def put_large(self, key: str, data: memoryview, *, part_size: int, concurrency: int) -> list[int]:
+        """Write ``data`` as one object, in parallel parts when large; returns the CRC32 of each
+        ``part_size`` slice of ``data`` (for the manifest; computed while the parts go up)."""
+        crcs = await asyncio.gather(*(_crc32(data[s : s + part_size]) for s in range(0, len(data), part_size)))
         await self.put(key, data)
+        return list(crcs)
 
     async def get(self, key: str) -> bytes:
         raise NotImplementedError
@@ -114,9 +118,10 @@ class S3CkptStore(CkptStore):
     async def put(self, key: str, data: memoryview, *, if_absent: bool = False) -> None:
         full = self._key(key)
         url = f"s3://{self.bucket}/{full}"
+        body = bytes(data)
 
         async def op() -> Any:
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": full, "Body": bytes(data)}
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": full, "Body": body}
             if if_absent:
                 kwargs["IfNoneMatch"] = "*"
             return await self._client.put_object(**kwargs)
@@ -129,11 +134,13 @@ class S3CkptStore(CkptStore):
                 return
             raise
 
-    async def put_large(self, key: str, data: memoryview, *, part_size: int, concurrency: int) -> None:
-        part_size = max(part_size, MIN_PART)
+    async def put_large(self, key: str, data: memoryview, *, part_size: int, concurrency: int) -> list[int]:
+        if part_size < MIN_PART:
+            raise ValueError(f"part_size must be >= {MIN_PART} bytes for S3 multipart uploads")
         if len(data) <= part_size:
+            crcs = [await _crc32(data)]
             await self.put(key, data)
-            return
+            return crcs
         full = self._key(key)
         url = f"s3://{self.bucket}/{full}"
         created = await self._call(
@@ -144,15 +151,22 @@ class S3CkptStore(CkptStore):
         upload_id = created["UploadId"]
         limit = asyncio.Semaphore(concurrency)
         starts = list(range(0, len(data), part_size))
+        crcs = [0] * len(starts)
 
         async def part(number: int, start: int) -> dict[str, Any]:
-            body = data[start : start + part_size]
             async with limit:
+                view = data[start : start + part_size]
+                crcs[number - 1] = await _crc32(view)
+                body = bytes(view)
                 resp = await self._call(
                     f"upload part {number} of {url}",
                     url,
                     lambda: self._client.upload_part(
-                        Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=number, Body=bytes(body)
+                        Bucket=self.bucket,
+                        Key=full,
+                        UploadId=upload_id,
+                        PartNumber=number,
+                        Body=body,
                     ),
                 )
             return {"PartNumber": number, "ETag": resp["ETag"]}
@@ -172,6 +186,7 @@ class S3CkptStore(CkptStore):
                     self._client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
                 )
             raise
+        return crcs
 
     async def get(self, key: str) -> bytes:
         full = self._key(key)
@@ -222,6 +237,10 @@ class S3CkptStore(CkptStore):
 
     async def aclose(self) -> None:
         await self._store.aclose()
+
+
+async def _crc32(view: memoryview) -> int:
+    return await asyncio.to_thread(zlib.crc32, view)  # zlib releases the GIL on large buffers
 
 
 def _unsupported_condition(err: FastfeedError) -> bool:
