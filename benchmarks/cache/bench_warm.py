@@ -13,10 +13,15 @@ times the WARM epoch, data already on local disk:
 * ``mosaic``: ``streaming.StreamingDataset(remote="s3://.../mds/", local=...)``;
 * ``litdata``: ``litdata.StreamingDataset("s3://.../litdata/", cache_dir=...)``.
 
-Each library is timed in two settings: ``loop`` (plain single-process ``for s in ds``) and
-``loader`` (batch 64, 2 worker processes: ``fastfeed.DataLoader``, ``torch.utils.data.DataLoader``
-for mosaic, ``litdata.StreamingDataLoader`` for litdata; workers start inside the timed span).
-Every pass must deliver every sample: its sample count and payload bytes are checked.
+Each library is timed in two settings: ``loop`` (plain single-process ``for s in ds``; each
+sample's ``bin`` payload is touched by reading one byte per 4 KiB page, since LitData hands out
+memoryviews into mmap'ed chunks that ``len`` alone would never read; ``--touch copy`` first
+copies such a memoryview into ``bytes``) and ``loader`` (batch 64, 2 worker processes:
+``fastfeed.DataLoader`` summing ``batch["bin"].data.numel()``, ``torch.utils.data.DataLoader``
+for mosaic and ``litdata.StreamingDataLoader`` for litdata, both summing ``len`` of each
+``bytes`` payload; workers start inside the timed span; each peer's loader gets its own
+dataset object, never iterated in the main process). Every pass must deliver every sample:
+its sample count and payload bytes are checked.
 Nothing may be re-downloaded in a warm pass: fastfeed's ``bytes_fetched`` must not grow and
 each peer's cache files (names, sizes, inodes) must not change; a violation fails the run.
 The warm pass is repeated (contender order rotated each repeat) and medians are reported
@@ -25,6 +30,8 @@ cold pass fails, is skipped with the reason printed. See README_peers.md for the
 
     python benchmarks/cache/bench_warm.py --size 1GiB --repeats 3 --json warm.json
     python benchmarks/cache/bench_warm.py --quick
+
+Run it with an interpreter that has fastfeed, torch and the peers installed (README_peers.md).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import sys
 import tarfile
@@ -44,7 +52,7 @@ import time
 import traceback
 import types
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +68,8 @@ BUCKET = "bench"
 BATCH = 64
 WORKERS = 2
 READ_CHUNK = 8 << 20
+PAGE = 4096
+LOADER_TIMEOUT_S = 300  # a peer loader's batch not ready in this long fails the run instead of hanging
 PEERS = ("mosaic", "litdata")
 SETTINGS = ("loop", "loader")
 
@@ -99,6 +109,31 @@ def _cpu_s() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _touch(payload: bytes | memoryview, copy: bool = False) -> int:
+    """Read one byte of every 4 KiB page of a sample's payload and return its length: a
+    memoryview into an mmap'ed file (LitData's samples) is otherwise never read at all, and
+    ``len`` alone would time nothing. Costs next to nothing for a ``bytes`` object. With
+    ``copy``, a payload that is not already ``bytes`` is first copied into one (``--touch copy``:
+    what fastfeed and MosaicML Streaming deliver anyway)."""
+    if copy and not isinstance(payload, bytes):
+        payload = bytes(payload)
+    memoryview(payload)[::PAGE].tobytes()
+    return len(payload)
+
+
+def litdata_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """LitData's loader collation for ``{"bin", "cls"}``: ``bin`` as a list of ``bytes``.
+
+    LitData yields ``bytes`` columns as memoryviews into its mmap'ed chunk, which cannot be
+    pickled to the main process, and torch's ``default_collate`` takes a memoryview for a
+    sequence and transposes 64 of them into 100,000 tiny tensors. Copying each to ``bytes`` in
+    the worker gives the same batch as the MosaicML loader (``list[bytes]`` + int tensor)."""
+    return {
+        "bin": [bytes(s["bin"]) for s in samples],
+        "cls": torch.tensor([int(s["cls"]) for s in samples]),
+    }
 
 
 def _check(name: str, samples: int, payload: int, expected: Expected) -> None:
@@ -203,7 +238,7 @@ class FastfeedContender(Contender):
     def _loop(self) -> tuple[int, int]:
         n = nbytes = 0
         for s in self.ds:
-            nbytes += len(s["bin"])
+            nbytes += _touch(s["bin"])
             n += 1
         return n, nbytes
 
@@ -229,13 +264,11 @@ class FastfeedContender(Contender):
                 for batch in loader:
                     bins = batch["bin"]
                     nbytes += bins.data.numel()
+                    if not n:
+                        extra["first_batch_s"] = time.perf_counter() - start
                     n += len(bins)
                 seconds = time.perf_counter() - start
-                st = loader.stats()
-                extra["loader_bytes_fetched"] = st.bytes_fetched
-                extra["loader_bytes_from_cache"] = st.bytes_from_cache
-                extra["loader_cache_hits"] = st.cache_hits
-                extra["loader_cache_misses"] = st.cache_misses
+                extra.update({f"loader_{k}": v for k, v in loader.stats().as_dict().items()})
             finally:
                 loader.close()
         run = Run(f"fastfeed-{setting}", n, nbytes, seconds, _cpu_s() - cpu0, extra=extra)
@@ -291,7 +324,8 @@ class PeerContender(Contender):
         self.args = args
         self.expected = Expected(0, 0)
         self.cache_root = tmp / f"{self.name}-cache"
-        self.ds: Any = None
+        self.ds: Any = None  # cold pass and the in-process loop
+        self.ds_loader: Any = None  # the loader setting's (see cold())
         self.format_stats: dict[str, int] = {}
 
     def open_dataset(self) -> Any:
@@ -302,8 +336,9 @@ class PeerContender(Contender):
 
     def _loop(self) -> tuple[int, int]:
         n = nbytes = 0
+        copy = self.args.touch == "copy"
         for s in self.ds:
-            nbytes += len(s["bin"])
+            nbytes += _touch(s["bin"], copy)
             n += 1
         return n, nbytes
 
@@ -313,6 +348,11 @@ class PeerContender(Contender):
         n, nbytes = self._loop()
         run = Run(f"{self.name}-cold", n, nbytes, time.perf_counter() - start, _cpu_s() - cpu0)
         _check(run.name, n, nbytes, self.expected)
+        # A second dataset object over the same (now filled) cache for the loader setting, never
+        # iterated in this process: an object iterated here and then forked into loader workers
+        # carries this process' iteration state into them (MosaicML Streaming's thread pool is
+        # inherited without its threads and its workers hang), which is not how either peer is used.
+        self.ds_loader = self.open_dataset()
         return run
 
     def warm(self, setting: str) -> Run:
@@ -322,16 +362,21 @@ class PeerContender(Contender):
             n, nbytes = self._loop()
         else:
             n = nbytes = 0
+            first = 0.0
             it = iter(self.make_loader())
             try:
                 for batch in it:
                     bins = batch["bin"]
                     nbytes += sum(len(b) for b in bins)
+                    if not n:
+                        first = time.perf_counter() - start
                     n += len(bins)
             finally:
                 _shutdown_torch_iter(it)
         seconds = time.perf_counter() - start
         run = Run(f"{self.name}-{setting}", n, nbytes, seconds, _cpu_s() - cpu0)
+        if setting == "loader":
+            run.extra["first_batch_s"] = first
         _check(run.name, n, nbytes, self.expected)
         diff = _snapshot_diff(before, _snapshot(self.cache_root))
         run.extra.update(diff)
@@ -369,10 +414,12 @@ class MosaicContender(PeerContender):
         )
 
     def make_loader(self) -> Any:
-        return torch.utils.data.DataLoader(self.ds, batch_size=BATCH, num_workers=WORKERS)
+        return torch.utils.data.DataLoader(
+            self.ds_loader, batch_size=BATCH, num_workers=WORKERS, timeout=LOADER_TIMEOUT_S
+        )
 
     def close(self) -> None:
-        self.ds = None
+        self.ds = self.ds_loader = None
         with contextlib.suppress(Exception):
             from streaming.base.util import clean_stale_shared_memory
 
@@ -426,10 +473,16 @@ class LitdataContender(PeerContender):
     def make_loader(self) -> Any:
         import litdata
 
-        return litdata.StreamingDataLoader(self.ds, batch_size=BATCH, num_workers=WORKERS)
+        return litdata.StreamingDataLoader(
+            self.ds_loader,
+            batch_size=BATCH,
+            num_workers=WORKERS,
+            timeout=LOADER_TIMEOUT_S,
+            collate_fn=litdata_collate,
+        )
 
     def close(self) -> None:
-        self.ds = None
+        self.ds = self.ds_loader = None
 
 
 def _rmtree(path: Path) -> None:
@@ -480,8 +533,46 @@ def import_litdata() -> str:
     """
     import litdata.streaming.downloader as downloader
 
-    downloader._OBSTORE_CLIENT_OPTIONS["allow_http"] = "true"  # type: ignore[typeddict-unknown-key]
+    options: dict[str, str] = downloader._OBSTORE_CLIENT_OPTIONS  # a plain dict at run time
+    options["allow_http"] = "true"
     return "obstore client option allow_http=true added (the local SeaweedFS endpoint is http://)"
+
+
+@contextlib.contextmanager
+def _tempdir_redirect(path: Path) -> Iterator[None]:
+    """Point :func:`tempfile.gettempdir` (and ``TMPDIR`` for child processes) at ``path`` for
+    the block: MosaicML Streaming puts its file locks and LitData's ``optimize`` its working
+    folders there, so they are removed with the benchmark's own temporary directory."""
+    path.mkdir(parents=True, exist_ok=True)
+    old = tempfile.tempdir
+    tempfile.tempdir = str(path)
+    try:
+        with _env({"TMPDIR": str(path)}):
+            yield
+    finally:
+        tempfile.tempdir = old
+
+
+def _exit_on_signals(deadline_s: int) -> None:
+    """Turn SIGTERM, and SIGALRM after ``deadline_s``, into SystemExit in this process so every
+    ``finally`` and context manager runs (server stopped, temp dirs removed); forked children
+    keep the default actions."""
+
+    def handler(signum: int, frame: Any) -> None:
+        if signum == signal.SIGALRM:
+            print(f"deadline of {deadline_s} s reached; stopping", file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGALRM, handler)
+    signal.alarm(deadline_s)
+    os.register_at_fork(after_in_child=_default_signals)
+
+
+def _default_signals() -> None:
+    signal.alarm(0)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
 
 
 def _version(module: str) -> str | None:
@@ -502,6 +593,14 @@ def main() -> int:
     parser.add_argument("--sample-bytes", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peers", default=",".join(PEERS), help="comma-separated peers to try (empty: none)")
+    parser.add_argument(
+        "--touch",
+        choices=("pages", "copy"),
+        default="pages",
+        help="loop setting: read one byte per 4 KiB page of each payload (pages), or first copy a payload "
+        "that is not already bytes into bytes (copy; only LitData yields memoryviews)",
+    )
+    parser.add_argument("--deadline", type=int, default=3600, help="seconds before the whole run is stopped")
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
     if args.quick:
@@ -512,6 +611,7 @@ def main() -> int:
     for p in wanted_peers:
         if p not in PEERS:
             parser.error(f"unknown peer {p!r}; choose from {', '.join(PEERS)}")
+    _exit_on_signals(args.deadline)
     warnings.filterwarnings("ignore", module="streaming")  # mosaic's "predownload not set"-style notices
 
     skipped: dict[str, str] = {}
@@ -534,6 +634,7 @@ def main() -> int:
     contenders: dict[str, Contender] = {}
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ff-warm-", dir="/tmp")))
+        stack.enter_context(_tempdir_redirect(tmp / "tmp"))
         server = stack.enter_context(SeaweedServer(tmp / "store"))
         server.create_bucket(BUCKET)
         # Mosaic reads the endpoint and credentials from the environment (forked workers inherit it).
@@ -572,14 +673,14 @@ def main() -> int:
         for peer in wanted_peers:
             if peer in skipped:
                 continue
-            c = peer_classes[peer](tmp, server, shard_paths, args)
-            stack.callback(c.close)
+            peer_c = peer_classes[peer](tmp, server, shard_paths, args)
+            stack.callback(peer_c.close)
             try:
                 t0 = time.perf_counter()
-                c.setup()
-                fmt[peer] = c.format_stats
+                peer_c.setup()
+                fmt[peer] = peer_c.format_stats
                 print(f"{peer}: converted and uploaded in {time.perf_counter() - t0:.1f} s ({fmt[peer]})")
-                contenders[peer] = c
+                contenders[peer] = peer_c
             except Exception as exc:
                 skipped[peer] = f"conversion/upload failed: {type(exc).__name__}: {exc}"
                 print(f"SKIP {peer}: {skipped[peer]}")
@@ -599,7 +700,9 @@ def main() -> int:
                 del contenders[name]
                 continue
             cold[name] = {**run.as_dict(), "cache": _dir_stats(c.cache_root)}
-            print(f"  cold {name:<9} {run.mb_per_s:8.0f} MB/s  {run.samples_per_s:8.0f} samples/s  ({run.seconds:.1f} s)")
+            print(
+                f"  cold {name:<9} {run.mb_per_s:8.0f} MB/s  {run.samples_per_s:8.0f} samples/s  ({run.seconds:.1f} s)"
+            )
 
         entries = ff.entries()
         if len(entries) != num_shards:
@@ -620,6 +723,8 @@ def main() -> int:
                         note = f"  ({run.read_bytes / run.seconds / 1e6:.0f} MB/s of file bytes)"
                     elif name == "fastfeed":
                         note = f"  (fetched {run.extra['bytes_fetched']:.0f} B)"
+                    if "first_batch_s" in run.extra:
+                        note += f"  (first batch {run.extra['first_batch_s'] * 1000:.0f} ms)"
                     print(
                         f"  repeat {r} {run.name:<16} {run.mb_per_s:8.0f} MB/s  {run.samples_per_s:8.0f} samples/s"
                         f"  {run.cpu_s / run.seconds:4.2f} CPU/s{note}"
@@ -630,17 +735,23 @@ def main() -> int:
     med = {k: statistics.median(m.mb_per_s for m in v) for k, v in rows.items() if v}
     sps = {k: statistics.median(m.samples_per_s for m in v) for k, v in rows.items() if v}
     raw_file = statistics.median(m.read_bytes / m.seconds / 1e6 for m in rows["raw"])
+    first = {
+        k: statistics.median(m.extra["first_batch_s"] for m in v)
+        for k, v in rows.items()
+        if v and "first_batch_s" in v[0].extra
+    }
     ratios: dict[str, dict[str, float]] = {}
     print()
     print(f"warm epoch, median of {args.repeats} (MB = 1e6 B of payload; raw: payload-equivalent)")
-    print(f"{'run':<16} {'MB/s':>8} {'samples/s':>10} {'x raw':>6} {'ff / this':>9}")
+    print(f"{'run':<16} {'MB/s':>8} {'samples/s':>10} {'x raw':>6} {'ff / this':>9} {'1st batch':>9}")
     for k in med:
         setting = k.rsplit("-", 1)[-1]
         ff_key = f"fastfeed-{setting}"
         ratio = med[ff_key] / med[k] if ff_key in med and not k.startswith("fastfeed") and k != "raw" else None
         ratios[k] = {"x_raw": med[k] / med["raw"], **({"fastfeed_over": ratio} if ratio else {})}
         shown = f"{ratio:9.2f}" if ratio else f"{'':>9}"
-        print(f"{k:<16} {med[k]:8.0f} {sps[k]:10.0f} {med[k] / med['raw']:6.2f} {shown}")
+        fb = f"{first[k] * 1000:7.0f}ms" if k in first else ""
+        print(f"{k:<16} {med[k]:8.0f} {sps[k]:10.0f} {med[k] / med['raw']:6.2f} {shown} {fb}")
     print(f"raw file-bytes read speed: {raw_file:.0f} MB/s")
     for peer, why in skipped.items():
         print(f"skipped {peer}: {why}")
@@ -672,6 +783,7 @@ def main() -> int:
         "median_mb_per_s": med,
         "median_samples_per_s": sps,
         "median_raw_file_mb_per_s": raw_file,
+        "median_first_batch_s": first,
         "ratios": ratios,
         "runs": {k: [m.as_dict() for m in v] for k, v in rows.items()},
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
