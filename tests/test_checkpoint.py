@@ -209,3 +209,40 @@ def test_kill_9_during_uploads_never_leaves_a_partial_checkpoint(bucket: Any, fa
         assert len(infos) <= 2 + 1, "retention holds (one more only while a save was cut short)"
     fault_proxy.set_latency(0)
     assert cut_short >= 2, "most kills should land inside an upload"
+
+
+def test_a_failed_upload_keeps_the_older_checkpoints_and_leaves_nothing_committed(
+    bucket: Any, fault_proxy: Any
+) -> None:
+    from fastfeed.config import RetryConfig
+
+    url = f"s3://{bucket.name}/runs/fail/"
+    cfg = S3Config(
+        endpoint_url=fault_proxy.endpoint_url,
+        access_key_id=bucket.server.access_key,
+        secret_access_key=bucket.server.secret_key,
+        retry=RetryConfig(max_attempts=2, base_delay=0.01, max_delay=0.02),
+    )
+    with Checkpointer(url, s3=cfg, keep_last=1, part_size="5MiB") as ckpt:
+        ckpt.save({"w": torch.ones(10)}, step=1).result(timeout=60)
+        # Every part upload of the next (multipart) save fails: the store answers 500.
+        fault_proxy.inject(
+            status=500, code="InternalError", count=None, method="PUT", path_regex=r"step-000000000002/data-"
+        )
+        handle = ckpt.save({"w": torch.zeros(3_000_000)}, step=2)
+        with pytest.raises(Exception, match=r"InternalError|500"):
+            handle.result(timeout=60)
+        fault_proxy.clear_faults()
+        assert [i.step for i in ckpt.list()] == [1], "retention ran only after a commit: step 1 is kept"
+        assert torch.equal(ckpt.load()["w"], torch.ones(10))
+        keys = [
+            o["Key"] for o in bucket.client.list_objects_v2(Bucket=bucket.name, Prefix="runs/fail/").get("Contents", [])
+        ]
+        assert not any("step-000000000002" in k for k in keys), keys
+        uploads = bucket.client.list_multipart_uploads(Bucket=bucket.name, Prefix="runs/fail/").get("Uploads", [])
+        assert uploads == [], "the failed multipart upload was aborted"
+        with pytest.raises(CheckpointError, match="earlier checkpoint save failed"):
+            ckpt.wait()
+        ckpt.save({"w": torch.full((10,), 3.0)}, step=3).result(timeout=60)  # and saving works again
+        ckpt.wait()
+        assert [i.step for i in ckpt.list()] == [3]
