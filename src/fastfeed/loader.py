@@ -133,8 +133,8 @@ class _StreamConfig:
     ) -> Generator[tuple[Any, ...], None, None]:
         """Round-robin over ``streams`` (those still running), each from its resume position:
         ``("batch", stream, value, position_after, io_deltas)`` items (``io_deltas``: the
-        :class:`LoaderStats` I/O fields this batch added), then an ``("end", stream)`` item
-        when a stream is exhausted."""
+        :class:`LoaderStats` I/O fields this batch added), then an ``("end", stream, io_deltas)``
+        item when a stream is exhausted (its last reads: the end of its last shard)."""
         io_stats = self.dataset.io_stats
         gens = {
             v: stream_batches(
@@ -152,7 +152,7 @@ class _StreamConfig:
                     value, after = next(gens[v])
                 except StopIteration:
                     live.discard(v)
-                    yield ("end", v)
+                    yield ("end", v, _io_delta(io0, io_stats()))  # what the stream read last
                 else:
                     yield ("batch", v, value, after, _io_delta(io0, io_stats()))
                 v = _cyclic_next(v, live, self.num_streams)
@@ -184,7 +184,9 @@ def _rotated(n: int, first: int) -> list[int]:
     return [(first + i) % n for i in range(n)]
 
 
-def _in_stream_order(items: Iterator[tuple[Any, ...]], order: list[int]) -> Iterator[tuple[Any, ...]]:
+def _in_stream_order(
+    items: Iterator[tuple[Any, ...]], order: list[int], on_end: Callable[[dict[str, float]], None] | None = None
+) -> Iterator[tuple[Any, ...]]:
     """Reorder worker messages into the streams' round-robin order (what one process would
     produce): workers run disjoint streams and each emits its own streams in that order, so the
     wait for the next stream's batch is short and the buffers stay small."""
@@ -200,6 +202,8 @@ def _in_stream_order(items: Iterator[tuple[Any, ...]], order: list[int]) -> Iter
                 raise RuntimeError(f"DataLoader workers ended before stream {v} did")
             if item[0] == "end":
                 ended.add(item[1])
+                if on_end is not None and len(item) > 2:
+                    on_end(item[2])
             else:
                 pending[item[-2][0]].append(item)
         if pending[v]:
@@ -337,7 +341,7 @@ class _CollatedStream(IterableDataset[Any]):
         mine = [v for v in _rotated(settings.num_streams, settings.next_stream) if v % info.num_workers == worker]
         for item in settings.stream_source(mine, collate):
             if item[0] == "end":
-                yield ("end", item[1])
+                yield item
             else:
                 _, v, message, after, io = item
                 message[-1].update(io)
@@ -673,6 +677,7 @@ class _Settings:
                     except StopIteration:
                         return
                     if item[0] == "end":
+                        self.stats.add(**item[2])
                         continue
                     _, v, (batch, n), after, io = item
                     elapsed = time.perf_counter() - start
@@ -733,7 +738,7 @@ class _Settings:
         try:
             if self.fast_path():
                 order = _rotated(self.streams.num_streams, self.streams.next_stream)
-                yield from _in_stream_order(it, order)
+                yield from _in_stream_order(it, order, lambda io: self.stats.add(**io))
             else:
                 yield from it
         finally:
