@@ -48,6 +48,7 @@ import errno
 import fcntl
 import hashlib
 import logging
+import mmap
 import os
 import threading
 import time
@@ -548,6 +549,11 @@ class _CachedFile:
         self.on_fetched = on_fetched
         self.complete = self.hit = fill is None and store is None
         self.bypass = False
+        #: For a hit: the whole entry, memory-mapped; readers take views of it (no copy).
+        self.mapped: memoryview | None = None
+        if self.hit and info.size > 0:
+            with contextlib.suppress(OSError, ValueError):
+                self.mapped = memoryview(mmap.mmap(fd, info.size, access=mmap.ACCESS_READ))
 
     async def read_range(
         self, loc: Location, start: int, end: int, etag: str | None = None, out: memoryview | None = None
@@ -619,7 +625,9 @@ class _CachedFile:
             delay = min(delay * 2, 0.02)
 
     def close(self) -> None:
-        """Close the file (releasing a hit's LOCK_SH); further reads go to the store."""
+        """Close the file (releasing a hit's LOCK_SH); further reads go to the store. Views of
+        a mapped entry stay valid (the mapping is released with the last of them)."""
+        self.mapped = None
         if self.fd is not None:
             fd, self.fd = self.fd, None
             self.bypass = True

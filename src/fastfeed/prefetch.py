@@ -335,6 +335,16 @@ class Prefetcher:
 
     async def _fetch(self, store: Store, loc: Location, info: ObjectInfo, part: _Part, counted: bool = True) -> None:
         fut = part.future
+        mapped = getattr(store, "mapped", None)
+        if mapped is not None:
+            # A cache hit: a view of the mapped entry, no copy and no pool buffer. The mapping
+            # lives as long as any view of it.
+            view = mapped[part.start : part.end]
+            self._count_cached(len(view))
+            self._requests.release()
+            if fut.set_running_or_notify_cancel():
+                fut.set_result(view)
+            return
         part.buffer = self._pool.take()
         try:
             out = memoryview(part.buffer)[: part.end - part.start]

@@ -1,0 +1,69 @@
+#!/usr/bin/env python
+"""Warm cache hits in a plain loop vs a raw read of the same cached files (quick, fastfeed only).
+
+Writes ``--shards`` x 160 samples x 100 KB to a local SeaweedFS, reads them once through
+``StreamingDataset(cache_dir=...)`` (cold, fills the cache), then ``--repeats`` times: a raw
+sequential ``readinto`` of the cached entries (8 MiB chunks), and a plain ``for s in ds`` loop
+touching every payload (``len``: fastfeed returns ``bytes``, already copied). Prints MB/s of
+payload and the median ratio. For the peers, see ``bench_warm.py``.
+
+    python benchmarks/cache/bench_hit_path.py --shards 24 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import fastfeed
+from fastfeed.config import S3Config
+from fastfeed.testing.servers import SeaweedServer
+from fastfeed.testing.shards import upload_dir, write_synthetic_shards
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", type=int, default=24)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp, SeaweedServer() as server:
+        bucket = server.create_bucket("warm")
+        write_synthetic_shards(Path(tmp, "s"), num_shards=args.shards, samples_per_shard=160, sample_bytes=100_000)
+        upload_dir(server.client(), bucket, Path(tmp, "s"), prefix="d/")
+        s3 = S3Config(
+            endpoint_url=server.endpoint_url, access_key_id=server.access_key, secret_access_key=server.secret_key
+        )
+        ds = fastfeed.StreamingDataset(
+            f"s3://{bucket}/d/", s3=s3, cache_dir=f"{tmp}/cache", cache_limit="10GB", index_cache=None
+        )
+        for _ in ds:  # cold: fills the cache
+            pass
+        files = glob.glob(f"{tmp}/cache/v1/entries/*.tar")
+        total = sum(os.path.getsize(f) for f in files)
+        buf = bytearray(8 << 20)
+        raw, loop = [], []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            for name in files:
+                with open(name, "rb", buffering=0) as f:
+                    while f.readinto(buf):
+                        pass
+            raw.append(total / (time.perf_counter() - start) / 1e6)
+            start = time.perf_counter()
+            payload = sum(len(s["bin"]) for s in ds)
+            loop.append(payload / (time.perf_counter() - start) / 1e6)
+            assert ds.io_stats()["bytes_fetched"] == total, "a warm pass fetches nothing"
+    print("raw MB/s ", " ".join(f"{x:.0f}" for x in raw))
+    print("loop MB/s", " ".join(f"{x:.0f}" for x in loop))
+    print(f"median loop / raw: {statistics.median(loop) / statistics.median(raw):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
