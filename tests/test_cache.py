@@ -379,3 +379,19 @@ def test_samples_flow_while_the_shard_is_still_being_written(data: dict[str, Any
     rest = list(it)
     assert first["__key__"] == "000000_00000000" and len(rest) == SHARDS * PER_SHARD - 1
     assert cache_info(data["cache"]).entries == SHARDS
+
+
+def test_hits_stay_valid_when_entries_are_removed_while_mapped(data: dict[str, Any]) -> None:
+    reference = {
+        f"{Path(s['__url__']).name}#{s['__key__']}": s["bin"] for s in StreamingDataset([str(p) for p in data["paths"]])
+    }
+    list(dataset(data))  # warm
+    loader = DataLoader(dataset(data), batch_size=7)
+    got: dict[str, bytes] = {}
+    for i, batch in enumerate(loader):
+        if i == 1:
+            removed, _ = clear_cache(data["cache"])  # entries unlinked under the readers' mappings
+            assert removed >= 1
+        for url, key, value in zip(batch["__url__"], batch["__key__"], batch["bin"], strict=True):
+            got[f"{Path(url).name}#{key}"] = value
+    assert got == reference
