@@ -3,7 +3,8 @@
 # has python3 with a CUDA torch, cmake and ninja but no network, so fastfeed's other dependencies
 # (and the build backend, pinned to this repo's versions) travel as wheels in .whl/: prepare them
 # here with `benchmarks/gpu_prepare_wheels.sh`, then run this script with `.whl` carried.
-#   run: bash benchmarks/gpu_check.sh   (results in $OUT/gpu_check.json and $OUT/gpu_pytest.log)
+#   run: bash benchmarks/gpu_check.sh         (results in $OUT/gpu_check.json and $OUT/gpu_pytest.log)
+#        bash benchmarks/gpu_check.sh probe   (the overlap probe only: $OUT/overlap_probe.json)
 # Steps: build + install fastfeed, benchmarks/gpu/gpu_check.py (bandwidth, overlap, bit-identity),
 # then the loader/resume/gather tests with CUDA present (pinned arenas, the CUDA-only tests).
 set -uo pipefail
@@ -21,6 +22,9 @@ start=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target "$site" . >"$out/gpu_build.log" 2>&1 \
   || { tail -40 "$out/gpu_build.log"; exit 1; }
 echo "build: $(($(date +%s) - start)) s"
+if [ "${1:-}" = "probe" ]; then  # only benchmarks/gpu/overlap_probe.py (where a step's data wait goes)
+  exec timeout 200 python3 benchmarks/gpu/overlap_probe.py "$out/overlap_probe.json"
+fi
 rc=0
 timeout 240 python3 benchmarks/gpu/gpu_check.py "$out/gpu_check.json" || rc=$?
 echo "gpu_check.py: rc=$rc"

@@ -17,6 +17,7 @@ import pytest
 from fastfeed import ConfigError, DataLoader, StreamingDataset
 from fastfeed.cache import cache_info, clear_cache
 from fastfeed.config import S3Config
+from fastfeed.testing.servers import free_port
 from fastfeed.testing.shards import upload_dir, write_synthetic_shards
 
 SHARDS = 6
@@ -251,14 +252,6 @@ def test_a_full_disk_warns_and_loses_nothing(data: dict[str, Any]) -> None:
 # ------------------------------------------------------------------- real process groups
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _rank_main(rank: int, world: int, port: int, cfg: dict[str, Any], out: str) -> None:
     import torch.distributed as dist
 
@@ -287,9 +280,7 @@ def test_two_gloo_ranks_share_the_node_cache_across_epochs(data: dict[str, Any],
     cfg = {"url": data["url"], "s3": s3, "cache": data["cache"], "index": str(tmp_path / "counts")}
     StreamingDataset(data["url"], s3=data["s3"], index_cache=cfg["index"]).shard_sample_counts  # noqa: B018 - count once
     proxy.reset_counters()
-    mp.start_processes(
-        _rank_main, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, join=True, start_method="spawn"
-    )
+    mp.start_processes(_rank_main, args=(2, free_port(), cfg, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for epoch in range(2):
         both = ranks[0]["epochs"][epoch] + ranks[1]["epochs"][epoch]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +14,8 @@ import torch.multiprocessing as mp
 
 from fastfeed import StreamingDataset
 from fastfeed.config import S3Config
+from fastfeed.testing.servers import free_port
 from fastfeed.testing.shards import write_synthetic_shards
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _batch_len(batch: list[Any]) -> int:
@@ -71,7 +65,7 @@ def test_two_gloo_ranks_get_disjoint_complete_equal_splits(
     world = 2
     mp.start_processes(
         _rank_main,
-        args=(world, _free_port(), source, s3, str(tmp_path), remainder),
+        args=(world, free_port(), source, s3, str(tmp_path), remainder),
         nprocs=world,
         join=True,
         start_method="spawn",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch.multiprocessing as mp
 
 from fastfeed import DataLoader, StreamingDataset
 from fastfeed.plan import Piece, cut, rank_share
+from fastfeed.testing.servers import free_port
 from fastfeed.testing.shards import write_synthetic_shards
 
 SIZES = [23, 41, 9, 30, 17, 35, 12]  # 167 samples
@@ -160,12 +160,6 @@ def test_rows_pieces_split_and_cut_by_sample() -> None:
 # --------------------------------------------------------------------- real process groups
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _rank_main(rank: int, world_size: int, port: int, root: str, out: str, steps: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
@@ -195,7 +189,7 @@ def test_gloo_two_ranks_checkpoint_then_three_ranks_finish_the_epoch(uneven: Pat
     for world_size, steps in ((2, 4), (3, -1)):
         mp.start_processes(
             _rank_main,
-            args=(world_size, _free_port(), str(uneven), str(tmp_path), steps),
+            args=(world_size, free_port(), str(uneven), str(tmp_path), steps),
             nprocs=world_size,
             join=True,
             start_method="spawn",

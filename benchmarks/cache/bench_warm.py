@@ -36,6 +36,7 @@ Run it with an interpreter that has fastfeed, torch and the peers installed (REA
 
 from __future__ import annotations
 
+import abc
 import argparse
 import contextlib
 import importlib
@@ -207,7 +208,7 @@ def litdata_fn(path: str) -> Iterator[dict[str, Any]]:
 # -- contenders ------------------------------------------------------------------------------
 
 
-class Contender:
+class Contender(abc.ABC):
     """A library under test: ``setup`` converts/uploads, ``cold`` fills its cache, ``warm``
     times one pass in a setting, ``cache_root`` is where its local copy lives."""
 
@@ -215,16 +216,16 @@ class Contender:
     cache_root: Path
 
     def setup(self) -> None:
-        pass
+        return None
 
-    def cold(self) -> Run:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def cold(self) -> Run: ...
 
-    def warm(self, setting: str) -> Run:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def warm(self, setting: str) -> Run: ...
 
     def close(self) -> None:
-        pass
+        return None
 
 
 class FastfeedContender(Contender):
@@ -328,11 +329,11 @@ class PeerContender(Contender):
         self.ds_loader: Any = None  # the loader setting's (see cold())
         self.format_stats: dict[str, int] = {}
 
-    def open_dataset(self) -> Any:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def open_dataset(self) -> Any: ...
 
-    def make_loader(self) -> Any:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def make_loader(self) -> Any: ...
 
     def _loop(self) -> tuple[int, int]:
         n = nbytes = 0

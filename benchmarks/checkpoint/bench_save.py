@@ -26,7 +26,6 @@ import argparse
 import io
 import json
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -38,7 +37,7 @@ import torch
 
 import fastfeed
 from fastfeed.config import S3Config, parse_size
-from fastfeed.testing.servers import SeaweedServer
+from fastfeed.testing.servers import SeaweedServer, free_port
 
 
 def make_state(size: int, tensors: int) -> dict[str, torch.Tensor]:
@@ -122,10 +121,7 @@ def main() -> int:
         if not args.no_dcp:
             import torch.distributed as dist
 
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
-            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
             dcp_ready = True
         try:
             bench_fastfeed(ckpt, state, 0)  # warm-up: staging buffer, connections

@@ -186,6 +186,27 @@ class CacheCounters:
 Planner = Callable[[str, str], float | None]
 
 
+@dataclass(frozen=True)
+class _Source:
+    """One shard as the cache sees it: where its bytes come from when they are not on local
+    disk (``store``), and who is told about them."""
+
+    info: ObjectInfo
+    key: str
+    loc: Location
+    store: Store
+    #: Bytes GET from the store, bytes read from local disk.
+    on_fetched: Callable[[int], None] | None
+    on_cached: Callable[[int], None] | None
+    #: The owner's task set: fills started for it are added (it cancels them on close).
+    tasks: set[asyncio.Task[Any]] | None
+    part_size: int
+
+    def fetched(self, n: int) -> None:
+        if self.on_fetched is not None:
+            self.on_fetched(n)
+
+
 class ShardCache:
     """The cache of one directory, as used by one process (see the module docstring).
 
@@ -369,11 +390,12 @@ class ShardCache:
         key = entry_key(info)
         if key in self._failed:
             return store
+        src = _Source(info, key, loc, store, on_fetched, on_cached, tasks, part_size)
         for _ in range(8):
             hit = self._open_entry(key)
             if hit is not None:
                 self.counters.hits += 1
-                return _CachedFile(self, info, key, hit, None, on_cached=on_cached)
+                return _CachedFile(self, src, hit, None, hit=True)
             try:
                 fd = os.open(self.tmp_path(key), os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
@@ -397,11 +419,10 @@ class ShardCache:
                     return store
                 self.counters.misses += 1
                 reader = os.open(self.tmp_path(key), os.O_RDONLY)  # its own description: no lock
-                fill = self._start_fill(key, info, loc, store, fd, on_fetched, tasks, part_size)
-                return _CachedFile(self, info, key, reader, fill, store, loc, on_fetched, tasks, on_cached, part_size)
+                return _CachedFile(self, src, reader, self._start_fill(src, fd))
             # Another process (or this one) is filling: read what lands.
             self.counters.misses += 1
-            return _CachedFile(self, info, key, fd, fill, store, loc, on_fetched, tasks, on_cached, part_size)
+            return _CachedFile(self, src, fd, fill)
         return store
 
     def _open_entry(self, key: str) -> int | None:
@@ -418,38 +439,19 @@ class ShardCache:
             os.utime(path)  # recently used (LRU)
         return fd
 
-    def _start_fill(
-        self,
-        key: str,
-        info: ObjectInfo,
-        loc: Location,
-        store: Store,
-        fd: int,
-        on_fetched: Callable[[int], None] | None,
-        tasks: set[asyncio.Task[Any]] | None,
-        part_size: int = _FILL_PART,
-    ) -> asyncio.Task[None]:
-        """Fill ``key`` on the IO loop; ``fd`` holds LOCK_EX on the part file (the task owns it)."""
-        task = asyncio.get_running_loop().create_task(self._fill(key, info, loc, store, fd, on_fetched, part_size))
-        self._fills[key] = task
-        if tasks is not None:
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        task.add_done_callback(lambda _: self._fills.pop(key, None))
+    def _start_fill(self, src: _Source, fd: int) -> asyncio.Task[None]:
+        """Fill ``src`` on the IO loop; ``fd`` holds LOCK_EX on the part file (the task owns it)."""
+        task = asyncio.get_running_loop().create_task(self._fill(src, fd))
+        self._fills[src.key] = task
+        if src.tasks is not None:
+            src.tasks.add(task)
+            task.add_done_callback(src.tasks.discard)
+        task.add_done_callback(lambda _: self._fills.pop(src.key, None))
         return task
 
-    async def _fill(
-        self,
-        key: str,
-        info: ObjectInfo,
-        loc: Location,
-        store: Store,
-        fd: int,
-        on_fetched: Callable[[int], None] | None,
-        part_size: int = _FILL_PART,
-    ) -> None:
+    async def _fill(self, src: _Source, fd: int) -> None:
         """[holds LOCK_EX on the part file] Download the rest of the object, then publish it."""
-        tmp = self.tmp_path(key)
+        key, info, tmp = src.key, src.info, self.tmp_path(src.key)
         pending: list[tuple[int, asyncio.Task[memoryview]]] = []
         published = False
         try:
@@ -457,14 +459,14 @@ class ShardCache:
             next_start = offset
             while offset < info.size:
                 while len(pending) < _FILL_WINDOW and next_start < info.size:
-                    end = min(next_start + part_size, info.size)
-                    pending.append((next_start, asyncio.create_task(store.read_range(loc, next_start, end, info.etag))))
+                    end = min(next_start + src.part_size, info.size)
+                    read = src.store.read_range(src.loc, next_start, end, info.etag)
+                    pending.append((next_start, asyncio.create_task(read)))
                     next_start = end
                 start, task = pending.pop(0)
                 data = await task
                 await _in_thread(_pwrite_all, fd, data, start)
-                if on_fetched is not None:
-                    on_fetched(len(data))
+                src.fetched(len(data))
                 offset = start + len(data)
             try:
                 await _in_thread(os.fsync, fd)
@@ -522,38 +524,20 @@ class _CachedFile:
     """One shard read through the cache: from the entry (a hit) or from the part file as its
     bytes land (a fill by this or another process); from the store if the fill fails."""
 
-    def __init__(
-        self,
-        cache: ShardCache,
-        info: ObjectInfo,
-        key: str,
-        fd: int,
-        fill: asyncio.Task[None] | None,
-        store: Store | None = None,
-        loc: Location | None = None,
-        on_fetched: Callable[[int], None] | None = None,
-        tasks: set[asyncio.Task[Any]] | None = None,
-        on_cached: Callable[[int], None] | None = None,
-        part_size: int = _FILL_PART,
-    ) -> None:
-        self.part_size = part_size
-        self.tasks = tasks
-        self.on_cached = on_cached
+    def __init__(self, cache: ShardCache, src: _Source, fd: int, fill: asyncio.Task[None] | None, *, hit: bool = False):
         self.cache = cache
-        self.info = info
-        self.key = key
+        self.src = src
+        self.info = src.info
+        self.key = src.key
         self.fd: int | None = fd
         self.fill = fill
-        self.store = store
-        self.loc = loc
-        self.on_fetched = on_fetched
-        self.complete = self.hit = fill is None and store is None
+        self.complete = self.hit = hit
         self.bypass = False
         #: For a hit: the whole entry, memory-mapped; readers take views of it (no copy).
         self.mapped: memoryview | None = None
-        if self.hit and info.size > 0:
+        if self.hit and self.info.size > 0:
             with contextlib.suppress(OSError, ValueError):
-                self.mapped = memoryview(mmap.mmap(fd, info.size, access=mmap.ACCESS_READ))
+                self.mapped = memoryview(mmap.mmap(fd, self.info.size, access=mmap.ACCESS_READ))
 
     async def read_range(
         self, loc: Location, start: int, end: int, etag: str | None = None, out: memoryview | None = None
@@ -562,15 +546,13 @@ class _CachedFile:
         if not self.complete and not self.bypass:
             await self._wait_for(end)
         if self.bypass or self.fd is None:
-            assert self.store is not None
-            data = await self.store.read_range(loc, start, end, etag, out=view)
-            if self.on_fetched is not None:
-                self.on_fetched(len(data))
+            data = await self.src.store.read_range(loc, start, end, etag, out=view)
+            self.src.fetched(len(data))
             return data
         await _in_thread(_pread_into, self.fd, view, start)
         self.cache.counters.bytes_from_cache += len(view)
-        if self.on_cached is not None:
-            self.on_cached(len(view))
+        if self.src.on_cached is not None:
+            self.src.on_cached(len(view))
         return view
 
     async def _wait_for(self, end: int) -> None:
@@ -599,18 +581,9 @@ class _CachedFile:
                     # The filler is gone. Take over if the part file is still the live one: the
                     # locked descriptor goes to the fill, this reader opens its own.
                     tmp = self.cache.tmp_path(self.key)
-                    if _same_file(tmp, self.fd) and self.store is not None and self.loc is not None:
+                    if _same_file(tmp, self.fd):
                         locked, self.fd = self.fd, os.open(tmp, os.O_RDONLY)
-                        self.fill = self.cache._start_fill(
-                            self.key,
-                            self.info,
-                            self.loc,
-                            self.store,
-                            locked,
-                            self.on_fetched,
-                            self.tasks,
-                            self.part_size,
-                        )
+                        self.fill = self.cache._start_fill(self.src, locked)
                         continue
                     fcntl.flock(self.fd, fcntl.LOCK_UN)
                     if os.fstat(self.fd).st_size < self.info.size:

@@ -9,6 +9,7 @@ where it does not (the checkpointer is the only writer of its prefix).
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import concurrent.futures
 import contextlib
@@ -23,7 +24,7 @@ from typing import Any, TypeVar
 from fastfeed.config import S3Config
 from fastfeed.errors import FastfeedError, NotFoundError, StoreError
 from fastfeed.retry import retry_async
-from fastfeed.store import S3Store, bucket_missing, map_s3_error
+from fastfeed.store import S3Store, bucket_missing, client_settings, map_s3_error
 from fastfeed.urls import Location, parse_url
 
 __all__ = ["CkptStore", "LocalCkptStore", "S3CkptStore", "StoredObject", "open_ckpt_store"]
@@ -40,17 +41,18 @@ class StoredObject:
     size: int
 
 
-class CkptStore:
+class CkptStore(abc.ABC):
     """Keys are relative to the checkpoint prefix (``step-000000000042/MANIFEST.json``)."""
 
     url: str
 
+    @abc.abstractmethod
     async def check_writable(self) -> None:
         """Raise a clear error now if the prefix cannot be written (missing bucket, denied)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def put(self, key: str, data: memoryview, *, if_absent: bool = False) -> None:
-        raise NotImplementedError
+        """Write one object; ``if_absent``: a conditional write where the store supports it."""
 
     async def put_large(self, key: str, data: memoryview, *, part_size: int, concurrency: int) -> list[int]:
         """Write ``data`` as one object, in parallel parts when large; returns the CRC32 of each
@@ -59,18 +61,21 @@ class CkptStore:
         await self.put(key, data)
         return list(crcs)
 
+    @abc.abstractmethod
     async def get(self, key: str) -> bytes:
-        raise NotImplementedError
+        """The whole object."""
 
+    @abc.abstractmethod
     async def get_into(self, key: str, out: memoryview, *, part_size: int, concurrency: int) -> None:
         """Read the whole object (exactly ``len(out)`` bytes) into ``out``, in parallel ranges."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def list_objects(self, prefix: str = "") -> list[StoredObject]:
-        raise NotImplementedError
+        """Every object under ``prefix`` (keys relative to the store's prefix)."""
 
+    @abc.abstractmethod
     async def delete(self, keys: list[str]) -> None:
-        raise NotImplementedError
+        """Delete ``keys`` (missing ones are fine)."""
 
     async def aclose(self) -> None:
         return None
@@ -84,35 +89,15 @@ async def open_ckpt_store(url: str, s3: S3Config) -> CkptStore:
 
 
 def _sync_client(config: S3Config, pool_size: int) -> Any:
-    """A plain (thread-safe) botocore S3 client with the settings of ``S3Store.create``: part
+    """A plain (thread-safe) botocore S3 client with the data-plane client's settings: part
     uploads run in threads, so request signing (a SHA256 of each part over plain HTTP) and the
     part copies run in parallel instead of on the one IO-loop thread."""
     import botocore.config
     import botocore.session
-    from botocore import UNSIGNED
 
+    options, kwargs = client_settings(config, pool_size)
     session = botocore.session.Session(profile=config.profile)
-    options: dict[str, Any] = {
-        "connect_timeout": config.connect_timeout,
-        "read_timeout": config.read_timeout,
-        "max_pool_connections": pool_size,
-        "retries": {"total_max_attempts": 1},
-        "s3": {"addressing_style": config.addressing_style},
-        "request_checksum_calculation": "when_required",
-        "response_checksum_validation": "when_required",
-    }
-    if config.anonymous:
-        options["signature_version"] = UNSIGNED
-    kwargs: dict[str, Any] = {"config": botocore.config.Config(**options), "region_name": config.region or "us-east-1"}
-    if config.endpoint_url:
-        kwargs["endpoint_url"] = config.endpoint_url
-    if config.access_key_id:
-        kwargs.update(
-            aws_access_key_id=config.access_key_id,
-            aws_secret_access_key=config.secret_access_key,
-            aws_session_token=config.session_token,
-        )
-    return session.create_client("s3", **kwargs)
+    return session.create_client("s3", config=botocore.config.Config(**options), **kwargs)
 
 
 class S3CkptStore(CkptStore):

@@ -47,7 +47,7 @@ from fastfeed.errors import (
 from fastfeed.retry import RetryState, retry_async
 from fastfeed.urls import Location, parse_url
 
-__all__ = ["LocalStore", "ObjectInfo", "S3Store", "Store", "create_s3_store", "open_store"]
+__all__ = ["LocalStore", "ObjectInfo", "S3Store", "Store", "client_settings", "create_s3_store", "open_store"]
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +271,35 @@ def map_s3_error(exc: BaseException, url: str, *, bucket_url: str | None = None)
     return StoreError(f"unexpected error for {url}: {type(exc).__name__}: {exc}", url=url)
 
 
+def client_settings(config: S3Config, pool_size: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(config options, create_client keyword arguments)`` for a botocore-family S3 client of
+    ``config``: the async data-plane client here, and the sync client that uploads checkpoint
+    parts from threads (:mod:`fastfeed.ckpt_store`)."""
+    options: dict[str, Any] = {
+        "connect_timeout": config.connect_timeout,
+        "read_timeout": config.read_timeout,
+        "max_pool_connections": pool_size or config.max_pool_connections,
+        # fastfeed retries itself (with resume); botocore's retries would multiply attempts.
+        "retries": {"total_max_attempts": 1},
+        "s3": {"addressing_style": config.addressing_style},
+        # Plain S3 only: no CRC trailers that older S3-compatible stores reject.
+        "request_checksum_calculation": "when_required",
+        "response_checksum_validation": "when_required",
+    }
+    if config.anonymous:
+        from botocore import UNSIGNED
+
+        options["signature_version"] = UNSIGNED
+    kwargs: dict[str, Any] = {"region_name": config.region or "us-east-1"}
+    if config.endpoint_url:
+        kwargs["endpoint_url"] = config.endpoint_url
+    if config.access_key_id:
+        kwargs["aws_access_key_id"] = config.access_key_id
+        kwargs["aws_secret_access_key"] = config.secret_access_key
+        kwargs["aws_session_token"] = config.session_token
+    return options, kwargs
+
+
 class S3Store(Store):
     """An S3-compatible endpoint via aiobotocore. Create with :meth:`create` on the IO loop."""
 
@@ -285,28 +314,8 @@ class S3Store(Store):
         from aiobotocore.config import AioConfig
 
         session = _session(config.profile)
-        options: dict[str, Any] = {
-            "connect_timeout": config.connect_timeout,
-            "read_timeout": config.read_timeout,
-            "max_pool_connections": config.max_pool_connections,
-            # fastfeed retries itself (with resume); botocore's retries would multiply attempts.
-            "retries": {"total_max_attempts": 1},
-            "s3": {"addressing_style": config.addressing_style},
-            # Plain S3 only: no CRC trailers that older S3-compatible stores reject.
-            "request_checksum_calculation": "when_required",
-            "response_checksum_validation": "when_required",
-        }
-        if config.anonymous:
-            from botocore import UNSIGNED
-
-            options["signature_version"] = UNSIGNED
-        kwargs: dict[str, Any] = {"config": AioConfig(**options), "region_name": config.region or "us-east-1"}
-        if config.endpoint_url:
-            kwargs["endpoint_url"] = config.endpoint_url
-        if config.access_key_id:
-            kwargs["aws_access_key_id"] = config.access_key_id
-            kwargs["aws_secret_access_key"] = config.secret_access_key
-            kwargs["aws_session_token"] = config.session_token
+        options, kwargs = client_settings(config)
+        kwargs["config"] = AioConfig(**options)
         try:
             client_cm = session.create_client("s3", **kwargs)
             client = await client_cm.__aenter__()

@@ -40,7 +40,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-__all__ = ["LocalS3Server", "MotoServer", "SeaweedServer", "find_weed_binary", "make_s3_client"]
+__all__ = ["LocalS3Server", "MotoServer", "SeaweedServer", "find_weed_binary", "free_port", "make_s3_client"]
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,14 @@ def _reinit_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_reinit_after_fork)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a ``torch.distributed`` rendezvous
+    the caller starts right away)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _reserve_ports(count: int, *, paired_offset: int | None = None) -> tuple[list[int], list[socket.socket]]:
