@@ -386,3 +386,23 @@ def test_hits_stay_valid_when_entries_are_removed_while_mapped(data: dict[str, A
         for url, key, value in zip(batch["__url__"], batch["__key__"], batch["bin"], strict=True):
             got[f"{Path(url).name}#{key}"] = value
     assert got == reference
+
+
+def test_zero_copy_samples_are_views_of_the_mapped_entry_and_outlive_it(data: dict[str, Any]) -> None:
+    import mmap
+
+    reference = {
+        f"{Path(s['__url__']).name}#{s['__key__']}": s for s in StreamingDataset([str(p) for p in data["paths"]])
+    }
+    cold = list(dataset(data, zero_copy=True))  # misses: views of copies, same type as hits
+    assert all(isinstance(s["bin"], memoryview) and s["bin"].readonly for s in cold)
+    assert not any(isinstance(s["bin"].obj, mmap.mmap) for s in cold)
+    warm = list(dataset(data, zero_copy=True))
+    assert all(isinstance(s["bin"].obj, mmap.mmap) for s in warm), "a hit is a view of the entry, not a copy"
+    removed, _ = clear_cache(data["cache"])  # the entries are unlinked; the views must not change
+    assert removed == SHARDS
+    for samples in (cold, warm):
+        got = {f"{Path(s['__url__']).name}#{s['__key__']}": s for s in samples}
+        assert got.keys() == reference.keys()
+        for name, s in got.items():
+            assert bytes(s["bin"]) == reference[name]["bin"] and bytes(s["cls"]) == reference[name]["cls"]

@@ -537,7 +537,7 @@ class _CachedFile:
         self.mapped: memoryview | None = None
         if self.hit and self.info.size > 0:
             with contextlib.suppress(OSError, ValueError):
-                self.mapped = memoryview(mmap.mmap(fd, self.info.size, access=mmap.ACCESS_READ))
+                self.mapped = _map_entry(cache.entry_path(self.key), fd, self.info.size)
 
     async def read_range(
         self, loc: Location, start: int, end: int, etag: str | None = None, out: memoryview | None = None
@@ -605,6 +605,24 @@ class _CachedFile:
             fd, self.fd = self.fd, None
             self.bypass = True
             os.close(fd)
+
+
+def _map_entry(path: str, locked_fd: int, size: int) -> memoryview | None:
+    """A read-only view of the whole entry ``locked_fd`` (which holds its LOCK_SH) has open.
+
+    The mapping is made from a second descriptor of the same file: ``mmap`` keeps a duplicate
+    of the descriptor it is given for as long as the mapping lives, and a duplicate of
+    ``locked_fd`` would hold the lock with it. So closing the entry releases the lock (it can
+    be evicted), while views handed to the consumer stay valid after the file is unlinked.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        mine, locked = os.fstat(fd), os.fstat(locked_fd)
+        if (mine.st_ino, mine.st_dev) != (locked.st_ino, locked.st_dev):
+            return None  # not the file we hold (cannot happen while its LOCK_SH is held)
+        return memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_READ))
+    finally:
+        os.close(fd)
 
 
 async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:

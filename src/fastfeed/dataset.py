@@ -78,9 +78,15 @@ class StreamingDataset(IterableDataset[Sample]):
         index_cache: where per-shard sample counts of objects in a store are remembered (keyed by
             URL, ETag and size), so a dataset is scanned once per machine when counts are needed
             (several ranks, ``len()``); ``None`` disables it.
+        zero_copy: sample values are read-only ``memoryview`` objects instead of ``bytes``.
+            Cache hits are then views of the memory-mapped entry, with no copy at all (what
+            LitData hands out); other reads are views of a copy. Every view stays valid for as
+            long as it is referenced, also after its entry is evicted. For consumers that take
+            any buffer (``np.frombuffer``, ``torch.frombuffer``, ``io.BytesIO``); a view keeps
+            its whole entry mapped. ``fastfeed.DataLoader``'s batches are unaffected.
 
     Each sample is a dict: ``"__key__"``, ``"__url__"`` and one ``bytes`` value per file
-    extension, exactly as WebDataset yields them.
+    extension, exactly as WebDataset yields them (``memoryview`` with ``zero_copy=True``).
 
     Splitting: samples are divided between ranks (see :mod:`fastfeed.plan`), then shard pieces
     round-robin between DataLoader workers. Call :meth:`set_epoch` before each epoch to get a
@@ -113,8 +119,10 @@ class StreamingDataset(IterableDataset[Sample]):
         cache_limit: int | str | None = None,
         cache_on_error: str = "warn",
         cache_policy: str = "belady",
+        zero_copy: bool = False,
     ) -> None:
         super().__init__()
+        self.zero_copy = bool(zero_copy)
         if s3 is None:
             self.s3_config = S3Config.resolve(endpoint_url=endpoint_url)
         elif endpoint_url is not None:
@@ -365,7 +373,9 @@ class StreamingDataset(IterableDataset[Sample]):
         with self._prefetching(pieces) as prefetcher:
             for piece, fetch in zip(pieces, prefetcher, strict=False):
                 try:
-                    samples = iter_samples(fetch.url, fetch.chunks(), skip=piece.skip, limit=piece.limit)
+                    samples = iter_samples(
+                        fetch.url, fetch.chunks(), skip=piece.skip, limit=piece.limit, zero_copy=self.zero_copy
+                    )
                     if piece.rows is None:
                         yield from samples
                     else:

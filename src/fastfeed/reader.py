@@ -18,6 +18,7 @@ small carry-over buffer.
 
 from __future__ import annotations
 
+import mmap
 import re
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -129,42 +130,61 @@ def iter_samples(
     skip: int = 0,
     limit: int | None = None,
     views: bool = False,
+    zero_copy: bool = False,
 ) -> Iterator[Sample]:
     """Group the members of one shard into WebDataset samples.
 
     ``skip`` samples are dropped from the start, and at most ``limit`` samples are yielded after
-    that (``None``: all); reading stops as soon as the limit is reached. With ``views=True``
-    values are memoryviews into the chunks (see :func:`iter_members`), for callers that gather
-    them into batches before letting the chunks go.
+    that (``None``: all); reading stops as soon as the limit is reached. Values are ``bytes``,
+    except:
+
+    * ``views=True``: memoryviews into the chunks (see :func:`iter_members`), for callers that
+      gather them into batches before letting the chunks go;
+    * ``zero_copy=True``: read-only memoryviews that stay valid for as long as they are
+      referenced: views into chunks that cannot change (``bytes``, a read-only ``mmap`` such as
+      a cache entry), views of a ``bytes`` copy otherwise.
+
+    The tar members are grouped into samples by the native scan (:func:`iter_sample_runs`), so
+    the only Python work per sample is its dict and one copy per field.
     """
     if limit is not None and limit <= 0:
         return
     index = 0
     yielded = 0
-    current: Sample | None = None
-    for name, data in iter_members(url, chunks, data="view" if views else "copy"):
-        parts = split_key(name)
-        if parts is None:
+    for buffer, run in iter_sample_runs(url, chunks):
+        n = len(run.keys)
+        if index + n <= skip:
+            index += n
             continue
-        key, ext = parts
-        if current is None or current["__key__"] != key:
-            if current is not None:
-                if index >= skip:
-                    yield current
-                    yielded += 1
-                    if limit is not None and yielded >= limit:
-                        return
-                index += 1
-            current = {"__key__": key, "__url__": url}
-        if ext in current:
-            raise CorruptShardError(
-                f"duplicate file {name!r} in sample {key!r}",
-                url=url,
-                hint="each sample may hold one file per extension; fix the shard writer",
-            )
-        current[ext] = data
-    if current is not None and index >= skip:
-        yield current
+        first = max(0, skip - index)
+        index += n
+        view = memoryview(buffer)
+        as_view = views or (zero_copy and _immutable(view))
+        wrap = zero_copy and not as_view
+        fields = [(ext, spans.tolist()) for ext, spans in run.fields.items()]
+        keys = run.keys
+        for i in range(first, n):
+            sample: Sample = {"__key__": keys[i], "__url__": url}
+            for ext, spans in fields:
+                off, size = spans[i]
+                if off < 0:
+                    continue
+                if as_view:
+                    sample[ext] = view[off : off + size]
+                elif wrap:
+                    sample[ext] = memoryview(bytes(view[off : off + size]))
+                else:
+                    sample[ext] = bytes(view[off : off + size])
+            yield sample
+            yielded += 1
+            if limit is not None and yielded >= limit:
+                return
+
+
+def _immutable(view: memoryview) -> bool:
+    """Whether the memory behind ``view`` can never change: ``bytes``, or a read-only mmap."""
+    owner = view.obj
+    return isinstance(owner, bytes) or (isinstance(owner, mmap.mmap) and view.readonly)
 
 
 def count_samples(names: Iterable[str]) -> int:
