@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "crc32c.h"
 #include "gather.h"
 #include "samples.h"
 #include "tar_index.h"
@@ -639,6 +640,14 @@ Py_ssize_t parse_ints(nb::handle data_obj, nb::handle offsets_obj, nb::handle ou
   return bad;
 }
 
+// crc32c(buf, value) -> the CRC32C of buf continuing from value (GIL released).
+std::uint32_t crc32c(nb::handle buf, std::uint32_t value, bool portable) {
+  BufferExport view(buf);
+  nb::gil_scoped_release nogil;
+  return portable ? crc::extend_portable(value, view.data(), view.size())
+                  : crc::extend(value, view.data(), view.size());
+}
+
 }  // namespace
 
 NB_MODULE(_native, m) {
@@ -684,4 +693,9 @@ NB_MODULE(_native, m) {
         "gather_spans(dst, src, spans, dst_offset, offsets) -> bytes written\n\n"
         "Copy src[off:off + size] for each int64 row (off, size) of spans back to back into\n"
         "dst at byte dst_offset; use fastfeed.columnar.gather_spans.");
+  m.def("crc32c", &crc32c, nb::arg("buf"), nb::arg("value") = 0, nb::arg("portable") = false,
+        "crc32c(buf, value=0, portable=False) -> int\n\n"
+        "The CRC32C (Castagnoli) of buf, continuing from value (GIL released; the CPU's CRC32\n"
+        "instruction where it has one, unless portable).");
+  m.attr("CRC32C_HARDWARE") = crc::hardware();
 }

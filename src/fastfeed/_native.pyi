@@ -77,3 +77,9 @@ def parse_ints(data: Buffer | NDArray[Any], offsets: Buffer | NDArray[Any], out:
     Returns the index of the first item that is not an integer, or -1. Semantics as
     :meth:`fastfeed.batch.RaggedBytes.to_ints`.
     """
+
+CRC32C_HARDWARE: bool
+
+def crc32c(buf: Buffer | NDArray[Any], value: int = 0, portable: bool = False) -> int:
+    """The CRC32C (Castagnoli) of ``buf``, continuing from ``value`` (GIL released); the CPU's
+    CRC32 instruction where it has one, unless ``portable``."""

@@ -4,19 +4,19 @@
 copied into one reused staging buffer of exactly the state's size (page-locked, and filled on a
 side CUDA stream, when tensors live on a GPU); plain values are captured by the codec
 (:mod:`fastfeed.ckpt_codec`, no pickle). A background thread then uploads it as one object
-(multipart, parts in parallel, a CRC32 of each part computed on the way) and writes the
+(multipart, parts in parallel, a CRC32C of each part computed on the way) and writes the
 manifest last::
 
     <url>/step-000000000042/data-<random>.bin    every leaf, 64-byte aligned
     <url>/step-000000000042/MANIFEST.json        the commit record: format, step, time,
                                                  metadata, tree, leaf specs + offsets,
-                                                 blob name, size and a CRC32 per part
+                                                 blob name, size and a CRC32C per part
 
 A checkpoint exists if and only if its manifest does (written with ``If-None-Match: *``
 where the store supports it). A crash at any moment leaves either the previous state of the
 prefix or a new committed checkpoint: a partial upload has no manifest (and an aborted
 multipart upload leaves no object). Retention deletes old checkpoints only after a newer one
-committed, manifest first. Loading verifies the size and the per-part CRC32s of the data and falls back to
+committed, manifest first. Loading verifies the size and the per-part CRC32Cs of the data and falls back to
 the previous committed checkpoint (with a warning) if the newest is corrupt or incomplete.
 """
 
@@ -43,7 +43,7 @@ import torch
 
 from fastfeed import _loop
 from fastfeed.ckpt_codec import LeafSpec, decode, encode, spec_from_json, spec_to_json
-from fastfeed.ckpt_store import MIN_PART, CkptStore, StoredObject, open_ckpt_store
+from fastfeed.ckpt_store import CHECKSUM, MIN_PART, CkptStore, StoredObject, checksum, open_ckpt_store
 from fastfeed.config import S3Config, parse_size
 from fastfeed.errors import CheckpointError, ConfigError, CorruptCheckpointError, FastfeedError, NotFoundError
 
@@ -365,7 +365,7 @@ class Checkpointer:
                 "metadata": job.metadata,
                 "tree": job.tree,
                 "leaves": [{"spec": spec_to_json(s), "offset": o} for s, o in zip(job.specs, job.offsets, strict=True)],
-                "blob": {"name": name, "size": job.total, "part_size": self.part_size, "crc32": crcs},
+                "blob": {"name": name, "size": job.total, "part_size": self.part_size, CHECKSUM: crcs},
             }
             body = json.dumps(manifest, separators=(",", ":")).encode()
             self._io.run(self._store.put(prefix + _MANIFEST, memoryview(body), if_absent=True))
@@ -507,10 +507,13 @@ class Checkpointer:
                 raise CorruptCheckpointError(f"the data of step {info.step} is truncated: {err}", url=info.url) from err
             raise
         part = int(blob_meta["part_size"])
-        for i, expected in enumerate(blob_meta["crc32"]):
-            if zlib.crc32(view[i * part : (i + 1) * part]) != int(expected):
+        # Checkpoints written before the switch to CRC32C carry zlib CRC32s.
+        algorithm, compute = (CHECKSUM, checksum) if CHECKSUM in blob_meta else ("crc32", zlib.crc32)
+        for i, expected in enumerate(blob_meta[algorithm]):
+            if compute(view[i * part : (i + 1) * part]) != int(expected):
                 raise CorruptCheckpointError(
-                    f"the data of step {info.step} fails its CRC32 checksum (bytes {i * part}-{(i + 1) * part - 1})",
+                    f"the data of step {info.step} fails its {algorithm.upper()} checksum"
+                    f" (bytes {i * part}-{(i + 1) * part - 1})",
                     url=info.url,
                 )
         specs = [spec_from_json(d["spec"]) for d in manifest["leaves"]]
