@@ -8,6 +8,8 @@ Public API::
 See the README for the data flow and :mod:`fastfeed.errors` for the error tree.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from fastfeed.batch import RaggedBytes
 from fastfeed.callbacks import CheckpointCallback
 from fastfeed.checkpoint import Checkpointer, CheckpointInfo, CheckpointStats, SaveHandle
@@ -35,6 +37,9 @@ from fastfeed.errors import (
 )
 from fastfeed.loader import DataLoader, LoaderStats
 
+if TYPE_CHECKING:
+    from fastfeed.dcp import FastfeedStorageReader, FastfeedStorageWriter
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -52,6 +57,8 @@ __all__ = [
     "EmptyDatasetError",
     "EndpointError",
     "FastfeedError",
+    "FastfeedStorageReader",
+    "FastfeedStorageWriter",
     "InvalidURLError",
     "LoaderStats",
     "NotFoundError",
@@ -71,3 +78,12 @@ __all__ = [
     "__version__",
     "parse_size",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The DCP storage classes import torch.distributed.checkpoint (about a second): only on use.
+    if name in ("FastfeedStorageReader", "FastfeedStorageWriter"):
+        from fastfeed import dcp
+
+        return getattr(dcp, name)
+    raise AttributeError(f"module 'fastfeed' has no attribute {name!r}")
