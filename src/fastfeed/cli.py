@@ -60,6 +60,7 @@ def _build_parser() -> argparse.ArgumentParser:
     clear.add_argument("dir")
     for p in (info, clear):
         p.add_argument("-v", "--verbose", action="store_true", help="log fastfeed's INFO messages")
+    _add_shards_parser(sub)
     return parser
 
 
@@ -74,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _bench(args)
         if args.command == "cache":
             return _cache(args)
+        if args.command == "shards":
+            return _shards(args)
     except FastfeedError as err:
         print(f"fastfeed: error: {err}", file=sys.stderr)
         return 2
@@ -96,6 +99,122 @@ def _cache(args: argparse.Namespace) -> int:
     removed, in_use = clear_cache(args.dir)
     print(f"removed {removed} file(s)" + (f"; {in_use} in use by running processes, kept" if in_use else ""))
     return 0
+
+
+def _add_shards_parser(sub: Any) -> None:
+    shards = sub.add_parser("shards", help="write WebDataset shards, or list a dataset's shards and ETags")
+    shards_sub = shards.add_subparsers(dest="shards_command", required=True)
+    write = shards_sub.add_parser("write", help="pack a directory of files into tar shards (locally or into a bucket)")
+    write.add_argument("src", help="directory of files; <key>.<ext> files form one sample per key")
+    write.add_argument("dest", help="s3://bucket/prefix/, file:// URL or a local directory")
+    write.add_argument("--shard-size", default="256MiB", help="largest shard (default 256MiB)")
+    write.add_argument("--name", default="shard-{:06d}.tar", help="shard names (default shard-{:06d}.tar)")
+    write.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    write.add_argument("--manifest", help="where to write the manifest (default: DEST/manifest.json)")
+    write.add_argument("--overwrite", action="store_true", help="replace the shards of an earlier run in DEST")
+    write.add_argument("--part-size", default="16MiB", help="multipart part size of uploads (default 16MiB)")
+    write.add_argument("--no-index", action="store_true", help="do not record sample counts in fastfeed's cache")
+    manifest = shards_sub.add_parser("manifest", help="shards, sizes and ETags of a dataset (or print a manifest)")
+    manifest.add_argument("url", help="dataset prefix, brace pattern, or a manifest .json to print")
+    manifest.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    manifest.add_argument("--samples", action="store_true", help="also count samples (reads the tar headers)")
+    manifest.add_argument("--json", action="store_true", help="print JSON instead of text")
+    for p in (write, manifest):
+        p.add_argument("-v", "--verbose", action="store_true", help="log fastfeed's INFO messages")
+
+
+def _shards(args: argparse.Namespace) -> int:
+    from fastfeed.shards import MANIFEST_NAME, dataset_manifest, load_manifest, write_from_directory
+
+    if args.shards_command == "write":
+        progress = _ShardProgress()
+        try:
+            manifest = write_from_directory(
+                args.src,
+                args.dest,
+                shard_size=args.shard_size,
+                name=args.name,
+                endpoint_url=args.endpoint_url,
+                manifest=args.manifest or True,
+                overwrite=args.overwrite,
+                part_size=args.part_size,
+                index=not args.no_index,
+                progress=progress,
+            )
+        finally:
+            progress.close()
+        print(
+            f"wrote {len(manifest.shards)} shard(s), {manifest.total_samples} samples, "
+            f"{format_size(manifest.total_bytes)} to {manifest.url}"
+        )
+        print(f"manifest: {args.manifest or manifest.url + MANIFEST_NAME}")
+        return 0
+    if args.url.endswith(".json"):
+        manifest = load_manifest(args.url, endpoint_url=args.endpoint_url)
+    else:
+        manifest = dataset_manifest(args.url, endpoint_url=args.endpoint_url, count_samples=args.samples)
+    if args.json:
+        print(manifest.to_json())
+        return 0
+    for shard in manifest.shards:
+        samples = "-" if shard.samples is None else str(shard.samples)
+        print(f"{shard.url}  {shard.size}  {shard.etag or '-'}  {samples}")
+    total = "?" if manifest.total_samples is None else str(manifest.total_samples)
+    print(f"{len(manifest.shards)} shard(s), {format_size(manifest.total_bytes)}, {total} samples")
+    return 0
+
+
+class _ShardProgress:
+    """A tqdm bar on stderr when tqdm is installed, else a line on stderr every few seconds."""
+
+    _EVERY_S = 2.0
+
+    def __init__(self) -> None:
+        self._bar: Any = None
+        self._latest: Any = None
+        self._done = 0
+        self._last = time.monotonic()
+        self._tqdm: Any = None
+        with contextlib.suppress(ImportError):
+            from tqdm import tqdm
+
+            # A subclass without tqdm's monitor thread, which would outlive the bar.
+            self._tqdm = type("_ShardBar", (tqdm,), {"monitor_interval": 0})
+
+    def __call__(self, p: Any) -> None:
+        self._latest = p
+        if self._tqdm is not None:
+            if self._bar is None:
+                self._bar = self._tqdm(
+                    total=p.total_payload_bytes,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc="writing shards",
+                    file=sys.stderr,
+                )
+            self._bar.update(p.payload_bytes - self._done)
+            self._done = p.payload_bytes
+            self._bar.set_postfix(shards=p.shards, samples=p.samples, refresh=False)
+            return
+        now = time.monotonic()
+        if now - self._last >= self._EVERY_S:
+            self._last = now
+            self._line(p)
+
+    @staticmethod
+    def _line(p: Any) -> None:
+        total = f" of {format_size(p.total_payload_bytes)}" if p.total_payload_bytes else ""
+        print(
+            f"writing shards: {format_size(p.payload_bytes)}{total}, {p.samples} samples, {p.shards} shard(s) done",
+            file=sys.stderr,
+        )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self._tqdm is None and self._latest is not None:
+            self._line(self._latest)
 
 
 def _bench(args: argparse.Namespace) -> int:
