@@ -190,3 +190,36 @@ def test_missing_bucket_is_named(request: pytest.FixtureRequest, server_name: st
     assert len(errs) == 2
     assert all(isinstance(e, BucketNotFoundError) and "nope-bucket-x" in str(e) for e in errs)
     assert not isinstance(errs[0], EmptyDatasetError)
+
+
+def test_store_sets_of_one_config_share_one_client_until_the_last_closes(seaweed: Any) -> None:
+    from fastfeed.store import StoreSet
+
+    cfg = S3Config(
+        endpoint_url=seaweed.endpoint_url,
+        access_key_id=seaweed.access_key,
+        secret_access_key=seaweed.secret_key,
+        region="us-east-1",
+    )
+    other = S3Config(**{**cfg.__dict__, "read_timeout": cfg.read_timeout + 1})
+    bucket = seaweed.create_bucket(f"shared-{uuid.uuid4().hex[:8]}")
+    seaweed.client().put_object(Bucket=bucket, Key="d/a.tar", Body=PAYLOAD)
+    loc = parse_url(f"s3://{bucket}/d/")
+
+    async def scenario() -> None:
+        a, b, c = StoreSet(cfg), StoreSet(cfg), StoreSet(other)
+        sa, sb, sc = await a.get(loc), await b.get(loc), await c.get(loc)
+        assert sa is sb, "one client per configuration"
+        assert sc is not sa, "a different configuration gets its own client"
+        await a.aclose()
+        assert [o.size for o in await sb.list(loc)] == [len(PAYLOAD)], "still open for the other user"
+        await b.aclose()
+        with pytest.raises(Exception):  # noqa: B017 - closed by the last user: any error will do
+            await sb.list(loc)
+        fresh = StoreSet(cfg)
+        sf = await fresh.get(loc)
+        assert sf is not sa and [o.size for o in await sf.list(loc)] == [len(PAYLOAD)]
+        await fresh.aclose()
+        await c.aclose()
+
+    run(scenario())

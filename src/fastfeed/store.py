@@ -472,7 +472,14 @@ def _quote_etag(value: str) -> str:
 
 
 class StoreSet:
-    """The stores one pipeline uses, by scheme, created lazily on the IO loop."""
+    """The stores one pipeline uses, by scheme, created lazily on the IO loop.
+
+    The S3 store (its client and connection pool) is shared with every other :class:`StoreSet`
+    of the same configuration on this process's IO loop, and closed when the last of them
+    closes: a client takes tens of milliseconds of CPU to build (endpoint rules, the service
+    model), which every stream of every epoch would otherwise pay, even when all its shards are
+    cache hits.
+    """
 
     def __init__(self, s3: S3Config, retry: RetryConfig | None = None) -> None:
         self.s3_config = s3
@@ -486,13 +493,56 @@ class StoreSet:
             return self._local
         async with self._lock:
             if self._s3 is None:
-                self._s3 = await create_s3_store(self.s3_config)
+                self._s3 = await _shared_s3.acquire(self.s3_config)
             return self._s3
 
     async def aclose(self) -> None:
         if self._s3 is not None:
-            store, self._s3 = self._s3, None
-            await store.aclose()
+            self._s3 = None
+            await _shared_s3.release(self.s3_config)
+
+
+class _SharedS3Stores:
+    """S3 stores shared by configuration on the running loop, reference-counted (IO loop only)."""
+
+    def __init__(self) -> None:
+        # (pid, id(loop), config) -> [task creating the store, references]. The pid keeps a
+        # forked worker off its parent's clients; the loop id keeps loops apart.
+        self._entries: dict[tuple[int, int, S3Config], list[Any]] = {}
+
+    @staticmethod
+    def _key(config: S3Config) -> tuple[int, int, S3Config]:
+        return (os.getpid(), id(asyncio.get_running_loop()), config)
+
+    async def acquire(self, config: S3Config) -> Store:
+        key = self._key(config)
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = [asyncio.ensure_future(create_s3_store(config)), 0]
+        entry[1] += 1
+        try:
+            return await asyncio.shield(entry[0])
+        except BaseException:
+            await self.release(config)
+            raise
+
+    async def release(self, config: S3Config) -> None:
+        key = self._key(config)
+        entry = self._entries.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] > 0:
+            return
+        del self._entries[key]
+        task = entry[0]
+        if task.done() and not task.cancelled() and task.exception() is None:
+            await task.result().aclose()
+        elif not task.done():
+            task.cancel()
+
+
+_shared_s3 = _SharedS3Stores()
 
 
 async def create_s3_store(config: S3Config) -> Store:
