@@ -47,13 +47,10 @@ import resource
 import signal
 import statistics
 import sys
-import tarfile
 import tempfile
 import time
 import traceback
-import types
 import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +59,21 @@ import torch
 
 import fastfeed
 from fastfeed.config import S3Config, format_size, parse_size
+from fastfeed.peers import (
+    Expected,
+    LitdataCollate,
+    cache_snapshot,
+    convert_litdata,
+    convert_mds,
+    env_vars,
+    import_streaming,
+    litdata_allow_http,
+    open_litdata_dataset,
+    open_streaming_dataset,
+    shutdown_loader_iter,
+    snapshot_diff,
+    tempdir_redirect,
+)
 from fastfeed.testing.servers import SeaweedServer
 from fastfeed.testing.shards import upload_dir, write_synthetic_shards
 
@@ -73,6 +85,7 @@ PAGE = 4096
 LOADER_TIMEOUT_S = 300  # a peer loader's batch not ready in this long fails the run instead of hanging
 PEERS = ("mosaic", "litdata")
 SETTINGS = ("loop", "loader")
+FIELDS = {"bin": "bytes", "cls": "int"}  # what the peers' copies hold (fastfeed.peers field kinds)
 
 
 @dataclass
@@ -99,12 +112,6 @@ class Run:
         return {**asdict(self), "mb_per_s": self.mb_per_s, "samples_per_s": self.samples_per_s}
 
 
-@dataclass
-class Expected:
-    samples: int
-    payload_bytes: int
-
-
 def _cpu_s() -> float:
     """CPU seconds of this process plus its reaped children (loader workers once joined)."""
     own = resource.getrusage(resource.RUSAGE_SELF)
@@ -124,19 +131,6 @@ def _touch(payload: bytes | memoryview, copy: bool = False) -> int:
     return len(payload)
 
 
-def litdata_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """LitData's loader collation for ``{"bin", "cls"}``: ``bin`` as a list of ``bytes``.
-
-    LitData yields ``bytes`` columns as memoryviews into its mmap'ed chunk, which cannot be
-    pickled to the main process, and torch's ``default_collate`` takes a memoryview for a
-    sequence and transposes 64 of them into 100,000 tiny tensors. Copying each to ``bytes`` in
-    the worker gives the same batch as the MosaicML loader (``list[bytes]`` + int tensor)."""
-    return {
-        "bin": [bytes(s["bin"]) for s in samples],
-        "cls": torch.tensor([int(s["cls"]) for s in samples]),
-    }
-
-
 def _check(name: str, samples: int, payload: int, expected: Expected) -> None:
     if samples != expected.samples or payload != expected.payload_bytes:
         raise AssertionError(
@@ -145,64 +139,9 @@ def _check(name: str, samples: int, payload: int, expected: Expected) -> None:
         )
 
 
-def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    """Every regular file under ``root``: relative path -> (size, inode). A re-downloaded file
-    is written anew (new inode or size), a removed or added one changes the key set."""
-    out = {}
-    for p in root.rglob("*"):
-        if p.is_file() and not p.name.endswith(".lock"):
-            st = p.stat()
-            out[str(p.relative_to(root))] = (st.st_size, st.st_ino)
-    return out
-
-
-def _snapshot_diff(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> dict[str, int]:
-    return {
-        "files_added": len(after.keys() - before.keys()),
-        "files_removed": len(before.keys() - after.keys()),
-        "files_rewritten": sum(1 for k in before.keys() & after.keys() if before[k] != after[k]),
-    }
-
-
 def _dir_stats(root: Path) -> dict[str, int]:
     files = [p for p in root.rglob("*") if p.is_file()]
     return {"files": len(files), "bytes": sum(p.stat().st_size for p in files)}
-
-
-def _shutdown_torch_iter(it: Any) -> None:
-    """Stop a torch DataLoader iterator's worker processes now (also on an error mid-pass)."""
-    shutdown = getattr(it, "_shutdown_workers", None)
-    if shutdown is not None:
-        shutdown()
-
-
-def iter_tar_samples(path: str) -> Iterator[dict[str, Any]]:
-    """The samples of one local WebDataset shard as ``{"bin": bytes, "cls": int}`` (conversion input)."""
-    sample: dict[str, Any] = {}
-    key = None
-    with tarfile.open(path, "r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            stem, _, ext = member.name.partition(".")
-            if stem != key:
-                if sample:
-                    yield sample
-                sample, key = {}, stem
-            fh = tar.extractfile(member)
-            assert fh is not None
-            data = fh.read()
-            if ext == "bin":
-                sample["bin"] = data
-            elif ext == "cls":
-                sample["cls"] = int(data)
-    if sample:
-        yield sample
-
-
-def litdata_fn(path: str) -> Iterator[dict[str, Any]]:
-    """``litdata.optimize``'s per-input function (top level, so its workers can import it)."""
-    yield from iter_tar_samples(path)
 
 
 # -- contenders ------------------------------------------------------------------------------
@@ -299,6 +238,10 @@ class RawContender(Contender):
         self.expected = expected
         self.buf = bytearray(READ_CHUNK)
 
+    def cold(self) -> Run:
+        # Never called: raw reads the files fastfeed's cold pass put in its cache.
+        raise NotImplementedError("raw has no cold pass")
+
     def warm(self, setting: str) -> Run:
         view = memoryview(self.buf)
         start, cpu0 = time.perf_counter(), _cpu_s()
@@ -318,9 +261,12 @@ class RawContender(Contender):
 class PeerContender(Contender):
     """Common shape of the two peers: a converted copy under ``prefix`` and a local cache dir."""
 
-    def __init__(self, tmp: Path, server: SeaweedServer, shard_paths: list[Path], args: argparse.Namespace) -> None:
+    def __init__(
+        self, tmp: Path, server: SeaweedServer, s3: S3Config, shard_paths: list[Path], args: argparse.Namespace
+    ) -> None:
         self.tmp = tmp
         self.server = server
+        self.s3 = s3
         self.shard_paths = shard_paths
         self.args = args
         self.expected = Expected(0, 0)
@@ -357,7 +303,7 @@ class PeerContender(Contender):
         return run
 
     def warm(self, setting: str) -> Run:
-        before = _snapshot(self.cache_root)
+        before = cache_snapshot(self.cache_root)
         start, cpu0 = time.perf_counter(), _cpu_s()
         if setting == "loop":
             n, nbytes = self._loop()
@@ -373,13 +319,13 @@ class PeerContender(Contender):
                         first = time.perf_counter() - start
                     n += len(bins)
             finally:
-                _shutdown_torch_iter(it)
+                shutdown_loader_iter(it)
         seconds = time.perf_counter() - start
         run = Run(f"{self.name}-{setting}", n, nbytes, seconds, _cpu_s() - cpu0)
         if setting == "loader":
             run.extra["first_batch_s"] = first
         _check(run.name, n, nbytes, self.expected)
-        diff = _snapshot_diff(before, _snapshot(self.cache_root))
+        diff = snapshot_diff(before, cache_snapshot(self.cache_root))
         run.extra.update(diff)
         if any(diff.values()):
             raise AssertionError(f"{run.name}: the local cache changed during a warm pass: {diff}")
@@ -390,29 +336,15 @@ class MosaicContender(PeerContender):
     name = "mosaic"
 
     def setup(self) -> None:
-        from streaming import MDSWriter
-
         out = self.tmp / "mds-out"
         # Same samples per file as the tar shards: size_limit a little above one shard's encoded samples.
-        spp, sb = self.args.samples_per_shard, self.args.sample_bytes
-        n = nbytes = 0
-        with MDSWriter(out=str(out), columns={"bin": "bytes", "cls": "int"}, size_limit=spp * (sb + 64)) as w:
-            for path in self.shard_paths:
-                for s in iter_tar_samples(str(path)):
-                    w.write(s)
-                    n += 1
-                    nbytes += len(s["bin"])
-        self.expected = Expected(n, nbytes)
+        self.expected = convert_mds(self.shard_paths, out, FIELDS, self.args.samples_per_shard)
         self.format_stats = _dir_stats(out)
         upload_dir(self.server.client(), BUCKET, out, prefix="mds/")
         _rmtree(out)
 
     def open_dataset(self) -> Any:
-        import streaming
-
-        return streaming.StreamingDataset(
-            remote=f"s3://{BUCKET}/mds/", local=str(self.cache_root), batch_size=BATCH, shuffle=False
-        )
+        return open_streaming_dataset(f"s3://{BUCKET}/mds/", self.cache_root, BATCH)
 
     def make_loader(self) -> Any:
         return torch.utils.data.DataLoader(
@@ -430,31 +362,10 @@ class MosaicContender(PeerContender):
 class LitdataContender(PeerContender):
     name = "litdata"
 
-    def storage_options(self) -> dict[str, Any]:
-        from botocore.config import Config
-
-        return {
-            "endpoint_url": self.server.endpoint_url,
-            "aws_access_key_id": self.server.access_key,
-            "aws_secret_access_key": self.server.secret_key,
-            "region_name": "us-east-1",
-            "config": Config(s3={"addressing_style": "path"}, retries={"max_attempts": 3, "mode": "standard"}),
-        }
-
     def setup(self) -> None:
-        import litdata
-
         out = self.tmp / "litdata-out"
-        litdata.optimize(
-            fn=litdata_fn,
-            inputs=[str(p) for p in self.shard_paths],
-            output_dir=str(out),
-            chunk_size=self.args.samples_per_shard,  # same samples per file as the tar shards
-            num_workers=1,
-            reorder_files=False,
-            verbose=False,
-            start_method="fork",
-        )
+        # Same samples per file (chunk_size) as the tar shards.
+        convert_litdata(self.shard_paths, out, FIELDS, self.args.samples_per_shard)
         self.format_stats = _dir_stats(out)
         n = len(self.shard_paths) * self.args.samples_per_shard
         self.expected = Expected(n, n * self.args.sample_bytes)
@@ -462,14 +373,7 @@ class LitdataContender(PeerContender):
         _rmtree(out)
 
     def open_dataset(self) -> Any:
-        import litdata
-
-        return litdata.StreamingDataset(
-            f"s3://{BUCKET}/litdata/",
-            cache_dir=str(self.cache_root),
-            storage_options=self.storage_options(),
-            max_cache_size="20GB",
-        )
+        return open_litdata_dataset(f"s3://{BUCKET}/litdata/", self.cache_root, self.s3, max_cache_size="20GB")
 
     def make_loader(self) -> Any:
         import litdata
@@ -479,7 +383,7 @@ class LitdataContender(PeerContender):
             batch_size=BATCH,
             num_workers=WORKERS,
             timeout=LOADER_TIMEOUT_S,
-            collate_fn=litdata_collate,
+            collate_fn=LitdataCollate(FIELDS),
         )
 
     def close(self) -> None:
@@ -490,68 +394,6 @@ def _rmtree(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _env(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for the block, restoring the previous values after."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def import_mosaic() -> str | None:
-    """Import MosaicML Streaming; return a note if a workaround was needed.
-
-    PyPI's torchvision wheels are CUDA builds: next to torch's CPU build their C ops fail to load
-    and ``import torchvision`` raises. Streaming imports torchvision only in ``streaming.vision``
-    (its CIFAR/ImageNet dataset classes), which ``streaming/__init__`` imports eagerly and MDS
-    reading never uses; in that case that one subpackage is replaced by an empty module.
-    """
-    note = None
-    try:
-        import torchvision  # noqa: F401
-    except Exception as exc:
-        sys.modules["streaming.vision"] = types.ModuleType("streaming.vision")
-        note = f"torchvision unusable ({type(exc).__name__}: {exc}); streaming.vision stubbed out (not used by MDS)"
-    importlib.import_module("streaming")
-    return note
-
-
-def import_litdata() -> str:
-    """Import LitData and let its obstore chunk downloads use a plain-HTTP endpoint.
-
-    LitData fetches chunks with obstore, whose client refuses ``http://`` URLs unless its
-    ``allow_http`` client option is set, and LitData passes fixed client options (no env or
-    ``storage_options`` route to it). Adding ``allow_http`` only affects the cold pass' downloads.
-    """
-    import litdata.streaming.downloader as downloader
-
-    options: dict[str, str] = downloader._OBSTORE_CLIENT_OPTIONS  # a plain dict at run time
-    options["allow_http"] = "true"
-    return "obstore client option allow_http=true added (the local SeaweedFS endpoint is http://)"
-
-
-@contextlib.contextmanager
-def _tempdir_redirect(path: Path) -> Iterator[None]:
-    """Point :func:`tempfile.gettempdir` (and ``TMPDIR`` for child processes) at ``path`` for
-    the block: MosaicML Streaming puts its file locks and LitData's ``optimize`` its working
-    folders there, so they are removed with the benchmark's own temporary directory."""
-    path.mkdir(parents=True, exist_ok=True)
-    old = tempfile.tempdir
-    tempfile.tempdir = str(path)
-    try:
-        with _env({"TMPDIR": str(path)}):
-            yield
-    finally:
-        tempfile.tempdir = old
 
 
 def _exit_on_signals(deadline_s: int) -> None:
@@ -617,7 +459,7 @@ def main() -> int:
 
     skipped: dict[str, str] = {}
     notes: dict[str, str] = {}
-    importers = {"mosaic": import_mosaic, "litdata": import_litdata}
+    importers = {"mosaic": import_streaming, "litdata": litdata_allow_http}
     for peer in wanted_peers:
         try:
             note = importers[peer]()
@@ -635,12 +477,12 @@ def main() -> int:
     contenders: dict[str, Contender] = {}
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ff-warm-", dir="/tmp")))
-        stack.enter_context(_tempdir_redirect(tmp / "tmp"))
+        stack.enter_context(tempdir_redirect(tmp / "tmp"))
         server = stack.enter_context(SeaweedServer(tmp / "store"))
         server.create_bucket(BUCKET)
         # Mosaic reads the endpoint and credentials from the environment (forked workers inherit it).
         stack.enter_context(
-            _env(
+            env_vars(
                 {
                     "S3_ENDPOINT_URL": server.endpoint_url,
                     "AWS_ACCESS_KEY_ID": server.access_key,
@@ -674,7 +516,7 @@ def main() -> int:
         for peer in wanted_peers:
             if peer in skipped:
                 continue
-            peer_c = peer_classes[peer](tmp, server, shard_paths, args)
+            peer_c = peer_classes[peer](tmp, server, s3, shard_paths, args)
             stack.callback(peer_c.close)
             try:
                 t0 = time.perf_counter()
