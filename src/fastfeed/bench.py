@@ -1,15 +1,25 @@
 """Throughput measurements shared by ``fastfeed bench`` and the scripts in ``benchmarks/``.
 
-Each measurement returns a :class:`Measurement`; ceilings (raw concurrent ranged GETs of the same
-objects, no parsing) are measured with the same part size and concurrency as the loader, in the
-same run, so figures can be reported as fractions of what the machine and store can deliver.
+Each measurement returns a :class:`Measurement`. Ceilings are measured in the same run as what
+they bound, so figures can be reported as fractions of what the machine and store can deliver:
+
+* :func:`measure_raw_get`: concurrent ranged GETs of every part of the objects, no parsing
+  (same part size and concurrency as the loader);
+* :func:`measure_raw_read`: a sequential ``readinto`` of local files (the node cache);
+* :func:`measure_h2d`: pinned host memory to a GPU.
+
+:func:`measure_batches` times one epoch of any loader batch by batch: time to the first batch,
+batch latency percentiles, the fraction of the epoch the consumer spent waiting for data, a
+throughput timeline, CPU (worker processes included) and peak memory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import resource
+import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,22 +30,46 @@ from fastfeed.config import PrefetchConfig, S3Config
 from fastfeed.store import ObjectInfo, StoreSet
 from fastfeed.urls import parse_url
 
-__all__ = ["Measurement", "measure_iterable", "measure_raw_get", "peak_rss_bytes"]
+__all__ = [
+    "Measurement",
+    "measure_batches",
+    "measure_h2d",
+    "measure_iterable",
+    "measure_raw_get",
+    "measure_raw_read",
+    "peak_rss_bytes",
+]
+
+#: At most this many points are kept in a :attr:`Measurement.timeline`.
+TIMELINE_POINTS = 400
 
 
 @dataclass
 class Measurement:
-    """One timed pass over a dataset."""
+    """One timed pass (of a dataset, or of a ceiling)."""
 
     name: str
     samples: int
     bytes: int
     seconds: float
-    #: Seconds from the start of iteration to the first sample.
+    #: Seconds from the start of iteration to the first sample (or batch).
     first_sample_s: float
-    #: CPU seconds (user + system) this process spent, all threads included.
+    #: CPU seconds (user + system) of this process, all threads, plus its reaped children
+    #: (DataLoader workers) during the pass.
     cpu_s: float
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Batch latency (time inside ``next()``), first batch excluded; 0 when not measured.
+    batch_p50_ms: float = 0.0
+    batch_p99_ms: float = 0.0
+    #: Fraction of the pass the consumer spent waiting inside ``next()``.
+    wait_fraction: float = 0.0
+    #: Cache hits / shards opened, when the reader has a cache.
+    cache_hit_rate: float | None = None
+    #: Peak resident memory of this process, and of the largest child process (worker).
+    peak_rss_bytes: int = 0
+    peak_child_rss_bytes: int = 0
+    #: ``(seconds since start, cumulative bytes)``, at most :data:`TIMELINE_POINTS` points.
+    timeline: list[tuple[float, int]] = field(default_factory=list)
 
     @property
     def samples_per_s(self) -> float:
@@ -46,18 +80,33 @@ class Measurement:
         return self.bytes / 2**20 / self.seconds if self.seconds > 0 else 0.0
 
     @property
+    def mb_per_s(self) -> float:
+        """10**6 bytes per second."""
+        return self.bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+    @property
     def cpu_s_per_gib(self) -> float:
         return self.cpu_s / (self.bytes / 2**30) if self.bytes else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out.update(samples_per_s=self.samples_per_s, mib_per_s=self.mib_per_s, cpu_s_per_gib=self.cpu_s_per_gib)
+        out.update(
+            samples_per_s=self.samples_per_s,
+            mib_per_s=self.mib_per_s,
+            mb_per_s=self.mb_per_s,
+            cpu_s_per_gib=self.cpu_s_per_gib,
+        )
         return out
 
 
 def _cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def _cpu_with_children() -> float:
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return _cpu() + children.ru_utime + children.ru_stime
 
 
 def peak_rss_bytes() -> int:
@@ -73,11 +122,31 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _peak_child_rss_bytes() -> int:
+    """Largest peak RSS of any reaped child process so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+
+
 def sample_bytes(sample: Any) -> int:
     """Payload bytes in a WebDataset-style sample dict (``bytes`` values only)."""
     if isinstance(sample, dict):
         return sum(len(v) for v in sample.values() if isinstance(v, bytes | bytearray | memoryview))
     return 0
+
+
+def _thin(points: list[tuple[float, int]]) -> list[tuple[float, int]]:
+    if len(points) <= TIMELINE_POINTS:
+        return points
+    step = len(points) / TIMELINE_POINTS
+    kept = [points[int(i * step)] for i in range(TIMELINE_POINTS - 1)]
+    return [*kept, points[-1]]
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def measure_iterable(
@@ -90,18 +159,78 @@ def measure_iterable(
 
     Each item counts as ``count_of(item)`` samples (default 1: items are samples) of
     ``size_of(item)`` bytes."""
-    cpu0 = _cpu()
+    return measure_batches(name, make, size_of=size_of, count_of=count_of or (lambda _: 1))
+
+
+def measure_batches(
+    name: str,
+    make: Callable[[], Iterable[Any]],
+    *,
+    size_of: Callable[[Any], int],
+    count_of: Callable[[Any], int],
+    step_s: float = 0.0,
+    progress: Callable[[int, int], None] | None = None,
+    cache_hit_rate: Callable[[Any], float | None] | None = None,
+) -> Measurement:
+    """Time one pass over ``make()`` item by item (construction and worker start-up included).
+
+    ``step_s``: a synthetic training step after each item (``time.sleep``, which releases the
+    GIL as a GPU step would), so :attr:`Measurement.wait_fraction` is the share of a training
+    loop lost to data stalls. ``progress(bytes, samples)`` is called after each item.
+    ``cache_hit_rate(loader)`` reads the loader's cache hit rate after the pass. The loader is
+    closed after the pass when it has ``close()``.
+    """
+    cpu0 = _cpu_with_children()
     t0 = time.perf_counter()
     first = 0.0
-    samples = 0
-    total = 0
-    for sample in make():
-        if not first:
-            first = time.perf_counter() - t0
-        samples += 1 if count_of is None else count_of(sample)
-        total += size_of(sample)
-    seconds = time.perf_counter() - t0
-    return Measurement(name, samples, total, seconds, first, _cpu() - cpu0)
+    samples = total = 0
+    waits: list[float] = []
+    timeline: list[tuple[float, int]] = [(0.0, 0)]
+    loader = make()
+    try:
+        it = iter(loader)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                break
+            now = time.perf_counter()
+            if not first:
+                first = now - t0
+            else:
+                waits.append(now - start)
+            size, count = size_of(item), count_of(item)
+            samples += count
+            total += size
+            timeline.append((now - t0, total))
+            del item
+            if progress is not None:
+                progress(size, count)
+            if step_s > 0:
+                time.sleep(step_s)
+        seconds = time.perf_counter() - t0
+        hit_rate = cache_hit_rate(loader) if cache_hit_rate is not None else None
+    finally:
+        close = getattr(loader, "close", None)
+        if callable(close):
+            close()
+    waited = first + sum(waits)
+    return Measurement(
+        name,
+        samples,
+        total,
+        seconds,
+        first,
+        _cpu_with_children() - cpu0,
+        batch_p50_ms=statistics.median(waits) * 1000 if waits else 0.0,
+        batch_p99_ms=_percentile(waits, 0.99) * 1000,
+        wait_fraction=waited / seconds if seconds > 0 else 0.0,
+        cache_hit_rate=hit_rate,
+        peak_rss_bytes=peak_rss_bytes(),
+        peak_child_rss_bytes=_peak_child_rss_bytes(),
+        timeline=_thin(timeline),
+    )
 
 
 def measure_raw_get(
@@ -112,10 +241,11 @@ def measure_raw_get(
     Uses ``config.part_size`` and ``config.max_requests`` so it matches the loader's settings.
     """
 
-    async def run() -> tuple[int, float, float]:
+    async def run() -> tuple[int, float, float, list[tuple[float, int]]]:
         stores = StoreSet(s3)
         sem = asyncio.Semaphore(config.max_requests)
         first: list[float] = []
+        timeline: list[tuple[float, int]] = [(0.0, 0)]
         t0 = time.perf_counter()
 
         async def get(info: ObjectInfo, start: int, end: int) -> int:
@@ -123,8 +253,10 @@ def measure_raw_get(
                 loc = parse_url(info.url)
                 store = await stores.get(loc)
                 data = await store.read_range(loc, start, end, info.etag)
+                now = time.perf_counter() - t0
                 if not first:
-                    first.append(time.perf_counter() - t0)
+                    first.append(now)
+                timeline.append((now, timeline[-1][1] + len(data)))
                 return len(data)
 
         try:
@@ -136,12 +268,51 @@ def measure_raw_get(
             sizes = await asyncio.gather(*jobs)
         finally:
             await stores.aclose()
-        return sum(sizes), time.perf_counter() - t0, first[0] if first else 0.0
+        return sum(sizes), time.perf_counter() - t0, first[0] if first else 0.0, timeline
 
     io = _loop.acquire()
     try:
         cpu0 = _cpu()
-        total, seconds, first = io.run(run())
-        return Measurement(name, 0, total, seconds, first, _cpu() - cpu0)
+        total, seconds, first, timeline = io.run(run())
+        return Measurement(name, 0, total, seconds, first, _cpu() - cpu0, timeline=_thin(timeline))
     finally:
         io.release()
+
+
+def measure_raw_read(
+    paths: Sequence[str | os.PathLike[str]], name: str = "raw read ceiling", chunk: int = 8 << 20
+) -> Measurement:
+    """The ceiling of a local read: each file read sequentially into one reused buffer."""
+    buf = bytearray(chunk)
+    cpu0 = _cpu()
+    t0 = time.perf_counter()
+    total = 0
+    timeline: list[tuple[float, int]] = [(0.0, 0)]
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                total += n
+        timeline.append((time.perf_counter() - t0, total))
+    seconds = time.perf_counter() - t0
+    return Measurement(name, 0, total, seconds, 0.0, _cpu() - cpu0, timeline=_thin(timeline))
+
+
+def measure_h2d(
+    device: str, nbytes: int = 256 << 20, repeats: int = 5, name: str = "pinned H2D ceiling"
+) -> Measurement:
+    """The ceiling of the host-to-device copy: ``nbytes`` from pinned memory, median of ``repeats``."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst.copy_(src, non_blocking=True)  # warm-up
+    torch.cuda.synchronize(device)
+    times = []
+    cpu0 = _cpu()
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    seconds = statistics.median(times)
+    return Measurement(name, 0, nbytes, seconds, 0.0, _cpu() - cpu0, extra={"repeats": repeats})

@@ -1,55 +1,77 @@
 """The ``fastfeed`` command line.
 
-``fastfeed bench --demo`` starts a local S3 server (SeaweedFS), writes a synthetic WebDataset,
-streams it with :class:`fastfeed.StreamingDataset` and reports throughput next to the raw GET
-ceiling measured in the same run. ``fastfeed bench URL`` measures an existing dataset.
+* ``fastfeed bench --demo``: start a local S3 server (SeaweedFS), write a synthetic WebDataset,
+  and run :mod:`fastfeed.benchmark` on it (cold and warm epochs, ceilings, peers, a checkpoint
+  round); ``fastfeed bench URL`` measures an existing dataset.
+* ``fastfeed shards write|manifest``: write WebDataset shards, list a dataset's shards.
+* ``fastfeed cache info|clear``: a node's shard cache.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import logging
-import os
-import platform
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fastfeed.batch import RaggedBytes
-from fastfeed.bench import Measurement, measure_iterable, measure_raw_get, peak_rss_bytes
-from fastfeed.config import PrefetchConfig, S3Config, format_size, parse_size
-from fastfeed.dataset import StreamingDataset
+from fastfeed.config import S3Config, format_size, parse_size
 from fastfeed.errors import FastfeedError
-from fastfeed.loader import DataLoader
 
 __all__ = ["main"]
+
+#: The peers ``fastfeed bench --compare`` knows (:data:`fastfeed.peers.PEERS`; not imported here,
+#: so that ``fastfeed --help`` stays fast).
+_PEERS = ("torch", "webdataset", "litdata", "streaming", "s3torchconnector")
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastfeed", description="Keep GPUs fed from object storage.")
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="measure streaming throughput of a dataset")
+    bench = sub.add_parser(
+        "bench",
+        help="measure how fast a dataset feeds a training loop, next to the ceilings and the peers",
+        description=(
+            "Stream a dataset through fastfeed.DataLoader (cold epoch from the store, warm epochs from the node "
+            "cache) and report samples/s, MB/s, time to first batch, batch latency, data wait, cache hit rate, "
+            "CPU and memory, next to ceilings measured in the same run (raw GETs, raw cache read, pinned "
+            "host-to-device copy) and to the peers in --compare."
+        ),
+    )
     bench.add_argument("url", nargs="?", help="dataset: s3://bucket/prefix/, a brace pattern or a directory")
     bench.add_argument("--demo", action="store_true", help="start a local S3 server with a synthetic dataset")
     bench.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
-    bench.add_argument("--epochs", type=int, default=1)
-    bench.add_argument("--batch-size", type=int, default=64, help="batch size of the DataLoader runs")
-    bench.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    bench.add_argument("--epochs", type=int, default=2, help="epochs of fastfeed (the first is cold)")
+    bench.add_argument("--batch-size", type=int, default=64)
+    bench.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     bench.add_argument("--shuffle", action="store_true")
     bench.add_argument("--part-size", default="8MiB")
     bench.add_argument("--max-requests", type=int, default=16)
     bench.add_argument("--byte-budget", default="256MiB")
+    bench.add_argument("--cache-dir", help="node cache directory (default: a temporary one, removed after)")
+    bench.add_argument("--cache-limit", default="20GB")
+    bench.add_argument("--device", default="cpu", help="cpu, or a CUDA device the batches are copied to")
+    bench.add_argument("--step-ms", type=float, default=0.0, help="synthetic training step per batch")
+    bench.add_argument(
+        "--compare",
+        default="",
+        help="peers reading the same data in the same run: all, or some of " + ",".join(_PEERS),
+    )
+    bench.add_argument("--latency-ms", type=float, default=0.0, help="emulated first-byte latency (delaying proxy)")
+    bench.add_argument("--bandwidth", help="emulated store bandwidth, e.g. 1GB (per second, all connections)")
+    bench.add_argument(
+        "--checkpoint-size", help="an async checkpoint round with a state of this size (--demo default: 256MiB)"
+    )
     bench.add_argument("--demo-size", default="256MiB", help="synthetic dataset size (--demo)")
     bench.add_argument("--demo-sample-size", default="100KiB", help="bytes per synthetic sample (--demo)")
     bench.add_argument("--demo-shard-size", default="16MiB", help="bytes per synthetic shard (--demo)")
-    bench.add_argument("--json", dest="json_path", help="write every figure and the config to this file")
+    bench.add_argument("--json", dest="json_path", help="write every figure, the config and the machine here")
+    bench.add_argument("--plot", dest="plot_path", help="write a PNG of throughput over time here (matplotlib)")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.add_argument("-v", "--verbose", action="store_true", help="log fastfeed's INFO messages")
     cache = sub.add_parser("cache", help="inspect or clear a node's shard cache (StreamingDataset(cache_dir=...))")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
@@ -218,138 +240,95 @@ class _ShardProgress:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from fastfeed import benchmark
+
     if args.demo == (args.url is not None):
         print("fastfeed bench: give either a dataset URL or --demo", file=sys.stderr)
         return 2
-    prefetch = PrefetchConfig.from_args(
-        part_size=args.part_size, max_requests=args.max_requests, byte_budget=args.byte_budget
+    compare = _PEERS if args.compare.strip() == "all" else tuple(p for p in args.compare.split(",") if p.strip())
+    unknown = [p for p in compare if p not in _PEERS]
+    if unknown:
+        print(f"fastfeed bench: unknown peer(s) {', '.join(unknown)}; choose from {', '.join(_PEERS)}", file=sys.stderr)
+        return 2
+    checkpoint = args.checkpoint_size or ("256MiB" if args.demo else None)
+    cfg = benchmark.BenchConfig(
+        batch_size=args.batch_size,
+        workers=args.workers,
+        epochs=args.epochs,
+        shuffle=args.shuffle,
+        part_size=args.part_size,
+        max_requests=args.max_requests,
+        byte_budget=args.byte_budget,
+        cache_dir=args.cache_dir,
+        cache_limit=args.cache_limit,
+        device=args.device,
+        step_ms=args.step_ms,
+        compare=compare,
+        latency_ms=args.latency_ms,
+        bandwidth=float(parse_size(args.bandwidth, name="--bandwidth")) if args.bandwidth else None,
+        checkpoint_bytes=parse_size(checkpoint, name="--checkpoint-size") if checkpoint else 0,
+        progress=not args.no_progress,
     )
-    if not args.demo:
-        s3 = S3Config.resolve(endpoint_url=args.endpoint_url)
-        return _run_bench(args.url, s3, prefetch, args, setup={})
-
-    from fastfeed.testing.servers import SeaweedServer
-    from fastfeed.testing.shards import upload_dir, write_synthetic_shards
-
-    total = parse_size(args.demo_size, name="--demo-size")
-    sample_size = parse_size(args.demo_sample_size, name="--demo-sample-size")
-    shard_size = parse_size(args.demo_shard_size, name="--demo-shard-size")
-    per_shard = max(1, shard_size // sample_size)
-    num_shards = max(1, total // (per_shard * sample_size))
-    with (
-        tempfile.TemporaryDirectory(prefix="fastfeed-demo-") as tmp,
-        SeaweedServer(Path(tmp) / "store") as server,
-    ):
-        print(f"local S3 endpoint (SeaweedFS): {server.endpoint_url}  [started in {server.start_seconds:.1f}s]")
-        t0 = time.perf_counter()
-        paths = write_synthetic_shards(
-            Path(tmp) / "shards", num_shards=num_shards, samples_per_shard=per_shard, sample_bytes=sample_size
-        )
-        written = time.perf_counter() - t0
-        client = server.client()
-        client.create_bucket(Bucket="demo")
-        t0 = time.perf_counter()
-        upload_dir(client, "demo", Path(tmp) / "shards", prefix="train/")
-        uploaded = time.perf_counter() - t0
-        size = sum(p.stat().st_size for p in paths)
-        print(
-            f"synthetic dataset: {num_shards} shards x {per_shard} samples x {format_size(sample_size)}"
-            f" = {format_size(size)} (written in {written:.1f}s, uploaded in {uploaded:.1f}s)"
-        )
-        for path in paths:
-            path.unlink()
-        client.close()  # an idle keep-alive connection makes the store's shutdown wait
-        s3 = S3Config(
-            endpoint_url=server.endpoint_url,
-            access_key_id=server.access_key,
-            secret_access_key=server.secret_key,
-            region="us-east-1",
-        )
-        setup = {"num_shards": num_shards, "samples_per_shard": per_shard, "sample_bytes": sample_size}
-        return _run_bench("s3://demo/train/", s3, prefetch, args, setup=setup)
-
-
-def _run_bench(
-    url: str, s3: S3Config, prefetch: PrefetchConfig, args: argparse.Namespace, setup: dict[str, Any]
-) -> int:
-    def make_dataset(epoch: int) -> StreamingDataset:
-        ds = StreamingDataset(
-            url,
-            s3=s3,
-            shuffle=args.shuffle,
-            part_size=prefetch.part_size,
-            max_requests=prefetch.max_requests,
-            byte_budget=prefetch.byte_budget,
-        )
-        ds.set_epoch(epoch)
-        return ds
-
-    shards = make_dataset(0).shards
-    results: list[Measurement] = []
-    ceiling = measure_raw_get(shards, s3, prefetch)
-    results.append(ceiling)
-    for epoch in range(args.epochs):
-        results.append(measure_iterable(f"samples, epoch {epoch}", functools.partial(make_dataset, epoch)))
-    for epoch in range(args.epochs):
-
-        def batches(epoch: int = epoch) -> DataLoader:
-            return DataLoader(make_dataset(epoch), batch_size=args.batch_size, num_workers=args.workers)
-
-        results.append(
-            measure_iterable(
-                f"batches, epoch {epoch}", batches, size_of=_batch_bytes, count_of=lambda b: len(b["__key__"])
+    if cfg.epochs < 1:
+        print("fastfeed bench: --epochs must be >= 1", file=sys.stderr)
+        return 2
+    progress = _BenchProgress() if cfg.progress else None
+    try:
+        if args.demo:
+            report = benchmark.demo(
+                cfg,
+                size=parse_size(args.demo_size, name="--demo-size"),
+                sample_size=parse_size(args.demo_sample_size, name="--demo-sample-size"),
+                shard_size=parse_size(args.demo_shard_size, name="--demo-shard-size"),
+                progress=progress,
+                say=print,
             )
-        )
-    _print_table(results, ceiling)
-    print(f"peak RSS: {format_size(peak_rss_bytes())}")
+        else:
+            s3 = S3Config.resolve(endpoint_url=args.endpoint_url)
+            report = benchmark.run(args.url, s3, cfg, progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    print(report.table())
     if args.json_path:
-        report = {
-            "url": url,
-            "setup": setup,
-            "config": {
-                "part_size": prefetch.part_size,
-                "max_requests": prefetch.max_requests,
-                "byte_budget": prefetch.byte_budget,
-                "shuffle": args.shuffle,
-            },
-            "machine": _machine(),
-            "results": [r.as_dict() for r in results],
-            "peak_rss_bytes": peak_rss_bytes(),
-        }
-        Path(args.json_path).write_text(json.dumps(report, indent=2))
+        Path(args.json_path).write_text(json.dumps(report.as_dict(), indent=2))
         print(f"wrote {args.json_path}")
+    if args.plot_path:
+        report.plot(args.plot_path)
+        print(f"wrote {args.plot_path}")
     return 0
 
 
-def _batch_bytes(batch: Any) -> int:
-    return sum(v.data.numel() for v in batch.values() if isinstance(v, RaggedBytes))
+class _BenchProgress:
+    """One progress bar per run on stderr (tqdm when installed and stderr is a terminal)."""
 
+    def __init__(self) -> None:
+        self._bar: Any = None
+        self._tqdm: Any = None
+        with contextlib.suppress(ImportError):
+            from tqdm import tqdm
 
-def _print_table(results: list[Measurement], ceiling: Measurement) -> None:
-    header = f"{'run':<22} {'samples/s':>10} {'MiB/s':>8} {'x ceiling':>9} {'1st sample':>10} {'CPU s/GiB':>9}"
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        ratio = r.mib_per_s / ceiling.mib_per_s if ceiling.mib_per_s else 0.0
-        sps = f"{r.samples_per_s:,.0f}" if r.samples else "-"
-        print(
-            f"{r.name:<22} {sps:>10} {r.mib_per_s:>8.0f} {ratio:>9.2f} "
-            f"{r.first_sample_s * 1000:>8.0f}ms {r.cpu_s_per_gib:>9.2f}"
+            # A subclass without tqdm's monitor thread, which would outlive the bar.
+            self._tqdm = type("_BenchBar", (tqdm,), {"monitor_interval": 0})
+
+    def __call__(self, name: str, total: int | None) -> Any:
+        self.close()
+        if self._tqdm is None or not sys.stderr.isatty():
+            print(f"running: {name}", file=sys.stderr)
+            return lambda nbytes, samples: None
+        bar = self._bar = self._tqdm(
+            total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=name, file=sys.stderr, leave=False
         )
 
+        def update(nbytes: int, samples: int) -> None:
+            bar.update(nbytes)
 
-def _machine() -> dict[str, Any]:
-    commit = ""
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, check=False
-        ).stdout.strip()
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "commit": commit,
-    }
+        return update
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,563 @@
+"""``fastfeed bench``: how fast a dataset can be fed, next to the ceilings and the peers.
+
+:func:`run` measures, in one process and one run:
+
+* the ceilings: concurrent ranged GETs of the dataset (same part size and concurrency as the
+  loader), a sequential read of the node cache once it is warm, and pinned host-to-device
+  bandwidth when a GPU is used;
+* ``fastfeed.DataLoader`` epochs: the first reads the store and fills the cache (cold), the
+  next ones read the cache (warm);
+* each installed peer in ``compare`` (:mod:`fastfeed.peers`), cold and, where it has a local
+  cache, warm;
+* optionally an async checkpoint round: :meth:`fastfeed.Checkpointer.save` stall vs a plain
+  ``clone()`` of the same tensors, and the background upload.
+
+The :class:`Report` holds every :class:`~fastfeed.bench.Measurement`, renders the table, the
+JSON and the plot, and checks the targets of issue 6, saying plainly which were missed.
+:func:`demo` runs all of this against a local S3 server (SeaweedFS) with a synthetic dataset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastfeed.bench import (
+    Measurement,
+    measure_batches,
+    measure_h2d,
+    measure_raw_get,
+    measure_raw_read,
+    peak_rss_bytes,
+)
+from fastfeed.config import PrefetchConfig, S3Config, format_size
+from fastfeed.errors import ConfigError
+
+__all__ = ["BenchConfig", "Report", "Target", "demo", "run"]
+
+log = logging.getLogger(__name__)
+
+#: Progress callback: ``(run name, total bytes or None)`` starts a run; then ``(bytes, samples)``.
+Progress = Callable[[str, int | None], Callable[[int, int], None]]
+
+
+@dataclass
+class BenchConfig:
+    """What ``fastfeed bench`` runs (the CLI flags)."""
+
+    batch_size: int = 64
+    workers: int = 2
+    epochs: int = 2
+    shuffle: bool = False
+    part_size: int | str = "8MiB"
+    max_requests: int = 16
+    byte_budget: int | str = "256MiB"
+    #: Cache directory (``None``: a temporary one, removed after the run) and its limit.
+    cache_dir: str | None = None
+    cache_limit: str = "20GB"
+    #: ``"cpu"`` or a CUDA device: batches are copied there by the loader.
+    device: str = "cpu"
+    #: Synthetic training step per batch, in milliseconds (``time.sleep``).
+    step_ms: float = 0.0
+    #: Peers to read the same data (:data:`fastfeed.peers.PEERS`).
+    compare: tuple[str, ...] = ()
+    #: Emulated store latency (ms, each response head) and bandwidth (bytes/s), via a proxy.
+    latency_ms: float = 0.0
+    bandwidth: float | None = None
+    #: Size of the synthetic state of the checkpoint round (0: no round).
+    checkpoint_bytes: int = 0
+    progress: bool = True
+
+
+@dataclass
+class Target:
+    """One target of issue 6, checked against this run's figures."""
+
+    name: str
+    value: float | None
+    threshold: float
+    #: ``">="`` or ``"<="``.
+    op: str
+    detail: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None:
+            return None
+        return self.value >= self.threshold if self.op == ">=" else self.value <= self.threshold
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "met": self.met}
+
+
+@dataclass
+class Report:
+    """Every figure of one ``fastfeed bench`` run."""
+
+    url: str
+    config: dict[str, Any]
+    setup: dict[str, Any] = field(default_factory=dict)
+    ceilings: dict[str, Measurement] = field(default_factory=dict)
+    runs: list[Measurement] = field(default_factory=list)
+    checkpoint: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    machine: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ figures
+
+    def run_named(self, name: str) -> Measurement | None:
+        return next((r for r in self.runs if r.name == name), None)
+
+    def ceiling_of(self, run: Measurement) -> Measurement | None:
+        """The ceiling a run is compared with: the raw read for warm runs, else the raw GET."""
+        key = "raw read" if run.extra.get("phase") == "warm" else "raw GET"
+        return self.ceilings.get(key)
+
+    def best_peer(self, phase: str) -> Measurement | None:
+        peers = [r for r in self.runs if r.extra.get("peer") and r.extra.get("phase") == phase]
+        return max(peers, key=lambda r: r.mb_per_s, default=None)
+
+    def _fastfeed(self, phase: str) -> Measurement | None:
+        runs = [r for r in self.runs if not r.extra.get("peer") and r.extra.get("phase") == phase]
+        if not runs:
+            return None
+        return runs[0] if phase == "cold" else max(runs, key=lambda r: r.mb_per_s)
+
+    def targets(self) -> list[Target]:
+        """Issue 6's targets, from this run's ratios."""
+        out: list[Target] = []
+        latency = float(self.config.get("latency_ms") or 0.0)
+        where = (
+            f" at {latency:g} ms emulated latency" if latency else " (no emulated latency: the target is set at 20 ms)"
+        )
+        for phase, ceiling, ratio_min, peer_min in (("cold", "raw GET", 0.9, 2.0), ("warm", "raw read", 0.8, 1.5)):
+            run, top = self._fastfeed(phase), self.ceilings.get(ceiling)
+            if run is not None and top is not None:
+                out.append(Target(f"{phase} epoch / {ceiling} ceiling", _ratio(run, top), ratio_min, ">="))
+            peer = self.best_peer(phase)
+            if run is not None and peer is not None:
+                detail = f"best peer: {peer.name}" + (where if phase == "cold" else "")
+                out.append(Target(f"{phase} epoch / best peer", _ratio(run, peer), peer_min, ">=", detail))
+        if self.checkpoint:
+            out.append(
+                Target(
+                    "checkpoint save() stall / clone()",
+                    self.checkpoint["stall_s"] / self.checkpoint["clone_s"],
+                    1.5,
+                    "<=",
+                )
+            )
+        return out
+
+    # ------------------------------------------------------------------ output
+
+    def table(self) -> str:
+        """The results as a plain-text table (MB = 10**6 bytes of payload)."""
+        head = (
+            f"{'run':<30} {'samples/s':>10} {'MB/s':>7} {'x ceil':>7} {'x peer':>7} {'1st batch':>9} "
+            f"{'p50 ms':>7} {'p99 ms':>7} {'wait':>6} {'hit':>5} {'CPU s/GiB':>9} {'RSS':>9}"
+        )
+        lines = [head, "-" * len(head)]
+        for name, c in self.ceilings.items():
+            unit = f"{c.mb_per_s:>7.0f}"
+            lines.append(f"{name + ' ceiling':<30} {'-':>10} {unit} {'1.00':>7} {'':>7}")
+        for r in self.runs:
+            ceiling = self.ceiling_of(r)
+            x_ceil = f"{_ratio(r, ceiling):.2f}" if ceiling is not None else "-"
+            x_peer = "-"
+            if not r.extra.get("peer"):
+                peer = self.best_peer(str(r.extra.get("phase")))
+                x_peer = f"{_ratio(r, peer):.2f}" if peer is not None else "-"
+            hit = f"{r.cache_hit_rate:.0%}" if r.cache_hit_rate is not None else "-"
+            rss = format_size(max(r.peak_rss_bytes, r.peak_child_rss_bytes)) if r.peak_rss_bytes else "-"
+            lines.append(
+                f"{r.name:<30} {r.samples_per_s:>10,.0f} {r.mb_per_s:>7.0f} {x_ceil:>7} {x_peer:>7} "
+                f"{r.first_sample_s * 1000:>7.0f}ms {r.batch_p50_ms:>7.1f} {r.batch_p99_ms:>7.1f} "
+                f"{r.wait_fraction:>6.1%} {hit:>5} {r.cpu_s_per_gib:>9.2f} {rss:>9}"
+            )
+        if self.checkpoint:
+            ck = self.checkpoint
+            lines.append("")
+            lines.append(
+                f"checkpoint {format_size(int(ck['bytes']))}: save() stall {ck['stall_s'] * 1000:.0f} ms vs clone() "
+                f"{ck['clone_s'] * 1000:.0f} ms ({ck['stall_s'] / ck['clone_s']:.2f}x); background commit "
+                f"{ck['commit_s']:.2f} s ({ck['bytes'] / 1e6 / ck['commit_s']:.0f} MB/s)"
+            )
+        for name, reason in self.skipped.items():
+            lines.append(f"skipped {name}: {reason}")
+        targets = self.targets()
+        if targets:
+            lines.append("")
+            lines.append("targets (issue 6):")
+            for t in targets:
+                verdict = {True: "met", False: "MISSED", None: "n/a"}[t.met]
+                value = f"{t.value:.2f}" if t.value is not None else "-"
+                extra = f"  [{t.detail}]" if t.detail else ""
+                lines.append(f"  {t.name:<40} {value:>6} (target {t.op} {t.threshold:g}): {verdict}{extra}")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "config": self.config,
+            "setup": self.setup,
+            "machine": self.machine,
+            "ceilings": {k: v.as_dict() for k, v in self.ceilings.items()},
+            "runs": [r.as_dict() for r in self.runs],
+            "checkpoint": self.checkpoint,
+            "skipped": self.skipped,
+            "targets": [t.as_dict() for t in self.targets()],
+        }
+
+    def plot(self, path: str | os.PathLike[str]) -> None:
+        """Throughput over time of every run and ceiling, as a PNG (needs matplotlib)."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as err:
+            raise ConfigError("--plot needs matplotlib", hint="pip install matplotlib (or fastfeed[bench])") from err
+        fig, ax = plt.subplots(figsize=(10, 5.5))
+        for name, c in self.ceilings.items():
+            ax.axhline(c.mb_per_s, linestyle="--", linewidth=1, color="grey")
+            ax.annotate(f"{name} ceiling", (0, c.mb_per_s), fontsize=8, color="grey", va="bottom")
+        for r in self.runs:
+            t, mb = _rate_series(r.timeline)
+            if t:
+                ax.plot(
+                    t, mb, label=f"{r.name} ({r.mb_per_s:.0f} MB/s)", linewidth=1.5 if not r.extra.get("peer") else 1
+                )
+        ax.set_xlabel("seconds since the start of the epoch")
+        ax.set_ylabel("MB/s (payload, moving window)")
+        ax.set_title(f"fastfeed bench: {self.url}")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8, loc="best")
+        fig.tight_layout()
+        fig.savefig(os.fspath(path), dpi=110)
+        plt.close(fig)
+
+
+def _ratio(a: Measurement, b: Measurement | None) -> float:
+    if b is None or b.mb_per_s <= 0:
+        return 0.0
+    return a.mb_per_s / b.mb_per_s
+
+
+def _rate_series(timeline: Sequence[Sequence[float]], window: int = 8) -> tuple[list[float], list[float]]:
+    """Throughput over a moving window of ``window`` timeline points."""
+    pts = [(float(t), float(b)) for t, b in timeline]
+    if len(pts) < 2:
+        return [], []
+    w = max(1, min(window, len(pts) // 10 or 1))
+    ts, rates = [], []
+    for i in range(w, len(pts)):
+        dt = pts[i][0] - pts[i - w][0]
+        if dt > 0:
+            ts.append(pts[i][0])
+            rates.append((pts[i][1] - pts[i - w][1]) / 1e6 / dt)
+    return ts, rates
+
+
+def machine() -> dict[str, Any]:
+    """The machine and commit, for the JSON report."""
+    commit = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    import torch
+
+    out: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "commit": commit,
+    }
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
+
+
+# ---------------------------------------------------------------------- running
+
+
+def _batch_bytes(batch: Any) -> int:
+    from fastfeed.batch import RaggedBytes
+
+    return sum(v.data.numel() for v in batch.values() if isinstance(v, RaggedBytes))
+
+
+def _batch_count(batch: Any) -> int:
+    return len(batch["__key__"])
+
+
+def _hit_rate(loader: Any) -> float | None:
+    stats = loader.stats()
+    opened = stats.cache_hits + stats.cache_misses
+    return stats.cache_hits / opened if opened else None
+
+
+@contextlib.contextmanager
+def _emulated(s3: S3Config, latency_ms: float, bandwidth: float | None) -> Iterator[S3Config]:
+    """``s3`` itself, or ``s3`` through a delaying proxy when latency or bandwidth is set."""
+    if not latency_ms and not bandwidth:
+        yield s3
+        return
+    from fastfeed.testing.proxy import FaultProxy
+
+    if not s3.endpoint_url:
+        raise ConfigError("--latency-ms / --bandwidth need an --endpoint-url to put the delaying proxy in front of")
+    proxy = FaultProxy(s3.endpoint_url).start()
+    try:
+        proxy.set_latency(latency_ms)
+        proxy.set_bandwidth(bandwidth)
+        yield dataclasses.replace(s3, endpoint_url=proxy.endpoint_url)
+    finally:
+        proxy.stop()
+
+
+def run(
+    url: str,
+    s3: S3Config,
+    cfg: BenchConfig,
+    *,
+    progress: Progress | None = None,
+    setup: dict[str, Any] | None = None,
+) -> Report:
+    """Measure ``url`` as described in the module docstring."""
+    from fastfeed.dataset import StreamingDataset
+    from fastfeed.loader import DataLoader
+
+    prefetch = PrefetchConfig.from_args(
+        part_size=cfg.part_size, max_requests=cfg.max_requests, byte_budget=cfg.byte_budget
+    )
+    report = Report(
+        url, {**dataclasses.asdict(cfg), "compare": list(cfg.compare)}, setup=dict(setup or {}), machine=machine()
+    )
+    with contextlib.ExitStack() as stack:
+        cache_dir = cfg.cache_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="fastfeed-bench-cache-"))
+        s3_run = stack.enter_context(_emulated(s3, cfg.latency_ms, cfg.bandwidth))
+
+        def dataset(epoch: int) -> StreamingDataset:
+            ds = StreamingDataset(
+                url,
+                s3=s3_run,
+                shuffle=cfg.shuffle,
+                part_size=prefetch.part_size,
+                max_requests=prefetch.max_requests,
+                byte_budget=prefetch.byte_budget,
+                cache_dir=cache_dir,
+                cache_limit=cfg.cache_limit,
+            )
+            ds.set_epoch(epoch)
+            return ds
+
+        shards = dataset(0).shards
+        total = sum(s.size for s in shards)
+        remote = [s for s in shards if not s.url.startswith("file://")]
+        if remote:
+            report.ceilings["raw GET"] = measure_raw_get(remote, s3_run, prefetch)
+        if cfg.device != "cpu":
+            report.ceilings["pinned H2D"] = measure_h2d(cfg.device)
+
+        device = None if cfg.device == "cpu" else cfg.device
+        for epoch in range(cfg.epochs):
+            phase = "cold" if epoch == 0 and remote else "warm"
+            name = f"fastfeed epoch {epoch} ({phase})"
+
+            def make(epoch: int = epoch) -> DataLoader:
+                return DataLoader(dataset(epoch), batch_size=cfg.batch_size, num_workers=cfg.workers, device=device)
+
+            if epoch == 1 and remote:
+                entries = sorted(Path(cache_dir).glob("v1/entries/*.tar"))
+                if entries:
+                    report.ceilings["raw read"] = measure_raw_read(entries)
+            result = measure_batches(
+                name,
+                make,
+                size_of=_batch_bytes,
+                count_of=_batch_count,
+                step_s=cfg.step_ms / 1000,
+                progress=progress(name, total) if progress else None,
+                cache_hit_rate=_hit_rate,
+            )
+            result.extra.update(phase=phase, epoch=epoch)
+            report.runs.append(result)
+
+        if cfg.compare:
+            _run_peers(report, url, s3_run, cfg, progress, stack)
+        if cfg.checkpoint_bytes:
+            report.checkpoint = checkpoint_round(f"{_bucket_root(url)}fastfeed-bench-ckpt/", s3, cfg.checkpoint_bytes)
+    return report
+
+
+def _bucket_root(url: str) -> str:
+    if not url.startswith("s3://"):
+        raise ConfigError("the checkpoint round needs an s3:// dataset (it writes next to it)", url=url)
+    return "s3://" + url[len("s3://") :].split("/", 1)[0] + "/"
+
+
+def _run_peers(
+    report: Report, url: str, s3: S3Config, cfg: BenchConfig, progress: Progress | None, stack: contextlib.ExitStack
+) -> None:
+    from fastfeed import peers
+
+    work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fastfeed-bench-peers-")))
+    ctx = peers.PeerContext.from_url(url, s3=s3, work_dir=work, batch_size=cfg.batch_size, num_workers=cfg.workers)
+    for name in cfg.compare:
+        peer = peers.make_peer(name)
+        reason = peer.available()
+        if reason is not None:
+            report.skipped[name] = reason
+            continue
+        try:
+            peer.prepare(ctx)
+            phases = ["cold", "warm"] if peer.has_cache else ["cold"]
+            for phase in phases:
+                label = f"{name} ({phase})"
+                if progress is not None:
+                    progress(label, None)
+                result = peer.run(ctx, epoch=0, warm=phase == "warm")
+                result.name = label
+                result.extra.update(peer=name, phase=phase)
+                report.runs.append(result)
+        except Exception as err:  # a peer's failure is reported, not fatal to the run
+            log.warning("peer %s failed: %s", name, err)
+            report.skipped[name] = f"failed: {type(err).__name__}: {err}"
+        finally:
+            peer.cleanup()
+
+
+def checkpoint_round(url: str, s3: S3Config, nbytes: int, repeats: int = 3) -> dict[str, float]:
+    """``Checkpointer.save()`` stall vs ``clone()`` of the same tensors, and the upload (medians)."""
+    import torch
+
+    from fastfeed.checkpoint import Checkpointer
+
+    n = 8
+    state = {f"w{i}": torch.rand(max(1, nbytes // 4 // n)) for i in range(n)}
+    size = sum(t.numel() * t.element_size() for t in state.values())
+    clones, stalls, commits = [], [], []
+    ckpt = Checkpointer(url, s3=s3, keep_last=1)
+    try:
+        for step in range(repeats):
+            t0 = time.perf_counter()
+            copies = {k: v.clone() for k, v in state.items()}
+            clones.append(time.perf_counter() - t0)
+            del copies
+            t0 = time.perf_counter()
+            handle = ckpt.save(state, step=step)
+            stalls.append(time.perf_counter() - t0)
+            handle.result()
+            commits.append(time.perf_counter() - t0)
+    finally:
+        ckpt.close()
+        with contextlib.suppress(Exception):
+            _delete_prefix(url, s3)
+    return {
+        "bytes": float(size),
+        "clone_s": statistics.median(clones),
+        "stall_s": statistics.median(stalls),
+        "commit_s": statistics.median(commits),
+        "repeats": float(repeats),
+    }
+
+
+def _delete_prefix(url: str, s3: S3Config) -> None:
+    from fastfeed.testing.servers import make_s3_client
+
+    bucket, _, prefix = url[len("s3://") :].partition("/")
+    client = make_s3_client(s3.endpoint_url or "", s3.access_key_id or "", s3.secret_access_key or "")
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                client.delete_object(Bucket=bucket, Key=item["Key"])
+    finally:
+        client.close()
+
+
+# ---------------------------------------------------------------------- demo
+
+
+@contextlib.contextmanager
+def demo_dataset(
+    size: int, sample_size: int, shard_size: int, *, say: Callable[[str], None] = lambda _: None
+) -> Iterator[tuple[str, S3Config, dict[str, Any]]]:
+    """A local SeaweedFS on 127.0.0.1 with a synthetic dataset; yields ``(url, s3, setup)`` and
+    stops the server (by PID) and removes everything on exit, also on errors."""
+    from fastfeed.testing.servers import SeaweedServer
+    from fastfeed.testing.shards import upload_dir, write_synthetic_shards
+
+    per_shard = max(1, shard_size // sample_size)
+    num_shards = max(1, size // (per_shard * sample_size))
+    with (
+        tempfile.TemporaryDirectory(prefix="fastfeed-demo-") as tmp,
+        SeaweedServer(Path(tmp) / "store") as server,
+    ):
+        say(f"local S3 endpoint (SeaweedFS): {server.endpoint_url}  [started in {server.start_seconds or 0:.1f}s]")
+        t0 = time.perf_counter()
+        paths = write_synthetic_shards(
+            Path(tmp) / "shards", num_shards=num_shards, samples_per_shard=per_shard, sample_bytes=sample_size
+        )
+        written = time.perf_counter() - t0
+        client = server.client()
+        client.create_bucket(Bucket="demo")
+        t0 = time.perf_counter()
+        upload_dir(client, "demo", Path(tmp) / "shards", prefix="train/")
+        uploaded = time.perf_counter() - t0
+        total = sum(p.stat().st_size for p in paths)
+        say(
+            f"synthetic dataset: {num_shards} shards x {per_shard} samples x {format_size(sample_size)}"
+            f" = {format_size(total)} (written in {written:.1f}s, uploaded in {uploaded:.1f}s)"
+        )
+        for path in paths:
+            path.unlink()
+        client.close()  # an idle keep-alive connection makes the store's shutdown wait
+        s3 = S3Config(
+            endpoint_url=server.endpoint_url,
+            access_key_id=server.access_key,
+            secret_access_key=server.secret_key,
+            region="us-east-1",
+        )
+        setup = {
+            "store": "SeaweedFS (weed mini) on 127.0.0.1",
+            "num_shards": num_shards,
+            "samples_per_shard": per_shard,
+            "sample_bytes": sample_size,
+            "dataset_bytes": total,
+        }
+        yield "s3://demo/train/", s3, setup
+
+
+def demo(
+    cfg: BenchConfig,
+    *,
+    size: int,
+    sample_size: int,
+    shard_size: int,
+    progress: Progress | None = None,
+    say: Callable[[str], None] = lambda _: None,
+) -> Report:
+    """:func:`run` on a synthetic dataset in a local S3 server started (and stopped) here."""
+    with demo_dataset(size, sample_size, shard_size, say=say) as (url, s3, setup):
+        report = run(url, s3, cfg, progress=progress, setup=setup)
+    report.setup["peak_rss_bytes"] = peak_rss_bytes()
+    return report
