@@ -118,6 +118,18 @@ def test_a_corrupt_newest_checkpoint_falls_back_with_a_warning(bucket: Any, capl
             ckpt.load(step=2)
         bucket.client.delete_object(Bucket=bucket.name, Key=data_key)  # now it is missing
         assert torch.equal(ckpt.load()["w"], torch.ones(100))
+        # Training resumed from step 1 reaches step 2 again: the new save replaces the bad one.
+        with caplog.at_level(logging.WARNING):
+            ckpt.save({"w": torch.full((100,), 2.0)}, step=2).result(timeout=60)
+        assert "replacing the unusable checkpoint of step 2" in caplog.text
+        assert torch.equal(ckpt.load()["w"], torch.full((100,), 2.0)) and ckpt.loaded.step == 2
+        listed = bucket.client.list_objects_v2(Bucket=bucket.name, Prefix="runs/c/step-000000000002/")["Contents"]
+        assert len(listed) == 2, "one manifest and one data object: nothing of the bad one is left"
+    dup = Checkpointer(url, s3=s3_config(bucket))
+    with pytest.raises(CheckpointError, match="already committed"):  # a good checkpoint is never replaced
+        dup.save({"w": torch.ones(100)}, step=2).result(timeout=60)
+    with pytest.raises(CheckpointError, match="earlier checkpoint save failed"):
+        dup.close()
 
 
 def test_bad_buckets_and_credentials_fail_at_construction(bucket: Any, seaweed: Any) -> None:

@@ -211,6 +211,8 @@ class Checkpointer:
         self._busy = threading.Event()  # a job is being uploaded
         self._idle = threading.Condition(self._lock)
         self._free_arenas: list[torch.Tensor] = []
+        #: Steps load() found corrupt and skipped: a later save of the same step replaces them.
+        self._unusable: set[int] = set()
         self._error: BaseException | None = None
         self._closed = False
         self._side_stream: Any = None
@@ -345,7 +347,14 @@ class Checkpointer:
         blob = memoryview(job.arena.numpy().data).cast("B")[: job.total]
         prefix = _step_dir(job.step)
         existing = self._io.run(self._store.list_objects(prefix))
-        if any(o.key == prefix + _MANIFEST for o in existing):
+        if any(o.key == prefix + _MANIFEST for o in existing) and job.step in self._unusable:
+            # load() skipped this step as corrupt and training went on from an older one: the
+            # new save of the same step replaces it (manifest first, so it is never half-listed).
+            log.warning("replacing the unusable checkpoint of step %d under %s", job.step, self.url)
+            keys = sorted((o.key for o in existing), key=lambda k: k != prefix + _MANIFEST)
+            self._io.run(self._store.delete(keys))
+            self._unusable.discard(job.step)
+        elif any(o.key == prefix + _MANIFEST for o in existing):
             raise CheckpointError(
                 f"step {job.step} is already committed under {self.url}",
                 url=self.url,
@@ -459,6 +468,7 @@ class Checkpointer:
                 if step is not None:
                     raise
                 log.warning("checkpoint of step %d is unusable (%s); falling back to the previous one", info.step, err)
+                self._unusable.add(info.step)
                 continue
             self.loaded = info
             return state
