@@ -223,3 +223,42 @@ def test_store_sets_of_one_config_share_one_client_until_the_last_closes(seaweed
         await c.aclose()
 
     run(scenario())
+
+
+def _child_session_state(parent_loader_id: int, queue: Any) -> None:
+    from fastfeed.store import _session
+
+    session = _session(None)
+    loader = session.get_component("data_loader")
+    queue.put((id(loader) == parent_loader_id, len(getattr(loader, "_cache", {}))))
+
+
+def test_a_forked_worker_reuses_the_parsed_service_model(seaweed: Any) -> None:
+    import multiprocessing
+
+    from fastfeed.store import S3Store, _session
+
+    cfg = S3Config(
+        endpoint_url=seaweed.endpoint_url,
+        access_key_id=seaweed.access_key,
+        secret_access_key=seaweed.secret_key,
+        region="us-east-1",
+    )
+
+    async def make_and_close() -> None:
+        await (await S3Store.create(cfg)).aclose()  # parses the S3 model in this process
+
+    run(make_and_close())
+    parent = _session(None).get_component("data_loader")
+    assert len(parent._cache) > 0
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child_session_state, args=(id(parent), queue))
+    proc.start()
+    try:
+        same, cached = queue.get(timeout=60)
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+    assert same and cached == len(parent._cache), "the child's new session uses the parent's warm loader"

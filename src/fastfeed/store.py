@@ -456,6 +456,12 @@ def _session(profile: str | None) -> Any:
             session = get_session()
             if profile:
                 session.set_config_variable("profile", profile)
+            inherited = next((s for (pid, p), s in _sessions.items() if p == profile), None)
+            if inherited is not None:
+                # A forked worker: reuse the parent's data loader, whose cache holds the parsed
+                # service model and endpoint rules (plain data, copied with the fork), so each
+                # worker of each epoch does not parse them again. Credentials stay per process.
+                session.register_component("data_loader", inherited.get_component("data_loader"))
             _sessions[key] = session
         return session
 
