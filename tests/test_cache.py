@@ -406,3 +406,17 @@ def test_zero_copy_samples_are_views_of_the_mapped_entry_and_outlive_it(data: di
         assert got.keys() == reference.keys()
         for name, s in got.items():
             assert bytes(s["bin"]) == reference[name]["bin"] and bytes(s["cls"]) == reference[name]["cls"]
+
+
+def test_a_cache_dir_removed_under_a_running_job_is_made_again(data: dict[str, Any], caplog: Any) -> None:
+    import logging
+    import shutil
+
+    ds = dataset(data)
+    first = keys(ds)
+    shutil.rmtree(data["cache"])  # rm -rf between epochs, the process (and its cache object) lives on
+    ds.set_epoch(1)
+    with caplog.at_level(logging.WARNING, logger="fastfeed"):
+        assert keys(ds) == first
+    assert "reading from the store instead" not in caplog.text
+    assert cache_info(data["cache"]).entries == SHARDS, "the shards were cached again"

@@ -236,6 +236,9 @@ class ShardCache:
         self.enabled = True
         self._warned: set[str] = set()
         self._fills: dict[str, asyncio.Task[None]] = {}
+        #: Set (and replaced) each time a fill of this process lands a part: its readers wake
+        #: at once instead of polling the part file's size.
+        self._landed: dict[str, asyncio.Event] = {}
         self._failed: set[str] = set()  # keys whose fill failed in this process: not retried
         try:
             self.entries.mkdir(parents=True, exist_ok=True)
@@ -397,7 +400,7 @@ class ShardCache:
                 self.counters.hits += 1
                 return _CachedFile(self, src, hit, None, hit=True)
             try:
-                fd = os.open(self.tmp_path(key), os.O_RDWR | os.O_CREAT, 0o644)
+                fd = self._create_part(key)
             except OSError as exc:
                 self._fill_failed(key, exc)
                 return store
@@ -424,6 +427,15 @@ class ShardCache:
             self.counters.misses += 1
             return _CachedFile(self, src, fd, fill)
         return store
+
+    def _create_part(self, key: str) -> int:
+        try:
+            return os.open(self.tmp_path(key), os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            # The cache directory was removed under a running job (rm -rf): make it again.
+            self.entries.mkdir(parents=True, exist_ok=True)
+            self.tmp.mkdir(parents=True, exist_ok=True)
+            return os.open(self.tmp_path(key), os.O_RDWR | os.O_CREAT, 0o644)
 
     def _open_entry(self, key: str) -> int | None:
         path = self.entry_path(key)
@@ -468,6 +480,7 @@ class ShardCache:
                 await _in_thread(_pwrite_all, fd, data, start)
                 src.fetched(len(data))
                 offset = start + len(data)
+                self._signal_landed(key)
             try:
                 await _in_thread(os.fsync, fd)
             except asyncio.CancelledError:
@@ -493,6 +506,21 @@ class ShardCache:
             with contextlib.suppress(OSError):
                 fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+            self._signal_landed(key)
+
+    def _signal_landed(self, key: str) -> None:
+        event = self._landed.pop(key, None)
+        if event is not None:
+            event.set()
+
+    async def landed(self, key: str, timeout: float) -> None:
+        """Wait until this process's fill of ``key`` lands its next part (or ends), at most
+        ``timeout`` seconds."""
+        event = self._landed.get(key)
+        if event is None:
+            event = self._landed[key] = asyncio.Event()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
 
     def _publish(self, key: str, info: ObjectInfo, fd: int) -> None:
         written = os.fstat(fd).st_size
@@ -594,8 +622,11 @@ class _CachedFile:
                 log.warning("no progress filling %s for %.0fs; reading it from the store", self.info.url, _STALL_S)
                 self.bypass = True
                 return
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.02)
+            if self.fill is not None and not self.fill.done():
+                await self.cache.landed(self.key, _LIVENESS_S)  # our own fill: woken when a part lands
+            else:
+                await asyncio.sleep(delay)  # another process's fill: poll the part file
+                delay = min(delay * 2, 0.02)
 
     def close(self) -> None:
         """Close the file (releasing a hit's LOCK_SH); further reads go to the store. Views of
