@@ -171,6 +171,7 @@ def measure_batches(
     step_s: float = 0.0,
     progress: Callable[[int, int], None] | None = None,
     cache_hit_rate: Callable[[Any], float | None] | None = None,
+    close: bool = True,
 ) -> Measurement:
     """Time one pass over ``make()`` item by item (construction and worker start-up included).
 
@@ -178,7 +179,8 @@ def measure_batches(
     GIL as a GPU step would), so :attr:`Measurement.wait_fraction` is the share of a training
     loop lost to data stalls. ``progress(bytes, samples)`` is called after each item.
     ``cache_hit_rate(loader)`` reads the loader's cache hit rate after the pass. The loader is
-    closed after the pass when it has ``close()``.
+    closed after the pass when it has ``close()`` (unless ``close=False``: a loader reused for
+    the next epoch, as a training loop does).
     """
     cpu0 = _cpu_with_children()
     t0 = time.perf_counter()
@@ -212,9 +214,9 @@ def measure_batches(
         seconds = time.perf_counter() - t0
         hit_rate = cache_hit_rate(loader) if cache_hit_rate is not None else None
     finally:
-        close = getattr(loader, "close", None)
-        if callable(close):
-            close()
+        closer = getattr(loader, "close", None) if close else None
+        if callable(closer):
+            closer()
     waited = first + sum(waits)
     return Measurement(
         name,

@@ -309,10 +309,14 @@ def _batch_count(batch: Any) -> int:
     return len(batch["__key__"])
 
 
-def _hit_rate(loader: Any) -> float | None:
+def _cache_counts(loader: Any) -> tuple[int, int]:
     stats = loader.stats()
-    opened = stats.cache_hits + stats.cache_misses
-    return stats.cache_hits / opened if opened else None
+    return stats.cache_hits, stats.cache_misses
+
+
+def _hit_rate(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    hits, misses = after[0] - before[0], after[1] - before[1]
+    return hits / (hits + misses) if hits + misses else None
 
 
 @contextlib.contextmanager
@@ -356,21 +360,18 @@ def run(
         cache_dir = cfg.cache_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="fastfeed-bench-cache-"))
         s3_run = stack.enter_context(_emulated(s3, cfg.latency_ms, cfg.bandwidth))
 
-        def dataset(epoch: int) -> StreamingDataset:
-            ds = StreamingDataset(
-                url,
-                s3=s3_run,
-                shuffle=cfg.shuffle,
-                part_size=prefetch.part_size,
-                max_requests=prefetch.max_requests,
-                byte_budget=prefetch.byte_budget,
-                cache_dir=cache_dir,
-                cache_limit=cfg.cache_limit,
-            )
-            ds.set_epoch(epoch)
-            return ds
-
-        shards = dataset(0).shards
+        # As a training loop does: one dataset and one loader, set_epoch before each epoch.
+        ds = StreamingDataset(
+            url,
+            s3=s3_run,
+            shuffle=cfg.shuffle,
+            part_size=prefetch.part_size,
+            max_requests=prefetch.max_requests,
+            byte_budget=prefetch.byte_budget,
+            cache_dir=cache_dir,
+            cache_limit=cfg.cache_limit,
+        )
+        shards = ds.shards
         total = sum(s.size for s in shards)
         remote = [s for s in shards if not s.url.startswith("file://")]
         if remote:
@@ -379,26 +380,28 @@ def run(
             report.ceilings["pinned H2D"] = measure_h2d(cfg.device)
 
         device = None if cfg.device == "cpu" else cfg.device
+        loader = stack.enter_context(
+            contextlib.closing(DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.workers, device=device))
+        )
         for epoch in range(cfg.epochs):
             phase = "cold" if epoch == 0 and remote else "warm"
             name = f"fastfeed epoch {epoch} ({phase})"
-
-            def make(epoch: int = epoch) -> DataLoader:
-                return DataLoader(dataset(epoch), batch_size=cfg.batch_size, num_workers=cfg.workers, device=device)
-
             if epoch == 1 and remote:
                 entries = sorted(Path(cache_dir).glob("v1/entries/*.tar"))
                 if entries:
                     report.ceilings["raw read"] = measure_raw_read(entries)
+            ds.set_epoch(epoch)
+            before = _cache_counts(loader)
             result = measure_batches(
                 name,
-                make,
+                lambda: loader,
                 size_of=_batch_bytes,
                 count_of=_batch_count,
                 step_s=cfg.step_ms / 1000,
                 progress=progress(name, total) if progress else None,
-                cache_hit_rate=_hit_rate,
+                close=False,
             )
+            result.cache_hit_rate = _hit_rate(before, _cache_counts(loader))
             result.extra.update(phase=phase, epoch=epoch)
             report.runs.append(result)
 
