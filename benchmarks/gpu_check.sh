@@ -3,10 +3,14 @@
 # has python3 with a CUDA torch, cmake and ninja but no network, so fastfeed's other dependencies
 # (and the build backend, pinned to this repo's versions) travel as wheels in .whl/: prepare them
 # here with `benchmarks/gpu_prepare_wheels.sh`, then run this script with `.whl` carried.
-#   run: bash benchmarks/gpu_check.sh         (results in $OUT/gpu_check.json and $OUT/gpu_pytest.log)
+#   run: bash benchmarks/gpu_check.sh         (results in $OUT/gpu_check.json, $OUT/bench_demo_cuda.json,
+#                                              $OUT/gpu_pytest.log)
 #        bash benchmarks/gpu_check.sh probe   (the overlap probe only: $OUT/overlap_probe.json)
+#        bash benchmarks/gpu_check.sh demo    (only `fastfeed bench --demo --device cuda`)
 # Steps: build + install fastfeed, benchmarks/gpu/gpu_check.py (bandwidth, overlap, bit-identity),
-# then the loader/resume/gather tests with CUDA present (pinned arenas, the CUDA-only tests).
+# `fastfeed bench --demo --device cuda` (SeaweedFS from its wheel -> pinned ring -> GPU, next to the
+# raw GET and pinned-copy ceilings; then with a 10 ms synthetic step for the data wait), then the loader/resume/gather
+# tests with CUDA present (pinned arenas, the CUDA-only tests).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu_check_out}
@@ -16,7 +20,7 @@ rm -rf "$site"
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
 fi
-export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PATH="$site/bin:$PATH"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 start=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target "$site" . >"$out/gpu_build.log" 2>&1 \
@@ -25,9 +29,20 @@ echo "build: $(($(date +%s) - start)) s"
 if [ "${1:-}" = "probe" ]; then  # only benchmarks/gpu/overlap_probe.py (where a step's data wait goes)
   exec timeout 200 python3 benchmarks/gpu/overlap_probe.py "$out/overlap_probe.json"
 fi
+demo() {  # object store -> pinned ring -> GPU on this many-core node: throughput, then data wait
+  timeout 200 python3 -m fastfeed.cli bench --demo --device cuda --workers 4 --epochs 3 --demo-size 1GiB \
+    --compare torch --json "$out/bench_demo_cuda.json" --no-progress 2>&1 | tail -24
+  timeout 120 python3 -m fastfeed.cli bench --demo --device cuda --workers 4 --epochs 2 --step-ms 10 \
+    --checkpoint-size 1GiB --json "$out/bench_demo_cuda_step10ms.json" --no-progress 2>&1 | tail -16
+}
+if [ "${1:-}" = "demo" ]; then
+  demo
+  exit $?
+fi
 rc=0
 timeout 240 python3 benchmarks/gpu/gpu_check.py "$out/gpu_check.json" || rc=$?
 echo "gpu_check.py: rc=$rc"
+demo || echo "bench demo: rc=$?"
 timeout 200 python3 -m pytest -q -p no:cacheprovider -x --timeout 120 \
   tests/test_loader.py tests/test_resume.py tests/test_reshard.py tests/test_gather.py tests/test_columnar.py \
   tests/test_sample_runs.py \

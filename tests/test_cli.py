@@ -6,7 +6,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
+import torch
 
 from fastfeed.bench import Measurement
 from fastfeed.benchmark import Report
@@ -57,7 +61,7 @@ def test_bench_demo_runs_end_to_end(tmp_path: Path) -> None:
 def test_bench_emulated_latency_delays_every_first_byte(tmp_path: Path) -> None:
     out = tmp_path / "report.json"
     proc = run_cli(
-        "bench", "--demo", *SMALL_DEMO, "--workers", "0", "--epochs", "1", "--latency-ms", "150",
+        "bench", "--demo", *SMALL_DEMO, "--workers", "0", "--epochs", "1", "--latency-ms", "150", "--compare", "none",
         "--json", str(out), "--no-progress",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -65,6 +69,15 @@ def test_bench_emulated_latency_delays_every_first_byte(tmp_path: Path) -> None:
     assert report["config"]["latency_ms"] == 150
     assert report["ceilings"]["raw GET"]["first_sample_s"] >= 0.15
     assert report["runs"][0]["first_sample_s"] >= 0.15
+
+
+def test_bench_without_cuda_refuses_device_cuda_before_starting_anything() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    start = time.monotonic()
+    proc = run_cli("bench", "--demo", "--device", "cuda")
+    assert proc.returncode == 2 and "no usable CUDA device" in proc.stderr
+    assert "local S3 endpoint" not in proc.stdout and time.monotonic() - start < 30
 
 
 def test_bench_rejects_an_unknown_peer() -> None:

@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -350,6 +351,7 @@ def run(
     from fastfeed.dataset import StreamingDataset
     from fastfeed.loader import DataLoader
 
+    _check_device(cfg.device)
     prefetch = PrefetchConfig.from_args(
         part_size=cfg.part_size, max_requests=cfg.max_requests, byte_budget=cfg.byte_budget
     )
@@ -412,6 +414,19 @@ def run(
     return report
 
 
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(f"--device {device!r} is not a torch device", hint="use cpu or cuda[:N]") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: this machine has no usable CUDA device", hint="use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device}: only cpu and cuda are supported")
+
+
 def _bucket_root(url: str) -> str:
     if not url.startswith("s3://"):
         raise ConfigError("the checkpoint round needs an s3:// dataset (it writes next to it)", url=url)
@@ -426,7 +441,9 @@ def _run_peers(
     work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fastfeed-bench-peers-")))
     ctx = peers.PeerContext.from_url(url, s3=s3, work_dir=work, batch_size=cfg.batch_size, num_workers=cfg.workers)
     for name in cfg.compare:
-        peer = peers.make_peer(name)
+        # WebDataset's documented way to read from a web server: presigned URLs through curl.
+        options = {"opener": "curl"} if name == "webdataset" and shutil.which("curl") else {}
+        peer = peers.make_peer(name, **options)
         reason = peer.available()
         if reason is not None:
             report.skipped[name] = reason
@@ -560,6 +577,7 @@ def demo(
     say: Callable[[str], None] = lambda _: None,
 ) -> Report:
     """:func:`run` on a synthetic dataset in a local S3 server started (and stopped) here."""
+    _check_device(cfg.device)  # before anything is started
     with demo_dataset(size, sample_size, shard_size, say=say) as (url, s3, setup):
         report = run(url, s3, cfg, progress=progress, setup=setup)
     report.setup["peak_rss_bytes"] = peak_rss_bytes()

@@ -58,8 +58,10 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--step-ms", type=float, default=0.0, help="synthetic training step per batch")
     bench.add_argument(
         "--compare",
-        default="",
-        help="peers reading the same data in the same run: all, or some of " + ",".join(_PEERS),
+        default=None,
+        help="peers reading the same data in the same run: all, none, or some of "
+        + ",".join(_PEERS)
+        + " (default: all with --demo, none with a URL; peers that are not installed are skipped)",
     )
     bench.add_argument("--latency-ms", type=float, default=0.0, help="emulated first-byte latency (delaying proxy)")
     bench.add_argument("--bandwidth", help="emulated store bandwidth, e.g. 1GB (per second, all connections)")
@@ -245,7 +247,11 @@ def _bench(args: argparse.Namespace) -> int:
     if args.demo == (args.url is not None):
         print("fastfeed bench: give either a dataset URL or --demo", file=sys.stderr)
         return 2
-    compare = _PEERS if args.compare.strip() == "all" else tuple(p for p in args.compare.split(",") if p.strip())
+    chosen = args.compare if args.compare is not None else ("all" if args.demo else "none")
+    if chosen.strip() in ("all", "none"):
+        compare = _PEERS if chosen.strip() == "all" else ()
+    else:
+        compare = tuple(p.strip() for p in chosen.split(",") if p.strip())
     unknown = [p for p in compare if p not in _PEERS]
     if unknown:
         print(f"fastfeed bench: unknown peer(s) {', '.join(unknown)}; choose from {', '.join(_PEERS)}", file=sys.stderr)
