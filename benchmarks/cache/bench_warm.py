@@ -153,6 +153,8 @@ class Contender(abc.ABC):
 
     name = ""
     cache_root: Path
+    #: The settings this contender is timed in.
+    settings: tuple[str, ...] = SETTINGS
 
     def setup(self) -> None:
         return None
@@ -170,15 +172,27 @@ class Contender(abc.ABC):
 class FastfeedContender(Contender):
     name = "fastfeed"
 
-    def __init__(self, url: str, s3: S3Config, cache_dir: Path, expected: Expected) -> None:
+    def __init__(
+        self,
+        url: str,
+        s3: S3Config,
+        cache_dir: Path,
+        expected: Expected,
+        *,
+        zero_copy: bool = False,
+        copy: bool = False,
+    ) -> None:
+        self.copy = copy  # --touch copy: views are copied into bytes first, as for the peers
         self.cache_dir = self.cache_root = cache_dir
         self.expected = expected
-        self.ds = fastfeed.StreamingDataset(url, s3=s3, cache_dir=cache_dir, cache_limit="20GB", index_cache=None)
+        self.ds = fastfeed.StreamingDataset(
+            url, s3=s3, cache_dir=cache_dir, cache_limit="20GB", index_cache=None, zero_copy=zero_copy
+        )
 
     def _loop(self) -> tuple[int, int]:
         n = nbytes = 0
         for s in self.ds:
-            nbytes += _touch(s["bin"])
+            nbytes += _touch(s["bin"], self.copy)
             n += 1
         return n, nbytes
 
@@ -211,7 +225,7 @@ class FastfeedContender(Contender):
                 extra.update({f"loader_{k}": v for k, v in loader.stats().as_dict().items()})
             finally:
                 loader.close()
-        run = Run(f"fastfeed-{setting}", n, nbytes, seconds, _cpu_s() - cpu0, extra=extra)
+        run = Run(f"{self.name}-{setting}", n, nbytes, seconds, _cpu_s() - cpu0, extra=extra)
         _check(run.name, n, nbytes, self.expected)
         io1 = self.ds.io_stats()
         fetched = io1["bytes_fetched"] - io0["bytes_fetched"] + extra.get("loader_bytes_fetched", 0)
@@ -226,6 +240,14 @@ class FastfeedContender(Contender):
 
     def entries(self) -> list[Path]:
         return sorted((self.cache_dir / "v1" / "entries").glob("*.tar"))
+
+
+class FastfeedZeroCopyContender(FastfeedContender):
+    """``StreamingDataset(zero_copy=True)``: samples are memoryviews of the mapped cache entries
+    (as LitData's are); plain loop only (the DataLoader's batches do not change)."""
+
+    name = "ffzerocopy"
+    settings = ("loop",)
 
 
 class RawContender(Contender):
@@ -550,15 +572,18 @@ def main() -> int:
         entries = ff.entries()
         if len(entries) != num_shards:
             raise AssertionError(f"fastfeed cache holds {len(entries)} entries, expected {num_shards}")
-        contenders = {"raw": RawContender(entries, expected), **contenders}
+        zc = FastfeedZeroCopyContender(
+            f"s3://{BUCKET}/wds/", s3, ff.cache_dir, expected, zero_copy=True, copy=args.touch == "copy"
+        )
+        contenders = {"raw": RawContender(entries, expected), **contenders, zc.name: zc}
 
-        keys = [("raw", "read")] + [(n, s) for n in contenders if n != "raw" for s in SETTINGS]
+        keys = [("raw", "read")] + [(n, s) for n in contenders if n != "raw" for s in contenders[n].settings]
         rows = {f"{n}-{s}" if n != "raw" else "raw": [] for n, s in keys}
         names = list(contenders)
         for r in range(args.repeats):
             order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
-                for setting in ("read",) if name == "raw" else SETTINGS:
+                for setting in ("read",) if name == "raw" else contenders[name].settings:
                     run = contenders[name].warm(setting)
                     rows[run.name].append(run)
                     note = ""
@@ -590,12 +615,18 @@ def main() -> int:
     for k in med:
         setting = k.rsplit("-", 1)[-1]
         ff_key = f"fastfeed-{setting}"
-        ratio = med[ff_key] / med[k] if ff_key in med and not k.startswith("fastfeed") and k != "raw" else None
+        ratio = (
+            med[ff_key] / med[k] if ff_key in med and not k.startswith(("fastfeed", "ffzero")) and k != "raw" else None
+        )
         ratios[k] = {"x_raw": med[k] / med["raw"], **({"fastfeed_over": ratio} if ratio else {})}
         shown = f"{ratio:9.2f}" if ratio else f"{'':>9}"
         fb = f"{first[k] * 1000:7.0f}ms" if k in first else ""
         print(f"{k:<16} {med[k]:8.0f} {sps[k]:10.0f} {med[k] / med['raw']:6.2f} {shown} {fb}")
     print(f"raw file-bytes read speed: {raw_file:.0f} MB/s")
+    if "ffzerocopy-loop" in med and "litdata-loop" in med:
+        zc_over = med["ffzerocopy-loop"] / med["litdata-loop"]
+        ratios["ffzerocopy-loop"]["litdata_loop_over"] = 1 / zc_over
+        print(f"fastfeed zero_copy loop / LitData loop (both views): {zc_over:.2f}")
     for peer, why in skipped.items():
         print(f"skipped {peer}: {why}")
 

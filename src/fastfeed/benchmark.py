@@ -24,9 +24,11 @@ import dataclasses
 import logging
 import os
 import platform
+import select
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -322,21 +324,37 @@ def _hit_rate(before: tuple[int, int], after: tuple[int, int]) -> float | None:
 
 @contextlib.contextmanager
 def _emulated(s3: S3Config, latency_ms: float, bandwidth: float | None) -> Iterator[S3Config]:
-    """``s3`` itself, or ``s3`` through a delaying proxy when latency or bandwidth is set."""
+    """``s3`` itself, or ``s3`` through a delaying proxy when latency or bandwidth is set. The
+    proxy (:mod:`fastfeed.testing.proxy`) runs in its own process, stopped by PID on exit."""
     if not latency_ms and not bandwidth:
         yield s3
         return
-    from fastfeed.testing.proxy import FaultProxy
-
-    if not s3.endpoint_url:
-        raise ConfigError("--latency-ms / --bandwidth need an --endpoint-url to put the delaying proxy in front of")
-    proxy = FaultProxy(s3.endpoint_url).start()
+    if not s3.endpoint_url or not s3.endpoint_url.startswith("http://"):
+        raise ConfigError(
+            "--latency-ms / --bandwidth put a proxy in front of a plain-HTTP endpoint",
+            hint="give --endpoint-url http://host:port (or use --demo)",
+        )
+    cmd = [sys.executable, "-m", "fastfeed.testing.proxy", s3.endpoint_url, "--latency-ms", str(latency_ms)]
+    if bandwidth:
+        cmd += ["--bandwidth", str(bandwidth)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        proxy.set_latency(latency_ms)
-        proxy.set_bandwidth(bandwidth)
-        yield dataclasses.replace(s3, endpoint_url=proxy.endpoint_url)
+        assert proc.stdout is not None
+        ready = select.select([proc.stdout], [], [], 30)[0]
+        line = proc.stdout.readline().strip() if ready else ""
+        if not line.startswith("http://"):
+            raise ConfigError(f"the delaying proxy did not start (exit status {proc.poll()})")
+        log.info("emulating %g ms latency via %s (pid %d)", latency_ms, line, proc.pid)
+        yield dataclasses.replace(s3, endpoint_url=line)
     finally:
-        proxy.stop()
+        with contextlib.suppress(OSError):
+            if proc.stdin is not None:
+                proc.stdin.close()  # the proxy's signal to stop
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 def run(

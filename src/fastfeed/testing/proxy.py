@@ -832,3 +832,35 @@ async def _at_end(pieces: AsyncIterator[bytes]) -> bool:
 
 def _compile(pattern: str | None) -> re.Pattern[str] | None:
     return re.compile(pattern) if pattern is not None else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fastfeed.testing.proxy UPSTREAM [--latency-ms N] [--bandwidth BYTES_PER_S]``:
+    run a proxy in its own process (so its Python work does not share a GIL with the process
+    being measured). Prints its endpoint URL on the first line of stdout, then serves until
+    stdin is closed or the process is terminated."""
+    import argparse
+    import signal
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m fastfeed.testing.proxy", description=main.__doc__)
+    parser.add_argument("upstream", help="http://host:port of the S3 endpoint")
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--bandwidth", type=float, default=None, help="bytes per second, all connections")
+    args = parser.parse_args(argv)
+    proxy = FaultProxy(args.upstream).start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    try:
+        proxy.set_latency(args.latency_ms)
+        proxy.set_bandwidth(args.bandwidth)
+        print(proxy.endpoint_url, flush=True)  # noqa: T201 - the parent reads this line
+        stop.wait()
+    finally:
+        proxy.stop()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
