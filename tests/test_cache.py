@@ -420,3 +420,14 @@ def test_a_cache_dir_removed_under_a_running_job_is_made_again(data: dict[str, A
         assert keys(ds) == first
     assert "reading from the store instead" not in caplog.text
     assert cache_info(data["cache"]).entries == SHARDS, "the shards were cached again"
+
+
+def test_an_all_hit_epoch_builds_no_s3_client(data: dict[str, Any]) -> None:
+    from fastfeed.store import _shared_s3
+
+    ds = dataset(data)
+    first = keys(ds)  # cold: fills the cache through a client
+    before = _shared_s3.created
+    ds.set_epoch(1)
+    assert keys(ds) == first
+    assert _shared_s3.created == before, "every shard was a hit: no client was needed"

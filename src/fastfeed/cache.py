@@ -59,7 +59,7 @@ from typing import Any
 
 from fastfeed.config import parse_size
 from fastfeed.errors import ConfigError, FastfeedError
-from fastfeed.store import ObjectInfo, Store
+from fastfeed.store import ObjectInfo, RangeReader
 from fastfeed.urls import Location
 
 __all__ = ["CacheConfig", "CacheError", "CacheInfo", "ShardCache", "cache_info", "clear_cache"]
@@ -194,7 +194,7 @@ class _Source:
     info: ObjectInfo
     key: str
     loc: Location
-    store: Store
+    store: RangeReader
     #: Bytes GET from the store, bytes read from local disk.
     on_fetched: Callable[[int], None] | None
     on_cached: Callable[[int], None] | None
@@ -371,7 +371,7 @@ class ShardCache:
         self,
         info: ObjectInfo,
         loc: Location,
-        store: Store,
+        store: RangeReader,
         planner: Planner | None = None,
         on_fetched: Callable[[int], None] | None = None,
         on_cached: Callable[[int], None] | None = None,

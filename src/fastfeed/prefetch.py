@@ -156,6 +156,20 @@ def _reset_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
+class _LazyStore:
+    """A store of ``stores`` made on first use: with a node cache, a shard that is a hit is read
+    from disk, and a process whose shards all hit (a warm epoch's worker) builds no S3 client."""
+
+    def __init__(self, stores: StoreSet) -> None:
+        self._stores = stores
+
+    async def read_range(
+        self, loc: Location, start: int, end: int, etag: str | None = None, out: memoryview | None = None
+    ) -> memoryview:
+        store = await self._stores.get(loc)
+        return await store.read_range(loc, start, end, etag, out=out)
+
+
 class ShardFetch:
     """The consumer's view of one shard being fetched: its parts, in byte order.
 
@@ -269,13 +283,14 @@ class Prefetcher:
             for info in self._shards:
                 await self._shard_slots.acquire()
                 loc = parse_url(info.url)
-                store = await self._stores.get(loc)
-                source: Any = store
+                source: Any
+                lazy: _LazyStore | None = None
                 if self._cache is not None and loc.scheme != "file":
+                    lazy = _LazyStore(self._stores)  # a hit never needs the store's client
                     source = await self._cache.open(
                         info,
                         loc,
-                        store,
+                        lazy,
                         self._planner,
                         self._count_fetched,
                         self._count_cached,
@@ -286,6 +301,9 @@ class Prefetcher:
                         self.stats.cache_hits += 1
                     else:
                         self.stats.cache_misses += 1
+                else:
+                    source = await self._stores.get(loc)
+                direct = lazy is None or source is lazy  # not through the cache: counted here
                 step = self.config.part_size
                 parts = [_Part(s, min(s + step, info.size)) for s in range(0, info.size, step)]
                 self.stats.shards_opened += 1
@@ -301,12 +319,12 @@ class Prefetcher:
                         self._requests.release()
                         self._budget.release(size)
                         continue
-                    task = asyncio.create_task(self._fetch(source, loc, info, part, counted=source is store))
+                    task = asyncio.create_task(self._fetch(source, loc, info, part, counted=direct))
                     part.task = task
                     part_tasks.append(task)
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
-                if source is not store:
+                if not direct:
                     closer = asyncio.create_task(_close_after(source, part_tasks))
                     self._tasks.add(closer)
                     closer.add_done_callback(self._tasks.discard)

@@ -29,7 +29,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from fastfeed.config import RetryConfig, S3Config
 from fastfeed.errors import (
@@ -62,6 +62,14 @@ class ObjectInfo:
     url: str
     size: int
     etag: str | None = None
+
+
+class RangeReader(Protocol):
+    """What reads of an object's bytes need: :meth:`Store.read_range`."""
+
+    async def read_range(
+        self, loc: Location, start: int, end: int, etag: str | None = None, out: memoryview | None = None
+    ) -> memoryview: ...
 
 
 class Store(abc.ABC):
@@ -515,6 +523,8 @@ class _SharedS3Stores:
         # (pid, id(loop), config) -> [task creating the store, references]. The pid keeps a
         # forked worker off its parent's clients; the loop id keeps loops apart.
         self._entries: dict[tuple[int, int, S3Config], list[Any]] = {}
+        #: Clients built by this process so far.
+        self.created = 0
 
     @staticmethod
     def _key(config: S3Config) -> tuple[int, int, S3Config]:
@@ -525,6 +535,7 @@ class _SharedS3Stores:
         entry = self._entries.get(key)
         if entry is None:
             entry = self._entries[key] = [asyncio.ensure_future(create_s3_store(config)), 0]
+            self.created += 1
         entry[1] += 1
         try:
             return await asyncio.shield(entry[0])
