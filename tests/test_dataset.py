@@ -231,3 +231,20 @@ def test_sample_counts_are_cached_per_etag(bucket: Any, fault_proxy: Any, tmp_pa
     write_synthetic_shards(tmp_path / "e", num_shards=1, samples_per_shard=7, sample_bytes=2000)
     bucket.client.upload_file(str(tmp_path / "e" / "shard-000000.tar"), bucket.name, "c/shard-000000.tar")
     assert count() == (27, 1)  # the changed shard only
+
+
+def test_set_epoch_applies_to_the_next_iteration_only(shard_dir: Path) -> None:
+    """An iteration reads the epoch that was current when it started, whenever set_epoch is called."""
+    ds = StreamingDataset(str(shard_dir), shuffle=True, seed=5, shuffle_buffer=30)
+    epochs = []
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        epochs.append([s["__key__"] for s in ds])
+    assert epochs[0] != epochs[1]
+    for after in (0, 1, 70):
+        ds.set_epoch(0)
+        it = iter(ds)
+        head = [next(it)["__key__"] for _ in range(after)]
+        ds.set_epoch(1)
+        assert head + [s["__key__"] for s in it] == epochs[0], f"set_epoch after {after} samples"
+        assert [s["__key__"] for s in ds] == epochs[1]

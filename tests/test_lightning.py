@@ -324,6 +324,81 @@ def test_torch_dataloader_resumes_bit_identical_at_epoch_boundaries(tmp_path: Pa
     assert identical(params(resumed), params(reference))
 
 
+class Pairs(torch.utils.data.Dataset[dict[str, Any]]):
+    """A small map-style dataset of (x, y) pairs, with each sample's index."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(1)
+        self.x, self.y = torch.randn(60, 8, generator=g), torch.randn(60, 1, generator=g)
+
+    def __len__(self) -> int:
+        return 60
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"i": i, "x": self.x[i], "y": self.y[i]}
+
+
+class MapNet(pl.LightningModule):
+    """The same shape of model over a shuffled fastfeed.DataLoader of a map-style dataset (its
+    own generator, seeded from the global one when the loader is built)."""
+
+    def __init__(self, workers: int) -> None:
+        super().__init__()
+        self.workers = workers
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.3), torch.nn.Linear(16, 1))
+        self.seen: list[list[int]] = []
+        self.loader: fastfeed.DataLoader | None = None
+
+    def train_dataloader(self) -> fastfeed.DataLoader:
+        self.loader = fastfeed.DataLoader(Pairs(), batch_size=12, shuffle=True, num_workers=self.workers)
+        return self.loader
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.seen.append(batch["i"].tolist())
+        return torch.nn.functional.mse_loss(self.net(batch["x"]), batch["y"])
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_shuffled_map_style_fastfeed_loader_resumes_bit_identical(workers: int, tmp_path: Path) -> None:
+    """Lightning probes the loader with an iter() it drops, loads its state, and (after a
+    checkpoint at the end of an epoch) this callback replays the saved epoch: the orders of the
+    resumed epochs must be the uninterrupted run's, mid-epoch and at epoch boundaries."""
+    seed()
+    reference = MapNet(workers)
+    train(reference, FastfeedCheckpoint(tmp_path / "ref"), tmp_path, max_epochs=3)
+    per_epoch = len(reference.seen) // 3
+    assert per_epoch == 5 and reference.seen[:per_epoch] != reference.seen[per_epoch : 2 * per_epoch]
+    seed()
+    train(MapNet(workers), FastfeedCheckpoint(tmp_path / "epoch"), tmp_path, max_epochs=1)
+    seed()
+    resumed = MapNet(workers)
+    cb = FastfeedCheckpoint(tmp_path / "epoch")
+    train(resumed, cb, tmp_path, max_epochs=3)
+    assert cb.resumed_from is not None and cb.resumed_from.step == per_epoch
+    assert resumed.seen == reference.seen[per_epoch:]
+    assert identical(params(resumed), params(reference))
+
+    seed()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(
+            MapNet(workers),
+            FastfeedCheckpoint(tmp_path / "crash", every_n_train_steps=3),
+            tmp_path,
+            extra=[Crash(8)],
+            max_epochs=3,
+        )
+    seed()
+    resumed = MapNet(workers)
+    cb = FastfeedCheckpoint(tmp_path / "crash", every_n_train_steps=3)
+    train(resumed, cb, tmp_path, max_epochs=3)
+    assert cb.resumed_from is not None and cb.resumed_from.step == 6  # inside epoch 1
+    assert resumed.seen == reference.seen[6:]
+    assert identical(params(resumed), params(reference))
+
+
 class BlockStep(pl.Callback):
     """Puts a file where the checkpoint of step ``step`` must go, so that its upload fails."""
 

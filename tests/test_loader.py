@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -459,3 +461,195 @@ def test_collated_batches_cross_to_the_device_as_one_region() -> None:
     mixed = DeviceFeeder(ops).copy({"a": torch.ones(3), "b": torch.zeros(2)})[0]
     assert mixed == {"copied": {"a": mixed["copied"]["a"], "b": mixed["copied"]["b"]}}
     assert ops.regions == [region.numel()]
+
+
+# ------------------------------------------------------------------ order: what an iteration draws
+
+
+def _names(batches: Any) -> list[list[str]]:
+    return [list(b["name"]) for b in batches]
+
+
+def _shuffled(workers: int, seed: int = 7) -> DataLoader:
+    return DataLoader(
+        Records(40), batch_size=8, shuffle=True, num_workers=workers, generator=torch.Generator().manual_seed(seed)
+    )
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_shuffled_order_is_torchs_for_the_same_generator(workers: int) -> None:
+    """The order of every epoch is the one torch's DataLoader gives for the same generator (which
+    draws its base seed, then the sampler's permutation, when an epoch starts), whatever
+    num_workers."""
+    g = torch.Generator().manual_seed(7)
+    torch_loader = torch.utils.data.DataLoader(
+        Records(40), batch_size=8, shuffle=True, generator=g, collate_fn=lambda s: {"name": [x["name"] for x in s]}
+    )
+    expected = [_names(torch_loader) for _ in range(3)]
+    assert expected[0] != expected[1]
+    loader = _shuffled(workers)
+    assert [_names(loader) for _ in range(3)] == expected
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_throwaway_iterator_does_not_change_the_order(workers: int) -> None:
+    """Lightning probes a loader with an iter() it drops at once, then (resuming) loads its state:
+    neither may move the epochs' order, however the threads are scheduled."""
+    reference = _shuffled(workers)
+    expected = [_names(reference) for _ in range(2)]
+    partial = _shuffled(workers)
+    it = iter(partial)
+    head = [list(next(it)["name"]) for _ in range(2)]
+    state = partial.state_dict()
+    partial.close()
+    assert head == expected[0][:2]
+    for attempt in range(20 if workers == 0 else 3):
+        probed = _shuffled(workers)
+        iter(probed)  # dropped at once, as Lightning's probe does
+        probe = iter(probed)
+        probe.close()
+        assert [_names(probed) for _ in range(2)] == expected, f"attempt {attempt}"
+        resumed = _shuffled(workers)
+        iter(resumed)
+        resumed.load_state_dict(state)
+        live = iter(resumed)
+        resumed.load_state_dict(state)  # a live, not yet started iteration
+        assert _names(live) == [], "a state load ends the live iteration"
+        assert _names(resumed) == expected[0][2:], f"attempt {attempt}"
+        assert _names(resumed) == expected[1], f"attempt {attempt}"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_state_load_during_an_iteration_stops_it_and_applies_to_the_next(workers: int) -> None:
+    reference = _shuffled(workers)
+    expected = [_names(reference) for _ in range(2)]
+    for attempt in range(10 if workers == 0 else 2):
+        loader = _shuffled(workers)
+        it = iter(loader)
+        head = [list(next(it)["name"]) for _ in range(3)]
+        state = loader.state_dict()
+        assert head == expected[0][:3]
+        it2 = iter(loader)  # replaces the first iteration: epoch 1, started
+        assert list(next(it2)["name"]) == expected[1][0]
+        loader.load_state_dict(state)  # while epoch 1's producer runs
+        assert next(it2, None) is None, "the live iteration ended"
+        assert _names(loader) == expected[0][3:], f"attempt {attempt}"
+        assert _names(loader) == expected[1], f"attempt {attempt}"
+
+
+def test_a_throwaway_iterator_does_not_use_up_a_loaded_state(shard_dir: Path) -> None:
+    loader = _shuffled(0)
+    expected = [_names(loader) for _ in range(2)]
+    loader = _shuffled(0)
+    it = iter(loader)
+    next(it)
+    state = loader.state_dict()
+    loader.close()
+    fresh = _shuffled(0)
+    fresh.load_state_dict(state)
+    iter(fresh)
+    assert _names(fresh) == expected[0][1:]
+    assert _names(fresh) == expected[1]
+
+    def streaming() -> DataLoader:
+        return DataLoader(StreamingDataset(str(shard_dir), shuffle=True, shuffle_buffer=20), batch_size=8)
+
+    full = [list(b["__key__"]) for b in streaming()]
+    loader = streaming()
+    it = iter(loader)
+    head = [list(next(it)["__key__"]) for _ in range(4)]
+    state = loader.state_dict()
+    loader.close()
+    assert head == full[:4]
+    fresh = streaming()
+    fresh.load_state_dict(state)
+    iter(fresh).close()
+    assert [list(b["__key__"]) for b in fresh] == full[4:]
+
+
+class Endless:
+    """A batch sampler without len(): pairs of indices, forever."""
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for k in itertools.count():
+            yield [2 * k % 50, (2 * k + 1) % 50]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_batch_sampler_without_len_is_read_as_batches_are_made(workers: int) -> None:
+    loader = DataLoader(Records(), batch_sampler=Endless(), num_workers=workers)
+    got = _names(itertools.islice(loader, 40))
+    assert got == [[f"rec{2 * k % 50}", f"rec{(2 * k + 1) % 50}"] for k in range(40)]
+    loader.close()
+
+
+# ------------------------------------------------------------------ StreamingDataset: epochs and len()
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shards of different sizes: streams of different lengths, each ending in a partial batch."""
+    root = tmp_path_factory.mktemp("uneven")
+    for i, n in enumerate([23, 41, 9, 30, 17, 35, 12]):
+        (p,) = write_synthetic_shards(root / f"t{i}", num_shards=1, samples_per_shard=n, sample_bytes=64, seed=i)
+        p.rename(root / f"shard-{i:06d}.tar")
+    return root
+
+
+def test_len_is_the_number_of_batches_delivered(shard_dir: Path, uneven: Path) -> None:
+    # The example of the report: 200 samples in 4 shards, 8 streams, batches of 8.
+    loader = DataLoader(StreamingDataset(str(shard_dir)), batch_size=8, num_streams=8)
+    assert len(loader) == len(list(loader)) == 28
+    checked = 0
+    for world, rank in [(1, 0), (2, 1), (3, 0), (3, 2)]:
+        for remainder in ("drop", "pad") if world > 1 else ("drop",):
+            ds = StreamingDataset(
+                str(uneven), shuffle=True, seed=2, shuffle_buffer=20, rank=rank, world_size=world, remainder=remainder
+            )
+            for streams in (1, 3, 8):
+                for batch_size in (4, 7, 16):
+                    for drop_last in (False, True):
+                        loader = DataLoader(ds, batch_size=batch_size, num_streams=streams, drop_last=drop_last)
+                        for epoch in (0, 1):  # shards go to other streams in another epoch
+                            ds.set_epoch(epoch)
+                            batches = list(loader)
+                            sizes = [len(b["__key__"]) for b in batches]
+                            where = (world, rank, remainder, streams, batch_size, drop_last, epoch)
+                            assert len(loader) == len(batches), where
+                            assert sum(sizes) <= len(ds) and (drop_last or sum(sizes) == len(ds)), where
+                            assert not drop_last or all(n == batch_size for n in sizes), where
+                            checked += len(sizes) > -(-len(ds) // batch_size)
+    assert checked > 50, "most cases have more batches than ceil(len(dataset) / batch_size)"
+    ds = StreamingDataset(str(uneven), shuffle=True, seed=2, shuffle_buffer=20)
+    loader = DataLoader(ds, batch_size=7, num_streams=3, num_workers=2)
+    assert len(loader) == len(list(loader)) > -(-len(ds) // 7)
+
+
+def _keys(batches: Any) -> list[list[str]]:
+    return [[f"{u}#{k}" for u, k in zip(b["__url__"], b["__key__"], strict=True)] for b in batches]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_set_epoch_applies_to_the_next_iteration_only(uneven: Path, workers: int) -> None:
+    def make() -> DataLoader:
+        ds = StreamingDataset(str(uneven), shuffle=True, seed=5, shuffle_buffer=8)
+        return DataLoader(ds, batch_size=4, num_streams=3, num_workers=workers)
+
+    loader = make()
+    epochs = []
+    for epoch in range(2):
+        loader.dataset.set_epoch(epoch)
+        epochs.append(_keys(loader))
+    assert epochs[0] != epochs[1]
+    for after in (0, 1, 5):  # set_epoch right after iter(), after the first batch, later
+        loader = make()
+        it = iter(loader)
+        head = _keys(itertools.islice(it, after))
+        loader.dataset.set_epoch(1)
+        assert loader.state_dict()["epoch"] == 0
+        assert head + _keys(it) == epochs[0], f"set_epoch after {after} batches"
+        assert loader.state_dict()["epoch"] == 0
+        assert _keys(loader) == epochs[1]

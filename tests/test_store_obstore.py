@@ -471,8 +471,13 @@ _FORK_SCRIPT = textwrap.dedent(
                     self._s3 = await ObstoreS3Store.create(self.s3_config)
                 return self._s3
 
+        async def aclose(self):
+            if self._s3 is not None:
+                store, self._s3 = self._s3, None
+                await store.aclose()
+
     class Dataset(StreamingDataset):  # listing at construction: aiobotocore; reads: obstore
-        def _read(self, pieces):
+        def _read(self, pieces, epoch=None):
             shards = [self.shards[p.shard] for p in pieces]
             with Prefetcher(shards, ObstoreSet(self.s3_config), self.prefetch_config) as pf:
                 for piece, fetch in zip(pieces, pf):

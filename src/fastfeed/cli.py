@@ -248,6 +248,7 @@ def _bench(args: argparse.Namespace) -> int:
         print("fastfeed bench: give either a dataset URL or --demo", file=sys.stderr)
         return 2
     chosen = args.compare if args.compare is not None else ("all" if args.demo else "none")
+    compare: tuple[str, ...]
     if chosen.strip() in ("all", "none"):
         compare = _PEERS if chosen.strip() == "all" else ()
     else:

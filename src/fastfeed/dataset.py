@@ -13,6 +13,7 @@ its own IO loop and connections on first iteration.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import os
@@ -149,7 +150,8 @@ class StreamingDataset(IterableDataset[Sample]):
         # (see fastfeed.reshard) and, cached, this rank's pieces of the segment after them.
         self._segments: tuple[Segment, ...] = ()
         self._segments_epoch = -1
-        self._segment_pieces: list[Piece] | None = None
+        # This rank's pieces of the segment after some closed segments of an epoch, by key.
+        self._segment_pieces: tuple[tuple[int, tuple[Segment, ...]], list[Piece]] | None = None
         self._io_done = FetchStats()  # finished iterations of this process
         self._io_live: list[FetchStats] = []  # iterations (streams) in progress
         self.shards: list[ObjectInfo] = resolve_source(source, StoreSet(self._control_plane))
@@ -178,9 +180,10 @@ class StreamingDataset(IterableDataset[Sample]):
         return dataclasses.replace(self.s3_config, engine="aiobotocore")
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose (shuffled) order the next iteration produces."""
+        """Select the epoch whose (shuffled) order the next iteration produces. An iteration
+        already started (``iter()`` called) keeps reading the epoch it started with."""
         if int(epoch) != self._segments_epoch:
-            self._segments, self._segments_epoch, self._segment_pieces = (), -1, None
+            self._segments, self._segments_epoch = (), -1
         self.epoch = int(epoch)
 
     @property
@@ -217,20 +220,49 @@ class StreamingDataset(IterableDataset[Sample]):
         totals["bytes_from_cache"] = float(done.bytes_from_cache + sum(x.bytes_from_cache for x in self._io_live))
         return totals
 
-    def plan(self, worker: int = 0, num_workers: int = 1, epoch: int | None = None) -> list[Piece]:
-        """The shard pieces a worker of this rank reads in ``epoch`` (default: the current one)."""
-        epoch = self.epoch if epoch is None else epoch
-        if self.segment and epoch == self.epoch:
-            if self._segment_pieces is None:
-                self._segment_pieces = segment_rank_pieces(self, self._segments, self.rank, self.world_size)
+    def plan(
+        self,
+        worker: int = 0,
+        num_workers: int = 1,
+        epoch: int | None = None,
+        segments: Sequence[Segment] | None = None,
+    ) -> list[Piece]:
+        """The shard pieces a worker of this rank reads in ``epoch`` (default: the current one).
+
+        ``segments``: the epoch's closed segments (see :mod:`fastfeed.reshard`); default: the
+        current epoch's when ``epoch`` is the current one, else none.
+        """
+        if epoch is None:
+            epoch = self.epoch
+        if segments is None:
+            segments = self.segments if epoch == self.epoch else ()
+        if segments:
+            pieces = self._segment_rank_pieces(int(epoch), tuple(segments))
             counts = self.shard_sample_counts
-            return worker_pieces(self._segment_pieces, worker=worker, num_workers=num_workers, counts=counts)
+            return worker_pieces(pieces, worker=worker, num_workers=num_workers, counts=counts)
         order = shard_order(len(self.shards), seed=self.seed, epoch=epoch, shuffle=self.shuffle)
         counts_or_none = self._counts if self.world_size > 1 else None
         pieces = rank_pieces(
             order, counts_or_none, rank=self.rank, world_size=self.world_size, remainder=self.remainder
         )
         return worker_pieces(pieces, worker=worker, num_workers=num_workers, counts=counts_or_none)
+
+    def _segment_rank_pieces(self, epoch: int, segments: tuple[Segment, ...]) -> list[Piece]:
+        """This rank's pieces of the segment after ``segments`` of ``epoch`` (cached)."""
+        key = (epoch, segments)
+        cached = self._segment_pieces
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        dataset = self
+        if epoch != self.epoch:
+            # segment_rank_pieces reads the dataset's epoch: give it a copy at ``epoch``
+            # (sharing the sample counts, computed first so that the copy does not scan again).
+            self.shard_sample_counts  # noqa: B018
+            dataset = copy.copy(self)
+            dataset.epoch = epoch
+        pieces = segment_rank_pieces(dataset, segments, self.rank, self.world_size)
+        self._segment_pieces = (key, pieces)
+        return pieces
 
     @property
     def segment(self) -> int:
@@ -246,34 +278,35 @@ class StreamingDataset(IterableDataset[Sample]):
         """Read the rest of ``epoch`` after ``segments`` (called by the loader's resume)."""
         self.epoch = int(epoch)
         self._segments, self._segments_epoch = tuple(segments), int(epoch)
-        self._segment_pieces = None
 
     def __iter__(self) -> Iterator[Sample]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch = self.epoch  # this iteration's, whatever set_epoch does meanwhile
         pieces = self.plan(worker, num_workers)
-        samples = self._read(pieces)
+        samples = self._read(pieces, epoch)
         if self.shuffle and self.shuffle_buffer > 1:
-            rng = _rng(self.seed, self.epoch, self.rank, worker)
+            rng = _rng(self.seed, epoch, self.rank, worker)
             samples = _shuffle(samples, self.shuffle_buffer, rng)
         return samples
 
     # ------------------------------------------------------------------ internals
 
     @contextlib.contextmanager
-    def _prefetching(self, pieces: list[Piece], share: int = 1) -> Iterator[Prefetcher]:
+    def _prefetching(self, pieces: list[Piece], share: int = 1, epoch: int | None = None) -> Iterator[Prefetcher]:
         """A prefetcher over ``pieces``' shards whose I/O counters feed :meth:`io_stats`.
 
         ``share``: how many prefetchers of this dataset run at once in this process (one per
         stream); each gets that fraction of the byte budget, requests and shards in flight, so
-        the process as a whole stays within the configured bounds.
+        the process as a whole stays within the configured bounds. ``epoch``: the epoch the
+        pieces are of (default: the current one), for the cache's plan.
         """
         shards = [self.shards[p.shard] for p in pieces]
         cfg = self.stream_prefetch_config(share)
         cache = planner = None
         if self.cache_config is not None:
             cache = ShardCache.for_config(self.cache_config)
-            planner = self._cache_planner() if self.cache_config.policy == "belady" else None
+            planner = self._cache_planner(epoch) if self.cache_config.policy == "belady" else None
         prefetcher = Prefetcher(shards, StoreSet(self.s3_config), cfg, cache, planner)
         self._io_live.append(prefetcher.stats)
         try:
@@ -322,15 +355,16 @@ class StreamingDataset(IterableDataset[Sample]):
             )
         return config
 
-    def _cache_planner(self) -> Planner:
+    def _cache_planner(self, epoch: int | None = None) -> Planner:
         """The cache's view of the future (see :mod:`fastfeed.cache`): when each shard is read
-        next, in epochs from the start of the current one. All ranks and streams of a node
-        advance together, so a shard's time in an epoch is its offset along the stream that
-        reads it, over that stream's length."""
-        key = (self.epoch, self.read_streams)
+        next, in epochs from the start of ``epoch`` (default: the current one). All ranks and
+        streams of a node advance together, so a shard's time in an epoch is its offset along
+        the stream that reads it, over that stream's length."""
+        epoch = self.epoch if epoch is None else epoch
+        key = (epoch, self.read_streams)
         planner = self._planners.get(key)
         if planner is None:
-            times = [self._use_times(self.epoch), self._use_times(self.epoch + 1)]
+            times = [self._use_times(epoch), self._use_times(epoch + 1)]
 
             def next_use(url_hash: str, now_hash: str) -> float | None:
                 current = times[0].get(now_hash, [0.0])
@@ -367,10 +401,10 @@ class StreamingDataset(IterableDataset[Sample]):
                     offset += size
         return out
 
-    def _read(self, pieces: list[Piece]) -> Iterator[Sample]:
+    def _read(self, pieces: list[Piece], epoch: int | None = None) -> Iterator[Sample]:
         if not pieces:
             return
-        with self._prefetching(pieces) as prefetcher:
+        with self._prefetching(pieces, epoch=epoch) as prefetcher:
             for piece, fetch in zip(pieces, prefetcher, strict=False):
                 try:
                     samples = iter_samples(

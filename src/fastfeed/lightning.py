@@ -268,9 +268,9 @@ class FastfeedCheckpoint(pl.Callback):
         checkpoint from the end of the epoch) and iterates fresh loaders, or loads them (one from
         the last batch) and iterates what is left of the saved epoch, nothing, as the next epoch.
         For fastfeed loaders either repeats the wrong order (a fresh loader's own generator is
-        where it was at construction; a StreamingDataset reads the epoch it was set to, and
-        Lightning creates this iterator before ``on_train_epoch_start``). Move them to the start
-        of the next epoch, and let Lightning iterate again."""
+        where it was at construction; an iteration of a StreamingDataset reads the epoch set when
+        it was created, and Lightning creates this iterator before ``on_train_epoch_start``).
+        Move them to the start of the next epoch, and let Lightning iterate again."""
         stateful = [dl for dl in loaders if callable(getattr(dl, "state_dict", None))]
         if len(stateful) != len(states):
             return
@@ -281,8 +281,7 @@ class FastfeedCheckpoint(pl.Callback):
             if isinstance(state, dict) and state.get("kind") == "sampler":
                 # Every batch of the saved epoch was delivered: replaying it (sampler indices only,
                 # no data is read) advances the loader's generator to the next epoch's order.
-                loader.close()  # first: the iteration Lightning started may still draw from it
-                loader.load_state_dict(state)
+                loader.load_state_dict(state)  # ends the iteration Lightning created
                 for _ in loader:
                     pass
                 moved = True

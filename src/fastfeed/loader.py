@@ -60,7 +60,7 @@ from fastfeed.errors import ConfigError
 from fastfeed.gather import gather
 from fastfeed.reshard import Segment, close_segment
 from fastfeed.ring import HostRing
-from fastfeed.streams import StreamPos, stream_batches
+from fastfeed.streams import StreamPos, epoch_batches, stream_batches
 
 __all__ = ["DataLoader", "LoaderStats"]
 
@@ -119,6 +119,8 @@ class _StreamConfig:
         next_stream: int,
         starts: dict[int, StreamPos],
         collate_fn: Callable[[list[Any]], Any] | None = None,
+        epoch: int = 0,
+        segments: tuple[Segment, ...] = (),
     ) -> None:
         self.dataset = dataset
         self.collate_fn = collate_fn
@@ -127,6 +129,9 @@ class _StreamConfig:
         self.num_streams = num_streams
         self.next_stream = next_stream
         self.starts = starts
+        # The epoch (and its closed segments) the iteration reads: fixed when it is created.
+        self.epoch = epoch
+        self.segments = segments
 
     def stream_source(
         self, streams: list[int], collate: Callable[[ColumnBatch], Any]
@@ -140,6 +145,7 @@ class _StreamConfig:
             v: stream_batches(
                 self.dataset, v, self.num_streams, self.batch_size, collate,
                 drop_last=self.drop_last, start=self.starts.get(v), share=len(streams),
+                epoch=self.epoch, segments=self.segments,
             )
             for v in streams
         }  # fmt: skip
@@ -412,6 +418,17 @@ class DataLoader:
     are :class:`fastfeed.batch.RaggedBytes`, strings are lists. A ``collate_fn`` replaces this.
     CPU batches are views of ring memory that stays reserved until the batch is freed;
     keeping many batches alive makes the ring allocate (and warn), never hang.
+
+    Order: ``iter(loader)`` fixes the epoch it reads (a :class:`~fastfeed.StreamingDataset`'s
+    ``epoch``: a later ``set_epoch`` applies to the next iteration) and draws nothing; the
+    iteration starts at its first ``next()``, which draws, in the calling thread, what torch's
+    DataLoader draws when an iteration starts: the workers' base seed from ``generator`` (if
+    given), then the sampler's whole epoch of indices (a batch sampler without ``len()``, which
+    may be endless, is instead read as batches are made). So the order of every epoch depends
+    only on the generators' state and the number of iterations started, never on thread timing:
+    an iterator dropped before its first ``next()`` (Lightning's probe) changes nothing, and
+    with a ``generator`` the order is torch's for that generator, whatever ``num_workers``.
+    ``iter()`` and :meth:`load_state_dict` end the loader's previous iteration.
     """
 
     def __init__(
@@ -496,31 +513,45 @@ class DataLoader:
         self._progress = _Progress(dataset)
         if _is_streaming(dataset):
             dataset.read_streams = num_streams  # the cache plans by the streams actually read
-        self._sampler_progress = _SamplerProgress(self.batch_sampler) if self.batch_sampler is not None else None
+        self._sampler_progress = (
+            _SamplerProgress(self.batch_sampler, self.generator) if self.batch_sampler is not None else None
+        )
         self._active: weakref.ref[_LoaderIterator] | None = None
         del pin_memory, pin_memory_device, in_order  # accepted for compatibility; see docstring
 
     def __len__(self) -> int:
+        """Batches in an epoch. With a :class:`~fastfeed.StreamingDataset`: the batches its
+        ``num_streams`` streams deliver in the dataset's current epoch, each stream ending with
+        its own partial batch (unless ``drop_last``); this needs the shards' sample counts,
+        scanned once."""
         if self.batch_sampler is not None:
             return len(self.batch_sampler)  # type: ignore[arg-type]
+        if _is_streaming(self.dataset):
+            return epoch_batches(self.dataset, self.num_streams, self.batch_size, drop_last=self.drop_last)
         n = len(self.dataset)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[Any]:
         self.close()
-        self._iterations += 1
         iterator = _LoaderIterator(self)
         # A weak reference: dropping the iterator in the training loop must stop its thread.
         self._active = weakref.ref(iterator)
         return iterator
 
-    def _worker_generator(self) -> torch.Generator:
-        """The generator torch's DataLoader draws this iteration's worker base seed from: the
-        user's, or one seeded by this loader's seed and the epoch (StreamingDataset) or the
+    def _worker_generator(self, epoch: int) -> torch.Generator:
+        """The generator the workers' torch DataLoader draws this iteration's base seed from.
+
+        With the user's ``generator``: a copy of its state, and the user's advances past the
+        base seed now, as torch's DataLoader advances it when an iteration starts (so the
+        sampler's draws that follow are torch's, and no other thread ever draws from it).
+        Otherwise one seeded by this loader's seed and the ``epoch`` (StreamingDataset) or the
         iteration number (others; restored by :meth:`load_state_dict`)."""
         if self.generator is not None:
-            return self.generator
-        key = getattr(self.dataset, "epoch", None) if _is_streaming(self.dataset) else self._iterations
+            private = torch.Generator(device=self.generator.device)
+            private.set_state(self.generator.get_state())
+            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+            return private
+        key = epoch if _is_streaming(self.dataset) else self._iterations
         seed = hash((self._seed_base, key)) & 0x7FFF_FFFF_FFFF_FFFF
         return torch.Generator().manual_seed(seed)
 
@@ -557,7 +588,13 @@ class DataLoader:
         return self._progress.state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict` at the next ``iter(loader)`` (see there)."""
+        """Resume from :meth:`state_dict` at the next ``iter(loader)`` (see there). The loader's
+        current iteration, if any, ends first (its ``next()`` raises ``StopIteration``): it
+        could not continue the loaded state, nor be left drawing from the generators it sets."""
+        active = self._active() if self._active is not None else None
+        if active is not None and active.delivered:
+            log.info("load_state_dict(): ending the iteration in progress after %d batches", active.delivered)
+        self.close()
         if self._sampler_progress is not None:
             self._sampler_progress.load(self, state)
         elif _is_streaming(self.dataset):
@@ -598,18 +635,22 @@ class _StatsSink:
 
 class _Settings:
     """What the producer thread needs from the loader: a snapshot with no reference back to the
-    loader or its iterator, so dropping those (or garbage-collecting them) stops the thread."""
+    loader or its iterator, so dropping those (or garbage-collecting them) stops the thread.
 
-    def __init__(self, loader: DataLoader) -> None:
+    Made when an iteration starts, in the thread calling ``next()``: it draws everything the
+    epoch's order depends on (see :class:`DataLoader`), so the producer thread never touches a
+    generator. ``epoch``, ``segments``: the epoch the iteration reads, fixed at ``iter()``."""
+
+    def __init__(self, loader: DataLoader, epoch: int, segments: tuple[Segment, ...]) -> None:
         self.dataset = loader.dataset
         self.iterable = loader.iterable
         self.batch_size = loader.batch_size
         self.drop_last = loader.drop_last
-        self.batch_sampler = loader.batch_sampler
-        if loader._sampler_progress is not None:
-            skip = loader._sampler_progress.start()
-            if skip and self.batch_sampler is not None:
-                self.batch_sampler = _Skip(self.batch_sampler, skip)
+        # Torch's order of draws: the generators' state at the start (what a saved state
+        # records), the workers' base seed, then the sampler's indices.
+        skip = loader._sampler_progress.start() if loader._sampler_progress is not None else 0
+        self.worker_generator = loader._worker_generator(epoch)
+        self.batch_sampler = _draw_batches(loader.batch_sampler, skip) if loader.batch_sampler is not None else None
         self.num_workers = loader.num_workers
         self.collate_fn = loader.collate_fn
         self.timeout = loader.timeout
@@ -617,18 +658,13 @@ class _Settings:
         self.multiprocessing_context = loader.multiprocessing_context
         self.persistent_workers = loader.persistent_workers
         self.prefetch_factor = loader.prefetch_factor
-        self.worker_generator = loader._worker_generator()
         self.ring = loader._ring
         self.stats = loader._stats
         self.pin_slots = loader.pin
         self.slot_table: _SlotTable | None = None
         resume = loader._progress.resume
-        if resume is not None and resume.epoch != getattr(loader.dataset, "epoch", 0):
-            log.warning(
-                "ignoring the loaded state of epoch %d: the dataset is at epoch %d",
-                resume.epoch,
-                getattr(loader.dataset, "epoch", 0),
-            )
+        if resume is not None and resume.epoch != epoch:
+            log.warning("ignoring the loaded state of epoch %d: the dataset is at epoch %d", resume.epoch, epoch)
             resume = None
         self.streams = _StreamConfig(
             loader.dataset,
@@ -638,6 +674,8 @@ class _Settings:
             resume.next_stream if resume else 0,
             dict(resume.positions) if resume else {},
             loader.collate_fn,
+            epoch,
+            segments,
         )
 
     # ------------------------------------------------------------------ sources of raw batches
@@ -774,19 +812,36 @@ class _HandoffQueue(queue.Queue[Any]):
 class _LoaderIterator:
     """One pass over the loader: a producer thread and a bounded queue.
 
-    The thread runs :func:`_produce` over a :class:`_Settings` snapshot and the queue only, never
-    this object, so an iterator (and its loader) that the training loop drops is collected and
-    its ``__del__`` stops the thread.
+    Creating it fixes the epoch it reads and nothing else; the pass starts at the first
+    ``next()`` (:meth:`_start`), which draws the order and starts the thread. The thread runs
+    :func:`_produce` over a :class:`_Settings` snapshot and the queue only, never this object,
+    so an iterator (and its loader) that the training loop drops is collected and its
+    ``__del__`` stops the thread.
     """
 
     def __init__(self, loader: DataLoader) -> None:
-        settings = _Settings(loader)  # reads the resume point, if any
-        loader._progress.start(settings.streams)
+        self._loader: DataLoader | None = loader  # until the pass starts
+        ds = loader.dataset
+        streaming = _is_streaming(ds)
+        self._epoch = int(ds.epoch) if streaming else 0
+        self._segments: tuple[Segment, ...] = tuple(ds.segments) if streaming else ()
         self._sampler_progress = loader._sampler_progress
         self._queue = _HandoffQueue(maxsize=loader.prefetch_batches)
         self._stop = threading.Event()
         self._stats = loader._stats
         self._progress = loader._progress
+        self._feeder: DeviceFeeder | None = None
+        self._thread: threading.Thread | None = None
+        self._done = False
+        #: Batches handed to the training loop.
+        self.delivered = 0
+
+    def _start(self) -> None:
+        loader, self._loader = self._loader, None
+        assert loader is not None
+        loader._iterations += 1
+        settings = _Settings(loader, self._epoch, self._segments)  # draws; takes the resume point, if any
+        loader._progress.start(settings.streams)
         self._feeder = DeviceFeeder.for_device(loader.device) if loader.device is not None else None
         self._thread = threading.Thread(
             target=_produce,
@@ -795,7 +850,6 @@ class _LoaderIterator:
             daemon=True,
         )
         self._thread.start()
-        self._done = False
 
     # ------------------------------------------------------------------ training loop side
 
@@ -805,6 +859,14 @@ class _LoaderIterator:
     def __next__(self) -> Any:
         if self._done:
             raise StopIteration
+        if self._thread is None:
+            try:
+                self._start()
+            except BaseException:
+                self.close()
+                raise
+        thread = self._thread
+        assert thread is not None
         start = time.perf_counter()
         try:
             while True:
@@ -812,7 +874,7 @@ class _LoaderIterator:
                     item = self._queue.get_quietly(_POLL)
                     break
                 except queue.Empty:
-                    if not self._thread.is_alive() and self._queue.empty():
+                    if not thread.is_alive() and self._queue.empty():
                         self._done = True
                         raise StopIteration from None
         finally:
@@ -831,20 +893,23 @@ class _LoaderIterator:
         if self._feeder is not None:
             self._feeder.hand_over(batch, event)
         self._queue.space()
+        self.delivered += 1
         return batch
 
     def close(self) -> None:
         """Stop the producer and its workers; returns within seconds."""
         self._done = True
+        self._loader = None
         self._stop.set()
         while True:  # unblock a producer waiting to put
             try:
                 self._queue.get_nowait()
             except queue.Empty:
                 break
-        if self._thread is not threading.current_thread():
-            self._thread.join(_JOIN_TIMEOUT)
-            if self._thread.is_alive():
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(_JOIN_TIMEOUT)
+            if thread.is_alive():
                 log.warning("fastfeed-batch thread did not stop within %.0fs", _JOIN_TIMEOUT)
 
     def __del__(self) -> None:
@@ -952,10 +1017,12 @@ class _SamplerProgress:
 
     VERSION = 1
 
-    def __init__(self, batch_sampler: Iterable[list[Any]]) -> None:
+    def __init__(self, batch_sampler: Iterable[list[Any]], generator: torch.Generator | None = None) -> None:
         self.batch_sampler = batch_sampler
         self._lock = threading.Lock()
         self.generators = _sampler_generators(batch_sampler)
+        if self.generators is not None and generator is not None and all(g is not generator for g in self.generators):
+            self.generators.append(generator)  # the workers' base seed is drawn from it
         self.start_states: list[torch.Tensor] = []
         self.batches = 0
         self.pending_skip: int | None = None
@@ -1032,6 +1099,17 @@ def _sampler_generators(batch_sampler: Any) -> list[torch.Generator] | None:
     return gens
 
 
+def _draw_batches(batch_sampler: Iterable[list[Any]], skip: int) -> Iterable[list[Any]]:
+    """The epoch's batches of indices after the first ``skip``, all drawn now (the draws of the
+    skipped ones too, so the generators end where a whole epoch leaves them). A batch sampler
+    without ``len()`` may be endless: it is read as batches are made instead."""
+    try:
+        len(batch_sampler)  # type: ignore[arg-type]
+    except TypeError:
+        return _Skip(batch_sampler, skip) if skip else batch_sampler
+    return list(itertools.islice(iter(batch_sampler), skip, None))
+
+
 class _Skip:
     """A batch sampler without its first ``skip`` batches (indices are generated, not loaded)."""
 
@@ -1054,13 +1132,15 @@ class _Progress:
         self.dataset = dataset
         self._lock = threading.Lock()
         self.epoch = int(getattr(dataset, "epoch", 0))
+        self.segments: tuple[Segment, ...] = tuple(dataset.segments) if _is_streaming(dataset) else ()
         self.positions: dict[int, StreamPos] = {}
         self.next_stream = 0
         self.resume: _Resume | None = None
 
     def start(self, streams: _StreamConfig) -> None:
         with self._lock:
-            self.epoch = int(getattr(self.dataset, "epoch", 0))
+            self.epoch = streams.epoch
+            self.segments = streams.segments
             self.positions = dict(streams.starts)
             self.next_stream = streams.next_stream
             self.resume = None  # used once
@@ -1086,7 +1166,7 @@ class _Progress:
                 "rank": ds.rank,
                 "world_size": ds.world_size,
                 "shards": len(ds.shards),
-                "segments": [seg.as_dict() for seg in ds.segments],
+                "segments": [seg.as_dict() for seg in self.segments],
                 "next_stream": self.next_stream % loader.num_streams,
                 "streams": {str(v): p.as_dict() for v, p in sorted(self.positions.items())},
             }

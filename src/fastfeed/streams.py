@@ -17,7 +17,7 @@ starts, samples of it already delivered): resuming re-reads only the current blo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -29,8 +29,9 @@ from fastfeed.reader import iter_sample_runs
 if TYPE_CHECKING:
     from fastfeed.dataset import StreamingDataset
     from fastfeed.prefetch import ShardFetch
+    from fastfeed.reshard import Segment
 
-__all__ = ["StreamPos", "block_size_for", "stream_batches"]
+__all__ = ["StreamPos", "block_size_for", "epoch_batches", "stream_batches"]
 
 T = TypeVar("T")
 
@@ -58,13 +59,17 @@ def block_size_for(batch_size: int, shuffle: bool, shuffle_buffer: int, num_stre
     return max(1, math.ceil(shuffle_buffer / num_streams / batch_size)) * batch_size
 
 
-def block_order(dataset: StreamingDataset, segment: int, rank: int, stream: int, block: int, n: int) -> np.ndarray:
+def block_order(
+    dataset: StreamingDataset, segment: int, rank: int, stream: int, block: int, n: int, epoch: int | None = None
+) -> np.ndarray:
     """The order in which a block's ``n`` samples are delivered: a permutation seeded by
     ``(seed, epoch, rank, stream, block)`` with shuffling (and the resume segment, after a
-    resume on another world size, see :mod:`fastfeed.reshard`), else ``arange(n)``."""
+    resume on another world size, see :mod:`fastfeed.reshard`), else ``arange(n)``.
+    ``epoch`` defaults to the dataset's current one."""
     if not (dataset.shuffle and dataset.shuffle_buffer > 1):
         return np.arange(n)
-    key = [dataset.seed & 0xFFFFFFFF, dataset.epoch, rank, stream, block, 0xB10C] + ([segment] if segment else [])
+    epoch = dataset.epoch if epoch is None else epoch
+    key = [dataset.seed & 0xFFFFFFFF, epoch, rank, stream, block, 0xB10C] + ([segment] if segment else [])
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(key))).permutation(n)
 
 
@@ -78,14 +83,22 @@ def stream_batches(
     drop_last: bool = False,
     start: StreamPos | None = None,
     share: int = 1,
+    epoch: int | None = None,
+    segments: Sequence[Segment] | None = None,
 ) -> Generator[tuple[T, StreamPos], None, None]:
     """Stream ``stream``'s batches from ``start``: ``(collate(batch), position after it)``.
 
     ``batch`` is a :class:`~fastfeed.batch.ColumnBatch` valid only during ``collate``. ``share``
     is the number of streams this process runs at once: they split the prefetch budget.
+    ``epoch`` and ``segments`` (its closed segments, see :mod:`fastfeed.reshard`) default to the
+    dataset's current ones, read once here: changing them later does not affect this stream.
     """
-    pieces = dataset.plan(stream, num_streams)
-    segment = dataset.segment
+    if epoch is None:
+        epoch = dataset.epoch
+    if segments is None:
+        segments = dataset.segments if epoch == dataset.epoch else ()
+    pieces = dataset.plan(stream, num_streams, epoch, segments)
+    segment = len(segments)
     pos = start or StreamPos()
     if not pieces or pos.piece >= len(pieces):
         return
@@ -109,7 +122,7 @@ def stream_batches(
     def emit(next_start: tuple[int, int]) -> Generator[tuple[T, StreamPos], None, None]:
         nonlocal skip_first
         n = count
-        order = block_order(dataset, segment, dataset.rank, stream, block_no, n)
+        order = block_order(dataset, segment, dataset.rank, stream, block_no, n, epoch)
         run_of = np.repeat(np.arange(len(block)), [len(r.keys) for r in block])
         row_of = np.concatenate([np.arange(len(r.keys)) for r in block]) if block else np.zeros(0, np.int64)
         first, skip_first = skip_first, 0
@@ -134,7 +147,7 @@ def stream_batches(
             )
             yield collate(ColumnBatch(runs)), after
 
-    with dataset._prefetching(todo, share) as prefetcher:
+    with dataset._prefetching(todo, share, epoch) as prefetcher:
         fetches = iter(prefetcher)
         try:
             for k, piece in enumerate(todo):
@@ -194,6 +207,27 @@ def stream_batches(
         finally:
             for fetch in open_fetches:
                 fetch.close()
+
+
+def epoch_batches(
+    dataset: StreamingDataset,
+    num_streams: int,
+    batch_size: int,
+    *,
+    drop_last: bool = False,
+    epoch: int | None = None,
+    segments: Sequence[Segment] | None = None,
+) -> int:
+    """The batches this rank's ``num_streams`` streams deliver in a whole ``epoch`` (default:
+    the current one, with its closed ``segments``). Each stream's blocks are whole batches, so
+    a stream of ``n`` samples yields ``ceil(n / batch_size)`` batches, the last one partial
+    (``n // batch_size`` with ``drop_last``). Needs the shards' sample counts (scanned once)."""
+    counts = dataset.shard_sample_counts
+    total = 0
+    for v in range(num_streams):
+        n = sum(p.size(counts) for p in dataset.plan(v, num_streams, epoch, segments))
+        total += n // batch_size if drop_last else -(-n // batch_size)
+    return total
 
 
 def positions_from_dict(state: dict[str, Any]) -> dict[int, StreamPos]:

@@ -851,7 +851,12 @@ def main(argv: list[str] | None = None) -> int:
     proxy = FaultProxy(args.upstream).start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+
+    def until_stdin_closes() -> None:
+        sys.stdin.read()
+        stop.set()
+
+    threading.Thread(target=until_stdin_closes, daemon=True).start()
     try:
         proxy.set_latency(args.latency_ms)
         proxy.set_bandwidth(args.bandwidth)
