@@ -88,6 +88,32 @@ def test_forgotten_seaweed_is_stopped_at_interpreter_exit() -> None:
     assert _socket_files([int(p) for p in ports]) == []
 
 
+def test_seaweed_dies_with_a_parent_killed_by_sigkill() -> None:
+    code = (
+        "import time\n"
+        "from fastfeed.testing import SeaweedServer\n"
+        "s = SeaweedServer().start()\n"
+        "print(s.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        pid = int(parent.stdout.readline())
+        assert psutil.pid_exists(pid)
+        parent.kill()  # SIGKILL: no finalizer or atexit hook of ours runs
+        parent.wait(10)
+        deadline = time.monotonic() + 20
+        while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, f"weed (pid {pid}) outlived its killed parent"
+            time.sleep(0.1)
+    finally:
+        parent.kill()
+        parent.wait(10)
+        if parent.stdout is not None:
+            parent.stdout.close()
+
+
 def test_unreferenced_server_is_stopped_when_collected() -> None:
     server = MotoServer().start()
     proc = psutil.Process(server.pid)

@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -55,6 +55,31 @@ _WEED_SOCKET_DIR = Path("/tmp")
 _WEED_GRPC_PORT_OFFSET = 10000
 # Log lines that mean a listener lost the race for a port between our probe and its bind.
 _PORT_RACE_MARKERS = ("address already in use", "port allocation failed", "bind: ")
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking Linux to SIGTERM the server when the process that started it dies,
+    even by ``kill -9`` (when no cleanup of ours can run); ``None`` elsewhere. The C function is
+    looked up here, before the fork, so the child only makes the call. Linux ties this to the
+    starting *thread*: start servers from a thread that outlives them (the main thread, as the
+    fixtures and the benchmarks do)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the call: nobody will stop us
+            os._exit(1)
+
+    return preexec
 
 
 def find_weed_binary() -> Path:
@@ -481,6 +506,7 @@ class LocalS3Server:
                 env=self._env(),
                 cwd=self._dir,
                 start_new_session=True,
+                preexec_fn=_die_with_parent(),
             )
         finally:
             log_file.close()  # the child holds its own descriptor
