@@ -43,8 +43,15 @@ import torch
 
 from fastfeed import _loop
 from fastfeed.ckpt_codec import LeafSpec, decode, encode, spec_from_json, spec_to_json
-from fastfeed.ckpt_store import CHECKSUM, MIN_PART, CkptStore, StoredObject, checksum, open_ckpt_store
-from fastfeed.config import S3Config, parse_size
+from fastfeed.ckpt_store import (
+    CHECKSUM,
+    CkptStore,
+    StoredObject,
+    checksum,
+    open_ckpt_store,
+    transfer_settings,
+)
+from fastfeed.config import S3Config
 from fastfeed.errors import CheckpointError, ConfigError, CorruptCheckpointError, FastfeedError, NotFoundError
 
 __all__ = ["CheckpointInfo", "CheckpointStats", "Checkpointer", "SaveHandle"]
@@ -181,14 +188,7 @@ class Checkpointer:
             raise ConfigError(f"on_busy={on_busy!r} is invalid", hint=f"use one of {', '.join(_POLICIES)}")
         self.keep_last = keep_last
         self.on_busy = on_busy
-        self.part_size = parse_size(part_size, name="part_size")
-        if self.part_size < MIN_PART:
-            raise ConfigError(f"part_size must be at least 5 MiB (S3's smallest multipart part), got {part_size!r}")
-        self.max_concurrency = max(1, int(max_concurrency))
-        if s3 is None:
-            s3 = S3Config.resolve(endpoint_url=endpoint_url)
-        elif endpoint_url is not None:
-            s3 = dataclasses.replace(s3, endpoint_url=endpoint_url)
+        self.part_size, self.max_concurrency, s3 = transfer_settings(part_size, max_concurrency, s3, endpoint_url)
         self._io = _loop.acquire()
         try:
             self._store: CkptStore = self._io.run(open_ckpt_store(os.fspath(url), s3))

@@ -13,6 +13,7 @@ import abc
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import os
 import tempfile
@@ -21,8 +22,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastfeed import _native
-from fastfeed.config import S3Config
-from fastfeed.errors import FastfeedError, NotFoundError, StoreError
+from fastfeed.config import S3Config, parse_size
+from fastfeed.errors import ConfigError, FastfeedError, NotFoundError, StoreError
 from fastfeed.retry import retry_async
 from fastfeed.store import S3Store, bucket_missing, client_settings, map_s3_error
 from fastfeed.urls import Location, parse_url
@@ -80,6 +81,22 @@ class CkptStore(abc.ABC):
 
     async def aclose(self) -> None:
         return None
+
+
+def transfer_settings(
+    part_size: int | str, max_concurrency: int, s3: S3Config | None, endpoint_url: str | None
+) -> tuple[int, int, S3Config]:
+    """``(part_size, max_concurrency, s3)`` of a checkpoint writer or reader, checked: parts of
+    at least S3's 5 MiB, at least one in flight, and the S3 config (AWS_* variables by default;
+    ``endpoint_url`` overrides)."""
+    size = parse_size(part_size, name="part_size")
+    if size < MIN_PART:
+        raise ConfigError(f"part_size must be at least 5 MiB (S3's smallest multipart part), got {part_size!r}")
+    if s3 is None:
+        s3 = S3Config.resolve(endpoint_url=endpoint_url)
+    elif endpoint_url is not None:
+        s3 = dataclasses.replace(s3, endpoint_url=endpoint_url)
+    return size, max(1, int(max_concurrency)), s3
 
 
 async def open_ckpt_store(url: str, s3: S3Config) -> CkptStore:

@@ -120,8 +120,15 @@ from torch.futures import Future
 
 from fastfeed import _loop
 from fastfeed.ckpt_codec import _LEAF_DTYPES, _TORCH_DTYPES, decode, encode, spec_from_json, spec_to_json
-from fastfeed.ckpt_store import MIN_PART, CkptStore, LocalCkptStore, S3CkptStore, checksum, open_ckpt_store
-from fastfeed.config import S3Config, parse_size
+from fastfeed.ckpt_store import (
+    CkptStore,
+    LocalCkptStore,
+    S3CkptStore,
+    checksum,
+    open_ckpt_store,
+    transfer_settings,
+)
+from fastfeed.config import S3Config
 from fastfeed.errors import CheckpointError, ConfigError, CorruptCheckpointError, NotFoundError, StoreError
 from fastfeed.store import LocalStore, Store
 from fastfeed.urls import Location, parse_url
@@ -269,14 +276,7 @@ class _StoreClient:
         part_size: int | str,
         max_concurrency: int,
     ) -> None:
-        self.part_size = parse_size(part_size, name="part_size")
-        if self.part_size < MIN_PART:
-            raise ConfigError(f"part_size must be at least 5 MiB (S3's smallest multipart part), got {part_size!r}")
-        self.max_concurrency = max(1, int(max_concurrency))
-        if s3 is None:
-            s3 = S3Config.resolve(endpoint_url=endpoint_url)
-        elif endpoint_url is not None:
-            s3 = dataclasses.replace(s3, endpoint_url=endpoint_url)
+        self.part_size, self.max_concurrency, s3 = transfer_settings(part_size, max_concurrency, s3, endpoint_url)
         self._spec = os.fspath(url)
         self._s3 = s3
         self._io = None
