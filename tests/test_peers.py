@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch.utils.data
 
 from fastfeed.config import S3Config
 from fastfeed.peers import (
@@ -19,11 +20,15 @@ from fastfeed.peers import (
     PeerContext,
     PeerError,
     PeerUnavailable,
+    StreamingPeer,
     TorchPeer,
     WebDatasetPeer,
+    convert_mds,
     iter_tar_samples,
     make_peer,
     shard_stats,
+    streaming_shm_names,
+    streaming_shm_owner,
 )
 from fastfeed.testing.shards import upload_dir, write_synthetic_shards
 
@@ -266,6 +271,20 @@ def _cache_peer(ctx: PeerContext, bucket: Any, name: str, fmt: str) -> None:
     assert not keys_under(bucket, "train-peers/"), "cleanup deletes the converted copy"
     assert keys_under(bucket, "train/"), "the shards stay"
     assert not (ctx.work_dir / name).exists()
+    if isinstance(peer, StreamingPeer):
+        assert len(peer.shm_prefixes) == 5  # one dataset per epoch (the last warm run fills first)
+        assert_no_streaming_shm(peer, cache)
+
+
+def assert_no_streaming_shm(peer: StreamingPeer, local: Path) -> None:
+    """None of the shared-memory blocks of ``peer``'s datasets is left: no Streaming prefix is
+    registered to ``local``, and (on Linux) the blocks of a prefix nobody holds are gone."""
+    for prefix in peer.shm_prefixes:
+        owner = streaming_shm_owner(prefix)
+        assert owner is None or str(local) not in owner, f"prefix {prefix} still registered to {local}"
+        if owner is None and Path("/dev/shm").is_dir():  # else another process holds it now
+            left = [n for n in streaming_shm_names(prefix) if Path("/dev/shm", n).exists()]
+            assert not left, f"left in /dev/shm: {left}"
 
 
 def test_litdata_cold_and_warm(ctx: PeerContext, bucket: Any) -> None:
@@ -274,6 +293,67 @@ def test_litdata_cold_and_warm(ctx: PeerContext, bucket: Any) -> None:
 
 def test_streaming_cold_and_warm(ctx: PeerContext, bucket: Any) -> None:
     _cache_peer(ctx, bucket, "streaming", "mds")
+
+
+def test_streaming_workers_do_not_share_the_index_download_connection(
+    bucket: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fastfeed bench --demo --compare streaming``'s shape (16 shards x 163 samples, 163 per
+    MDS file, batch 64, 2 workers; smaller payloads): a cold epoch downloads ``index.json`` in
+    this process, and its boto3 client (with the keep-alive socket) must not go to the forked
+    workers. When it did, both workers used that one connection, read each other's responses,
+    and a shard file got another shard's bytes (``IndexError`` decoding the ``cls`` int, or
+    ``Relative sample index 0 is not present``) or a worker waited 60 s for a stolen response.
+    Also: cold after warm, two peers in a row in one process, no shared memory left behind."""
+    peer0 = require("streaming")
+    local = tmp_path / "shards"
+    paths = write_synthetic_shards(local, num_shards=16, samples_per_shard=163, sample_bytes=1024)
+    upload_dir(bucket.client, bucket.name, local, prefix="train/")
+    s3 = S3Config(
+        endpoint_url=bucket.server.endpoint_url,
+        access_key_id=bucket.server.access_key,
+        secret_access_key=bucket.server.secret_key,
+        region=bucket.server.region,
+    )
+    reference = tmp_path / "mds-reference"  # what the converted (and uploaded) MDS files hold
+    convert_mds(paths, reference, {"bin": "bytes", "cls": "int"}, 163)
+    expected_files = {p.name: p.read_bytes() for p in reference.iterdir()}
+
+    clients_at_fork: list[list[Any]] = []
+
+    class RecordingLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
+        def __init__(self, dataset: Any, *args: Any, **kwargs: Any) -> None:
+            streams = getattr(dataset, "streams", [])
+            clients_at_fork.append([getattr(s._downloader, "_s3_client", None) for s in streams])
+            super().__init__(dataset, *args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", RecordingLoader)
+    for run, peer in enumerate([peer0, require("streaming")]):  # two peers in a row, one process
+        assert isinstance(peer, StreamingPeer)
+        ctx = PeerContext.from_url(
+            f"s3://{bucket.name}/train/",
+            s3=s3,
+            work_dir=tmp_path / f"work{run}",
+            batch_size=64,
+            num_workers=2,
+            local_shards=paths,
+            loader_timeout_s=30,  # a worker waiting on a stolen response fails in 30 s, not 60
+        )
+        cache = peer.cache_dir(ctx)
+        try:
+            for warm in (False, True, False):  # a cold run after a warm one, too
+                m = peer.run(ctx, warm=warm)
+                assert (m.samples, m.bytes) == (16 * 163, 16 * 163 * 1024)
+                assert {p.name: p.read_bytes() for p in cache.iterdir()} == expected_files, "a shard got wrong bytes"
+                assert_no_streaming_shm(peer, cache)  # after each epoch, not only at cleanup
+        finally:
+            peer.cleanup()
+        assert len(peer.shm_prefixes) == 3
+        assert_no_streaming_shm(peer, cache)
+    assert len(clients_at_fork) == 6
+    assert all(c == [None] for c in clients_at_fork), (
+        f"workers forked with S3 clients of this process: {clients_at_fork}"
+    )
 
 
 def test_a_warm_epoch_that_downloads_again_fails(ctx: PeerContext) -> None:
