@@ -47,6 +47,9 @@ def test_bench_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert cold["cache_hit_rate"] == 0.0 and warm["cache_hit_rate"] == 1.0
     for peer in ("torch (cold)", "webdataset (cold)"):
         assert runs[peer]["samples"] == total and runs[peer]["extra"]["peer"] in peer
+        # timed as fastfeed's runs are: batch latencies, wait fraction, timeline
+        assert runs[peer]["batch_p99_ms"] >= runs[peer]["batch_p50_ms"] > 0 and runs[peer]["wait_fraction"] > 0
+        assert runs[peer]["timeline"][-1][1] == runs[peer]["bytes"]
     # litdata is not installed in the test environment: skipped with what to do, not a failure.
     assert "litdata" in report["skipped"] and "pip install" in report["skipped"]["litdata"]
     ckpt = report["checkpoint"]

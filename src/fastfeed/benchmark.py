@@ -334,7 +334,8 @@ def _emulated(s3: S3Config, latency_ms: float, bandwidth: float | None) -> Itera
             "--latency-ms / --bandwidth put a proxy in front of a plain-HTTP endpoint",
             hint="give --endpoint-url http://host:port (or use --demo)",
         )
-    cmd = [sys.executable, "-m", "fastfeed.testing.proxy", s3.endpoint_url, "--latency-ms", str(latency_ms)]
+    run_proxy = "import sys; from fastfeed.testing.proxy import main; sys.exit(main(sys.argv[1:]))"
+    cmd = [sys.executable, "-c", run_proxy, s3.endpoint_url, "--latency-ms", str(latency_ms)]
     if bandwidth:
         cmd += ["--bandwidth", str(bandwidth)]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

@@ -72,13 +72,11 @@ import importlib
 import json
 import os
 import re
-import resource
 import shlex
 import shutil
 import sys
 import tarfile
 import tempfile
-import time
 import types
 import warnings
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
@@ -88,7 +86,7 @@ from typing import IO, Any, ClassVar
 
 import torch.utils.data
 
-from fastfeed.bench import Measurement
+from fastfeed.bench import Measurement, measure_batches
 from fastfeed.config import S3Config
 
 __all__ = [
@@ -493,13 +491,6 @@ class TarSamples:
 # -- loaders and measurement helpers ---------------------------------------------------------
 
 
-def _cpu_s() -> float:
-    """CPU seconds of this process plus its reaped children (and theirs)."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
-
 def shutdown_loader_iter(it: Any) -> None:
     """Stop a torch DataLoader iterator's worker processes now (also on an error mid-epoch)."""
     shutdown = getattr(it, "_shutdown_workers", None)
@@ -694,23 +685,16 @@ class Peer(abc.ABC):
         return m
 
     def _time(self, ctx: PeerContext, epoch: int) -> Measurement:
+        """One epoch through :func:`fastfeed.bench.measure_batches`, as fastfeed's own runs are
+        timed: the same latency percentiles, wait fraction, timeline, CPU (workers included)."""
         gen = self._epoch(ctx, epoch)
-        samples = payload = 0
-        first = 0.0
-        cpu0 = _cpu_s()
-        t0 = time.perf_counter()
         try:
-            for n, nbytes in gen:
-                if not samples:
-                    first = time.perf_counter() - t0
-                samples += n
-                payload += nbytes
-            seconds = time.perf_counter() - t0
+            m = measure_batches(self.name, lambda: gen, size_of=lambda item: item[1], count_of=lambda item: item[0])
         finally:
             gen.close()
         gc.collect()  # datasets and loaders of the epoch go now (a peer may refuse a second live one)
         self._after_epoch(ctx)
-        return Measurement(self.name, samples, payload, seconds, first, _cpu_s() - cpu0)
+        return m
 
     def _after_epoch(self, ctx: PeerContext) -> None:
         """Untimed clean-up after each epoch."""
