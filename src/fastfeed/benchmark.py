@@ -258,18 +258,21 @@ def _ratio(a: Measurement, b: Measurement | None) -> float:
     return a.mb_per_s / b.mb_per_s
 
 
-def _rate_series(timeline: Sequence[Sequence[float]], window: int = 8) -> tuple[list[float], list[float]]:
-    """Throughput over a moving window of ``window`` timeline points."""
+def _rate_series(timeline: Sequence[Sequence[float]], points: int = 60) -> tuple[list[float], list[float]]:
+    """Throughput over a moving time window of 1/``points`` of the run (at least 50 ms)."""
     pts = [(float(t), float(b)) for t, b in timeline]
-    if len(pts) < 2:
+    if len(pts) < 2 or pts[-1][0] <= 0:
         return [], []
-    w = max(1, min(window, len(pts) // 10 or 1))
+    window = max(0.05, pts[-1][0] / points)
     ts, rates = [], []
-    for i in range(w, len(pts)):
-        dt = pts[i][0] - pts[i - w][0]
-        if dt > 0:
-            ts.append(pts[i][0])
-            rates.append((pts[i][1] - pts[i - w][1]) / 1e6 / dt)
+    j = 0
+    for t, b in pts:
+        while pts[j][0] < t - window:
+            j += 1
+        dt = t - pts[j][0]
+        if dt >= window / 2:
+            ts.append(t)
+            rates.append((b - pts[j][1]) / 1e6 / dt)
     return ts, rates
 
 
