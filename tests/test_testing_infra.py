@@ -316,6 +316,30 @@ def test_proxy_bandwidth_limit(fault_proxy: FaultProxy, seaweed: SeaweedServer, 
     fault_proxy.set_bandwidth(None)
 
 
+def test_proxy_connection_bandwidth_bounds_each_connection_not_the_sum(
+    fault_proxy: FaultProxy, seaweed: SeaweedServer, obj: tuple[str, str, bytes]
+) -> None:
+    name, key, data = obj
+    fault_proxy.set_connection_bandwidth(2 * MiB)
+    try:
+        clients = [_via(fault_proxy, seaweed, max_pool_connections=1) for _ in range(3)]
+        started = time.monotonic()
+        threads = [
+            threading.Thread(target=lambda c=c: c.get_object(Bucket=name, Key=key)["Body"].read()) for c in clients
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        both = time.monotonic() - started
+        assert 0.4 <= both < 1.2, f"3 x 1 MiB on 3 connections at 2 MiB/s each took {both:.2f} s"
+        started = time.monotonic()
+        assert clients[0].get_object(Bucket=name, Key=key)["Body"].read() == data
+        assert time.monotonic() - started >= 0.4  # one connection alone is still bounded
+    finally:
+        fault_proxy.set_connection_bandwidth(None)
+
+
 def test_proxy_injects_slowdown_exactly_n_times(
     fault_proxy: FaultProxy, seaweed: SeaweedServer, obj: tuple[str, str, bytes]
 ) -> None:

@@ -78,6 +78,8 @@ class BenchConfig:
     #: Emulated store latency (ms, each response head) and bandwidth (bytes/s), via a proxy.
     latency_ms: float = 0.0
     bandwidth: float | None = None
+    #: Emulated bandwidth of each connection (bytes/s), as object stores bound one connection.
+    connection_bandwidth: float | None = None
     #: Size of the synthetic state of the checkpoint round (0: no round).
     checkpoint_bytes: int = 0
     progress: bool = True
@@ -144,6 +146,9 @@ class Report:
         where = (
             f" at {latency:g} ms emulated latency" if latency else " (no emulated latency: the target is set at 20 ms)"
         )
+        per_connection = self.config.get("connection_bandwidth")
+        if per_connection:
+            where += f", {float(per_connection) / 1e6:g} MB/s per connection"
         for phase, ceiling, ratio_min, peer_min in (("cold", "raw GET", 0.9, 2.0), ("warm", "raw read", 0.8, 1.5)):
             run, top = self._fastfeed(phase), self.ceilings.get(ceiling)
             if run is not None and top is not None:
@@ -326,21 +331,25 @@ def _hit_rate(before: tuple[int, int], after: tuple[int, int]) -> float | None:
 
 
 @contextlib.contextmanager
-def _emulated(s3: S3Config, latency_ms: float, bandwidth: float | None) -> Iterator[S3Config]:
-    """``s3`` itself, or ``s3`` through a delaying proxy when latency or bandwidth is set. The
+def _emulated(
+    s3: S3Config, latency_ms: float, bandwidth: float | None, connection_bandwidth: float | None = None
+) -> Iterator[S3Config]:
+    """``s3`` itself, or ``s3`` through a delaying proxy when latency or a bandwidth is set. The
     proxy (:mod:`fastfeed.testing.proxy`) runs in its own process, stopped by PID on exit."""
-    if not latency_ms and not bandwidth:
+    if not latency_ms and not bandwidth and not connection_bandwidth:
         yield s3
         return
     if not s3.endpoint_url or not s3.endpoint_url.startswith("http://"):
         raise ConfigError(
-            "--latency-ms / --bandwidth put a proxy in front of a plain-HTTP endpoint",
+            "--latency-ms / --bandwidth / --connection-bandwidth put a proxy in front of a plain-HTTP endpoint",
             hint="give --endpoint-url http://host:port (or use --demo)",
         )
     run_proxy = "import sys; from fastfeed.testing.proxy import main; sys.exit(main(sys.argv[1:]))"
     cmd = [sys.executable, "-c", run_proxy, s3.endpoint_url, "--latency-ms", str(latency_ms)]
     if bandwidth:
         cmd += ["--bandwidth", str(bandwidth)]
+    if connection_bandwidth:
+        cmd += ["--connection-bandwidth", str(connection_bandwidth)]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -382,7 +391,7 @@ def run(
     )
     with contextlib.ExitStack() as stack:
         cache_dir = cfg.cache_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="fastfeed-bench-cache-"))
-        s3_run = stack.enter_context(_emulated(s3, cfg.latency_ms, cfg.bandwidth))
+        s3_run = stack.enter_context(_emulated(s3, cfg.latency_ms, cfg.bandwidth, cfg.connection_bandwidth))
 
         # As a training loop does: one dataset and one loader, set_epoch before each epoch.
         ds = StreamingDataset(

@@ -65,6 +65,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--latency-ms", type=float, default=0.0, help="emulated first-byte latency (delaying proxy)")
     bench.add_argument("--bandwidth", help="emulated store bandwidth, e.g. 1GB (per second, all connections)")
+    bench.add_argument("--connection-bandwidth", help="emulated bandwidth of each connection, e.g. 100MB (per second)")
     bench.add_argument(
         "--checkpoint-size", help="an async checkpoint round with a state of this size (--demo default: 256MiB)"
     )
@@ -273,6 +274,11 @@ def _bench(args: argparse.Namespace) -> int:
         compare=compare,
         latency_ms=args.latency_ms,
         bandwidth=float(parse_size(args.bandwidth, name="--bandwidth")) if args.bandwidth else None,
+        connection_bandwidth=(
+            float(parse_size(args.connection_bandwidth, name="--connection-bandwidth"))
+            if args.connection_bandwidth
+            else None
+        ),
         checkpoint_bytes=parse_size(checkpoint, name="--checkpoint-size") if checkpoint else 0,
         progress=not args.no_progress,
     )

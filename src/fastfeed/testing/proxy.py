@@ -11,7 +11,8 @@ Headers are forwarded untouched, ``Host`` included, so SigV4 signatures made for
 address verify upstream. What it can do, while traffic flows (all methods are thread-safe):
 
 * :meth:`FaultProxy.set_latency`: delay each response head (emulated first-byte latency).
-* :meth:`FaultProxy.set_bandwidth`: throttle response bodies, all connections together.
+* :meth:`FaultProxy.set_bandwidth`: throttle response bodies, all connections together;
+  :meth:`FaultProxy.set_connection_bandwidth`: each connection on its own.
 * :meth:`FaultProxy.inject`: answer the next N matching requests with an S3 XML error
   (``503 SlowDown`` by default) without contacting the upstream.
 * :meth:`FaultProxy.inject_reset`: forward the head and K body bytes, then cut the connection.
@@ -279,9 +280,12 @@ class _TokenBucket:
 class _Upstream:
     """The upstream connection owned by one client connection (opened lazily)."""
 
-    def __init__(self) -> None:
+    def __init__(self, connection_rate: float | None = None) -> None:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        #: This client connection's own response-body throttle (``set_connection_bandwidth``).
+        self.bucket = _TokenBucket()
+        self.bucket.rate = connection_rate
 
     def usable(self) -> bool:
         return (
@@ -328,6 +332,7 @@ class FaultProxy:
         self._accepted = 0
         self._latency_s = 0.0
         self._bucket = _TokenBucket()
+        self._connection_rate: float | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
@@ -416,6 +421,14 @@ class FaultProxy:
         if bytes_per_s is not None and bytes_per_s < 0:
             raise ValueError(f"bandwidth must be >= 0, got {bytes_per_s}")
         self._bucket.rate = float(bytes_per_s) if bytes_per_s else None
+
+    def set_connection_bandwidth(self, bytes_per_s: float | None) -> None:
+        """Throttle the response bodies of each client connection on its own (``None`` or 0:
+        unlimited), as an object store bounds the throughput of one connection; applies to
+        connections accepted from now on."""
+        if bytes_per_s is not None and bytes_per_s < 0:
+            raise ValueError(f"bandwidth must be >= 0, got {bytes_per_s}")
+        self._connection_rate = float(bytes_per_s) if bytes_per_s else None
 
     def inject(
         self,
@@ -594,7 +607,7 @@ class FaultProxy:
         self._tasks.add(task)
         with self._lock:
             self._accepted += 1
-        upstream = _Upstream()
+        upstream = _Upstream(self._connection_rate)
         rst = False
         try:
             while await self._exchange(creader, cwriter, upstream):
@@ -677,6 +690,7 @@ class FaultProxy:
             _body_pieces(upstream.reader, resp_framing),
             cwriter,
             throttle=True,
+            connection_bucket=upstream.bucket,
             cut_at=cut,
             stall_at=stall_at,
             stall_s=rule.seconds if rule is not None else 0.0,
@@ -759,6 +773,7 @@ class FaultProxy:
         writer: asyncio.StreamWriter,
         *,
         throttle: bool = False,
+        connection_bucket: _TokenBucket | None = None,
         cut_at: int | None = None,
         stall_at: int | None = None,
         stall_s: float = 0.0,
@@ -780,6 +795,8 @@ class FaultProxy:
                     stall_at = None
                 if throttle:
                     await self._bucket.consume(len(piece))
+                    if connection_bucket is not None:
+                        await connection_bucket.consume(len(piece))
                 writer.write(piece)
                 await writer.drain()
                 sent += len(data)
@@ -847,6 +864,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("upstream", help="http://host:port of the S3 endpoint")
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--bandwidth", type=float, default=None, help="bytes per second, all connections")
+    parser.add_argument("--connection-bandwidth", type=float, default=None, help="bytes per second, per connection")
     args = parser.parse_args(argv)
     proxy = FaultProxy(args.upstream).start()
     stop = threading.Event()
@@ -860,6 +878,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         proxy.set_latency(args.latency_ms)
         proxy.set_bandwidth(args.bandwidth)
+        proxy.set_connection_bandwidth(args.connection_bandwidth)
         print(proxy.endpoint_url, flush=True)  # noqa: T201 - the parent reads this line
         stop.wait()
     finally:
