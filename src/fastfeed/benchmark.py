@@ -497,8 +497,9 @@ def _run_peers(
             peer.cleanup()
 
 
-def checkpoint_round(url: str, s3: S3Config, nbytes: int, repeats: int = 3) -> dict[str, float]:
-    """``Checkpointer.save()`` stall vs ``clone()`` of the same tensors, and the upload (medians)."""
+def checkpoint_round(url: str, s3: S3Config, nbytes: int, repeats: int = 5) -> dict[str, float]:
+    """``Checkpointer.save()`` stall vs ``clone()`` of the same tensors, and the upload: medians
+    of ``repeats`` rounds after one warm-up round, clone and save alternating."""
     import torch
 
     from fastfeed.checkpoint import Checkpointer
@@ -509,16 +510,19 @@ def checkpoint_round(url: str, s3: S3Config, nbytes: int, repeats: int = 3) -> d
     clones, stalls, commits = [], [], []
     ckpt = Checkpointer(url, s3=s3, keep_last=1)
     try:
-        for step in range(repeats):
+        for step in range(repeats + 1):  # round 0 warms up both (allocations, the staging buffer)
             t0 = time.perf_counter()
             copies = {k: v.clone() for k, v in state.items()}
-            clones.append(time.perf_counter() - t0)
+            clone_s = time.perf_counter() - t0
             del copies
             t0 = time.perf_counter()
             handle = ckpt.save(state, step=step)
-            stalls.append(time.perf_counter() - t0)
+            stall_s = time.perf_counter() - t0
             handle.result()
-            commits.append(time.perf_counter() - t0)
+            if step:
+                clones.append(clone_s)
+                stalls.append(stall_s)
+                commits.append(time.perf_counter() - t0)
     finally:
         ckpt.close()
         with contextlib.suppress(Exception):
