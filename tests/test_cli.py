@@ -127,3 +127,14 @@ def test_targets_compare_the_runs_of_the_same_phase() -> None:
     assert got["checkpoint save() stall / clone()"].met is False
     table = report.table()
     assert "MISSED" in table and "met" in table and "litdata (warm)" in table
+
+
+def test_bench_calls_an_epoch_from_a_cache_already_warm_warm(tmp_path: Path) -> None:
+    from fastfeed.benchmark import BenchConfig, demo
+
+    cfg = BenchConfig(batch_size=16, workers=0, epochs=1, cache_dir=str(tmp_path / "cache"), progress=False)
+    size = {"size": 4 << 20, "sample_size": 16 << 10, "shard_size": 1 << 20}
+    first = demo(cfg, **size)
+    assert [r.name for r in first.runs] == ["fastfeed epoch 0 (cold)"] and first.runs[0].cache_hit_rate == 0.0
+    again = demo(cfg, **size)  # a new store with the same synthetic bytes: same ETags, same cache keys
+    assert [r.name for r in again.runs] == ["fastfeed epoch 0 (warm)"] and again.runs[0].cache_hit_rate == 1.0

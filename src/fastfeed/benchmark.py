@@ -417,8 +417,7 @@ def run(
             contextlib.closing(DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.workers, device=device))
         )
         for epoch in range(cfg.epochs):
-            phase = "cold" if epoch == 0 and remote else "warm"
-            name = f"fastfeed epoch {epoch} ({phase})"
+            name = f"fastfeed epoch {epoch}"
             if epoch == 1 and remote:
                 entries = sorted(Path(cache_dir).glob("v1/entries/*.tar"))
                 if entries:
@@ -435,6 +434,9 @@ def run(
                 close=False,
             )
             result.cache_hit_rate = _hit_rate(before, _cache_counts(loader))
+            # Cold: some shards came from the store (a --cache-dir may already be warm at epoch 0).
+            phase = "cold" if remote and (result.cache_hit_rate or 0.0) < 1.0 else "warm"
+            result.name = f"{name} ({phase})"
             result.extra.update(phase=phase, epoch=epoch)
             report.runs.append(result)
 
