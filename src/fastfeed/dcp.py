@@ -653,7 +653,7 @@ def _encode_value(planner: SavePlanner, item: WriteItem, url: str) -> tuple[byte
 
 
 class _Malformed(Exception):
-    pass
+    """A manifest field of the wrong shape (reported as a CorruptCheckpointError)."""
 
 
 def _check(cond: bool, what: str) -> None:

@@ -56,6 +56,7 @@ none).
 
 from __future__ import annotations
 
+import abc
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -814,15 +815,18 @@ class _OpenShard:
     tmp: str | None = None  # local sink: the temporary path
 
 
-class _Sink:
+class _Sink(abc.ABC):
+    """Where finished shards go: a local directory or a bucket."""
+
     url: str
 
+    @abc.abstractmethod
     def open(self, name: str) -> _OpenShard:
-        raise NotImplementedError
+        """A new shard being written."""
 
+    @abc.abstractmethod
     def commit(self, shard: _OpenShard, size: int, samples: int) -> None:
         """Make the shard durable (or start its upload); takes over ``shard.fh``."""
-        raise NotImplementedError
 
     def discard(self, shard: _OpenShard | None) -> None:
         """Drop a shard that will not be committed."""
@@ -834,9 +838,9 @@ class _Sink:
             with contextlib.suppress(OSError):
                 os.unlink(shard.tmp)
 
+    @abc.abstractmethod
     def finish(self) -> list[ShardInfo]:
         """Wait for everything committed; the shards in order."""
-        raise NotImplementedError
 
     def abort(self, current: _OpenShard | None) -> None:
         self.discard(current)
