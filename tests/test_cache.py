@@ -431,3 +431,33 @@ def test_an_all_hit_epoch_builds_no_s3_client(data: dict[str, Any]) -> None:
     ds.set_epoch(1)
     assert keys(ds) == first
     assert _shared_s3.created == before, "every shard was a hit: no client was needed"
+
+
+def test_a_cold_read_takes_its_fills_bytes_in_place_never_reading_them_back(data: dict[str, Any]) -> None:
+    reference = {
+        f"{Path(s['__url__']).name}#{s['__key__']}": s["bin"] for s in StreamingDataset([str(p) for p in data["paths"]])
+    }
+    ds = dataset(data, part_size="64KiB")  # several parts per shard, each claimed by the reader
+    got = {f"{Path(s['__url__']).name}#{s['__key__']}": s["bin"] for s in ds}
+    assert got == reference
+    io = ds.io_stats()
+    assert io["cache_misses"] == SHARDS
+    assert io["bytes_fetched"] == data["bytes"], "every byte was fetched once, by the fills"
+    assert io["bytes_from_cache"] == 0, "the reader got each part from its own fill, not from the part file"
+    entries = sorted(Path(data["cache"]).glob("v1/entries/*.tar"), key=lambda p: p.stat().st_size)
+    assert len(entries) == SHARDS
+    assert sorted(p.read_bytes() for p in entries) == sorted(p.read_bytes() for p in data["paths"])
+
+
+def test_a_reader_closed_with_claims_outstanding_stops_at_once(data: dict[str, Any]) -> None:
+    data["proxy"].set_bandwidth(300_000)  # the fills are slow: the readers' claims wait on them
+    ds = dataset(data, part_size="64KiB")
+    it = iter(ds)
+    next(it)
+    start = time.monotonic()
+    it.close()  # cancels the readers waiting on claims, and the fills
+    assert time.monotonic() - start < 5
+    data["proxy"].set_bandwidth(None)
+    assert len(keys(dataset(data))) == SHARDS * PER_SHARD
+    info = cache_info(data["cache"])
+    assert info.entries == SHARDS and info.partial == 0

@@ -53,10 +53,11 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fastfeed.buffers import pool_for
 from fastfeed.config import parse_size
 from fastfeed.errors import ConfigError, FastfeedError
 from fastfeed.store import ObjectInfo, RangeReader
@@ -207,6 +208,35 @@ class _Source:
             self.on_fetched(n)
 
 
+@dataclass
+class _Claim:
+    """A reader in this process asking its own fill for bytes ``[start, end)`` before they land."""
+
+    end: int
+    out: memoryview
+    future: asyncio.Future[memoryview | None]
+
+
+@dataclass
+class _FillState:
+    """What a running fill of this process has issued, and the claims on parts it has not."""
+
+    #: Parts start at ``base + k * part_size``; bytes before ``issued`` have been asked for.
+    base: int = 0
+    part_size: int = 1
+    size: int = 0
+    issued: int = 0
+    claims: dict[int, _Claim] = field(default_factory=dict)
+
+    def is_part(self, start: int, end: int) -> bool:
+        """``[start, end)`` is one of the parts the fill will issue."""
+        return (
+            start >= self.issued
+            and (start - self.base) % self.part_size == 0
+            and end == min(start + self.part_size, self.size)
+        )
+
+
 class ShardCache:
     """The cache of one directory, as used by one process (see the module docstring).
 
@@ -240,6 +270,7 @@ class ShardCache:
         #: at once instead of polling the part file's size.
         self._landed: dict[str, asyncio.Event] = {}
         self._failed: set[str] = set()  # keys whose fill failed in this process: not retried
+        self._fill_states: dict[str, _FillState] = {}
         try:
             self.entries.mkdir(parents=True, exist_ok=True)
             self.tmp.mkdir(parents=True, exist_ok=True)
@@ -462,24 +493,50 @@ class ShardCache:
         return task
 
     async def _fill(self, src: _Source, fd: int) -> None:
-        """[holds LOCK_EX on the part file] Download the rest of the object, then publish it."""
+        """[holds LOCK_EX on the part file] Download the rest of the object, then publish it.
+
+        A part a reader of this process has claimed (:meth:`claim`) is fetched straight into
+        the reader's buffer and handed over once written; other parts are fetched into pooled
+        buffers. Either way each byte is copied once from the socket and once to the page
+        cache, and never read back.
+        """
         key, info, tmp = src.key, src.info, self.tmp_path(src.key)
-        pending: list[tuple[int, asyncio.Task[memoryview]]] = []
+        pool = pool_for(src.part_size)
+        # (start, GET, the claim it serves or None, the pooled buffer it fills or None)
+        pending: list[tuple[int, asyncio.Task[memoryview], _Claim | None, bytearray | None]] = []
+        offset = os.fstat(fd).st_size  # bytes a dead filler left are valid: resume after them
+        next_start = offset
+        state = self._fill_states[key] = _FillState(offset, src.part_size, info.size, offset)
         published = False
         try:
-            offset = os.fstat(fd).st_size  # bytes a dead filler left are valid: resume after them
-            next_start = offset
+            # The readers that opened this shard run first, so their claims are in before the
+            # first GETs are issued.
+            await asyncio.sleep(0)
             while offset < info.size:
                 while len(pending) < _FILL_WINDOW and next_start < info.size:
                     end = min(next_start + src.part_size, info.size)
-                    read = src.store.read_range(src.loc, next_start, end, info.etag)
-                    pending.append((next_start, asyncio.create_task(read)))
-                    next_start = end
-                start, task = pending.pop(0)
+                    claim = state.claims.pop(next_start, None)
+                    if claim is not None and claim.future.done():
+                        claim = None  # its reader was cancelled
+                    buffer = None
+                    if claim is not None:
+                        out = claim.out
+                    else:
+                        buffer = pool.take() if end - next_start <= pool.size else bytearray(end - next_start)
+                        out = memoryview(buffer)[: end - next_start]
+                    read = src.store.read_range(src.loc, next_start, end, info.etag, out=out)
+                    pending.append((next_start, asyncio.create_task(read), claim, buffer))
+                    next_start = state.issued = end
+                start, task, claim, buffer = pending[0]
                 data = await task
                 await _in_thread(_pwrite_all, fd, data, start)
+                pending.pop(0)
                 src.fetched(len(data))
                 offset = start + len(data)
+                if claim is not None:
+                    _settle(claim, data)
+                else:
+                    pool.give(buffer)
                 self._signal_landed(key)
             try:
                 await _in_thread(os.fsync, fd)
@@ -493,20 +550,41 @@ class ShardCache:
         except BaseException as exc:
             if published:
                 raise  # cancelled after publishing: nothing to undo
-            for _, task in pending:
+            for _, task, _, _ in pending:
                 task.cancel()
             if pending:
-                await asyncio.gather(*(t for _, t in pending), return_exceptions=True)
+                await asyncio.gather(*(t for _, t, _, _ in pending), return_exceptions=True)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             self._fill_failed(key, exc)
         finally:
+            # Readers whose claim was not served read the part file or the store instead.
+            if self._fill_states.get(key) is state:
+                del self._fill_states[key]
+            for claim in [*state.claims.values(), *(c for _, _, c, _ in pending if c is not None)]:
+                _settle(claim, None)
             with contextlib.suppress(OSError):
                 fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
             self._signal_landed(key)
+
+    async def claim(self, key: str, start: int, end: int, out: memoryview) -> memoryview | None:
+        """Bytes ``[start, end)`` of ``key`` fetched by this process's fill straight into
+        ``out``, returned once they are also on disk; ``None`` when the fill cannot serve them
+        that way (no fill of ``key`` runs here, it has already issued that range, or the range
+        is not one of its parts): read them from the part file then."""
+        state = self._fill_states.get(key)
+        if state is None or not state.is_part(start, end) or start in state.claims:
+            return None
+        claim = _Claim(end, out, asyncio.get_running_loop().create_future())
+        state.claims[start] = claim
+        try:
+            return await claim.future
+        finally:
+            if state.claims.get(start) is claim:
+                del state.claims[start]  # cancelled before the fill issued it
 
     def _signal_landed(self, key: str) -> None:
         event = self._landed.pop(key, None)
@@ -572,6 +650,11 @@ class _CachedFile:
     ) -> memoryview:
         view = memoryview(bytearray(end - start)) if out is None else out
         if not self.complete and not self.bypass:
+            if self.fill is not None and not self.fill.done():
+                # This process fills the shard: take the bytes from the fill itself.
+                data = await self.cache.claim(self.key, start, end, view)
+                if data is not None:
+                    return data
             await self._wait_for(end)
         if self.bypass or self.fd is None:
             data = await self.src.store.read_range(loc, start, end, etag, out=view)
@@ -654,6 +737,11 @@ def _map_entry(path: str, locked_fd: int, size: int) -> memoryview | None:
         return memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_READ))
     finally:
         os.close(fd)
+
+
+def _settle(claim: _Claim, data: memoryview | None) -> None:
+    if not claim.future.done():
+        claim.future.set_result(data)
 
 
 async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:

@@ -9,7 +9,7 @@ Back-pressure comes only from bounded resources, all configured in
 :class:`~fastfeed.config.PrefetchConfig`:
 
 * ``shards_in_flight``: shards between "first GET issued" and "consumer done with it";
-* ``max_requests``: concurrent GETs;
+* ``max_requests``: concurrent GETs (with a node cache, a shard's fill bounds its own GETs);
 * ``byte_budget``: bytes fetched or being fetched that the consumer has not finished parsing.
 
 Parts are issued strictly in (shard, offset) order, so the shard being parsed always has priority
@@ -25,7 +25,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import os
 import queue
 import threading
 import time
@@ -35,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fastfeed import _loop
+from fastfeed.buffers import pool_for
 from fastfeed.config import PrefetchConfig
 from fastfeed.errors import FastfeedError, PipelineError
 from fastfeed.store import ObjectInfo, Store, StoreSet
@@ -100,60 +100,6 @@ class _Part:
     task: asyncio.Task[None] | None = None
     #: The pooled buffer the part is read into (owned by the IO loop until delivered).
     buffer: bytearray | None = None
-
-
-class _BufferPool:
-    """Part-sized buffers reused across parts and across prefetchers of this process.
-
-    Reuse avoids allocating, zero-filling and page-faulting a fresh 8 MiB buffer per GET (on a
-    VM, page faults made that the largest single cost of reading a local shard). Buffers in use
-    are bounded by each prefetcher's byte budget; idle buffers kept for the next prefetcher
-    (next epoch, next dataset) are bounded by ``_IDLE_LIMIT`` bytes per part size. Thread-safe:
-    successive prefetchers run on successive IO loop threads.
-    """
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._free: list[bytearray] = []
-        self._lock = threading.Lock()
-
-    def take(self) -> bytearray:
-        with self._lock:
-            if self._free:
-                return self._free.pop()
-        return bytearray(self.size)
-
-    def give(self, buffer: bytearray | None) -> None:
-        if buffer is None or len(buffer) != self.size:
-            return
-        with self._lock:
-            # Never pool a buffer twice: two parts sharing one buffer would corrupt data.
-            if len(self._free) * self.size < _IDLE_LIMIT and all(b is not buffer for b in self._free):
-                self._free.append(buffer)
-
-
-#: Idle pooled bytes kept per part size between prefetchers.
-_IDLE_LIMIT = 256 * 1024**2
-_pools: dict[tuple[int, int], _BufferPool] = {}
-_pools_lock = threading.Lock()
-
-
-def _pool_for(part_size: int) -> _BufferPool:
-    key = (os.getpid(), part_size)  # a forked worker starts with its own (empty) pools
-    with _pools_lock:
-        pool = _pools.get(key)
-        if pool is None:
-            pool = _pools[key] = _BufferPool(part_size)
-        return pool
-
-
-def _reset_after_fork() -> None:
-    global _pools_lock
-    _pools_lock = threading.Lock()
-    _pools.clear()
-
-
-os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 class _LazyStore:
@@ -270,7 +216,7 @@ class Prefetcher:
         self._finished = threading.Event()
         self._io = _loop.acquire()
         self._budget = _ByteBudget(config.byte_budget)
-        self._pool = _pool_for(config.part_size)
+        self._pool = pool_for(config.part_size)
         self._shard_slots = asyncio.Semaphore(config.shards_in_flight)
         self._requests = asyncio.Semaphore(config.max_requests)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -314,9 +260,13 @@ class Prefetcher:
                     if part.future.cancelled():
                         continue  # the consumer abandoned the shard before this part was issued
                     await self._budget.acquire(size)
-                    await self._requests.acquire()
+                    if direct:
+                        # Through the cache, the fill (or the disk) does the requests, bounded by
+                        # its own window: a part waiting for it is bounded by the budget only.
+                        await self._requests.acquire()
                     if part.future.cancelled():
-                        self._requests.release()
+                        if direct:
+                            self._requests.release()
                         self._budget.release(size)
                         continue
                     task = asyncio.create_task(self._fetch(source, loc, info, part, counted=direct))
@@ -359,7 +309,6 @@ class Prefetcher:
             # lives as long as any view of it.
             view = mapped[part.start : part.end]
             self._count_cached(len(view))
-            self._requests.release()
             if fut.set_running_or_notify_cancel():
                 fut.set_result(view)
             return
@@ -393,7 +342,8 @@ class Prefetcher:
             if fut.set_running_or_notify_cancel():
                 fut.set_result(data)
         finally:
-            self._requests.release()
+            if counted:
+                self._requests.release()
 
     # ---------------------------------------------------------------- consumer side
 
