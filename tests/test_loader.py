@@ -653,3 +653,90 @@ def test_set_epoch_applies_to_the_next_iteration_only(uneven: Path, workers: int
         assert head + _keys(it) == epochs[0], f"set_epoch after {after} batches"
         assert loader.state_dict()["epoch"] == 0
         assert _keys(loader) == epochs[1]
+
+
+# ------------------------------------------------------------------------------- persistent workers
+
+
+def _tagged(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """A user collate_fn run in the workers: the keys, the worker's PID, and a draw from its RNGs."""
+    import os
+    import random
+
+    return {
+        "keys": [s["__key__"] for s in samples],
+        "pid": os.getpid(),
+        "draws": (random.random(), float(torch.rand(())), float(np.random.rand())),
+    }
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _epochs(loader: DataLoader, ds: StreamingDataset, epochs: range) -> list[list[dict[str, Any]]]:
+    out = []
+    for epoch in epochs:
+        ds.set_epoch(epoch)
+        out.append(list(loader))
+    return out
+
+
+def test_persistent_workers_live_across_epochs_and_read_each_epochs_order(shard_dir: Path) -> None:
+    def run(persistent: bool) -> list[list[dict[str, Any]]]:
+        torch.manual_seed(11)  # the loader's worker seeds derive from it
+        ds = StreamingDataset(str(shard_dir), shuffle=True, seed=5, shuffle_buffer=16)
+        loader = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=_tagged, persistent_workers=persistent)
+        try:
+            return _epochs(loader, ds, range(3))
+        finally:
+            loader.close()
+
+    fresh, kept = run(False), run(True)
+    keys = [[b["keys"] for b in epoch] for epoch in fresh]
+    assert [[b["keys"] for b in epoch] for epoch in kept] == keys, "the same batches, epoch after epoch"
+    assert keys[0] != keys[1] != keys[2]
+    # Each epoch's workers are seeded as fresh workers of that epoch are, so random transforms
+    # (and exact resume, which starts fresh workers) see the same numbers.
+    assert [[b["draws"] for b in epoch] for epoch in kept] == [[b["draws"] for b in epoch] for epoch in fresh]
+    pids = [{b["pid"] for b in epoch} for epoch in kept]
+    assert len(pids[0]) == 2 and pids[0] == pids[1] == pids[2], "the same two worker processes"
+    fresh_pids = [{b["pid"] for b in epoch} for epoch in fresh]
+    assert not fresh_pids[0] & fresh_pids[1], "without persistent_workers each epoch starts its own"
+    assert not any(_alive(pid) for pid in pids[0]), "close() stopped the persistent workers"
+
+
+def test_persistent_workers_after_a_break_and_a_resume_mid_epoch(shard_dir: Path) -> None:
+    ds = StreamingDataset(str(shard_dir), shuffle=True, seed=2, shuffle_buffer=16)
+    loader = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=_tagged, persistent_workers=True)
+    full = [b["keys"] for b in loader]
+    first_pids = {b["pid"] for b in loader}
+    # Stop after 3 batches: those workers are not reused (they may have sent more of that epoch).
+    it = iter(loader)
+    head = [next(it)["keys"] for _ in range(3)]
+    state = loader.state_dict()
+    again = list(loader)
+    assert [b["keys"] for b in again] == full
+    later_pids = {b["pid"] for b in again}
+    assert not later_pids & first_pids
+    loader.load_state_dict(state)
+    assert head + [b["keys"] for b in loader] == full, "resumed exactly where the state was taken"
+    loader.close()
+    assert not any(_alive(pid) for pid in later_pids)
+
+
+def test_a_collected_loader_stops_its_persistent_workers(shard_dir: Path) -> None:
+    loader = DataLoader(StreamingDataset(str(shard_dir)), batch_size=4, num_workers=2, collate_fn=_tagged,
+                        persistent_workers=True)  # fmt: skip
+    pids = {b["pid"] for b in loader}
+    assert pids and all(_alive(pid) for pid in pids), "kept between epochs"
+    del loader
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in pids)

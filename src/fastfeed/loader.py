@@ -27,7 +27,9 @@ import collections
 import itertools
 import logging
 import os
+import pickle
 import queue
+import random
 import threading
 import time
 import weakref
@@ -35,6 +37,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import (
     BatchSampler,
@@ -322,19 +325,33 @@ class _WorkerCollate:
 
 class _CollatedStream(IterableDataset[Any]):
     """Worker side of the fast path: the dataset's own streams, collated by each worker into its
-    shared-memory slots (:class:`_WorkerSlots`)."""
+    shared-memory slots (:class:`_WorkerSlots`).
 
-    def __init__(self, settings: _StreamConfig, free: torch.Tensor) -> None:
+    With persistent workers (``mailbox``), each iteration reads its settings and the workers'
+    seed from the mailbox (:class:`_Mailbox`) instead of ``settings``, and the slots live on
+    across iterations."""
+
+    def __init__(self, settings: _StreamConfig | None, free: torch.Tensor, mailbox: _Mailbox | None = None) -> None:
         self.settings = settings
-        self.dataset = settings.dataset
         self.free = free  # int8 [num_workers, slots] in shared memory: 1 = the worker may write
+        self.mailbox = mailbox
+        self._slots: _WorkerSlots | None = None
 
     def __iter__(self) -> Iterator[Any]:
         info = torch.utils.data.get_worker_info()
         assert info is not None, "_CollatedStream runs in DataLoader workers only"
         worker = info.id
-        slots = _WorkerSlots(self.free, worker)
-        user_collate = self.settings.collate_fn
+        if self.mailbox is None:
+            assert self.settings is not None
+            settings = self.settings
+            slots = _WorkerSlots(self.free, worker)
+        else:
+            settings, base_seed = self.mailbox.read()
+            _seed_worker(base_seed, worker)  # as fresh workers of this iteration would be seeded
+            if self._slots is None:
+                self._slots = _WorkerSlots(self.free, worker)
+            slots = self._slots
+        user_collate = settings.collate_fn
 
         def collate(samples: ColumnBatch) -> Any:
             if user_collate is not None:
@@ -343,7 +360,6 @@ class _CollatedStream(IterableDataset[Any]):
                 return ("user", batch, {"n": len(samples), "collate_s": time.perf_counter() - start})
             return slots.collate(lambda arena: collate_columns_into(samples, arena), len(samples))
 
-        settings = self.settings
         mine = [v for v in _rotated(settings.num_streams, settings.next_stream) if v % info.num_workers == worker]
         for item in settings.stream_source(mine, collate):
             if item[0] == "end":
@@ -352,6 +368,125 @@ class _CollatedStream(IterableDataset[Any]):
                 _, v, message, after, io = item
                 message[-1].update(io)
                 yield (*message[:-1], (v, after), message[-1])
+
+
+def _seed_worker(base_seed: int, worker: int) -> None:
+    """Seed this worker's RNGs as torch seeds a worker it starts with ``base_seed``."""
+    seed = base_seed + worker
+    random.seed(seed)
+    torch.manual_seed(seed)
+    generate_state = getattr(torch.utils.data._utils.worker, "_generate_state", None)
+    np.random.seed(generate_state(base_seed, worker) if generate_state is not None else seed % 2**32)
+
+
+class _Mailbox:
+    """How a persistent worker learns what its next iteration reads: torch re-iterates the
+    worker's own copy of the dataset, so the main process posts each iteration's settings here
+    (shared memory, pickled) before starting it. Only fastfeed's processes write it."""
+
+    def __init__(self, size: int) -> None:
+        self.buffer = torch.zeros(size, dtype=torch.uint8).share_memory_()  # type: ignore[no-untyped-call]
+
+    def post(self, value: Any) -> bool:
+        """Post ``value`` for the next iteration; ``False`` if it does not fit."""
+        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        if 8 + len(data) > self.buffer.numel():
+            return False
+        array = self.buffer.numpy()
+        array[8 : 8 + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        array[:8] = np.frombuffer(len(data).to_bytes(8, "little"), dtype=np.uint8)
+        return True
+
+    def read(self) -> Any:
+        array = self.buffer.numpy()
+        n = int.from_bytes(array[:8].tobytes(), "little")
+        return pickle.loads(array[8 : 8 + n].tobytes())  # written by the main process only
+
+
+class _WorkerPool:
+    """Persistent worker processes of the fast path (``persistent_workers=True``): one torch
+    DataLoader whose workers, slots and pinned slot memory are kept from one iteration to the
+    next. Used by one iteration at a time (see :class:`_PoolHolder`); an iteration that does not
+    run to its end shuts the pool down, so a new one never sees an earlier one's messages."""
+
+    def __init__(self, settings: _Settings, mailbox_size: int) -> None:
+        self.key = settings.pool_key()
+        slots = (settings.prefetch_factor or 2) + 3
+        self.free = torch.ones(settings.num_workers, slots, dtype=torch.int8).share_memory_()  # type: ignore[no-untyped-call]
+        self.slot_table = _SlotTable(self.free, HostPinner() if settings.pin_slots else None)
+        self.mailbox = _Mailbox(mailbox_size)
+        self.pinned = settings.pin_slots
+        self.loader = torch.utils.data.DataLoader(
+            _CollatedStream(None, self.free, self.mailbox),
+            batch_size=None,
+            collate_fn=_identity,
+            num_workers=settings.num_workers,
+            timeout=settings.timeout,
+            worker_init_fn=settings.worker_init_fn,
+            multiprocessing_context=settings.multiprocessing_context,
+            persistent_workers=True,
+            prefetch_factor=settings.prefetch_factor,
+            generator=settings.worker_generator,
+        )
+        self.iterator: Any = None
+
+    def start(self, settings: _Settings) -> Iterator[Any] | None:
+        """Start an iteration of ``settings``; ``None`` if its settings do not fit the mailbox."""
+        # The base seed torch would draw for fresh workers, from a copy of the generator (the
+        # pool's first iteration draws it from the generator itself, the same value).
+        generator = torch.Generator()
+        generator.set_state(settings.worker_generator.get_state())
+        base_seed = int(torch.empty((), dtype=torch.int64).random_(generator=generator).item())
+        if not self.mailbox.post((settings.streams, base_seed)):
+            return None
+        iterator = iter(self.loader)  # the first starts the workers; later ones resume them
+        self.iterator = iterator
+        return iterator
+
+    def shutdown(self) -> None:
+        iterator, self.iterator = self.iterator, None
+        if iterator is not None:
+            iterator._shutdown_workers()
+        if self.slot_table.pinned:
+            torch.cuda.synchronize()  # the training loop may still be copying from a slot
+        self.slot_table.close()
+
+
+class _PoolHolder:
+    """The loader's idle persistent pool, taken by an iteration and given back when it ends."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool: _WorkerPool | None = None
+        self._closed = False
+
+    def take(self, key: tuple[Any, ...]) -> _WorkerPool | None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None and pool.key != key:
+            pool.shutdown()
+            pool = None
+        return pool
+
+    def give_back(self, pool: _WorkerPool) -> None:
+        with self._lock:
+            kept = not self._closed and self._pool is None
+            if kept:
+                self._pool = pool
+        if not kept:
+            pool.shutdown()
+
+    def open(self) -> None:
+        with self._lock:
+            self._closed = False
+
+    def close(self) -> None:
+        """Shut the idle pool down; a pool in use is shut down when its iteration ends."""
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown()
 
 
 class _SlotTable:
@@ -517,6 +652,10 @@ class DataLoader:
             _SamplerProgress(self.batch_sampler, self.generator) if self.batch_sampler is not None else None
         )
         self._active: weakref.ref[_LoaderIterator] | None = None
+        # Persistent workers (StreamingDataset): kept between iterations, shut down by close()
+        # or when the loader is collected.
+        self._pool_holder = _PoolHolder()
+        weakref.finalize(self, self._pool_holder.close)
         del pin_memory, pin_memory_device, in_order  # accepted for compatibility; see docstring
 
     def __len__(self) -> int:
@@ -532,7 +671,8 @@ class DataLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[Any]:
-        self.close()
+        self._end_iteration()
+        self._pool_holder.open()
         iterator = _LoaderIterator(self)
         # A weak reference: dropping the iterator in the training loop must stop its thread.
         self._active = weakref.ref(iterator)
@@ -594,7 +734,7 @@ class DataLoader:
         active = self._active() if self._active is not None else None
         if active is not None and active.delivered:
             log.info("load_state_dict(): ending the iteration in progress after %d batches", active.delivered)
-        self.close()
+        self._end_iteration()
         if self._sampler_progress is not None:
             self._sampler_progress.load(self, state)
         elif _is_streaming(self.dataset):
@@ -603,7 +743,13 @@ class DataLoader:
             raise ConfigError("load_state_dict() needs a map-style dataset or a fastfeed.StreamingDataset")
 
     def close(self) -> None:
-        """Stop the active iteration: its thread and worker processes end within seconds."""
+        """Stop the active iteration and the worker processes (persistent ones too): they end
+        within seconds. The loader can be iterated again afterwards."""
+        self._end_iteration()
+        self._pool_holder.close()
+
+    def _end_iteration(self) -> None:
+        """Stop the active iteration; persistent workers stay (if it ran to its end)."""
         active = self._active() if self._active is not None else None
         self._active = None
         if active is not None:
@@ -662,6 +808,10 @@ class _Settings:
         self.stats = loader._stats
         self.pin_slots = loader.pin
         self.slot_table: _SlotTable | None = None
+        #: Whether the producer unpins the slot table when the iteration ends (a persistent
+        #: pool's table lives, pinned, as long as the pool).
+        self.owns_slot_table = True
+        self.pool_holder = loader._pool_holder if loader.persistent_workers else None
         resume = loader._progress.resume
         if resume is not None and resume.epoch != epoch:
             log.warning("ignoring the loaded state of epoch %d: the dataset is at epoch %d", resume.epoch, epoch)
@@ -747,8 +897,50 @@ class _Settings:
                 samples = [self.dataset[i] for i in indices]
                 yield "samples", samples, None, {"parse_s": time.perf_counter() - start}
 
+    def pool_key(self) -> tuple[Any, ...]:
+        """What a persistent pool was made for: a pool is reused only for the same."""
+        return (
+            self.num_workers,
+            self.timeout,
+            self.worker_init_fn,
+            self.multiprocessing_context,
+            self.prefetch_factor,
+            self.pin_slots,
+        )
+
+    def persistent_batches(self, holder: _PoolHolder) -> Iterator[Any]:
+        """The fast path with persistent workers: the loader's pool, or a new one. The pool goes
+        back to the loader only when the iteration ran to its end."""
+        kept = holder.take(self.pool_key())
+        iterator = kept.start(self) if kept is not None else None
+        if kept is not None and iterator is not None:
+            pool = kept
+        else:
+            if kept is not None:
+                kept.shutdown()  # the settings outgrew its mailbox
+            size = max(1 << 20, 4 * len(pickle.dumps(self.streams, protocol=pickle.HIGHEST_PROTOCOL)))
+            pool = _WorkerPool(self, size)
+            iterator = pool.start(self)
+            assert iterator is not None
+        self.slot_table, self.owns_slot_table = pool.slot_table, False
+        completed = False
+        try:
+            order = _rotated(self.streams.num_streams, self.streams.next_stream)
+            yield from _in_stream_order(iterator, order, lambda io: self.stats.add(**io))
+            for extra in iterator:  # each worker's end of iteration; nothing else may come
+                raise RuntimeError(f"a DataLoader worker sent {extra[0]!r} after its streams ended")
+            completed = True
+        finally:
+            if completed:
+                holder.give_back(pool)
+            else:
+                pool.shutdown()
+
     def worker_batches(self) -> Iterator[Any]:
         """Worker processes (torch's worker machinery) returning one arena region per batch."""
+        if self.pool_holder is not None and self.fast_path():
+            yield from self.persistent_batches(self.pool_holder)
+            return
         slots = (self.prefetch_factor or 2) + 3
         free = torch.ones(self.num_workers, slots, dtype=torch.int8).share_memory_()  # type: ignore[no-untyped-call]
         self.slot_table = _SlotTable(free, HostPinner() if self.pin_slots else None)
@@ -953,7 +1145,7 @@ def _produce(settings: _Settings, feeder: DeviceFeeder | None, out: queue.Queue[
                 close()
         if feeder is not None:
             feeder.drain()
-        if settings.slot_table is not None:
+        if settings.slot_table is not None and settings.owns_slot_table:
             if settings.pin_slots and settings.slot_table.pinned:
                 # The training loop may still be copying from CPU batches it was handed.
                 torch.cuda.synchronize()
