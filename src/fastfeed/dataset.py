@@ -91,8 +91,9 @@ class StreamingDataset(IterableDataset[Sample]):
 
     Splitting: samples are divided between ranks (see :mod:`fastfeed.plan`), then shard pieces
     round-robin between DataLoader workers. Call :meth:`set_epoch` before each epoch to get a
-    new shuffle order (with ``persistent_workers=True`` the workers keep the epoch they started
-    with, as for any iterable dataset).
+    new shuffle order (in ``fastfeed.DataLoader`` also with ``persistent_workers=True``; in
+    torch's DataLoader persistent workers keep the epoch they started with, as for any iterable
+    dataset).
 
     Errors (all :class:`fastfeed.errors.FastfeedError`): a missing bucket or object, denied
     access, an unreachable endpoint, an empty prefix or a malformed URL raise at construction;

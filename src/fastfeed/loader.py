@@ -548,6 +548,13 @@ class DataLoader:
             batch order depends on it and not on ``num_workers``, so a run resumed from
             :meth:`state_dict` with any number of workers continues exactly. Keep it fixed
             across restarts (and >= ``num_workers``, or some workers idle).
+        persistent_workers: with a :class:`~fastfeed.StreamingDataset`, the worker processes,
+            their connections, caches and shared-memory slots are kept from one epoch to the
+            next, and each epoch still reads the dataset's current epoch (``set_epoch``). Their
+            RNGs are reseeded each epoch as fresh workers' would be, so batches and random draws
+            are those of fresh workers. An epoch abandoned part-way ends its workers (new ones
+            start with the next). Stopped by :meth:`close` or when the loader is collected.
+            Other datasets start new workers each epoch.
 
     Batches: fixed-size fields (arrays, tensors, numbers) are stacked tensors, ``bytes`` fields
     are :class:`fastfeed.batch.RaggedBytes`, strings are lists. A ``collate_fn`` replaces this.
