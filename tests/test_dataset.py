@@ -248,3 +248,14 @@ def test_set_epoch_applies_to_the_next_iteration_only(shard_dir: Path) -> None:
         ds.set_epoch(1)
         assert head + [s["__key__"] for s in it] == epochs[0], f"set_epoch after {after} samples"
         assert [s["__key__"] for s in ds] == epochs[1]
+
+
+def test_each_stream_of_a_process_keeps_a_next_shard_in_flight(shard_dir: Path) -> None:
+    ds = StreamingDataset(str(shard_dir), byte_budget="64MiB", max_requests=16)
+    one = ds.stream_prefetch_config(4)  # 4 streams in this process share the bounds
+    assert one.byte_budget * 4 <= ds.prefetch_config.byte_budget and one.max_requests * 4 <= 16
+    # Not 4 // 4 = 1: with one shard in flight a stream fetches nothing while it parses.
+    assert one.shards_in_flight == 2
+    assert ds.stream_prefetch_config(1).shards_in_flight == ds.prefetch_config.shards_in_flight
+    strict = StreamingDataset(str(shard_dir), shards_in_flight=1)
+    assert strict.stream_prefetch_config(4).shards_in_flight == 1, "a configured bound of one is kept"

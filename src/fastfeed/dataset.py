@@ -324,14 +324,17 @@ class StreamingDataset(IterableDataset[Sample]):
 
     def stream_prefetch_config(self, share: int = 1) -> PrefetchConfig:
         """The prefetch bounds of one of ``share`` prefetchers running at once in a process. Each
-        keeps at least two parts of budget: one a reader may hold, one to fetch the next."""
+        keeps at least two parts of budget (one a reader may hold, one to fetch the next) and,
+        unless configured to one, two shards in flight: with one, a stream could not start
+        fetching its next shard before it had parsed the last byte of the current one, and
+        the samples of a batch spanning the two would be copied out first."""
         cfg = self.prefetch_config
         if share > 1:
             cfg = dataclasses.replace(
                 cfg,
                 byte_budget=max(2 * cfg.part_size, cfg.byte_budget // share),
                 max_requests=max(2, cfg.max_requests // share),
-                shards_in_flight=max(1, cfg.shards_in_flight // share),
+                shards_in_flight=max(min(2, cfg.shards_in_flight), cfg.shards_in_flight // share),
             )
         return cfg
 
