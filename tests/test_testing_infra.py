@@ -627,7 +627,7 @@ def test_synthetic_shards_options(tmp_path: Path) -> None:
     samples = _read_with_webdataset(path)
     assert [sorted(s) for s in samples] == [["__key__", "__url__", "bin", "cls"]] * 2
     with pytest.raises(ValueError):
-        write_synthetic_shards(tmp_path, num_shards=1, samples_per_shard=1, sample_bytes=1, extensions=("jpg",))
+        write_synthetic_shards(tmp_path, num_shards=1, samples_per_shard=1, sample_bytes=1, extensions=("png",))
 
 
 def test_upload_dir(bucket: Any, tmp_path: Path) -> None:

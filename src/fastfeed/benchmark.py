@@ -9,6 +9,9 @@
   next ones read the cache (warm);
 * each installed peer in ``compare`` (:mod:`fastfeed.peers`), cold and, where it has a local
   cache, warm;
+* with ``decode``: the loader decodes every sample (:class:`fastfeed.decode.Decoder` as its
+  ``collate_fn``), and a decode ceiling is measured: the first samples of the dataset decoded in
+  this process, single-threaded, scaled to the number of workers (peers are not run);
 * optionally an async checkpoint round: :meth:`fastfeed.Checkpointer.save` stall vs a plain
   ``clone()`` of the same tensors, and the background upload.
 
@@ -34,7 +37,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastfeed.bench import (
     Measurement,
@@ -47,12 +50,23 @@ from fastfeed.bench import (
 from fastfeed.config import PrefetchConfig, S3Config, format_size
 from fastfeed.errors import ConfigError
 
-__all__ = ["BenchConfig", "Report", "Target", "demo", "run"]
+if TYPE_CHECKING:
+    from fastfeed.decode import Decoder
+
+__all__ = ["BenchConfig", "Report", "Target", "demo", "first_samples", "measure_decode", "run"]
 
 log = logging.getLogger(__name__)
 
 #: Progress callback: ``(run name, total bytes or None)`` starts a run; then ``(bytes, samples)``.
 Progress = Callable[[str, int | None], Callable[[int, int], None]]
+
+#: Key of the decode ceiling in :attr:`Report.ceilings` (its name says the workers it assumes).
+DECODE_CEILING = "decode"
+#: The decode ceiling decodes at most this many samples (and at most this many stored bytes).
+DECODE_CEILING_SAMPLES = 256
+DECODE_CEILING_BYTES = 256 << 20
+#: Why peers are not run with ``--decode``.
+DECODE_SKIPS_PEERS = "--decode measures fastfeed's decoding only; run without --decode to compare peers"
 
 
 @dataclass
@@ -83,6 +97,10 @@ class BenchConfig:
     #: Size of the synthetic state of the checkpoint round (0: no round).
     checkpoint_bytes: int = 0
     progress: bool = True
+    #: Decode every sample in the loader (:class:`fastfeed.decode.Decoder`), images resized to
+    #: ``image_size`` (``(height, width)``) when given.
+    decode: bool = False
+    image_size: tuple[int, int] | None = None
 
 
 @dataclass
@@ -125,9 +143,15 @@ class Report:
         return next((r for r in self.runs if r.name == name), None)
 
     def ceiling_of(self, run: Measurement) -> Measurement | None:
-        """The ceiling a run is compared with: the raw read for warm runs, else the raw GET."""
+        """The ceiling a run is compared with: the raw read for warm runs, else the raw GET; for a
+        decoding run, the lower of that and the decode ceiling (in samples/s, the I/O ceiling
+        taken at the run's mean stored bytes per sample)."""
         key = "raw read" if run.extra.get("phase") == "warm" else "raw GET"
-        return self.ceilings.get(key)
+        io = self.ceilings.get(key)
+        decode = self.ceilings.get(DECODE_CEILING) if run.extra.get("decode") else None
+        if decode is None or io is None:
+            return decode or io
+        return min((io, decode), key=lambda c: _ceiling_samples_per_s(c, run))
 
     def best_peer(self, phase: str) -> Measurement | None:
         peers = [r for r in self.runs if r.extra.get("peer") and r.extra.get("phase") == phase]
@@ -149,7 +173,9 @@ class Report:
         per_connection = self.config.get("connection_bandwidth")
         if per_connection:
             where += f", {float(per_connection) / 1e6:g} MB/s per connection"
-        for phase, ceiling, ratio_min, peer_min in (("cold", "raw GET", 0.9, 2.0), ("warm", "raw read", 0.8, 1.5)):
+        # The targets bound the feeding of stored bytes: a decoding run is bound by its decoding.
+        phases = () if self.config.get("decode") else (("cold", "raw GET", 0.9, 2.0), ("warm", "raw read", 0.8, 1.5))
+        for phase, ceiling, ratio_min, peer_min in phases:
             run, top = self._fastfeed(phase), self.ceilings.get(ceiling)
             if run is not None and top is not None:
                 out.append(Target(f"{phase} epoch / {ceiling} ceiling", _ratio(run, top), ratio_min, ">="))
@@ -172,17 +198,21 @@ class Report:
 
     def table(self) -> str:
         """The results as a plain-text table (MB = 10**6 bytes of payload)."""
+        labels = [_ceiling_label(name, c) for name, c in self.ceilings.items()] + [r.name for r in self.runs]
+        w = max([30, *map(len, labels)])  # names such as "fastfeed epoch 0 (cold, decode)" fit
         head = (
-            f"{'run':<30} {'samples/s':>10} {'MB/s':>7} {'x ceil':>7} {'x peer':>7} {'1st batch':>9} "
+            f"{'run':<{w}} {'samples/s':>10} {'MB/s':>7} {'x ceil':>7} {'x peer':>7} {'1st batch':>9} "
             f"{'p50 ms':>7} {'p99 ms':>7} {'wait':>6} {'hit':>5} {'CPU s/GiB':>9} {'RSS':>9}"
         )
         lines = [head, "-" * len(head)]
         for name, c in self.ceilings.items():
-            unit = f"{c.mb_per_s:>7.0f}"
-            lines.append(f"{name + ' ceiling':<30} {'-':>10} {unit} {'1.00':>7} {'':>7}")
+            label = _ceiling_label(name, c)
+            # An I/O ceiling counts bytes only; the decode ceiling counts samples (and their stored bytes).
+            per_s = f"{c.samples_per_s:>10,.0f}" if c.samples else f"{'-':>10}"
+            lines.append(f"{label:<{w}} {per_s} {c.mb_per_s:>7.0f} {'1.00':>7} {'':>7}")
         for r in self.runs:
             ceiling = self.ceiling_of(r)
-            x_ceil = f"{_ratio(r, ceiling):.2f}" if ceiling is not None else "-"
+            x_ceil = f"{_ceiling_ratio(r, ceiling):.2f}" if ceiling is not None else "-"
             x_peer = "-"
             if not r.extra.get("peer"):
                 peer = self.best_peer(str(r.extra.get("phase")))
@@ -190,7 +220,7 @@ class Report:
             hit = f"{r.cache_hit_rate:.0%}" if r.cache_hit_rate is not None else "-"
             rss = format_size(max(r.peak_rss_bytes, r.peak_child_rss_bytes)) if r.peak_rss_bytes else "-"
             lines.append(
-                f"{r.name:<30} {r.samples_per_s:>10,.0f} {r.mb_per_s:>7.0f} {x_ceil:>7} {x_peer:>7} "
+                f"{r.name:<{w}} {r.samples_per_s:>10,.0f} {r.mb_per_s:>7.0f} {x_ceil:>7} {x_peer:>7} "
                 f"{r.first_sample_s * 1000:>7.0f}ms {r.batch_p50_ms:>7.1f} {r.batch_p99_ms:>7.1f} "
                 f"{r.wait_fraction:>6.1%} {hit:>5} {r.cpu_s_per_gib:>9.2f} {rss:>9}"
             )
@@ -202,6 +232,7 @@ class Report:
                 f"{ck['clone_s'] * 1000:.0f} ms ({ck['stall_s'] / ck['clone_s']:.2f}x); background commit "
                 f"{ck['commit_s']:.2f} s ({ck['bytes'] / 1e6 / ck['commit_s']:.0f} MB/s)"
             )
+        lines.extend(self._decode_notes())
         for name, reason in self.skipped.items():
             lines.append(f"skipped {name}: {reason}")
         targets = self.targets()
@@ -214,6 +245,29 @@ class Report:
                 extra = f"  [{t.detail}]" if t.detail else ""
                 lines.append(f"  {t.name:<40} {value:>6} (target {t.op} {t.threshold:g}): {verdict}{extra}")
         return "\n".join(lines)
+
+    def _decode_notes(self) -> list[str]:
+        """For decoding runs: what bounds them, decoding or I/O (each ceiling in samples/s)."""
+        runs = [r for r in self.runs if r.extra.get("decode") and not r.extra.get("peer") and r.samples]
+        decode = self.ceilings.get(DECODE_CEILING)
+        if not runs or decode is None:
+            return []
+        lines = [""]
+        label = _ceiling_label(DECODE_CEILING, decode)
+        for r in runs:
+            io = self.ceiling_of(dataclasses.replace(r, extra={**r.extra, "decode": False}))
+            if io is None:
+                lines.append(f"{r.name}: {label} {decode.samples_per_s:,.0f} samples/s; no I/O ceiling (local files)")
+                continue
+            io_per_s = _ceiling_samples_per_s(io, r)
+            bound = "decoding" if decode.samples_per_s < io_per_s else "I/O"
+            lines.append(
+                f"{r.name}: bound by {bound}: {label} {decode.samples_per_s:,.0f} samples/s vs "
+                f"{_ceiling_label(io.name, io)} {io_per_s:,.0f} samples/s at {format_size(r.bytes // r.samples)}/sample"
+            )
+        if self.config.get("decode"):
+            lines.append("the epoch targets of issue 6 are not checked with --decode: they bound feeding stored bytes")
+        return lines
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -240,7 +294,7 @@ class Report:
         fig, ax = plt.subplots(figsize=(10, 5.5))
         for name, c in self.ceilings.items():
             ax.axhline(c.mb_per_s, linestyle="--", linewidth=1, color="grey")
-            ax.annotate(f"{name} ceiling", (0, c.mb_per_s), fontsize=8, color="grey", va="bottom")
+            ax.annotate(_ceiling_label(name, c), (0, c.mb_per_s), fontsize=8, color="grey", va="bottom")
         for r in self.runs:
             t, mb = _rate_series(r.timeline)
             if t:
@@ -261,6 +315,28 @@ def _ratio(a: Measurement, b: Measurement | None) -> float:
     if b is None or b.mb_per_s <= 0:
         return 0.0
     return a.mb_per_s / b.mb_per_s
+
+
+def _ceiling_label(key: str, ceiling: Measurement) -> str:
+    """``"raw GET ceiling"``; the decode ceiling's own name says its workers."""
+    return ceiling.name if "ceiling" in ceiling.name else f"{key} ceiling"
+
+
+def _ceiling_samples_per_s(ceiling: Measurement, run: Measurement) -> float:
+    """A ceiling in samples/s: its own count, or its bytes at ``run``'s mean stored sample size."""
+    if ceiling.samples:
+        return ceiling.samples_per_s
+    if not run.samples or not run.bytes:
+        return 0.0
+    return ceiling.mb_per_s * 1e6 / (run.bytes / run.samples)
+
+
+def _ceiling_ratio(run: Measurement, ceiling: Measurement) -> float:
+    """``run`` as a fraction of ``ceiling``: in samples/s against a ceiling that counts samples
+    (decoding), else in MB/s."""
+    if ceiling.samples:
+        return run.samples_per_s / ceiling.samples_per_s if ceiling.samples_per_s > 0 else 0.0
+    return _ratio(run, ceiling)
 
 
 def _rate_series(timeline: Sequence[Sequence[float]], points: int = 60) -> tuple[list[float], list[float]]:
@@ -312,7 +388,10 @@ def machine() -> dict[str, Any]:
 
 def _batch_bytes(batch: Any) -> int:
     from fastfeed.batch import RaggedBytes
+    from fastfeed.decode import NBYTES_KEY
 
+    if NBYTES_KEY in batch:  # a Decoder batch: the stored bytes it decoded
+        return int(batch[NBYTES_KEY])
     return sum(v.data.numel() for v in batch.values() if isinstance(v, RaggedBytes))
 
 
@@ -383,6 +462,7 @@ def run(
     from fastfeed.loader import DataLoader
 
     _check_device(cfg.device)
+    decoder = _decoder(cfg)
     prefetch = PrefetchConfig.from_args(
         part_size=cfg.part_size, max_requests=cfg.max_requests, byte_budget=cfg.byte_budget
     )
@@ -411,10 +491,19 @@ def run(
             report.ceilings["raw GET"] = measure_raw_get(remote, s3_run, prefetch)
         if cfg.device != "cpu":
             report.ceilings["pinned H2D"] = measure_h2d(cfg.device)
+        if decoder is not None:
+            # Before the epochs: a dataset without images (or a missing Pillow) shows here, at once.
+            # Its own dataset without the cache, which the cold epoch must find empty.
+            head = StreamingDataset(url, s3=s3_run, part_size=prefetch.part_size, max_requests=prefetch.max_requests)
+            report.ceilings[DECODE_CEILING] = measure_decode(
+                first_samples(head, batch_size=cfg.batch_size), decoder, workers=cfg.workers, batch_size=cfg.batch_size
+            )
 
         device = None if cfg.device == "cpu" else cfg.device
         loader = stack.enter_context(
-            contextlib.closing(DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.workers, device=device))
+            contextlib.closing(
+                DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.workers, device=device, collate_fn=decoder)
+            )
         )
         for epoch in range(cfg.epochs):
             name = f"fastfeed epoch {epoch}"
@@ -436,15 +525,120 @@ def run(
             result.cache_hit_rate = _hit_rate(before, _cache_counts(loader))
             # Cold: some shards came from the store (a --cache-dir may already be warm at epoch 0).
             phase = "cold" if remote and (result.cache_hit_rate or 0.0) < 1.0 else "warm"
-            result.name = f"{name} ({phase})"
-            result.extra.update(phase=phase, epoch=epoch)
+            result.name = f"{name} ({phase}, decode)" if decoder is not None else f"{name} ({phase})"
+            result.extra.update(phase=phase, epoch=epoch, decode=decoder is not None)
             report.runs.append(result)
 
-        if cfg.compare:
+        if cfg.compare and decoder is not None:
+            report.skipped.update(dict.fromkeys(cfg.compare, DECODE_SKIPS_PEERS))
+        elif cfg.compare:
             _run_peers(report, url, s3_run, cfg, progress, stack)
         if cfg.checkpoint_bytes:
             report.checkpoint = checkpoint_round(f"{_bucket_root(url)}fastfeed-bench-ckpt/", s3, cfg.checkpoint_bytes)
     return report
+
+
+def _decoder(cfg: BenchConfig) -> Decoder | None:
+    """The loader's ``collate_fn`` for ``cfg.decode`` (``None`` without)."""
+    from fastfeed.decode import Decoder
+
+    if not cfg.decode:
+        if cfg.image_size is not None:
+            raise ConfigError("--image-size applies to decoded images", hint="add --decode")
+        return None
+    return Decoder(image_size=cfg.image_size)
+
+
+def _usable_cores() -> int:
+    with contextlib.suppress(AttributeError, OSError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def first_samples(
+    dataset: Any,
+    *,
+    batch_size: int = 64,
+    max_samples: int = DECODE_CEILING_SAMPLES,
+    max_bytes: int = DECODE_CEILING_BYTES,
+) -> list[dict[str, Any]]:
+    """The first ``max_samples`` samples of ``dataset`` (a :class:`~fastfeed.StreamingDataset`;
+    fewer if they reach ``max_bytes`` stored bytes first), with ``bytes`` values.
+
+    The dataset is iterated in one :class:`fastfeed.DataLoader` worker process, so the reads
+    still in flight when it stops end with that process (a read stopped early in this process
+    made the demo's SeaweedFS wait for them at shutdown)."""
+    from fastfeed.loader import DataLoader
+
+    samples: list[dict[str, Any]] = []
+    nbytes = 0
+    with DataLoader(dataset, batch_size=max(1, min(batch_size, max_samples)), num_workers=1, collate_fn=list) as loader:
+        for batch in loader:
+            for sample in batch:
+                samples.append(sample)
+                nbytes += sum(len(v) for k, v in sample.items() if not k.startswith("__") and isinstance(v, bytes))
+                if len(samples) >= max_samples or nbytes >= max_bytes:
+                    return samples
+    return samples
+
+
+def measure_decode(
+    samples: Sequence[dict[str, Any]],
+    decoder: Decoder,
+    *,
+    workers: int,
+    batch_size: int,
+    repeats: int = 3,
+) -> Measurement:
+    """The decode ceiling: ``samples`` (already read, e.g. by :func:`first_samples`) decoded and
+    collated by ``decoder`` in batches of ``batch_size`` in this process, single-threaded and
+    timed: the fastest of ``repeats`` passes, after one untimed batch of one sample (imports,
+    codec set-up).
+
+    The figure is that single-core rate times the loader's decoding processes: its workers (the
+    main process when ``workers`` is 0), at most the cores this process may use. The
+    :class:`Measurement` counts the samples and stored bytes those processes decode in the
+    measured time; ``extra`` keeps the single-core figures.
+    """
+    if not samples:
+        raise ConfigError("the decode ceiling found no samples in the dataset")
+    nbytes = sum(
+        len(v) for s in samples for k, v in s.items() if not k.startswith("__") and isinstance(v, bytes | bytearray)
+    )
+    decoder(samples[:1])  # warm-up: lazy imports (Pillow), codec tables
+    step = max(1, batch_size)
+    passes: list[tuple[float, float]] = []
+    for _ in range(max(1, repeats)):
+        cpu0 = time.thread_time()
+        t0 = time.perf_counter()
+        for start in range(0, len(samples), step):
+            decoder(samples[start : start + step])
+        passes.append((time.perf_counter() - t0, time.thread_time() - cpu0))
+    seconds, cpu_s = min(passes)  # a ceiling: the pass least disturbed by the rest of the machine
+    cores = _usable_cores()
+    parallel = max(1, min(workers, cores))
+    who = f"{parallel} worker{'s' if parallel != 1 else ''}" if workers else "main process"
+    if workers > cores:
+        who = f"{parallel} cores"
+    per_core = len(samples) / seconds if seconds > 0 else 0.0
+    log.info("decode ceiling: %d samples in %.3f s on one core (%.0f samples/s)", len(samples), seconds, per_core)
+    return Measurement(
+        f"decode ceiling ({who})",
+        len(samples) * parallel,
+        nbytes * parallel,
+        seconds,
+        0.0,
+        cpu_s * parallel,
+        extra={
+            "decoded_samples": len(samples),
+            "decoded_bytes": nbytes,
+            "passes_s": [p[0] for p in passes],
+            "per_core_samples_per_s": per_core,
+            "processes": parallel,
+            "workers": workers,
+            "cores": cores,
+        },
+    )
 
 
 def _check_device(device: str) -> None:
@@ -553,13 +747,25 @@ def _delete_prefix(url: str, s3: S3Config) -> None:
 
 # ---------------------------------------------------------------------- demo
 
+#: The members of each synthetic sample: random bytes, or (``--decode``) a noise JPEG.
+DEMO_EXTENSIONS = ("bin", "cls", "json")
+DEMO_DECODE_EXTENSIONS = ("jpg", "cls", "json")
+
 
 @contextlib.contextmanager
 def demo_dataset(
-    size: int, sample_size: int, shard_size: int, *, say: Callable[[str], None] = lambda _: None
+    size: int,
+    sample_size: int,
+    shard_size: int,
+    *,
+    extensions: Sequence[str] = DEMO_EXTENSIONS,
+    say: Callable[[str], None] = lambda _: None,
 ) -> Iterator[tuple[str, S3Config, dict[str, Any]]]:
     """A local SeaweedFS on 127.0.0.1 with a synthetic dataset; yields ``(url, s3, setup)`` and
-    stops the server (by PID) and removes everything on exit, also on errors."""
+    stops the server (by PID) and removes everything on exit, also on errors.
+
+    ``extensions``: the members of each sample (:func:`fastfeed.testing.shards.write_synthetic_shards`);
+    with ``"jpg"``, each sample has a noise JPEG of about ``sample_size`` bytes."""
     from fastfeed.testing.servers import SeaweedServer
     from fastfeed.testing.shards import upload_dir, write_synthetic_shards
 
@@ -567,12 +773,18 @@ def demo_dataset(
     num_shards = max(1, size // (per_shard * sample_size))
     with (
         tempfile.TemporaryDirectory(prefix="fastfeed-demo-") as tmp,
-        SeaweedServer(Path(tmp) / "store") as server,
+        # Its data is thrown away: no point in waiting long for a clean stop (SeaweedFS
+        # sometimes takes over 10 s to act on SIGTERM; then it is killed).
+        SeaweedServer(Path(tmp) / "store", stop_timeout=3.0) as server,
     ):
         say(f"local S3 endpoint (SeaweedFS): {server.endpoint_url}  [started in {server.start_seconds or 0:.1f}s]")
         t0 = time.perf_counter()
         paths = write_synthetic_shards(
-            Path(tmp) / "shards", num_shards=num_shards, samples_per_shard=per_shard, sample_bytes=sample_size
+            Path(tmp) / "shards",
+            num_shards=num_shards,
+            samples_per_shard=per_shard,
+            sample_bytes=sample_size,
+            extensions=tuple(extensions),
         )
         written = time.perf_counter() - t0
         client = server.client()
@@ -581,8 +793,9 @@ def demo_dataset(
         upload_dir(client, "demo", Path(tmp) / "shards", prefix="train/")
         uploaded = time.perf_counter() - t0
         total = sum(p.stat().st_size for p in paths)
+        members = "" if tuple(extensions) == DEMO_EXTENSIONS else f" ({', '.join(extensions)})"
         say(
-            f"synthetic dataset: {num_shards} shards x {per_shard} samples x {format_size(sample_size)}"
+            f"synthetic dataset: {num_shards} shards x {per_shard} samples x {format_size(sample_size)}{members}"
             f" = {format_size(total)} (written in {written:.1f}s, uploaded in {uploaded:.1f}s)"
         )
         for path in paths:
@@ -600,6 +813,7 @@ def demo_dataset(
             "samples_per_shard": per_shard,
             "sample_bytes": sample_size,
             "dataset_bytes": total,
+            "extensions": list(extensions),
         }
         yield "s3://demo/train/", s3, setup
 
@@ -615,7 +829,9 @@ def demo(
 ) -> Report:
     """:func:`run` on a synthetic dataset in a local S3 server started (and stopped) here."""
     _check_device(cfg.device)  # before anything is started
-    with demo_dataset(size, sample_size, shard_size, say=say) as (url, s3, setup):
+    _decoder(cfg)  # --image-size without --decode fails here too
+    extensions = DEMO_DECODE_EXTENSIONS if cfg.decode else DEMO_EXTENSIONS
+    with demo_dataset(size, sample_size, shard_size, extensions=extensions, say=say) as (url, s3, setup):
         report = run(url, s3, cfg, progress=progress, setup=setup)
     report.setup["peak_rss_bytes"] = peak_rss_bytes()
     return report

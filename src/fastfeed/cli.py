@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -56,6 +57,13 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cache-limit", default="20GB")
     bench.add_argument("--device", default="cpu", help="cpu, or a CUDA device the batches are copied to")
     bench.add_argument("--step-ms", type=float, default=0.0, help="synthetic training step per batch")
+    bench.add_argument(
+        "--decode",
+        action="store_true",
+        help="decode every sample in the loader (images to uint8 CHW tensors, .cls to ints, .json, ...) and "
+        "measure a decode ceiling; --demo then writes JPEG samples; peers are not run",
+    )
+    bench.add_argument("--image-size", help="with --decode: resize images to HxW (e.g. 224x224) so batches stack")
     bench.add_argument(
         "--compare",
         default=None,
@@ -248,7 +256,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.demo == (args.url is not None):
         print("fastfeed bench: give either a dataset URL or --demo", file=sys.stderr)
         return 2
-    chosen = args.compare if args.compare is not None else ("all" if args.demo else "none")
+    # --decode runs no peers: those asked for are listed as skipped, --demo's default is none.
+    chosen = args.compare if args.compare is not None else ("all" if args.demo and not args.decode else "none")
     compare: tuple[str, ...]
     if chosen.strip() in ("all", "none"):
         compare = _PEERS if chosen.strip() == "all" else ()
@@ -258,6 +267,15 @@ def _bench(args: argparse.Namespace) -> int:
     if unknown:
         print(f"fastfeed bench: unknown peer(s) {', '.join(unknown)}; choose from {', '.join(_PEERS)}", file=sys.stderr)
         return 2
+    image_size = None
+    if args.image_size is not None:
+        image_size = _parse_image_size(args.image_size)
+        if image_size is None:
+            print(f"fastfeed bench: --image-size {args.image_size!r}: give HxW, e.g. 224x224", file=sys.stderr)
+            return 2
+        if not args.decode:
+            print("fastfeed bench: --image-size applies with --decode", file=sys.stderr)
+            return 2
     checkpoint = args.checkpoint_size or ("256MiB" if args.demo else None)
     cfg = benchmark.BenchConfig(
         batch_size=args.batch_size,
@@ -281,6 +299,8 @@ def _bench(args: argparse.Namespace) -> int:
         ),
         checkpoint_bytes=parse_size(checkpoint, name="--checkpoint-size") if checkpoint else 0,
         progress=not args.no_progress,
+        decode=args.decode,
+        image_size=image_size,
     )
     if cfg.epochs < 1:
         print("fastfeed bench: --epochs must be >= 1", file=sys.stderr)
@@ -310,6 +330,16 @@ def _bench(args: argparse.Namespace) -> int:
         report.plot(args.plot_path)
         print(f"wrote {args.plot_path}")
     return 0
+
+
+def _parse_image_size(text: str) -> tuple[int, int] | None:
+    """``"224x160"`` -> ``(224, 160)`` (height, width); ``"224"`` -> ``(224, 224)``; else ``None``."""
+    match = re.fullmatch(r"\s*([0-9]+)\s*(?:[xX]\s*([0-9]+)\s*)?", text)
+    if match is None:
+        return None
+    height = int(match.group(1))
+    width = int(match.group(2) or height)
+    return (height, width) if height > 0 and width > 0 else None
 
 
 class _BenchProgress:

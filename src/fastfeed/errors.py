@@ -19,6 +19,7 @@ specific type with ``raise ... from exc``; nothing in fastfeed matches on ``str(
     ├── ShardError                  the bytes of a shard are not a valid tar archive
     │   ├── CorruptShardError       bad header checksum, bad field, not a tar at all
     │   └── TruncatedShardError     the object ends inside a header or a member
+    ├── DecodeError                 a sample's field does not decode (fastfeed.decode)
     ├── CheckpointError             a checkpoint cannot be saved or loaded
     │   └── CorruptCheckpointError  committed, but its data is missing or fails its checksum
     └── PipelineError               an error raised in a background stage, re-raised in the
@@ -38,6 +39,7 @@ __all__ = [
     "ConfigError",
     "CorruptCheckpointError",
     "CorruptShardError",
+    "DecodeError",
     "EmptyDatasetError",
     "EndpointError",
     "FastfeedError",
@@ -154,6 +156,26 @@ class CorruptShardError(ShardError):
 
 class TruncatedShardError(ShardError):
     """The object ends inside a tar header or inside a member's data."""
+
+
+class DecodeError(FastfeedError):
+    """A field of a sample whose bytes do not decode as its extension says (:mod:`fastfeed.decode`).
+
+    ``key`` is the sample's ``__key__``, ``ext`` the field and ``url`` the shard.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str | None = None,
+        hint: str | None = None,
+        key: str | None = None,
+        ext: str | None = None,
+    ) -> None:
+        self.key = key
+        self.ext = ext
+        super().__init__(message, url=url, hint=hint)
 
 
 class CheckpointError(FastfeedError):

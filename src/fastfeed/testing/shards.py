@@ -6,8 +6,11 @@ with Python's :mod:`tarfile` (no WebDataset needed). Sample ``i`` of shard ``s``
 
 * ``<key>.bin``: ``sample_bytes`` pseudo-random bytes, deterministic in ``(seed, s, i)``;
 * ``<key>.cls``: the label, an ASCII integer in ``[0, 10)``: ``(s * samples_per_shard + i) % 10``;
-* ``<key>.json``: ``{"key", "shard", "index", "label", "bin_bytes", "bin_crc32"}``, so a reader
-  can check each sample's ``.bin`` end to end without the generator.
+* ``<key>.json``: ``{"key", "shard", "index", "label", "bin_bytes", "bin_crc32"}`` (plus
+  ``"jpg_bytes"``, ``"jpg_crc32"`` with ``.jpg``), so a reader can check each sample's payload
+  end to end without the generator;
+* ``<key>.jpg``: a random-noise RGB JPEG (quality 90) of about ``sample_bytes`` bytes,
+  deterministic in ``(seed, s, i)``; needs Pillow.
 
 The archives are byte-for-byte reproducible: fixed member order, mtime 0, uid/gid 0, mode 0644.
 :func:`upload_dir` puts a directory of files into a bucket.
@@ -28,10 +31,15 @@ import numpy as np
 
 __all__ = ["sample_key", "upload_dir", "write_synthetic_shards"]
 
-_KNOWN_EXTENSIONS = frozenset({"bin", "cls", "json"})
+_KNOWN_EXTENSIONS = frozenset({"bin", "cls", "jpg", "json"})
 _NUM_LABELS = 10
 _RNG_BATCH_BYTES = 16 * 1024 * 1024  # random bytes drawn per numpy call
 _ZEROS = bytes(tarfile.RECORDSIZE + 2 * tarfile.BLOCKSIZE)
+# Random noise at JPEG quality 90 (4:2:0) takes about this many bytes per pixel, plus headers.
+_JPEG_QUALITY = 90
+_JPEG_BYTES_PER_PIXEL = 0.9
+_JPEG_HEADER_BYTES = 620
+_JPEG_MIN_PIXELS = 8 * 8
 
 
 def sample_key(shard: int, index: int) -> str:
@@ -56,20 +64,23 @@ def write_synthetic_shards(
             names are replaced atomically (written to a temporary name, then renamed).
         num_shards: number of ``.tar`` files.
         samples_per_shard: samples per shard.
-        sample_bytes: size of each ``.bin`` member.
-        seed: the random bytes are a pure function of ``(seed, shard, index)``.
+        sample_bytes: size of each ``.bin`` member, and about that of each ``.jpg``.
+        seed: the random bytes and images are a pure function of ``(seed, shard, index)``.
         prefix: file name prefix (``<prefix>-000000.tar``).
         extensions: which members each sample has, in this order; a subset of
-            ``("bin", "cls", "json")``.
+            ``("bin", "cls", "jpg", "json")``.
 
     Raises:
         ValueError: a negative count or size, or an unknown extension.
+        fastfeed.errors.ConfigError: ``"jpg"`` and Pillow is not installed.
     """
     if num_shards < 0 or samples_per_shard < 0 or sample_bytes < 0:
         raise ValueError("num_shards, samples_per_shard and sample_bytes must be >= 0")
     unknown = [ext for ext in extensions if ext not in _KNOWN_EXTENSIONS]
     if unknown or not extensions or len(set(extensions)) != len(extensions):
         raise ValueError(f"extensions must be distinct names from {sorted(_KNOWN_EXTENSIONS)}, got {list(extensions)}")
+    if "jpg" in extensions:
+        _pil_image()  # fail before writing anything
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -105,13 +116,16 @@ def _write_shard(
                 block = rng.bytes(min(batch, samples - index) * sample_bytes)
             payload = block[offset : offset + sample_bytes]
         label = (shard * samples + index) % _NUM_LABELS
+        jpeg = _noise_jpeg(sample_bytes, seed, shard, index) if "jpg" in extensions else b""
         for ext in extensions:
             if ext == "bin":
                 data = payload
             elif ext == "cls":
                 data = str(label).encode("ascii")
+            elif ext == "jpg":
+                data = jpeg
             else:
-                meta = {
+                meta: dict[str, Any] = {
                     "key": key,
                     "shard": shard,
                     "index": index,
@@ -119,6 +133,8 @@ def _write_shard(
                     "bin_bytes": len(payload),
                     "bin_crc32": zlib.crc32(payload),
                 }
+                if "jpg" in extensions:
+                    meta.update(jpg_bytes=len(jpeg), jpg_crc32=zlib.crc32(jpeg))
                 data = json.dumps(meta, sort_keys=True).encode("ascii")
             # tarfile builds each header; the members are written directly because
             # TarFile.addfile's per-member copying dominates for small samples.
@@ -135,6 +151,41 @@ def _write_shard(
     # End of archive as tarfile writes it: two zero blocks, then zeros up to a whole record.
     written += 2 * tarfile.BLOCKSIZE
     fh.write(_ZEROS[: 2 * tarfile.BLOCKSIZE + (-written % tarfile.RECORDSIZE)])
+
+
+def _pil_image() -> Any:
+    try:
+        from PIL import Image
+    except ImportError as err:
+        from fastfeed.errors import ConfigError
+
+        raise ConfigError("synthetic .jpg samples need Pillow", hint="pip install pillow") from err
+    return Image
+
+
+def _encode_noise(pixels: float, seed: int, shard: int, index: int) -> bytes:
+    """A 4:3 RGB noise image of about ``pixels`` pixels as a JPEG; the noise is drawn from a
+    generator seeded with ``(seed, shard, index)`` (the same for every size tried)."""
+    pixels = max(float(_JPEG_MIN_PIXELS), pixels)
+    width = max(8, round((pixels * 4 / 3) ** 0.5))
+    height = max(8, round(pixels / width))
+    rng = np.random.Generator(np.random.PCG64([seed, shard, index]))
+    noise = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    _pil_image().fromarray(noise).save(out, format="JPEG", quality=_JPEG_QUALITY)
+    return out.getvalue()
+
+
+def _noise_jpeg(sample_bytes: int, seed: int, shard: int, index: int) -> bytes:
+    """A noise JPEG of about ``sample_bytes`` bytes: sized from the typical bytes per pixel of
+    noise, then, if that misses by more than 5%, once more from the size it gave."""
+    target = max(0, sample_bytes - _JPEG_HEADER_BYTES)
+    pixels = target / _JPEG_BYTES_PER_PIXEL
+    data = _encode_noise(pixels, seed, shard, index)
+    got = len(data) - _JPEG_HEADER_BYTES
+    if target > 0 and got > 0 and abs(len(data) - sample_bytes) > 0.05 * sample_bytes:
+        data = _encode_noise(pixels * target / got, seed, shard, index)
+    return data
 
 
 def upload_dir(client: Any, bucket: str, src_dir: str | os.PathLike[str], prefix: str = "") -> list[str]:
