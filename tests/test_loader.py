@@ -740,3 +740,26 @@ def test_a_collected_loader_stops_its_persistent_workers(shard_dir: Path) -> Non
     while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(_alive(pid) for pid in pids)
+
+
+def _failing_collate(samples: list[dict[str, Any]]) -> Any:
+    import os
+
+    raise ValueError(f"cannot collate (worker pid {os.getpid()})")
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_workers_stop_at_once_when_a_worker_fails_while_the_error_is_held(shard_dir: Path, persistent: bool) -> None:
+    import re
+
+    loader = DataLoader(StreamingDataset(str(shard_dir)), batch_size=4, num_workers=2, collate_fn=_failing_collate,
+                        persistent_workers=persistent)  # fmt: skip
+    with pytest.raises(ValueError, match="cannot collate") as info:
+        list(loader)
+    pid = int(re.search(r"worker pid (\d+)", str(info.value)).group(1))  # type: ignore[union-attr]
+    # The error (held here, as by a debugger or a logged traceback) references torch's iterator.
+    deadline = time.monotonic() + 3
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid), "the failed iteration's workers are stopped, not left to the garbage collector"
+    loader.close()

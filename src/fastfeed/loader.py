@@ -446,10 +446,17 @@ class _WorkerPool:
     def shutdown(self) -> None:
         iterator, self.iterator = self.iterator, None
         if iterator is not None:
-            iterator._shutdown_workers()
+            _shutdown_workers(iterator)
         if self.slot_table.pinned:
             torch.cuda.synchronize()  # the training loop may still be copying from a slot
         self.slot_table.close()
+
+
+def _shutdown_workers(iterator: Any) -> None:
+    """Stop and join the worker processes of a torch DataLoader iterator."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 class _PoolHolder:
@@ -979,7 +986,10 @@ class _Settings:
             else:
                 yield from it
         finally:
-            del it  # its __del__ shuts the worker processes down and joins them
+            # Now, not when ``it`` is collected: an exception raised from a worker keeps the
+            # iterator (and so the workers) alive for as long as the exception is referenced.
+            _shutdown_workers(it)
+            del it
 
 
 class _HandoffQueue(queue.Queue[Any]):
