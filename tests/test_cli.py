@@ -138,3 +138,18 @@ def test_bench_calls_an_epoch_from_a_cache_already_warm_warm(tmp_path: Path) -> 
     assert [r.name for r in first.runs] == ["fastfeed epoch 0 (cold)"] and first.runs[0].cache_hit_rate == 0.0
     again = demo(cfg, **size)  # a new store with the same synthetic bytes: same ETags, same cache keys
     assert [r.name for r in again.runs] == ["fastfeed epoch 0 (warm)"] and again.runs[0].cache_hit_rate == 1.0
+
+
+def test_bench_persistent_workers_read_every_epoch_whole(tmp_path: Path) -> None:
+    from fastfeed.testing.shards import write_synthetic_shards
+
+    write_synthetic_shards(tmp_path / "shards", num_shards=4, samples_per_shard=20, sample_bytes=4096)
+    out = tmp_path / "report.json"
+    proc = run_cli(
+        "bench", str(tmp_path / "shards"), "--workers", "2", "--persistent-workers", "--epochs", "3",
+        "--batch-size", "8", "--no-progress", "--json", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["config"]["persistent_workers"] is True
+    assert [r["samples"] for r in report["runs"]] == [80, 80, 80], "each epoch, read by the kept workers, is whole"

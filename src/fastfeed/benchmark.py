@@ -75,6 +75,9 @@ class BenchConfig:
 
     batch_size: int = 64
     workers: int = 2
+    #: Keep fastfeed's worker processes from one epoch to the next. Off by default: every peer
+    #: run starts its own workers, and so does each fastfeed epoch then.
+    persistent_workers: bool = False
     epochs: int = 2
     shuffle: bool = False
     part_size: int | str = "8MiB"
@@ -502,7 +505,14 @@ def run(
         device = None if cfg.device == "cpu" else cfg.device
         loader = stack.enter_context(
             contextlib.closing(
-                DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.workers, device=device, collate_fn=decoder)
+                DataLoader(
+                    ds,
+                    batch_size=cfg.batch_size,
+                    num_workers=cfg.workers,
+                    persistent_workers=cfg.persistent_workers and cfg.workers > 0,
+                    device=device,
+                    collate_fn=decoder,
+                )
             )
         )
         for epoch in range(cfg.epochs):

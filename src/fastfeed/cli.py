@@ -49,6 +49,11 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--epochs", type=int, default=2, help="epochs of fastfeed (the first is cold)")
     bench.add_argument("--batch-size", type=int, default=64)
     bench.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    bench.add_argument(
+        "--persistent-workers",
+        action="store_true",
+        help="keep fastfeed's workers between epochs (each peer run starts its own workers)",
+    )
     bench.add_argument("--shuffle", action="store_true")
     bench.add_argument("--part-size", default="8MiB")
     bench.add_argument("--max-requests", type=int, default=16)
@@ -280,6 +285,7 @@ def _bench(args: argparse.Namespace) -> int:
     cfg = benchmark.BenchConfig(
         batch_size=args.batch_size,
         workers=args.workers,
+        persistent_workers=args.persistent_workers,
         epochs=args.epochs,
         shuffle=args.shuffle,
         part_size=args.part_size,
