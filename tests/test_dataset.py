@@ -259,3 +259,15 @@ def test_each_stream_of_a_process_keeps_a_next_shard_in_flight(shard_dir: Path) 
     assert ds.stream_prefetch_config(1).shards_in_flight == ds.prefetch_config.shards_in_flight
     strict = StreamingDataset(str(shard_dir), shards_in_flight=1)
     assert strict.stream_prefetch_config(4).shards_in_flight == 1, "a configured bound of one is kept"
+
+
+def test_a_dataset_with_a_cache_pickles_after_an_iteration(tmp_path: Path, s3_shards: Any, seaweed: Any) -> None:
+    import pickle
+
+    bucket, prefix, _ = s3_shards
+    cache = str(tmp_path / "cache")
+    ds = StreamingDataset(f"s3://{bucket}/{prefix}", s3=s3cfg(seaweed), cache_dir=cache, cache_limit="1GB")
+    first = [s["__key__"] for s in ds]  # builds the cache's planner (a closure) in this process
+    copy = pickle.loads(pickle.dumps(ds))  # what a spawned or persistent worker receives
+    assert [s["__key__"] for s in copy] == first
+    assert copy.io_stats()["cache_hits"] == len(ds.shards), "the copy reads the same cache"

@@ -171,6 +171,14 @@ class StreamingDataset(IterableDataset[Sample]):
             self.world_size,
         )
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for spawned (and persistent) DataLoader workers: without the cache planners
+        (closures, rebuilt on first use) and this process's live I/O counters."""
+        state = self.__dict__.copy()
+        state["_planners"] = {}
+        state["_io_live"] = []
+        return state
+
     # ------------------------------------------------------------------ public API
 
     @property
