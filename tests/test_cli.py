@@ -153,3 +153,18 @@ def test_bench_persistent_workers_read_every_epoch_whole(tmp_path: Path) -> None
     report = json.loads(out.read_text())
     assert report["config"]["persistent_workers"] is True
     assert [r["samples"] for r in report["runs"]] == [80, 80, 80], "each epoch, read by the kept workers, is whole"
+
+
+def test_bench_without_a_cache_streams_every_epoch_from_the_store(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    proc = run_cli(
+        "bench", "--demo", *SMALL_DEMO, "--workers", "1", "--epochs", "2", "--no-cache", "--compare", "none",
+        "--checkpoint-size", "0", "--no-progress", "--json", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert [r["name"] for r in report["runs"]] == ["fastfeed epoch 0 (cold)", "fastfeed epoch 1 (cold)"]
+    assert all(r["cache_hit_rate"] is None for r in report["runs"])
+    assert set(report["ceilings"]) == {"raw GET"}, "no cache, so no raw read of it"
+    both = run_cli("bench", "--demo", *SMALL_DEMO, "--no-cache", "--cache-dir", str(tmp_path / "c"), "--no-progress")
+    assert both.returncode == 2 and "--no-cache" in both.stderr and "SeaweedFS" not in both.stdout

@@ -86,6 +86,8 @@ class BenchConfig:
     #: Cache directory (``None``: a temporary one, removed after the run) and its limit.
     cache_dir: str | None = None
     cache_limit: str = "20GB"
+    #: Read without a node cache: every epoch streams from the store (and is cold).
+    no_cache: bool = False
     #: ``"cpu"`` or a CUDA device: batches are copied there by the loader.
     device: str = "cpu"
     #: Synthetic training step per batch, in milliseconds (``time.sleep``).
@@ -473,7 +475,11 @@ def run(
         url, {**dataclasses.asdict(cfg), "compare": list(cfg.compare)}, setup=dict(setup or {}), machine=machine()
     )
     with contextlib.ExitStack() as stack:
-        cache_dir = cfg.cache_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="fastfeed-bench-cache-"))
+        if cfg.no_cache and cfg.cache_dir:
+            raise ConfigError("--no-cache and --cache-dir contradict each other", hint="give one of them")
+        cache_dir = cfg.cache_dir
+        if cache_dir is None and not cfg.no_cache:
+            cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="fastfeed-bench-cache-"))
         s3_run = stack.enter_context(_emulated(s3, cfg.latency_ms, cfg.bandwidth, cfg.connection_bandwidth))
 
         # As a training loop does: one dataset and one loader, set_epoch before each epoch.
@@ -485,7 +491,7 @@ def run(
             max_requests=prefetch.max_requests,
             byte_budget=prefetch.byte_budget,
             cache_dir=cache_dir,
-            cache_limit=cfg.cache_limit,
+            cache_limit=cfg.cache_limit if cache_dir is not None else None,
         )
         shards = ds.shards
         total = sum(s.size for s in shards)
@@ -517,7 +523,7 @@ def run(
         )
         for epoch in range(cfg.epochs):
             name = f"fastfeed epoch {epoch}"
-            if epoch == 1 and remote:
+            if epoch == 1 and remote and cache_dir is not None:
                 entries = sorted(Path(cache_dir).glob("v1/entries/*.tar"))
                 if entries:
                     report.ceilings["raw read"] = measure_raw_read(entries)

@@ -59,6 +59,7 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-requests", type=int, default=16)
     bench.add_argument("--byte-budget", default="256MiB")
     bench.add_argument("--cache-dir", help="node cache directory (default: a temporary one, removed after)")
+    bench.add_argument("--no-cache", action="store_true", help="no node cache: every epoch streams from the store")
     bench.add_argument("--cache-limit", default="20GB")
     bench.add_argument("--device", default="cpu", help="cpu, or a CUDA device the batches are copied to")
     bench.add_argument("--step-ms", type=float, default=0.0, help="synthetic training step per batch")
@@ -281,6 +282,9 @@ def _bench(args: argparse.Namespace) -> int:
         if not args.decode:
             print("fastfeed bench: --image-size applies with --decode", file=sys.stderr)
             return 2
+    if args.no_cache and args.cache_dir:
+        print("fastfeed bench: --no-cache and --cache-dir contradict each other: give one", file=sys.stderr)
+        return 2
     checkpoint = args.checkpoint_size or ("256MiB" if args.demo else None)
     cfg = benchmark.BenchConfig(
         batch_size=args.batch_size,
@@ -292,6 +296,7 @@ def _bench(args: argparse.Namespace) -> int:
         max_requests=args.max_requests,
         byte_budget=args.byte_budget,
         cache_dir=args.cache_dir,
+        no_cache=args.no_cache,
         cache_limit=args.cache_limit,
         device=args.device,
         step_ms=args.step_ms,
