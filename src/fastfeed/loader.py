@@ -411,22 +411,15 @@ class _WorkerPool:
 
     def __init__(self, settings: _Settings, mailbox_size: int) -> None:
         self.key = settings.pool_key()
-        slots = (settings.prefetch_factor or 2) + 3
-        self.free = torch.ones(settings.num_workers, slots, dtype=torch.int8).share_memory_()  # type: ignore[no-untyped-call]
+        self.free = settings.new_slots()
         self.slot_table = _SlotTable(self.free, HostPinner() if settings.pin_slots else None)
         self.mailbox = _Mailbox(mailbox_size)
-        self.pinned = settings.pin_slots
         self.loader = torch.utils.data.DataLoader(
             _CollatedStream(None, self.free, self.mailbox),
             batch_size=None,
             collate_fn=_identity,
-            num_workers=settings.num_workers,
-            timeout=settings.timeout,
-            worker_init_fn=settings.worker_init_fn,
-            multiprocessing_context=settings.multiprocessing_context,
             persistent_workers=True,
-            prefetch_factor=settings.prefetch_factor,
-            generator=settings.worker_generator,
+            **settings.torch_loader_kwargs(),
         )
         self.iterator: Any = None
 
@@ -911,6 +904,24 @@ class _Settings:
                 samples = [self.dataset[i] for i in indices]
                 yield "samples", samples, None, {"parse_s": time.perf_counter() - start}
 
+    def new_slots(self) -> torch.Tensor:
+        """The shared ``free`` flags of each worker's shared-memory slots (see _WorkerSlots)."""
+        slots = (self.prefetch_factor or 2) + 3
+        free: torch.Tensor = torch.ones(self.num_workers, slots, dtype=torch.int8)
+        free.share_memory_()  # type: ignore[no-untyped-call]
+        return free
+
+    def torch_loader_kwargs(self) -> dict[str, Any]:
+        """The arguments of the torch DataLoader that runs the workers, as the user gave them."""
+        return {
+            "num_workers": self.num_workers,
+            "timeout": self.timeout,
+            "worker_init_fn": self.worker_init_fn,
+            "multiprocessing_context": self.multiprocessing_context,
+            "prefetch_factor": self.prefetch_factor,
+            "generator": self.worker_generator,
+        }
+
     def pool_key(self) -> tuple[Any, ...]:
         """What a persistent pool was made for: a pool is reused only for the same."""
         return (
@@ -955,19 +966,10 @@ class _Settings:
         if self.pool_holder is not None and self.fast_path():
             yield from self.persistent_batches(self.pool_holder)
             return
-        slots = (self.prefetch_factor or 2) + 3
-        free = torch.ones(self.num_workers, slots, dtype=torch.int8).share_memory_()  # type: ignore[no-untyped-call]
+        free = self.new_slots()
         self.slot_table = _SlotTable(free, HostPinner() if self.pin_slots else None)
-        kwargs: dict[str, Any] = {
-            "num_workers": self.num_workers,
-            "collate_fn": _WorkerCollate(self.collate_fn, free),
-            "timeout": self.timeout,
-            "worker_init_fn": self.worker_init_fn,
-            "multiprocessing_context": self.multiprocessing_context,
-            "persistent_workers": self.persistent_workers,
-            "prefetch_factor": self.prefetch_factor,
-            "generator": self.worker_generator,
-        }
+        kwargs = self.torch_loader_kwargs()
+        kwargs.update(collate_fn=_WorkerCollate(self.collate_fn, free), persistent_workers=self.persistent_workers)
         dataset = self.dataset
         if self.fast_path():
             # Workers read their streams and collate whole batches; torch only moves messages.
