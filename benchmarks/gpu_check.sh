@@ -33,7 +33,7 @@ demo() {  # object store -> pinned ring -> GPU on this many-core node: throughpu
   timeout 200 python3 -m fastfeed.cli bench --demo --device cuda --workers 4 --epochs 3 --demo-size 1GiB \
     --compare torch --json "$out/bench_demo_cuda.json" --no-progress 2>&1 | tail -24
   timeout 120 python3 -m fastfeed.cli bench --demo --device cuda --workers 4 --epochs 2 --step-ms 10 \
-    --checkpoint-size 1GiB --json "$out/bench_demo_cuda_step10ms.json" --no-progress 2>&1 | tail -16
+    --persistent-workers --checkpoint-size 1GiB --json "$out/bench_demo_cuda_step10ms.json" --no-progress 2>&1 | tail -16
 }
 if [ "${1:-}" = "demo" ]; then
   demo
