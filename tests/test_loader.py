@@ -763,3 +763,17 @@ def test_workers_stop_at_once_when_a_worker_fails_while_the_error_is_held(shard_
         time.sleep(0.05)
     assert not _alive(pid), "the failed iteration's workers are stopped, not left to the garbage collector"
     loader.close()
+
+
+def test_persistent_workers_started_by_spawn_read_each_epoch(shard_dir: Path) -> None:
+    ds = StreamingDataset(str(shard_dir), shuffle=True, seed=4, shuffle_buffer=16)
+
+    def epochs(**kw: Any) -> list[list[str]]:
+        loader = DataLoader(ds, batch_size=8, num_workers=2, **kw)
+        try:
+            return [[k for b in e for k in b["__key__"]] for e in _epochs(loader, ds, range(3))]
+        finally:
+            loader.close()
+
+    kept = epochs(persistent_workers=True, multiprocessing_context="spawn")  # settings cross by pickle
+    assert kept == epochs() and kept[0] != kept[1]
