@@ -770,8 +770,12 @@ def test_persistent_workers_started_by_spawn_read_each_epoch(shard_dir: Path) ->
 
     def epochs(**kw: Any) -> list[list[str]]:
         loader = DataLoader(ds, batch_size=8, num_workers=2, **kw)
+        out = []
         try:
-            return [[k for b in e for k in b["__key__"]] for e in _epochs(loader, ds, range(3))]
+            for epoch in range(3):
+                ds.set_epoch(epoch)
+                out.append([k for b in loader for k in b["__key__"]])  # each batch freed at once
+            return out
         finally:
             loader.close()
 
