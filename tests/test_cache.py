@@ -461,3 +461,61 @@ def test_a_reader_closed_with_claims_outstanding_stops_at_once(data: dict[str, A
     assert len(keys(dataset(data))) == SHARDS * PER_SHARD
     info = cache_info(data["cache"])
     assert info.entries == SHARDS and info.partial == 0
+
+
+@pytest.mark.parametrize("part_size", ["64KiB", "100000"])  # page-aligned parts, and parts that are not
+def test_direct_fills_write_exact_entries_that_later_epochs_hit(data: dict[str, Any], part_size: str) -> None:
+    proxy = data["proxy"]
+    reference = {
+        f"{Path(s['__url__']).name}#{s['__key__']}": s["bin"] for s in StreamingDataset([str(p) for p in data["paths"]])
+    }
+    ds = dataset(data, cache_io="direct", part_size=part_size)
+    assert ds.cache_config is not None and ds.cache_config.io == "direct"
+    got = {f"{Path(s['__url__']).name}#{s['__key__']}": s["bin"] for s in ds}
+    assert got == reference
+    entries = sorted(Path(data["cache"]).glob("v1/entries/*.tar"))
+    assert sorted(p.read_bytes() for p in entries) == sorted(p.read_bytes() for p in data["paths"]), "exact copies"
+    fetched = gets(proxy)
+    ds.set_epoch(1)
+    again = {f"{Path(s['__url__']).name}#{s['__key__']}": s["bin"] for s in ds}
+    assert again == reference and gets(proxy) == fetched, "a warm epoch reads the direct-written entries"
+
+
+def test_direct_fills_fall_back_to_buffered_where_the_file_system_refuses(
+    data: dict[str, Any], caplog: Any, monkeypatch: Any
+) -> None:
+    import errno
+    import logging
+
+    # Fault injection: file systems without O_DIRECT refuse the open with EINVAL; none of the
+    # file systems this test may run on does (tmpfs has it since Linux 6.6).
+    real_open = os.open
+
+    def refuse_direct(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument", str(path))
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", refuse_direct)
+    with caplog.at_level(logging.WARNING, logger="fastfeed"):
+        ds = dataset(data, cache_io="direct")
+        assert len(keys(ds)) == SHARDS * PER_SHARD
+    assert "fills are buffered" in caplog.text
+    assert cache_info(data["cache"]).entries == SHARDS
+    entries = sorted(Path(data["cache"]).glob("v1/entries/*.tar"))
+    assert sorted(p.read_bytes() for p in entries) == sorted(p.read_bytes() for p in data["paths"])
+
+
+def test_cache_io_auto_writes_direct_only_for_datasets_larger_than_half_the_memory(
+    data: dict[str, Any], monkeypatch: Any
+) -> None:
+    import fastfeed.dataset as ff_dataset
+
+    assert ff_dataset._physical_memory() > 0
+    assert dataset(data).cache_config.io == "buffered"  # type: ignore[union-attr]  # ~2 MB: fits
+    # A machine with less than twice the dataset's bytes of memory (cannot be made otherwise).
+    monkeypatch.setattr(ff_dataset, "_physical_memory", lambda: 2 * data["bytes"] - 2)
+    assert dataset(data).cache_config.io == "direct"  # type: ignore[union-attr]
+    assert dataset(data, cache_io="buffered").cache_config.io == "buffered"  # type: ignore[union-attr]
+    with pytest.raises(ConfigError, match="cache io"):
+        dataset(data, cache_io="mmap")

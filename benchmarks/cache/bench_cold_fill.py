@@ -7,7 +7,8 @@ rotated) times one cold epoch of ``fastfeed.DataLoader(num_workers=W)`` in each 
 
 * ``nocache``: ``StreamingDataset`` without a cache: the bytes go from the GETs to the batches;
 * ``cache``: with a fresh ``cache_dir``: every shard is also written to the node cache (and
-  fsync'ed) while it is read;
+  fsync'ed) while it is read, through the page cache (``cache_io="buffered"``);
+* ``direct``: as ``cache`` with ``cache_io="direct"``: the fill writes with ``O_DIRECT``;
 * ``sparse`` (diagnostic, ``--sparse``): as ``cache``, but the fill extends the part file with
   ``ftruncate`` instead of writing the bytes (and skips the fsync). The entries are then holes,
   so this mode only measures what the rest of the cache machinery costs. It replaces a private
@@ -58,7 +59,7 @@ def main() -> int:
     parser.add_argument("--sparse", action="store_true", help="also run the diagnostic sparse mode")
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
-    modes = ["nocache", "cache"] + (["sparse"] if args.sparse else [])
+    modes = ["nocache", "cache", "direct"] + (["sparse"] if args.sparse else [])
     runs: dict[str, list[dict[str, float]]] = {m: [] for m in ["raw GET", *modes]}
     prefetch = PrefetchConfig()
     with (
@@ -76,7 +77,11 @@ def main() -> int:
                     cache: dict[str, Any] = {}
                     if mode != "nocache":
                         cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="ff-cold-fill-"))
-                        cache = {"cache_dir": cache_dir, "cache_limit": "100GB"}
+                        cache = {
+                            "cache_dir": cache_dir,
+                            "cache_limit": "100GB",
+                            "cache_io": "direct" if mode == "direct" else "buffered",
+                        }
                     ds = StreamingDataset(url, s3=s3_run, **cache)
                     loader = stack.enter_context(
                         contextlib.closing(DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers))

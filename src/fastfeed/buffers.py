@@ -2,10 +2,13 @@
 
 A GET written into a reused buffer skips allocating, zero-filling and page-faulting a fresh
 part-sized buffer (on a VM, page faults made that the largest single cost of reading a shard).
+Buffers are anonymous memory maps, so they start on a page boundary: the node cache can write
+them to disk with ``O_DIRECT``.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 
@@ -23,17 +26,19 @@ class BufferPool:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._free: list[bytearray] = []
+        self._free: list[mmap.mmap] = []
         self._lock = threading.Lock()
 
-    def take(self) -> bytearray:
+    def take(self) -> mmap.mmap:
+        """A buffer of ``size`` bytes, page-aligned; its contents are undefined."""
         with self._lock:
             if self._free:
                 return self._free.pop()
-        return bytearray(self.size)
+        return mmap.mmap(-1, self.size)
 
-    def give(self, buffer: bytearray | None) -> None:
-        if buffer is None or len(buffer) != self.size:
+    def give(self, buffer: mmap.mmap | bytearray | None) -> None:
+        """Return ``buffer`` for reuse (only once nothing writes into it any more)."""
+        if not isinstance(buffer, mmap.mmap) or len(buffer) != self.size:
             return
         with self._lock:
             # Never pool a buffer twice: two parts sharing one buffer would corrupt data.

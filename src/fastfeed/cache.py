@@ -95,17 +95,29 @@ class CacheConfig:
         policy: ``"belady"`` (default): evict by the dataset's known future, falling back to
             least recently used for shards it does not plan to read; ``"lru"``: least recently
             used only.
+        io: how fills write: ``"buffered"`` (through the page cache, so the next epoch of a
+            dataset that fits in memory reads it from there) or ``"direct"`` (``O_DIRECT``: no
+            page cache and no copy into it, for datasets larger than memory, which would only
+            push other data out of it; falls back to buffered where the file system refuses).
     """
 
     dir: str
     limit: int
     on_error: str = "warn"
     policy: str = "belady"
+    io: str = "buffered"
 
     @classmethod
     def of(
-        cls, cache_dir: str | os.PathLike[str], cache_limit: int | str, on_error: str = "warn", policy: str = "belady"
+        cls,
+        cache_dir: str | os.PathLike[str],
+        cache_limit: int | str,
+        on_error: str = "warn",
+        policy: str = "belady",
+        io: str = "buffered",
     ) -> CacheConfig:
+        if io not in ("buffered", "direct"):
+            raise ConfigError(f"cache io={io!r} is invalid", hint="use 'buffered' or 'direct'")
         if on_error not in ("warn", "raise"):
             raise ConfigError(f"cache on_error={on_error!r} is invalid", hint="use 'warn' or 'raise'")
         if policy not in ("belady", "lru"):
@@ -113,7 +125,7 @@ class CacheConfig:
         limit = parse_size(cache_limit, name="cache_limit")
         if limit <= 0:
             raise ConfigError(f"cache_limit must be > 0, got {cache_limit!r}")
-        return cls(os.path.abspath(os.path.expanduser(os.fspath(cache_dir))), limit, on_error, policy)
+        return cls(os.path.abspath(os.path.expanduser(os.fspath(cache_dir))), limit, on_error, policy, io)
 
 
 def entry_key(info: ObjectInfo) -> str:
@@ -166,6 +178,39 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     done = 0
     while done < len(data):
         done += os.pwrite(fd, data[done:], offset + done)
+
+
+#: Alignment of O_DIRECT writes (memory address, file offset and length): the page size, which
+#: is a multiple of every common logical block size.
+_DIRECT_ALIGN = mmap.PAGESIZE
+
+
+def _address(view: memoryview) -> int | None:
+    try:
+        import numpy as np
+
+        return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
+    except (TypeError, ValueError):
+        return None
+
+
+def _write_part(fd: int, direct_fd: int | None, data: memoryview, offset: int) -> None:
+    """Write a fill's part: through ``direct_fd`` (O_DIRECT) when the part is aligned in memory,
+    offset and length (every part of a shard but its last, with pooled buffers), else buffered
+    through ``fd``."""
+    if (
+        direct_fd is not None
+        and offset % _DIRECT_ALIGN == 0
+        and len(data) % _DIRECT_ALIGN == 0
+        and (_address(data) or 1) % _DIRECT_ALIGN == 0
+    ):
+        try:
+            _pwrite_all(direct_fd, data, offset)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+    _pwrite_all(fd, data, offset)
 
 
 @dataclass
@@ -502,8 +547,9 @@ class ShardCache:
         """
         key, info, tmp = src.key, src.info, self.tmp_path(src.key)
         pool = pool_for(src.part_size)
+        direct_fd = self._open_direct(tmp) if self.config.io == "direct" else None
         # (start, GET, the claim it serves or None, the pooled buffer it fills or None)
-        pending: list[tuple[int, asyncio.Task[memoryview], _Claim | None, bytearray | None]] = []
+        pending: list[tuple[int, asyncio.Task[memoryview], _Claim | None, mmap.mmap | bytearray | None]] = []
         offset = os.fstat(fd).st_size  # bytes a dead filler left are valid: resume after them
         next_start = offset
         state = self._fill_states[key] = _FillState(offset, src.part_size, info.size, offset)
@@ -518,7 +564,7 @@ class ShardCache:
                     claim = state.claims.pop(next_start, None)
                     if claim is not None and claim.future.done():
                         claim = None  # its reader was cancelled
-                    buffer = None
+                    buffer: mmap.mmap | bytearray | None = None
                     if claim is not None:
                         out = claim.out
                     else:
@@ -529,7 +575,7 @@ class ShardCache:
                     next_start = state.issued = end
                 start, task, claim, buffer = pending[0]
                 data = await task
-                await _in_thread(_pwrite_all, fd, data, start)
+                await _in_thread(_write_part, fd, direct_fd, data, start)
                 pending.pop(0)
                 src.fetched(len(data))
                 offset = start + len(data)
@@ -568,6 +614,8 @@ class ShardCache:
             with contextlib.suppress(OSError):
                 fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+            if direct_fd is not None:
+                os.close(direct_fd)
             self._signal_landed(key)
 
     async def claim(self, key: str, start: int, end: int, out: memoryview) -> memoryview | None:
@@ -585,6 +633,19 @@ class ShardCache:
         finally:
             if state.claims.get(start) is claim:
                 del state.claims[start]  # cancelled before the fill issued it
+
+    def _open_direct(self, path: str) -> int | None:
+        """A second, ``O_DIRECT`` descriptor of a part file for its fill's writes; None (buffered
+        writes) where the file system or the platform has no direct I/O."""
+        flag = getattr(os, "O_DIRECT", 0)
+        if not flag:
+            self._warn_once("direct", "fastfeed cache: O_DIRECT is not available here; fills are buffered")
+            return None
+        try:
+            return os.open(path, os.O_WRONLY | flag)
+        except OSError as exc:
+            self._warn_once("direct", "fastfeed cache %s: no direct I/O (%s); fills are buffered", self.config.dir, exc)
+            return None
 
     def _signal_landed(self, key: str) -> None:
         event = self._landed.pop(key, None)

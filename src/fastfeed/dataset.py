@@ -76,6 +76,11 @@ class StreamingDataset(IterableDataset[Sample]):
             writable or its disk is full; with ``"warn"`` reading continues from the store.
         cache_policy: ``"belady"`` (default; evicts the shard this dataset needs again
             farthest in the future, by its deterministic plan) or ``"lru"``.
+        cache_io: how fills write to the cache: ``"buffered"`` (through the page cache, so the
+            next epoch of a dataset that fits in memory reads it from memory), ``"direct"``
+            (``O_DIRECT``: no page cache, no copy into it; for datasets larger than memory, whose
+            fills would only push other data out of it), or ``"auto"`` (default): direct when
+            the dataset is larger than half of this machine's memory.
         index_cache: where per-shard sample counts of objects in a store are remembered (keyed by
             URL, ETag and size), so a dataset is scanned once per machine when counts are needed
             (several ranks, ``len()``); ``None`` disables it.
@@ -121,6 +126,7 @@ class StreamingDataset(IterableDataset[Sample]):
         cache_limit: int | str | None = None,
         cache_on_error: str = "warn",
         cache_policy: str = "belady",
+        cache_io: str = "auto",
         zero_copy: bool = False,
     ) -> None:
         super().__init__()
@@ -156,7 +162,7 @@ class StreamingDataset(IterableDataset[Sample]):
         self._io_done = FetchStats()  # finished iterations of this process
         self._io_live: list[FetchStats] = []  # iterations (streams) in progress
         self.shards: list[ObjectInfo] = resolve_source(source, StoreSet(self._control_plane))
-        self.cache_config = self._check_cache(cache_dir, cache_limit, cache_on_error, cache_policy)
+        self.cache_config = self._check_cache(cache_dir, cache_limit, cache_on_error, cache_policy, cache_io)
         #: Streams the epoch is read as (set by fastfeed.DataLoader); the cache's plan uses it.
         self.read_streams = 1
         self._planners: dict[tuple[int, int], Planner] = {}
@@ -347,7 +353,12 @@ class StreamingDataset(IterableDataset[Sample]):
         return cfg
 
     def _check_cache(
-        self, cache_dir: str | os.PathLike[str] | None, cache_limit: int | str | None, on_error: str, policy: str
+        self,
+        cache_dir: str | os.PathLike[str] | None,
+        cache_limit: int | str | None,
+        on_error: str,
+        policy: str,
+        io: str = "auto",
     ) -> CacheConfig | None:
         if cache_dir is None:
             if cache_limit is not None:
@@ -355,8 +366,12 @@ class StreamingDataset(IterableDataset[Sample]):
             return None
         if cache_limit is None:
             raise ConfigError("cache_dir needs a cache_limit", hint='e.g. cache_limit="500GB"')
-        config = CacheConfig.of(cache_dir, cache_limit, on_error, policy)
         cached = [s.size for s in self.shards if not s.url.startswith("file://")]
+        if io == "auto":
+            # Page-cache copies of fills pay off only if the next epoch can find them there.
+            memory = _physical_memory()
+            io = "direct" if memory and sum(cached) > memory // 2 else "buffered"
+        config = CacheConfig.of(cache_dir, cache_limit, on_error, policy, io)
         need = max(cached, default=0) * self.prefetch_config.shards_in_flight
         if need > config.limit:
             raise ConfigError(
@@ -446,6 +461,14 @@ class StreamingDataset(IterableDataset[Sample]):
                 merged.update(part)
             return [merged[i] for i in range(len(self.shards))]
         return count_shard_samples(self.shards, stores, self.prefetch_config, self.index_cache)
+
+
+def _physical_memory() -> int:
+    """Bytes of RAM on this machine (0 if unknown)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def _distributed_place(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -25,6 +25,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import mmap
 import queue
 import threading
 import time
@@ -99,7 +100,7 @@ class _Part:
     future: concurrent.futures.Future[memoryview] = field(default_factory=concurrent.futures.Future)
     task: asyncio.Task[None] | None = None
     #: The pooled buffer the part is read into (owned by the IO loop until delivered).
-    buffer: bytearray | None = None
+    buffer: mmap.mmap | None = None
 
 
 class _LazyStore:
