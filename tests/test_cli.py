@@ -168,3 +168,17 @@ def test_bench_without_a_cache_streams_every_epoch_from_the_store(tmp_path: Path
     assert set(report["ceilings"]) == {"raw GET"}, "no cache, so no raw read of it"
     both = run_cli("bench", "--demo", *SMALL_DEMO, "--no-cache", "--cache-dir", str(tmp_path / "c"), "--no-progress")
     assert both.returncode == 2 and "--no-cache" in both.stderr and "SeaweedFS" not in both.stdout
+
+
+def test_bench_cache_io_direct_fills_a_cache_the_warm_epoch_reads(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    proc = run_cli(
+        "bench", "--demo", *SMALL_DEMO, "--workers", "1", "--epochs", "2", "--cache-io", "direct",
+        "--compare", "none", "--checkpoint-size", "0", "--no-progress", "--json", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["config"]["cache_io"] == "direct"
+    cold, warm = report["runs"]
+    assert cold["cache_hit_rate"] == 0.0 and warm["cache_hit_rate"] == 1.0
+    assert cold["samples"] == warm["samples"] == report["setup"]["num_shards"] * report["setup"]["samples_per_shard"]

@@ -88,6 +88,8 @@ class BenchConfig:
     cache_limit: str = "20GB"
     #: Read without a node cache: every epoch streams from the store (and is cold).
     no_cache: bool = False
+    #: How fills write to the cache (``StreamingDataset(cache_io=...)``).
+    cache_io: str = "auto"
     #: ``"cpu"`` or a CUDA device: batches are copied there by the loader.
     device: str = "cpu"
     #: Synthetic training step per batch, in milliseconds (``time.sleep``).
@@ -492,6 +494,7 @@ def run(
             byte_budget=prefetch.byte_budget,
             cache_dir=cache_dir,
             cache_limit=cfg.cache_limit if cache_dir is not None else None,
+            cache_io=cfg.cache_io,
         )
         shards = ds.shards
         total = sum(s.size for s in shards)

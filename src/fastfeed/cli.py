@@ -60,6 +60,13 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--byte-budget", default="256MiB")
     bench.add_argument("--cache-dir", help="node cache directory (default: a temporary one, removed after)")
     bench.add_argument("--no-cache", action="store_true", help="no node cache: every epoch streams from the store")
+    bench.add_argument(
+        "--cache-io",
+        choices=("auto", "buffered", "direct"),
+        default="auto",
+        help="how fills write to the cache: through the page cache, or O_DIRECT (auto: direct for datasets "
+        "larger than half the memory)",
+    )
     bench.add_argument("--cache-limit", default="20GB")
     bench.add_argument("--device", default="cpu", help="cpu, or a CUDA device the batches are copied to")
     bench.add_argument("--step-ms", type=float, default=0.0, help="synthetic training step per batch")
@@ -297,6 +304,7 @@ def _bench(args: argparse.Namespace) -> int:
         byte_budget=args.byte_budget,
         cache_dir=args.cache_dir,
         no_cache=args.no_cache,
+        cache_io=args.cache_io,
         cache_limit=args.cache_limit,
         device=args.device,
         step_ms=args.step_ms,
