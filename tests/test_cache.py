@@ -464,7 +464,12 @@ def test_a_reader_closed_with_claims_outstanding_stops_at_once(data: dict[str, A
 
 
 @pytest.mark.parametrize("part_size", ["64KiB", "100000"])  # page-aligned parts, and parts that are not
-def test_direct_fills_write_exact_entries_that_later_epochs_hit(data: dict[str, Any], part_size: str) -> None:
+def test_direct_fills_write_exact_entries_that_later_epochs_hit(
+    data: dict[str, Any], part_size: str, caplog: Any
+) -> None:
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="fastfeed")
     proxy = data["proxy"]
     reference = {
         f"{Path(s['__url__']).name}#{s['__key__']}": s["bin"] for s in StreamingDataset([str(p) for p in data["paths"]])
@@ -479,6 +484,7 @@ def test_direct_fills_write_exact_entries_that_later_epochs_hit(data: dict[str, 
     ds.set_epoch(1)
     again = {f"{Path(s['__url__']).name}#{s['__key__']}": s["bin"] for s in ds}
     assert again == reference and gets(proxy) == fetched, "a warm epoch reads the direct-written entries"
+    assert "fills are buffered" not in caplog.text, "this file system takes O_DIRECT: the fills used it"
 
 
 def test_direct_fills_fall_back_to_buffered_where_the_file_system_refuses(
