@@ -19,11 +19,15 @@ by hand.
   the whole object in order (a few ranged GETs in flight, written in order, so the file's size
   is the number of bytes that landed), fsyncs it, checks its size, and renames it to
   ``entries/<key>.tar`` (atomic) before unlocking. The fill is the process's, not the
-  reader's: it completes even if the reader that started it stops early.
-* *Stream-and-tee*: a reader of a shard being filled (in any process) reads each byte range
-  from the part file as soon as it has landed, so the first sample does not wait for the
-  whole shard. If the filler dies (its lock becomes free while the file is incomplete), a
-  waiting reader takes the lock and continues the fill from the bytes already there.
+  reader's: it completes even if the reader that started it stops early. With
+  ``CacheConfig.io == "direct"`` the fill writes its aligned parts with ``O_DIRECT`` (no
+  page cache: for datasets larger than memory); a shard's last part is written buffered.
+* *Stream-and-tee*: a reader in the filling process gets each part straight from the fill's
+  GET buffer once it is written (:meth:`ShardCache.claim`); a reader of a shard another
+  process fills reads each byte range from the part file as soon as it has landed. Either
+  way the first sample does not wait for the whole shard. If the filler dies (its lock
+  becomes free while the file is incomplete), a waiting reader takes the lock and continues
+  the fill from the bytes already there.
 * *Hit*: the entry is opened and ``flock(LOCK_SH)``'ed for as long as it is read; eviction
   only removes entries it can ``flock(LOCK_EX)``, so a shard being read is never evicted.
 * *Space*: before a fill, under ``v1/.lock``, the bytes of all entries and part files (sizes
