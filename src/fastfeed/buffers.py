@@ -36,7 +36,7 @@ class BufferPool:
                 return self._free.pop()
         return mmap.mmap(-1, self.size)
 
-    def give(self, buffer: mmap.mmap | bytearray | None) -> None:
+    def give(self, buffer: mmap.mmap | None) -> None:
         """Return ``buffer`` for reuse (only once nothing writes into it any more)."""
         if not isinstance(buffer, mmap.mmap) or len(buffer) != self.size:
             return

@@ -553,7 +553,7 @@ class ShardCache:
         pool = pool_for(src.part_size)
         direct_fd = self._open_direct(tmp) if self.config.io == "direct" else None
         # (start, GET, the claim it serves or None, the pooled buffer it fills or None)
-        pending: list[tuple[int, asyncio.Task[memoryview], _Claim | None, mmap.mmap | bytearray | None]] = []
+        pending: list[tuple[int, asyncio.Task[memoryview], _Claim | None, mmap.mmap | None]] = []
         offset = os.fstat(fd).st_size  # bytes a dead filler left are valid: resume after them
         next_start = offset
         state = self._fill_states[key] = _FillState(offset, src.part_size, info.size, offset)
@@ -568,11 +568,11 @@ class ShardCache:
                     claim = state.claims.pop(next_start, None)
                     if claim is not None and claim.future.done():
                         claim = None  # its reader was cancelled
-                    buffer: mmap.mmap | bytearray | None = None
+                    buffer: mmap.mmap | None = None
                     if claim is not None:
                         out = claim.out
-                    else:
-                        buffer = pool.take() if end - next_start <= pool.size else bytearray(end - next_start)
+                    else:  # parts are at most part_size: the pool's size
+                        buffer = pool.take()
                         out = memoryview(buffer)[: end - next_start]
                     read = src.store.read_range(src.loc, next_start, end, info.etag, out=out)
                     pending.append((next_start, asyncio.create_task(read), claim, buffer))

@@ -99,7 +99,7 @@ def _check_image_size(image_size: Sequence[int] | None) -> tuple[int, int] | Non
 
 
 def _decode_image(data: Any, image_size: tuple[int, int] | None) -> torch.Tensor:
-    image_mod = _pil_image()  # outside the caller's try: a missing Pillow is a ConfigError, not a DecodeError
+    image_mod = _pil_image()  # a missing Pillow is a ConfigError, which decode_value lets through
     with image_mod.open(io.BytesIO(data)) as img:
         rgb = img.convert("RGB")  # loads (and so fully decodes) the image
     if image_size is not None and rgb.size != (image_size[1], image_size[0]):
@@ -146,8 +146,6 @@ def decode_value(
         ConfigError: an image and no Pillow installed.
     """
     kind = _kind(ext)
-    if kind in IMAGE_EXTENSIONS:
-        _pil_image()
     try:
         if kind in IMAGE_EXTENSIONS:
             return _decode_image(data, image_size)
