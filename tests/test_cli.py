@@ -182,3 +182,38 @@ def test_bench_cache_io_direct_fills_a_cache_the_warm_epoch_reads(tmp_path: Path
     cold, warm = report["runs"]
     assert cold["cache_hit_rate"] == 0.0 and warm["cache_hit_rate"] == 1.0
     assert cold["samples"] == warm["samples"] == report["setup"]["num_shards"] * report["setup"]["samples_per_shard"]
+
+
+def _burn_then_wait(seconds: float, done: object) -> None:
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+    done.wait(30)  # type: ignore[attr-defined]
+
+
+def test_bench_counts_the_cpu_of_live_forked_workers_not_of_servers() -> None:
+    import multiprocessing
+
+    from fastfeed.bench import live_forked_children_cpu
+
+    ctx = multiprocessing.get_context("fork")
+    done = ctx.Event()
+    worker = ctx.Process(target=_burn_then_wait, args=(0.5, done))  # as a persistent DataLoader worker
+    other = subprocess.Popen(  # a server or proxy: a child running another program, also busy
+        [sys.executable, "-c", "import time\nt = time.process_time() + 0.5\nwhile time.process_time() < t: pass\n"
+         "time.sleep(30)"]
+    )  # fmt: skip
+    worker.start()
+    try:
+        deadline = time.monotonic() + 20
+        while live_forked_children_cpu() < 0.45 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # the other child has burnt its 0.5 s by now too
+        counted = live_forked_children_cpu()
+        assert 0.45 <= counted < 0.9, "the forked worker's CPU, and not the other program's"
+    finally:
+        done.set()
+        worker.join(10)
+        other.kill()
+        other.wait(10)
+    assert live_forked_children_cpu() == 0.0, "reaped children are counted by getrusage instead"
