@@ -195,17 +195,45 @@ def test_map_style_resume_in_a_later_epoch_with_a_collate_fn() -> None:
     assert len(indices(list(fresh))) == 11, "the state applies to one iteration; the next is a whole epoch"
 
 
-def test_a_sampler_on_the_global_rng_cannot_be_saved() -> None:
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_sampler_on_the_global_rng_resumes_exactly(workers: int) -> None:
+    """RandomSampler without a generator draws its seed from torch's global generator: the saved
+    state holds that generator's state, and a resumed run replays the draw without consuming
+    anything from the global generator (so what the training loop draws next is unchanged)."""
     ds = Numbers()
-    loader = DataLoader(ds, batch_size=4, sampler=RandomSampler(ds))
-    with pytest.raises(ConfigError, match="global random generator"):
-        loader.state_dict()
+
+    def make_loader() -> DataLoader:
+        return DataLoader(ds, batch_size=4, sampler=RandomSampler(ds), num_workers=workers)
+
+    torch.manual_seed(11)
+    full = indices(list(make_loader()))
+    torch.manual_seed(11)
+    loader = make_loader()
+    it = iter(loader)
+    head = indices([next(it) for _ in range(3)])
+    state = json.loads(json.dumps(loader.state_dict()))
+    after_save = torch.get_rng_state()
+    loader.close()
+    assert head == full[:3]
+    torch.manual_seed(999)  # a new process: some other global state, restored from the checkpoint
+    torch.set_rng_state(after_save)
+    fresh = make_loader()
+    fresh.load_state_dict(state)
+    assert indices(list(fresh)) == full[3:]
+    assert torch.equal(torch.get_rng_state(), after_save), "the resumed epoch drew nothing from the global generator"
+
+
+def test_a_state_that_does_not_fit_the_loader_is_refused() -> None:
+    ds = Numbers()
     seeded = DataLoader(ds, batch_size=4, sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(1)))
+    next(iter(seeded))
     state = seeded.state_dict()
     with pytest.raises(ConfigError, match="batch_size"):
         DataLoader(ds, batch_size=5, sampler=RandomSampler(ds, generator=torch.Generator())).load_state_dict(state)
-    with pytest.raises(ConfigError, match="not a map-style loader's"):
+    with pytest.raises(ConfigError, match="not a map-style loader state"):
         DataLoader(ds, batch_size=4).load_state_dict({"version": 2, "epoch": 0, "streams": {}})
+    with pytest.raises(ConfigError, match="random generators"):
+        DataLoader(ds, batch_size=4, shuffle=True).load_state_dict(state)
 
 
 @pytest.mark.parametrize(("before", "after"), [(0, 2), (2, 1)])

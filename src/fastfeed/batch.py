@@ -1,24 +1,22 @@
-"""Batch assembly: samples -> one batch written straight into a preallocated host arena.
+"""Batches in host memory: arenas, ragged byte fields, batch trees and their layouts.
 
-Collation rules (the same shapes as ``torch.utils.data.default_collate`` where they overlap):
-
-* ``bytes`` / ``bytearray`` / ``memoryview`` fields (encoded images, token runs, raw records)
-  become one :class:`RaggedBytes`: a flat ``uint8`` tensor plus ``int64`` offsets, ready for
-  GPU decode. It behaves like a sequence of ``bytes`` (``len``, indexing, iteration).
-* numpy arrays and tensors of one shape and dtype are stacked into a ``[B, ...]`` tensor;
-  Python ints, floats and bools become a 1-D ``int64`` / ``float64`` / ``bool`` tensor.
-* ``str`` fields (``__key__``, ``__url__``) and anything else stay Python lists.
-* dicts collate per key, tuples/lists per position, recursively.
-
-All tensor bytes of a batch are copied by the native gather (:mod:`fastfeed.gather`, GIL
-released) into one :class:`Arena` region, so a batch costs no per-batch allocation and, when the
-arena is pinned, no separate pinning copy.
+* :class:`Arena`: a growable byte region (pinned or shared) that batches are written into;
+  :func:`fastfeed.collate.collate_into` writes ``default_collate``'s batch into one.
+* :class:`RaggedBytes`: ``B`` variable-size byte strings as one flat ``uint8`` tensor plus
+  ``int64`` offsets (a :class:`~fastfeed.StreamingDataset`'s byte fields, ready for GPU decode).
+* :func:`tree_map` walks a batch (dicts, sequences, namedtuples, custom containers) and rebuilds
+  it with the same container types; :func:`to_layout` / :func:`from_layout` turn the tensors of
+  a batch that view one arena into offsets and back, so a batch crosses to another process or
+  device as one region.
+* :class:`ColumnBatch` and :func:`collate_columns_into`: the columnar fast path of WebDataset
+  samples (spans of the fetched shard bytes, no per-sample objects).
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, MutableSequence, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,25 +24,26 @@ import numpy as np
 import torch
 
 from fastfeed.errors import ConfigError
-from fastfeed.gather import gather
 
 __all__ = [
+    "ALIGN",
     "Arena",
     "ColumnBatch",
     "ColumnRun",
     "RaggedBytes",
     "TensorRef",
     "collate_columns_into",
-    "collate_into",
     "from_layout",
-    "nbytes_needed",
+    "layout_extent",
+    "round_up",
     "to_layout",
+    "tree_leaves",
+    "tree_map",
+    "tree_map_tensors",
 ]
 
 #: Alignment of every field inside an arena (bytes): cache lines, and enough for any dtype.
-_ALIGN = 64
-
-_BYTES_TYPES = (bytes, bytearray, memoryview)
+ALIGN = 64
 
 
 @dataclass
@@ -144,7 +143,7 @@ class Arena:
         if self.nbytes:
             self.grows += 1
             nbytes = max(nbytes, int(self.nbytes * 1.5))
-        nbytes = _round_up(max(nbytes, _ALIGN), 4096)
+        nbytes = round_up(max(nbytes, ALIGN), 4096)
         self.tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
         if self.shared:
             self.tensor.share_memory_()  # type: ignore[no-untyped-call]
@@ -152,219 +151,98 @@ class Arena:
         self.generation += 1
 
 
-def _round_up(n: int, align: int) -> int:
+def round_up(n: int, align: int) -> int:
+    """``n`` rounded up to a multiple of ``align``."""
     return (n + align - 1) // align * align
 
 
-# ----------------------------------------------------------------------------------- planning
-
-
-@dataclass
-class _Plan:
-    """How one field of the batch is laid out in the arena."""
-
-    kind: str  # "ragged" | "fixed" | "scalar" | "list" | "dict" | "tuple"
-    nbytes: int = 0
-    dtype: Any = None
-    shape: tuple[int, ...] = ()
-    children: Any = None
-    seq_type: type | None = None
-
-
-def _plan(items: Sequence[Any], path: str) -> _Plan:
-    first = items[0]
-    if isinstance(first, _BYTES_TYPES):
-        total = 0
-        for i, item in enumerate(items):
-            if not isinstance(item, _BYTES_TYPES):
-                raise _mixed(path, i, first, item)
-            total += memoryview(item).nbytes
-        return _Plan("ragged", nbytes=_round_up(total, _ALIGN) + _round_up(8 * (len(items) + 1), _ALIGN))
-    if isinstance(first, np.ndarray | torch.Tensor):
-        arrays = [_as_array(item, path, i) for i, item in enumerate(items)]
-        dtype, shape = arrays[0].dtype, arrays[0].shape
-        for i, arr in enumerate(arrays):
-            if arr.shape != shape or arr.dtype != dtype:
-                raise ConfigError(
-                    f"field {path!r}: sample {i} has shape {tuple(arr.shape)} {arr.dtype}, sample 0 has "
-                    f"{tuple(shape)} {dtype}",
-                    hint="fixed-size fields must match within a batch; pad them or pass a collate_fn",
-                )
-        item_bytes = int(arrays[0].nbytes)
-        return _Plan(
-            "fixed",
-            nbytes=_round_up(item_bytes * len(items), _ALIGN),
-            dtype=dtype,
-            shape=tuple(shape),
-            children=arrays,
-        )
-    if isinstance(first, bool | int | float | np.generic) and not isinstance(first, str):
-        dtype = _scalar_dtype(items, path)
-        return _Plan("scalar", nbytes=_round_up(dtype.itemsize * len(items), _ALIGN), dtype=dtype)
-    if isinstance(first, Mapping):
-        keys = list(first.keys())
-        for i, item in enumerate(items):
-            if not isinstance(item, Mapping) or (list(item.keys()) != keys and set(item.keys()) != set(keys)):
-                raise ConfigError(
-                    f"field {path!r}: sample {i} has keys {sorted(item) if isinstance(item, Mapping) else item!r}, "
-                    f"sample 0 has {sorted(keys)}",
-                    hint="every sample of a batch needs the same fields; filter or pass a collate_fn",
-                )
-        children = {k: _plan([item[k] for item in items], f"{path}.{k}" if path else str(k)) for k in keys}
-        return _Plan("dict", nbytes=sum(c.nbytes for c in children.values()), children=children)
-    if isinstance(first, tuple | list) and not isinstance(first, str):
-        width = len(first)
-        if any(not isinstance(item, tuple | list) or len(item) != width for item in items):
-            raise ConfigError(f"field {path!r}: samples have different lengths", hint="pass a collate_fn")
-        columns = [_plan([item[j] for item in items], f"{path}[{j}]") for j in range(width)]
-        return _Plan("tuple", nbytes=sum(c.nbytes for c in columns), children=columns, seq_type=type(first))
-    return _Plan("list")
-
-
-def _mixed(path: str, index: int, first: Any, item: Any) -> ConfigError:
-    return ConfigError(
-        f"field {path!r}: sample {index} is {type(item).__name__}, sample 0 is {type(first).__name__}",
-        hint="every sample of a batch needs the same field types",
-    )
-
-
-def _as_array(item: Any, path: str, index: int) -> np.ndarray:
-    if isinstance(item, torch.Tensor):
-        if item.device.type != "cpu":
-            raise ConfigError(f"field {path!r}: sample {index} is on {item.device}; samples must be CPU tensors")
-        item = item.detach().resolve_conj().resolve_neg().numpy()
-    elif not isinstance(item, np.ndarray):
-        raise ConfigError(f"field {path!r}: sample {index} is {type(item).__name__}, expected an array")
-    return np.ascontiguousarray(item)
-
-
-def _scalar_dtype(items: Sequence[Any], path: str) -> np.dtype[Any]:
-    kinds = {type(x) for x in items}
-    if all(issubclass(k, bool | np.bool_) for k in kinds):
-        return np.dtype(np.bool_)
-    if all(issubclass(k, int | np.integer) and not issubclass(k, bool) for k in kinds):
-        return np.dtype(np.int64)
-    if all(issubclass(k, int | float | np.integer | np.floating) for k in kinds):
-        return np.dtype(np.float64)
-    raise ConfigError(f"field {path!r}: mixed scalar types {sorted(k.__name__ for k in kinds)}")
-
-
-def nbytes_needed(samples: Sequence[Any]) -> int:
-    """Arena bytes a batch of ``samples`` needs."""
-    return _plan(samples, "").nbytes
-
-
-# ----------------------------------------------------------------------------------- writing
-
-
-def collate_into(samples: Sequence[Any], arena: Arena, make_base: Callable[[], torch.Tensor] | None = None) -> Any:
-    """Collate ``samples`` into ``arena`` (grown if needed) and return the batch.
-
-    Tensor fields of the batch are views of one base tensor over the arena (so their memory is
-    the arena's: pinned if the arena is). ``make_base`` is called once the arena has its final
-    size and returns that base tensor; the default is ``arena.tensor`` itself. A ring passes a
-    factory whose tensor tells it when the batch's last view is gone.
-    """
-    if not samples:
-        raise ConfigError("cannot collate an empty batch")
-    plan = _plan(samples, "")
-    arena.ensure(plan.nbytes)
-    target = arena.tensor if make_base is None else make_base()
-    cursor = [0]
-    return _write(plan, samples, arena.array, target, cursor)
-
-
 def _take(cursor: list[int], nbytes: int) -> int:
+    """Reserve ``nbytes`` (aligned) at ``cursor[0]``; returns where they start."""
     start = cursor[0]
-    cursor[0] = start + _round_up(nbytes, _ALIGN)
+    cursor[0] = start + round_up(nbytes, ALIGN)
     return start
 
 
-def _write(plan: _Plan, items: Sequence[Any], array: np.ndarray, tensor: torch.Tensor, cursor: list[int]) -> Any:
-    kind = plan.kind
-    if kind == "ragged":
-        n = len(items)
-        off_start = _take(cursor, 8 * (n + 1))
-        offsets = array[off_start : off_start + 8 * (n + 1)].view(np.int64)
-        total = sum(memoryview(x).nbytes for x in items)
-        data_start = _take(cursor, total)
-        gather(array, items, dst_offset=data_start, offsets=offsets)
-        return RaggedBytes(
-            tensor[data_start : data_start + total],
-            tensor[off_start : off_start + 8 * (n + 1)].view(torch.int64),
-        )
-    if kind == "fixed":
-        arrays = plan.children
-        item_bytes = int(arrays[0].nbytes)
-        start = _take(cursor, item_bytes * len(arrays))
-        gather(array, arrays, dst_offset=start, item_size=item_bytes)
-        out = tensor[start : start + item_bytes * len(arrays)]
-        return out.view(_torch_dtype(plan.dtype)).view(len(arrays), *plan.shape)
-    if kind == "scalar":
-        dtype = plan.dtype
-        start = _take(cursor, dtype.itemsize * len(items))
-        array[start : start + dtype.itemsize * len(items)].view(dtype)[:] = items
-        return tensor[start : start + dtype.itemsize * len(items)].view(_torch_dtype(dtype))
-    if kind == "dict":
-        return {
-            k: _write(child, [item[k] for item in items], array, tensor, cursor) for k, child in plan.children.items()
-        }
-    if kind == "tuple":
-        values = [
-            _write(child, [item[j] for item in items], array, tensor, cursor) for j, child in enumerate(plan.children)
-        ]
-        return tuple(values) if plan.seq_type is tuple else values
-    return list(items)
+# ----------------------------------------------------------------------------------- trees
 
 
-_DTYPES = {
-    np.dtype(np.bool_): torch.bool,
-    np.dtype(np.uint8): torch.uint8,
-    np.dtype(np.int8): torch.int8,
-    np.dtype(np.int16): torch.int16,
-    np.dtype(np.int32): torch.int32,
-    np.dtype(np.int64): torch.int64,
-    np.dtype(np.float16): torch.float16,
-    np.dtype(np.float32): torch.float32,
-    np.dtype(np.float64): torch.float64,
-    np.dtype(np.complex64): torch.complex64,
-    np.dtype(np.complex128): torch.complex128,
-    np.dtype(np.uint16): torch.uint16,
-    np.dtype(np.uint32): torch.uint32,
-    np.dtype(np.uint64): torch.uint64,
-}
+def tree_map(batch: Any, fn: Callable[[Any], Any], leaf: type | tuple[type, ...] = torch.Tensor) -> Any:
+    """``batch`` with ``fn`` applied to every ``leaf`` (and to both tensors of every
+    :class:`RaggedBytes`), rebuilt with the same container types.
 
-
-def _torch_dtype(dtype: np.dtype[Any]) -> torch.dtype:
-    try:
-        return _DTYPES[np.dtype(dtype)]
-    except KeyError:
-        raise ConfigError(
-            f"dtype {dtype} has no torch equivalent", hint="convert the field or pass a collate_fn"
-        ) from None
-
-
-def tree_map_tensors(batch: Any, fn: Any) -> Any:
-    """Apply ``fn`` to every tensor (and both tensors of every RaggedBytes) in ``batch``."""
-    if isinstance(batch, torch.Tensor):
+    Containers are rebuilt as torch's ``pin_memory`` rebuilds them: a mutable mapping or
+    sequence as a shallow copy updated in place (so a custom class keeps its type and extra
+    attributes), other mappings and sequences by calling their type, namedtuples field by
+    field; a type that cannot be rebuilt that way becomes a ``dict`` / ``list``. Unlike
+    ``pin_memory``, a tuple stays a tuple. Anything else is returned as it is.
+    """
+    if isinstance(batch, leaf):
         return fn(batch)
-    if type(batch) in _LEAVES:
+    kind = type(batch)
+    if kind in _LEAVES:
         return batch
-    if isinstance(batch, RaggedBytes):
-        # Not the dataclass constructor's type check: a layout's RaggedBytes holds TensorRefs.
-        return RaggedBytes(fn(batch.data), fn(batch.offsets))
-    if isinstance(batch, Mapping):
-        return {k: tree_map_tensors(v, fn) for k, v in batch.items()}
-    if isinstance(batch, tuple):
-        return tuple(tree_map_tensors(v, fn) for v in batch)
-    if isinstance(batch, list):
+    if kind is dict:
+        return {k: tree_map(v, fn, leaf) for k, v in batch.items()}
+    if kind is list:
         if batch and type(batch[0]) in _LEAVES and all(type(v) in _LEAVES for v in batch):
             return batch  # e.g. __key__ / __url__ columns: nothing to map, and nothing copied
-        return [tree_map_tensors(v, fn) for v in batch]
+        return [tree_map(v, fn, leaf) for v in batch]
+    if kind is RaggedBytes:
+        # Not the dataclass constructor's type check: a layout's RaggedBytes holds TensorRefs.
+        return RaggedBytes(fn(batch.data), fn(batch.offsets))
+    if kind is tuple:
+        return tuple(tree_map(v, fn, leaf) for v in batch)
+    if isinstance(batch, Mapping):
+        mapped = {k: tree_map(v, fn, leaf) for k, v in batch.items()}
+        try:
+            if isinstance(batch, MutableMapping):
+                clone = copy.copy(batch)
+                clone.update(mapped)
+                return clone
+            return kind(mapped)
+        except TypeError:
+            return mapped
+    if isinstance(batch, tuple):
+        values = [tree_map(v, fn, leaf) for v in batch]
+        if hasattr(batch, "_fields"):  # namedtuple
+            return kind(*values)
+        try:
+            return kind(values)
+        except TypeError:
+            return tuple(values)
+    if isinstance(batch, Sequence) and not isinstance(batch, str | bytes | bytearray | memoryview):
+        values = [tree_map(v, fn, leaf) for v in batch]
+        try:
+            if isinstance(batch, MutableSequence):
+                seq = copy.copy(batch)
+                for i, value in enumerate(values):
+                    seq[i] = value
+                return seq
+            return kind(values)
+        except TypeError:
+            return values
     return batch
 
 
-#: Types that hold no tensor (a fast exit from tree_map_tensors).
+def tree_map_tensors(batch: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """Apply ``fn`` to every tensor (and both tensors of every RaggedBytes) in ``batch``; see
+    :func:`tree_map` for how containers are rebuilt."""
+    return tree_map(batch, fn, torch.Tensor)
+
+
+def tree_leaves(batch: Any, leaf: type | tuple[type, ...] = torch.Tensor) -> list[Any]:
+    """The ``leaf`` objects of ``batch`` (tensors by default), in :func:`tree_map` order."""
+    found: list[Any] = []
+
+    def visit(x: Any) -> Any:
+        found.append(x)
+        return x
+
+    tree_map(batch, visit, leaf)
+    return found
+
+
+#: Types that hold no tensor (a fast exit from tree_map).
 _LEAVES = frozenset({str, bytes, int, float, bool, type(None)})
 
 
@@ -382,48 +260,35 @@ class TensorRef:
 
 
 def to_layout(batch: Any, base: torch.Tensor) -> Any:
-    """Replace every tensor of ``batch`` that views ``base`` by a :class:`TensorRef`.
+    """Replace every tensor of ``batch`` that views ``base``'s storage by a :class:`TensorRef`.
 
     A layout plus the arena bytes is all it takes to rebuild the batch in another process or
     another buffer (:func:`from_layout`): one copy of one region, instead of one per field.
+    Other tensors stay in the layout as they are.
     """
     base_ptr = base.data_ptr()
     base_storage = base.untyped_storage().data_ptr()
 
     def ref(t: torch.Tensor) -> Any:
-        if t.untyped_storage().data_ptr() != base_storage or not t.is_contiguous():
+        if t.device.type != "cpu" or t.untyped_storage().data_ptr() != base_storage or not t.is_contiguous():
             return t
         return TensorRef(t.data_ptr() - base_ptr, t.numel() * t.element_size(), t.dtype, tuple(t.shape))
 
-    return tree_map_tensors(batch, ref)
+    return tree_map(batch, ref, torch.Tensor)
 
 
 def from_layout(layout: Any, base: torch.Tensor) -> Any:
     """Rebuild a batch whose tensors are views of ``base`` (see :func:`to_layout`)."""
-    if isinstance(layout, TensorRef):
-        return base[layout.offset : layout.offset + layout.nbytes].view(layout.dtype).view(layout.shape)
-    if isinstance(layout, RaggedBytes):
-        return RaggedBytes(from_layout(layout.data, base), from_layout(layout.offsets, base))
-    if isinstance(layout, Mapping):
-        return {k: from_layout(v, base) for k, v in layout.items()}
-    if isinstance(layout, tuple):
-        return tuple(from_layout(v, base) for v in layout)
-    if isinstance(layout, list):
-        return [from_layout(v, base) for v in layout]
-    return layout
+
+    def view(ref: TensorRef) -> torch.Tensor:
+        return base[ref.offset : ref.offset + ref.nbytes].view(ref.dtype).view(ref.shape)
+
+    return tree_map(layout, view, TensorRef)
 
 
 def layout_extent(layout: Any) -> int:
     """Bytes of the arena a layout uses (end of its last tensor)."""
-    if isinstance(layout, TensorRef):
-        return layout.offset + layout.nbytes
-    if isinstance(layout, RaggedBytes):
-        return max(layout_extent(layout.data), layout_extent(layout.offsets))
-    if isinstance(layout, Mapping):
-        return max((layout_extent(v) for v in layout.values()), default=0)
-    if isinstance(layout, tuple | list):
-        return max((layout_extent(v) for v in layout), default=0)
-    return 0
+    return max((ref.offset + ref.nbytes for ref in tree_leaves(layout, TensorRef)), default=0)
 
 
 # ----------------------------------------------------------------------------------- columns
@@ -494,7 +359,7 @@ def collate_columns_into(
                 )
             parts.append(spans[:, 1])
         sizes[ext] = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-    total = sum(_round_up(8 * (n + 1), _ALIGN) + _round_up(int(s.sum()), _ALIGN) for s in sizes.values())
+    total = sum(round_up(8 * (n + 1), ALIGN) + round_up(int(s.sum()), ALIGN) for s in sizes.values())
     arena.ensure(total)
     tensor = arena.tensor if make_base is None else make_base()
     array = arena.array

@@ -512,7 +512,7 @@ def run(
             )
 
         device = None if cfg.device == "cpu" else cfg.device
-        loader = stack.enter_context(
+        loader: DataLoader[Any] = stack.enter_context(
             contextlib.closing(
                 DataLoader(
                     ds,
@@ -593,6 +593,7 @@ def first_samples(
 
     samples: list[dict[str, Any]] = []
     nbytes = 0
+    loader: DataLoader[Any]
     with DataLoader(dataset, batch_size=max(1, min(batch_size, max_samples)), num_workers=1, collate_fn=list) as loader:
         for batch in loader:
             for sample in batch:

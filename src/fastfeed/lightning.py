@@ -38,10 +38,11 @@ checkpoint under the URL (corrupt or incomplete ones are skipped with a warning)
 Lightning's own restore path, exactly as ``fit(ckpt_path=...)`` would: the model, optimizers,
 schedulers, loops (epoch, step, position in the epoch, dataloader state) and callbacks are
 restored, and training continues where the checkpoint was taken. A ``ckpt_path`` passed to
-``fit()`` takes precedence. Random states are restored before the train dataloader is created
-(right for ``torch.utils.data.DataLoader``, whose iterator draws seeds from the global
-generator), and once more just before the first training step when every train dataloader is a
-:class:`fastfeed.DataLoader` (which never draws from it), so dropout masks match too.
+``fit()`` takes precedence. Random states are restored before the train dataloader is created, and once more just before
+the first training step when every train dataloader is a :class:`fastfeed.DataLoader`: an
+iteration of one that resumes a saved position draws nothing (it replays the saved seeds and
+sampler draws), and one that starts the next epoch is started after that restore, drawing what
+the uninterrupted run drew, so dropout masks match too.
 
 **Distributed training.** Every rank builds the Lightning checkpoint (some strategies gather
 state collectively) and reads the checkpoint to resume, but only global rank 0 uploads. That is
@@ -253,16 +254,22 @@ class FastfeedCheckpoint(pl.Callback):
             self._loader_states = []
         loaders = _flatten(trainer.train_dataloader)
         states, self._loader_states = self._loader_states, []
-        if states:
-            self._start_next_epoch(trainer, loaders, states)
         rng, self._rng_to_restore = self._rng_to_restore, None
-        if rng is not None and loaders and all(isinstance(dl, DataLoader) for dl in loaders):
-            # fastfeed loaders never draw from the global generators, but building one does (its
-            # seeds), possibly in train_dataloader() after the first restore: restore again here,
-            # right before the first step, so the steps see the states they saw when saved.
+        if rng is not None and not (loaders and all(isinstance(dl, DataLoader) for dl in loaders)):
+            rng = None  # another loader's iterator drew from the restored states: leave them
+        # Restore the random states once more, right before the first step: building the train
+        # dataloader (and anything train_dataloader() draws) ran after the first restore. The
+        # iteration Lightning already started drew nothing if it resumed a loaded loader state
+        # (fastfeed replays the saved draws); an iteration of a new epoch draws what the
+        # uninterrupted run drew when that epoch started, so it is started after the restore.
+        if states and self._start_next_epoch(trainer, loaders, states, rng):
+            return
+        if rng is not None:
             restore_rng(rng)
 
-    def _start_next_epoch(self, trainer: pl.Trainer, loaders: list[Any], states: list[Any]) -> None:
+    def _start_next_epoch(
+        self, trainer: pl.Trainer, loaders: list[Any], states: list[Any], rng: dict[str, Any] | None
+    ) -> bool:
         """The checkpoint was taken after the last batch of an epoch, so the next batch is the
         first of the next epoch. Lightning either does not load the saved dataloader states (a
         checkpoint from the end of the epoch) and iterates fresh loaders, or loads them (one from
@@ -270,10 +277,11 @@ class FastfeedCheckpoint(pl.Callback):
         For fastfeed loaders either repeats the wrong order (a fresh loader's own generator is
         where it was at construction; an iteration of a StreamingDataset reads the epoch set when
         it was created, and Lightning creates this iterator before ``on_train_epoch_start``).
-        Move them to the start of the next epoch, and let Lightning iterate again."""
+        Move them to the start of the next epoch, restore ``rng`` (if given) and let Lightning
+        iterate again. Returns whether it did."""
         stateful = [dl for dl in loaders if callable(getattr(dl, "state_dict", None))]
         if len(stateful) != len(states):
-            return
+            return False
         moved = False
         for loader, state in zip(stateful, states, strict=True):
             if not isinstance(loader, DataLoader):
@@ -286,11 +294,16 @@ class FastfeedCheckpoint(pl.Callback):
                     pass
                 moved = True
             elif callable(getattr(loader.dataset, "set_epoch", None)):
-                loader.dataset.set_epoch(trainer.current_epoch)
+                dataset: Any = loader.dataset
+                dataset.set_epoch(trainer.current_epoch)
                 moved = True
         fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
-        if moved and fetcher is not None:
-            iter(fetcher)  # Lightning's iterator of this epoch, now over the moved loaders
+        if not moved or fetcher is None:
+            return False
+        if rng is not None:
+            restore_rng(rng)
+        iter(fetcher)  # Lightning's iterator of this epoch, now over the moved loaders
+        return True
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Wait for the last upload; raises if a background save failed."""

@@ -1,63 +1,67 @@
-"""``fastfeed.DataLoader``: a drop-in ``torch.utils.data.DataLoader`` that owns the whole path
-from samples to (pinned host or device) batches.
+"""``fastfeed.DataLoader``: ``torch.utils.data.DataLoader`` (a subclass of it) that owns the whole
+path from samples to (pinned host or device) batches.
 
-Data flow::
+It gives the batches torch's loader gives (``default_collate``'s batches, in the same order,
+with the same seeds and errors) for every dataset torch's loader accepts; see the README's
+"Differences from torch's DataLoader" for the few that are documented. How the batches are made:
 
-    samples (in-process, or in worker processes)
-      -> collate: native gather into one arena region per batch (fixed fields stacked,
-         byte fields flat + offsets)   [in-process: a ring slot; worker: one of its
-                                        shared-memory slots, page-locked by the main process]
-      -> producer thread "fastfeed-batch": a worker's slot is used in place (views of it, no
-         copy); only a user collate_fn's batch travels as torch sends it
-      -> optional device copy on a side CUDA stream (fastfeed.device)
-      -> bounded queue -> the training loop
+Map-style and iterable datasets (any ``torch.utils.data`` dataset)::
 
-Only the producer thread and the worker processes do work; the training loop's ``next()`` only
-waits on a queue, and the time it waits is reported as ``stats().wait_s``.
+    num_workers=0   next() fetches the samples and collates them in the calling thread, as
+                    torch does (so random transforms draw from the global RNG in the same
+                    order), natively into a ring slot (pinned when CUDA is present).
+    num_workers>0   torch's own worker processes fetch; each collates into its own shared-
+                    memory slots (page-locked by the main process the first time it sees them);
+                    a batch crosses as a slot number, and a producer thread "fastfeed-batch"
+                    turns it into views of the slot (and starts its device copy).
 
-torch DataLoader arguments it ignores, and why: ``pin_memory`` (batches are always assembled in
-pinned memory when CUDA is available, with no per-batch pinning copy), ``pin_memory_device``
-(use ``device=``), ``in_order`` (batches are always in order: order is part of exact resume).
+:class:`~fastfeed.StreamingDataset` (its resumable streams, :mod:`fastfeed.streams`)::
+
+    samples -> columnar spans -> native gather into a ring slot (in-process) or a worker's
+    shared-memory slot -> producer thread "fastfeed-batch" -> bounded queue -> training loop
+
+With ``device=...`` every batch is copied on a side CUDA stream (:mod:`fastfeed.device`); the
+training stream waits on the copy's event. ``stats()`` reports how long the training loop
+waited in ``next()`` (``wait_s``) and where the time went.
 """
 
 from __future__ import annotations
 
 import base64
 import collections
+import inspect
 import itertools
 import logging
-import os
+import multiprocessing.connection
 import pickle
 import queue
 import random
+import signal
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
-from torch.utils.data import (
-    BatchSampler,
-    IterableDataset,
-    RandomSampler,
-    SequentialSampler,
-    SubsetRandomSampler,
-    WeightedRandomSampler,
-)
+from torch.utils.data import DataLoader as _TorchDataLoader
+from torch.utils.data import IterableDataset
+from torch.utils.data._utils.collate import default_collate, default_convert
+from torch.utils.data.datapipes.datapipe import IterDataPipe
 
 from fastfeed.batch import (
     Arena,
     ColumnBatch,
     collate_columns_into,
-    collate_into,
     from_layout,
     layout_extent,
     to_layout,
-    tree_map_tensors,
+    tree_leaves,
 )
+from fastfeed.collate import collate_into
 from fastfeed.device import DeviceFeeder, HostPinner
 from fastfeed.errors import ConfigError
 from fastfeed.gather import gather
@@ -69,11 +73,13 @@ __all__ = ["DataLoader", "LoaderStats"]
 
 log = logging.getLogger(__name__)
 
+_T_co = TypeVar("_T_co", covariant=True)
+
 _POLL = 0.1
-#: Seconds a worker waits for one of its shared-memory slots before using a fresh region.
-_SLOT_WAIT = 0.5
 _JOIN_TIMEOUT = 10.0
 _END = object()
+#: torch >= 2.6 has ``in_order``; older releases do not accept the argument.
+_TORCH_HAS_IN_ORDER = "in_order" in inspect.signature(_TorchDataLoader.__init__).parameters
 
 
 @dataclass
@@ -110,6 +116,71 @@ class LoaderStats:
         return asdict(self)
 
 
+# ---------------------------------------------------------------------- messages
+#
+# What travels from the sources (worker processes, or the in-process readers) to the producer
+# thread. ``stage`` holds the LoaderStats stage times the message's batch cost (and ``n``, its
+# samples); ``stream`` is ``(stream, position after the batch)`` on the StreamingDataset path.
+
+StreamMeta = tuple[int, StreamPos]
+
+
+class _SlotBatch(NamedTuple):
+    """A batch collated into a worker's shared-memory slot: rebuilt as views of the slot.
+    ``tensor`` is the slot's memory the first time it is used (and after it grew), else None."""
+
+    worker: int
+    slot: int
+    generation: int
+    tensor: torch.Tensor | None
+    layout: Any
+    stage: dict[str, float]
+    stream: StreamMeta | None = None
+
+
+class _RegionBatch(NamedTuple):
+    """A batch collated into a fresh shared-memory region (every slot of the worker was held)."""
+
+    region: torch.Tensor
+    layout: Any
+    stage: dict[str, float]
+    stream: StreamMeta | None = None
+
+
+class _UserBatch(NamedTuple):
+    """A batch made by a user ``collate_fn`` (or ``default_convert``), sent as torch sends it."""
+
+    batch: Any
+    stage: dict[str, float]
+    stream: StreamMeta | None = None
+
+
+class _RingBatch(NamedTuple):
+    """A batch already collated into a ring slot of this process."""
+
+    batch: Any
+    stage: dict[str, float]
+    stream: StreamMeta | None = None
+
+
+class _StreamEnd(NamedTuple):
+    """A stream has no more batches; ``io``: the I/O counters of its last reads."""
+
+    stream_id: int
+    io: dict[str, float]
+
+
+class _Failure(NamedTuple):
+    """An exception to raise in the training loop in place of one batch. ``fatal``: the
+    iteration cannot continue after it."""
+
+    exc: BaseException
+    fatal: bool = False
+
+
+# ---------------------------------------------------------------------- StreamingDataset streams
+
+
 class _StreamConfig:
     """What reading streams needs (picklable: it travels to spawned workers)."""
 
@@ -121,9 +192,11 @@ class _StreamConfig:
         num_streams: int,
         next_stream: int,
         starts: dict[int, StreamPos],
-        collate_fn: Callable[[list[Any]], Any] | None = None,
+        collate_fn: Callable[[Any], Any] | None = None,
         epoch: int = 0,
         segments: tuple[Segment, ...] = (),
+        unbatched: bool = False,
+        base_seed: int = 0,
     ) -> None:
         self.dataset = dataset
         self.collate_fn = collate_fn
@@ -135,14 +208,19 @@ class _StreamConfig:
         # The epoch (and its closed segments) the iteration reads: fixed when it is created.
         self.epoch = epoch
         self.segments = segments
+        #: batch_size=None: one sample at a time, each a sample dict (``collate_fn`` per sample).
+        self.unbatched = unbatched
+        #: The workers' base seed (drawn as torch draws it, or a resumed run's): workers reading
+        #: streams seed themselves from it, so a resumed run's workers draw what the saved run's did.
+        self.base_seed = base_seed
 
     def stream_source(
         self, streams: list[int], collate: Callable[[ColumnBatch], Any]
-    ) -> Generator[tuple[Any, ...], None, None]:
+    ) -> Generator[tuple[int, Any, StreamPos, dict[str, float]] | _StreamEnd, None, None]:
         """Round-robin over ``streams`` (those still running), each from its resume position:
-        ``("batch", stream, value, position_after, io_deltas)`` items (``io_deltas``: the
-        :class:`LoaderStats` I/O fields this batch added), then an ``("end", stream, io_deltas)``
-        item when a stream is exhausted (its last reads: the end of its last shard)."""
+        ``(stream, collate(batch), position_after, io_deltas)`` (``io_deltas``: the
+        :class:`LoaderStats` I/O fields this batch added), then a :class:`_StreamEnd` when a
+        stream is exhausted (its last reads: the end of its last shard)."""
         io_stats = self.dataset.io_stats
         gens = {
             v: stream_batches(
@@ -161,13 +239,20 @@ class _StreamConfig:
                     value, after = next(gens[v])
                 except StopIteration:
                     live.discard(v)
-                    yield ("end", v, _io_delta(io0, io_stats()))  # what the stream read last
+                    yield _StreamEnd(v, _io_delta(io0, io_stats()))  # what the stream read last
                 else:
-                    yield ("batch", v, value, after, _io_delta(io0, io_stats()))
+                    yield (v, value, after, _io_delta(io0, io_stats()))
                 v = _cyclic_next(v, live, self.num_streams)
         finally:
             for gen in gens.values():
                 gen.close()
+
+    def user_collate(self, columns: ColumnBatch) -> Any:
+        """A user ``collate_fn`` (or ``default_convert``) over the batch's sample dicts; with
+        ``batch_size=None``, over the one sample itself, as torch's loader calls it."""
+        fn = self.collate_fn if self.collate_fn is not None else default_convert
+        samples = columns.samples()
+        return fn(samples[0]) if self.unbatched else fn(samples)
 
 
 def _io_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -194,12 +279,12 @@ def _rotated(n: int, first: int) -> list[int]:
 
 
 def _in_stream_order(
-    items: Iterator[tuple[Any, ...]], order: list[int], on_end: Callable[[dict[str, float]], None] | None = None
-) -> Iterator[tuple[Any, ...]]:
+    items: Iterator[Any], order: list[int], on_end: Callable[[dict[str, float]], None] | None = None
+) -> Iterator[Any]:
     """Reorder worker messages into the streams' round-robin order (what one process would
     produce): workers run disjoint streams and each emits its own streams in that order, so the
     wait for the next stream's batch is short and the buffers stay small."""
-    pending: dict[int, collections.deque[tuple[Any, ...]]] = {v: collections.deque() for v in order}
+    pending: dict[int, collections.deque[Any]] = {v: collections.deque() for v in order}
     ended: set[int] = set()
     live = set(order)
     n = max(order) + 1 if order else 1
@@ -209,12 +294,12 @@ def _in_stream_order(
             item = next(items, None)
             if item is None:
                 raise RuntimeError(f"DataLoader workers ended before stream {v} did")
-            if item[0] == "end":
-                ended.add(item[1])
-                if on_end is not None and len(item) > 2:
-                    on_end(item[2])
+            if isinstance(item, _StreamEnd):
+                ended.add(item.stream_id)
+                if on_end is not None:
+                    on_end(item.io)
             else:
-                pending[item[-2][0]].append(item)
+                pending[item.stream[0]].append(item)
         if pending[v]:
             yield pending[v].popleft()
         else:
@@ -231,87 +316,116 @@ def _cyclic_next(v: int, live: set[int], n: int) -> int:
     return v
 
 
-class _WorkerSlots:
-    """Worker side of the shared-memory slots: a small ring of shared arenas per worker that
-    batches are collated into, announced as
-    ``("slot", worker, slot, generation, tensor_or_None, layout, stage_times)``.
+# ---------------------------------------------------------------------- worker side
 
-    A slot's tensor crosses to the main process (by file descriptor) only the first time it is
-    used and after it grows; after that only its number travels. The main process sets
-    ``free[worker, slot]`` back to 1 once the batch built on the slot is gone (freed by the
-    training loop, or its device copy completed); the worker waits for a free slot, polling with
-    a short sleep, gives up if its parent process dies, and after ``_SLOT_WAIT`` seconds
-    collates into a fresh region instead (``("layout", region, layout, stage_times)``: one more
-    copy in the main process, never a deadlock when the training loop keeps batches alive).
+
+class _SlotFlags:
+    """The shared-memory flags of the workers' slots (see :class:`_WorkerSlots`).
+
+    ``free[w, k]``: 1 while worker ``w`` may write its slot ``k``; the worker clears it when it
+    takes the slot, the main process sets it once the batch built on the slot is gone.
+    ``held[w, k]``: 1 while the main process holds a batch on the slot. ``epoch``: raised by
+    the main process before each epoch of a persistent pool. A worker that sees a new epoch
+    takes back its slots that are neither free nor held: their batches were sent in an epoch
+    that ended early, and torch's loader dropped them unseen when the new epoch started.
+    Plain byte loads and stores; each flag has one writer at a time, no lock needed.
     """
 
-    def __init__(self, free: torch.Tensor, worker: int) -> None:
-        # Only this worker clears its row (1 -> 0) and only the main process sets it (0 -> 1):
-        # plain byte loads and stores, no lock needed. (Not torch.nonzero: it asserts when the
-        # tensor changes under it.)
+    def __init__(self, workers: int, slots: int) -> None:
+        self.free = torch.ones(workers, slots, dtype=torch.int8).share_memory_()  # type: ignore[no-untyped-call]
+        self.held = torch.zeros(workers, slots, dtype=torch.int8).share_memory_()  # type: ignore[no-untyped-call]
+        self.epoch = torch.zeros(1, dtype=torch.int64).share_memory_()  # type: ignore[no-untyped-call]
+
+    def new_epoch(self) -> None:
+        self.epoch += 1
+
+
+class _WorkerSlots:
+    """Worker side of the shared-memory slots: up to ``flags.free.shape[1]`` shared arenas per
+    worker that batches are collated into, made as they are needed.
+
+    A slot's tensor crosses to the main process (by file descriptor) only the first time it is
+    used and after it grows; after that only its number travels (:class:`_SlotBatch`). A worker
+    never waits for a slot: when all of its slots are held (a training loop that keeps
+    batches), it collates into a fresh region instead (:class:`_RegionBatch`), so keeping
+    batches costs memory, never time.
+    """
+
+    def __init__(self, flags: _SlotFlags, worker: int) -> None:
         self.worker = worker
-        self.free = free[worker].numpy()
-        self.arenas = [Arena(0, shared=True) for _ in range(len(self.free))]
-        self.sent = [0] * len(self.arenas)  # generation of each slot the main process already has
-        self.parent = os.getppid()
+        self.free = flags.free[worker].numpy()
+        self.held = flags.held[worker].numpy()
+        self.epoch_flag = flags.epoch.numpy()
+        self.epoch = int(self.epoch_flag[0])
+        self.arenas: list[Arena] = []
+        self.sent: list[int] = []  # generation of each slot the main process already has
 
     def claim(self) -> int | None:
         free = self.free
-        delay = 0.0002
-        deadline = time.monotonic() + _SLOT_WAIT
-        while True:
-            for k in range(len(free)):
-                if free[k]:
-                    free[k] = 0
-                    return k
-            if os.getppid() != self.parent:
-                raise RuntimeError("the training process is gone")
-            if time.monotonic() > deadline:
-                return None
-            time.sleep(delay)
-            delay = min(delay * 2, 0.005)
+        epoch = int(self.epoch_flag[0])
+        if epoch != self.epoch:
+            self.epoch = epoch
+            for k in range(len(self.arenas)):
+                if not free[k] and not self.held[k]:
+                    free[k] = 1  # sent in an epoch that ended early, and dropped
+        for k in range(len(self.arenas)):
+            if free[k]:
+                free[k] = 0
+                return k
+        if len(self.arenas) < len(free):
+            k = len(self.arenas)
+            free[k] = 0
+            self.arenas.append(Arena(0, shared=True))
+            self.sent.append(-1)
+            return k
+        return None
 
-    def collate(self, fill: Callable[[Arena], Any], n: int) -> tuple[Any, ...]:
+    def collate(self, fill: Callable[[Arena], Any], n: int, stream: StreamMeta | None = None) -> Any:
         """``fill(arena)`` writes the batch into an arena and returns it."""
         start = time.perf_counter()
         k = self.claim()
         if k is None:
-            spare = Arena(0)
+            spare = Arena(0, shared=True)
             layout = to_layout(fill(spare), spare.tensor)
             stage = {"n": n, "collate_s": time.perf_counter() - start}
-            return ("layout", spare.tensor[: layout_extent(layout)], layout, stage)
+            return _RegionBatch(spare.tensor[: layout_extent(layout)], layout, stage, stream)
         arena = self.arenas[k]
-        layout = to_layout(fill(arena), arena.tensor)
+        try:
+            layout = to_layout(fill(arena), arena.tensor)
+        except BaseException:
+            self.free[k] = 1  # nothing was sent on it
+            raise
         tensor = None
         if self.sent[k] != arena.generation:
             tensor, self.sent[k] = arena.tensor, arena.generation
         stage = {"n": n, "collate_s": time.perf_counter() - start}
-        return ("slot", self.worker, k, arena.generation, tensor, layout, stage)
+        return _SlotBatch(self.worker, k, arena.generation, tensor, layout, stage, stream)
 
 
 class _WorkerCollate:
-    """Runs in DataLoader worker processes (datasets other than StreamingDataset): collate a batch
-    into one of the worker's shared-memory slots (:class:`_WorkerSlots`); a user ``collate_fn``'s
-    batch travels as torch sends it (``("user", batch, None, stage_times)``)."""
+    """The ``collate_fn`` of the workers of map-style and iterable datasets: ``default_collate``
+    into one of the worker's shared-memory slots (:class:`_WorkerSlots`); a user ``collate_fn``
+    (or ``default_convert`` without auto-batching) runs as torch runs it and its batch travels
+    as torch sends it."""
 
-    def __init__(self, user_collate: Callable[[list[Any]], Any] | None, free: torch.Tensor | None = None) -> None:
+    def __init__(self, user_collate: Callable[[Any], Any] | None, flags: _SlotFlags) -> None:
         self.user_collate = user_collate
-        self.free = free  # int8 [num_workers, slots] in shared memory, see _WorkerSlots
+        self.flags = flags
         self._slots: _WorkerSlots | None = None
         self._last_fetch = 0.0
 
-    def __call__(self, samples: list[Any]) -> Any:
+    def __call__(self, samples: Any) -> Any:
         start = time.perf_counter()
         if self.user_collate is not None:
             batch = self.user_collate(samples)
-            return ("user", batch, None, {"collate_s": time.perf_counter() - start, "n": len(samples)})
+            return _UserBatch(batch, {"collate_s": time.perf_counter() - start, "n": _count(samples)})
         if self._slots is None:
             info = torch.utils.data.get_worker_info()
-            assert info is not None and self.free is not None, "_WorkerCollate runs in DataLoader workers only"
-            self._slots = _WorkerSlots(self.free, info.id)
+            assert info is not None, "_WorkerCollate runs in DataLoader workers only"
+            self._slots = _WorkerSlots(self.flags, info.id)
         message = self._slots.collate(lambda arena: collate_into(samples, arena), len(samples))
-        message[-1].update(self._io_delta())
-        return (*message[:-1], None, message[-1])
+        message.stage.update(self._io_delta())
+        return message
 
     def _io_delta(self) -> dict[str, float]:
         info = torch.utils.data.get_worker_info()
@@ -323,17 +437,22 @@ class _WorkerCollate:
         return {"fetch_s": delta}
 
 
+def _count(samples: Any) -> int:
+    """Samples in what a collate function was given (a list, or one sample when unbatched)."""
+    return len(samples) if isinstance(samples, list) else 1
+
+
 class _CollatedStream(IterableDataset[Any]):
-    """Worker side of the fast path: the dataset's own streams, collated by each worker into its
-    shared-memory slots (:class:`_WorkerSlots`).
+    """Worker side of the StreamingDataset path: the dataset's own streams, collated by each
+    worker into its shared-memory slots (:class:`_WorkerSlots`).
 
     With persistent workers (``mailbox``), each iteration reads its settings and the workers'
     seed from the mailbox (:class:`_Mailbox`) instead of ``settings``, and the slots live on
     across iterations."""
 
-    def __init__(self, settings: _StreamConfig | None, free: torch.Tensor, mailbox: _Mailbox | None = None) -> None:
+    def __init__(self, settings: _StreamConfig | None, flags: _SlotFlags, mailbox: _Mailbox | None = None) -> None:
         self.settings = settings
-        self.free = free  # int8 [num_workers, slots] in shared memory: 1 = the worker may write
+        self.flags = flags
         self.mailbox = mailbox
         self._slots: _WorkerSlots | None = None
 
@@ -344,30 +463,30 @@ class _CollatedStream(IterableDataset[Any]):
         if self.mailbox is None:
             assert self.settings is not None
             settings = self.settings
-            slots = _WorkerSlots(self.free, worker)
+            slots = _WorkerSlots(self.flags, worker)
         else:
-            settings, base_seed = self.mailbox.read()
-            _seed_worker(base_seed, worker)  # as fresh workers of this iteration would be seeded
+            settings = self.mailbox.read()
             if self._slots is None:
-                self._slots = _WorkerSlots(self.free, worker)
+                self._slots = _WorkerSlots(self.flags, worker)
             slots = self._slots
-        user_collate = settings.collate_fn
+        _seed_worker(settings.base_seed, worker)  # as torch seeds fresh workers of this iteration
+        user = settings.collate_fn is not None or settings.unbatched
 
         def collate(samples: ColumnBatch) -> Any:
-            if user_collate is not None:
+            if user:
                 start = time.perf_counter()
-                batch = user_collate(samples.samples())
-                return ("user", batch, {"n": len(samples), "collate_s": time.perf_counter() - start})
+                batch = settings.user_collate(samples)
+                return _UserBatch(batch, {"n": len(samples), "collate_s": time.perf_counter() - start})
             return slots.collate(lambda arena: collate_columns_into(samples, arena), len(samples))
 
         mine = [v for v in _rotated(settings.num_streams, settings.next_stream) if v % info.num_workers == worker]
         for item in settings.stream_source(mine, collate):
-            if item[0] == "end":
+            if isinstance(item, _StreamEnd):
                 yield item
             else:
-                _, v, message, after, io = item
-                message[-1].update(io)
-                yield (*message[:-1], (v, after), message[-1])
+                v, message, after, io = item
+                message.stage.update(io)
+                yield message._replace(stream=(v, after))
 
 
 def _seed_worker(base_seed: int, worker: int) -> None:
@@ -403,35 +522,82 @@ class _Mailbox:
         return pickle.loads(array[8 : 8 + n].tobytes())  # written by the main process only
 
 
-class _WorkerPool:
-    """Persistent worker processes of the fast path (``persistent_workers=True``): one torch
-    DataLoader whose workers, slots and pinned slot memory are kept from one iteration to the
-    next. Used by one iteration at a time (see :class:`_PoolHolder`); an iteration that does not
-    run to its end shuts the pool down, so a new one never sees an earlier one's messages."""
+# ---------------------------------------------------------------------- persistent workers
 
-    def __init__(self, settings: _Settings, mailbox_size: int) -> None:
+
+class _EpochIndices:
+    """The index sampler of a persistent pool's torch DataLoader: each epoch's indices, drawn
+    by the training thread, set before the epoch starts (torch reads it in ``_reset``)."""
+
+    def __init__(self) -> None:
+        self.indices: Iterable[Any] = ()
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)  # type: ignore[arg-type]
+
+
+class _WorkerPool:
+    """Persistent worker processes (``persistent_workers=True``): one torch DataLoader whose
+    workers, slots and pinned slot memory are kept from one iteration to the next. Used by one
+    iteration at a time (see :class:`_PoolHolder`).
+
+    StreamingDataset: each iteration posts its settings and seed to the workers' mailbox, and
+    an iteration that does not run to its end shuts the pool down. Other datasets: torch's own
+    persistent workers, which keep their seeds and their dataset replica across epochs as in
+    torch; each epoch's indices are drawn by the training thread (:class:`_EpochIndices`), and
+    a new epoch takes back the slots of batches an early-ended epoch left behind
+    (:class:`_SlotFlags`)."""
+
+    def __init__(self, settings: _Settings, mailbox_size: int = 0) -> None:
         self.key = settings.pool_key()
-        self.free = settings.new_slots()
-        self.slot_table = _SlotTable(self.free, HostPinner() if settings.pin_slots else None)
-        self.mailbox = _Mailbox(mailbox_size)
-        self.loader = torch.utils.data.DataLoader(
-            _CollatedStream(None, self.free, self.mailbox),
-            batch_size=None,
-            collate_fn=_identity,
-            persistent_workers=True,
-            **settings.torch_loader_kwargs(),
-        )
+        self.streaming = settings.streaming
+        self.flags = settings.new_flags()
+        self.slot_table = _SlotTable(self.flags, HostPinner() if settings.pin_slots else None)
+        #: State of the generator the workers' base seed came from (map-style pools draw it
+        #: once, when the pool starts; for a resumed run's state).
+        self.seed_state = settings.seed_state
+        self.mailbox: _Mailbox | None = None
+        self.indices: _EpochIndices | None = None
+        kwargs = settings.torch_loader_kwargs()
+        if self.streaming:
+            self.mailbox = _Mailbox(mailbox_size)
+            dataset: Any = _CollatedStream(None, self.flags, self.mailbox)
+            kwargs.update(batch_size=None, collate_fn=_identity)
+        else:
+            dataset = settings.dataset
+            kwargs.update(collate_fn=_WorkerCollate(settings.collate_fn, self.flags))
+            if settings.iterable:
+                kwargs.update(batch_size=settings.batch_size, drop_last=settings.drop_last)
+            else:
+                self.indices = _EpochIndices()
+                if settings.batch_size is None:
+                    kwargs.update(sampler=self.indices, batch_size=None)
+                else:
+                    kwargs.update(batch_sampler=self.indices)
+        self.loader = _TorchDataLoader(dataset, persistent_workers=True, **kwargs)
         self.iterator: Any = None
+        self.started = False
 
     def start(self, settings: _Settings) -> Iterator[Any] | None:
         """Start an iteration of ``settings``; ``None`` if its settings do not fit the mailbox."""
-        # The base seed torch would draw for fresh workers, from a copy of the generator (the
-        # pool's first iteration draws it from the generator itself, the same value).
-        generator = torch.Generator()
-        generator.set_state(settings.worker_generator.get_state())
-        base_seed = int(torch.empty((), dtype=torch.int64).random_(generator=generator).item())
-        if not self.mailbox.post((settings.streams, base_seed)):
-            return None
+        if self.mailbox is not None:
+            if not self.mailbox.post(settings.streams):
+                return None
+        else:
+            assert self.indices is not None or settings.iterable
+            if self.indices is not None:
+                assert settings.index_batches is not None  # drawn by iter(), as torch's workers need
+                self.indices.indices = settings.index_batches
+            if self.started:
+                self.flags.new_epoch()
+        if not self.started:
+            # Only the first iteration's torch loader draws the workers' base seed.
+            assert settings.worker_generator is not None
+            self.loader.generator = settings.worker_generator
+        self.started = True
         iterator = iter(self.loader)  # the first starts the workers; later ones resume them
         self.iterator = iterator
         return iterator
@@ -459,6 +625,12 @@ class _PoolHolder:
         self._lock = threading.Lock()
         self._pool: _WorkerPool | None = None
         self._closed = False
+
+    def peek(self, key: tuple[Any, ...]) -> _WorkerPool | None:
+        """The idle pool if it was made for ``key`` (it stays idle)."""
+        with self._lock:
+            pool = self._pool
+        return pool if pool is not None and pool.key == key else None
 
     def take(self, key: tuple[Any, ...]) -> _WorkerPool | None:
         with self._lock:
@@ -493,8 +665,9 @@ class _SlotTable:
     """Main-process side of the worker slots: the tensors received, page-locked by ``pinner``
     when given, and their release."""
 
-    def __init__(self, free: torch.Tensor, pinner: HostPinner | None = None) -> None:
-        self.free = free
+    def __init__(self, flags: _SlotFlags, pinner: HostPinner | None = None) -> None:
+        self.free = flags.free
+        self.held = flags.held
         self.pinner = pinner
         self.tensors: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}
         self.pinned: dict[tuple[int, int], torch.Tensor] = {}
@@ -510,11 +683,13 @@ class _SlotTable:
         have, shared = self.tensors[(worker, slot)]
         if have != generation:
             raise RuntimeError(f"worker {worker} slot {slot}: generation {generation} unknown (have {have})")
+        self.held[worker, slot] = 1
         view = shared.numpy()[:]  # its death (all batch views gone) frees the slot
         weakref.finalize(view, self._release, worker, slot)
         return torch.from_numpy(view)
 
     def _release(self, worker: int, slot: int) -> None:
+        self.held[worker, slot] = 0
         self.free[worker, slot] = 1
 
     def _unpin(self, key: tuple[int, int]) -> None:
@@ -532,45 +707,78 @@ def _identity(item: Any) -> Any:
     return item
 
 
-class DataLoader:
-    """Batches from any torch dataset, assembled straight into pinned host memory.
+# ---------------------------------------------------------------------- the loader
 
-    Accepts ``torch.utils.data.DataLoader``'s arguments (see the module docstring for the few
-    it ignores) plus:
 
-    Args:
+def _check_device(device: str | torch.device | None) -> torch.device | None:
+    """``device=`` as a :class:`torch.device`, checked now rather than at the first batch."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"device={device!r} is not a device", hint='use "cuda", "cuda:1", "cpu" or a torch.device'
+        ) from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise ConfigError(
+                f"device={device!r}: CUDA is not available here (torch {torch.__version__}, {build}, "
+                f"{torch.cuda.device_count()} GPUs visible)",
+                hint="leave device unset for batches in host memory, or run on a machine with a GPU and a CUDA "
+                "build of torch",
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA devices",
+                hint=f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}",
+            )
+    return dev
+
+
+class DataLoader(_TorchDataLoader[_T_co]):
+    """``torch.utils.data.DataLoader`` with batches assembled straight into pinned host memory
+    (and, with ``device=``, copied to the device on a side stream).
+
+    A subclass of torch's DataLoader with its constructor, attributes, errors and warnings, so
+    frameworks recognise it (Lightning's distributed sampler injection included). For any
+    dataset torch accepts it yields the batches torch's loader yields: ``default_collate``'s
+    batches (made natively, bit for bit the same), in the same order, with the same worker
+    seeds, errors and ``len()``. The documented differences (README, "Differences from torch's
+    DataLoader"): a :class:`~fastfeed.StreamingDataset` is read as resumable streams whose
+    ``bytes`` fields are :class:`~fastfeed.RaggedBytes`; batches are in page-locked memory
+    whenever CUDA is available (``pin_memory`` only pins a user ``collate_fn``'s batches);
+    ``in_order=False`` still delivers in order.
+
+    Args (besides torch's):
         device: if given (``"cuda"``, ``"cuda:1"``, a ``torch.device``), batches are delivered on
             that device, copied on a side stream overlapped with compute.
-        prefetch_batches: batches assembled ahead of the training loop.
+            :class:`~fastfeed.ConfigError` at construction if the device does not exist here.
+        prefetch_batches: batches assembled ahead of the training loop (StreamingDataset, or
+            worker processes).
         ring_slots: host arenas in the ring (default ``prefetch_batches + 3``).
         num_streams: with a :class:`~fastfeed.StreamingDataset`, the epoch is read as this many
             streams whose batches are interleaved round-robin (see :mod:`fastfeed.streams`): the
             batch order depends on it and not on ``num_workers``, so a run resumed from
             :meth:`state_dict` with any number of workers continues exactly. Keep it fixed
             across restarts (and >= ``num_workers``, or some workers idle).
-        persistent_workers: with a :class:`~fastfeed.StreamingDataset`, the worker processes,
-            their connections, caches and shared-memory slots are kept from one epoch to the
-            next, and each epoch still reads the dataset's current epoch (``set_epoch``). Their
-            RNGs are reseeded each epoch as fresh workers' would be, so batches and random draws
-            are those of fresh workers. An epoch abandoned part-way ends its workers (new ones
-            start with the next). Stopped by :meth:`close` or when the loader is collected.
-            Other datasets start new workers each epoch.
 
-    Batches: fixed-size fields (arrays, tensors, numbers) are stacked tensors, ``bytes`` fields
-    are :class:`fastfeed.batch.RaggedBytes`, strings are lists. A ``collate_fn`` replaces this.
-    CPU batches are views of ring memory that stays reserved until the batch is freed;
-    keeping many batches alive makes the ring allocate (and warn), never hang.
+    ``persistent_workers=True`` keeps the worker processes from one epoch to the next, as
+    torch's. With a :class:`~fastfeed.StreamingDataset` each epoch still reads the dataset's
+    current epoch (``set_epoch``; torch's persistent workers replay the epoch they started
+    with) and the workers are reseeded each epoch as fresh workers would be; an epoch
+    abandoned part-way ends them.
 
-    Order: ``iter(loader)`` fixes the epoch it reads (a :class:`~fastfeed.StreamingDataset`'s
-    ``epoch``: a later ``set_epoch`` applies to the next iteration) and draws nothing; the
-    iteration starts at its first ``next()``, which draws, in the calling thread, what torch's
-    DataLoader draws when an iteration starts: the workers' base seed from ``generator`` (if
-    given), then the sampler's whole epoch of indices (a batch sampler without ``len()``, which
-    may be endless, is instead read as batches are made). So the order of every epoch depends
-    only on the generators' state and the number of iterations started, never on thread timing:
-    an iterator dropped before its first ``next()`` (Lightning's probe) changes nothing, and
-    with a ``generator`` the order is torch's for that generator, whatever ``num_workers``.
-    ``iter()`` and :meth:`load_state_dict` end the loader's previous iteration.
+    Order and random draws are torch's: ``iter(loader)`` draws the workers' base seed from
+    ``generator`` (torch's global generator if None), and the sampler draws its epoch at
+    ``iter()`` with workers and at the first ``next()`` without (a batch sampler without
+    ``len()``, which may be endless, is read as batches are made). A run restored with
+    :meth:`load_state_dict` redraws nothing: it replays the saved draws.
+
+    Batches: as ``default_collate`` makes them (a ``collate_fn`` replaces it). CPU batches are
+    views of ring memory that stays reserved until the batch is freed; keeping batches alive
+    costs memory, never a wait.
     """
 
     def __init__(
@@ -578,10 +786,10 @@ class DataLoader:
         dataset: Any,
         batch_size: int | None = 1,
         shuffle: bool | None = None,
-        sampler: Iterable[Any] | None = None,
-        batch_sampler: Iterable[list[Any]] | None = None,
+        sampler: Any = None,
+        batch_sampler: Any = None,
         num_workers: int = 0,
-        collate_fn: Callable[[list[Any]], Any] | None = None,
+        collate_fn: Callable[[Any], Any] | None = None,
         pin_memory: bool = False,
         drop_last: bool = False,
         timeout: float = 0,
@@ -598,131 +806,80 @@ class DataLoader:
         ring_slots: int | None = None,
         num_streams: int = 8,
     ) -> None:
-        if num_workers < 0:
-            raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
+        checked = _check_device(device)
         if prefetch_batches < 1:
             raise ConfigError(f"prefetch_batches must be >= 1, got {prefetch_batches}")
+        if ring_slots is not None and ring_slots < 1:
+            raise ConfigError(f"ring_slots must be >= 1, got {ring_slots}")
         if num_streams < 1:
             raise ConfigError(f"num_streams must be >= 1, got {num_streams}")
-        self.dataset = dataset
-        self.iterable = isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__")
-        if self.iterable and (shuffle or sampler is not None or batch_sampler is not None):
-            raise ConfigError(
-                "shuffle, sampler and batch_sampler do not apply to an iterable dataset",
-                hint="shuffle in the dataset, e.g. StreamingDataset(shuffle=True)",
-            )
-        if batch_sampler is not None and (batch_size != 1 or shuffle or sampler is not None or drop_last):
-            raise ConfigError("batch_sampler is mutually exclusive with batch_size, shuffle, sampler and drop_last")
-        if batch_size is None:
-            raise ConfigError("batch_size=None (unbatched samples) is not supported", hint="use torch's DataLoader")
-        self.batch_size = batch_size
-        self.drop_last = drop_last
-        self.num_workers = num_workers
-        self.collate_fn = collate_fn
-        self.timeout = timeout
-        self.worker_init_fn = worker_init_fn
-        self.multiprocessing_context = multiprocessing_context
-        self.generator = generator
-        self.prefetch_factor = prefetch_factor
-        self.persistent_workers = persistent_workers
+        extra: dict[str, Any] = {"in_order": in_order} if _TORCH_HAS_IN_ORDER else {}
+        super().__init__(
+            dataset, batch_size, shuffle, sampler, batch_sampler, num_workers, collate_fn, pin_memory, drop_last,
+            timeout, worker_init_fn, multiprocessing_context, generator, prefetch_factor=prefetch_factor,
+            persistent_workers=persistent_workers, pin_memory_device=pin_memory_device, **extra,
+        )  # fmt: skip
+        if not _TORCH_HAS_IN_ORDER:
+            self.in_order = in_order
+        self.device = checked
         self.prefetch_batches = prefetch_batches
+        self.ring_slots = ring_slots
         self.num_streams = num_streams
-        self.device = torch.device(device) if device is not None else None
-        self.pin = torch.cuda.is_available()
-        self.ring_slots = ring_slots or prefetch_batches + 3
-        self.batch_sampler: Iterable[list[Any]] | None = None
-        if not self.iterable:
-            if batch_sampler is None:
-                if sampler is None and shuffle:
-                    if generator is None:
-                        # The loader's own generator, seeded from torch's global RNG (so
-                        # torch.manual_seed governs it, as in torch), whose state exact resume saves.
-                        generator = torch.Generator()
-                        generator.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
-                    sampler = RandomSampler(dataset, generator=generator)
-                elif sampler is None:
-                    sampler = SequentialSampler(dataset)
-                batch_sampler = BatchSampler(sampler, batch_size, drop_last)
-            self.batch_sampler = batch_sampler
-        # Worker seeds: torch's DataLoader draws a base seed per iteration, from the global RNG
-        # unless given a generator. Drawing it here once and deriving each iteration's from it
-        # keeps iterating from touching the global RNG, so a run restored from a checkpoint
-        # (RNG states included) sees the same random numbers as the uninterrupted run.
-        self._seed_base = int(torch.empty((), dtype=torch.int64).random_().item()) if generator is None else 0
-        self._iterations = 0
-        self._ring = HostRing(self.ring_slots, pin=self.pin)
+        self._ring = HostRing(ring_slots or prefetch_batches + 3, pin=torch.cuda.is_available())
         self._stats = _StatsSink()
-        self._progress = _Progress(dataset)
-        if _is_streaming(dataset):
-            dataset.read_streams = num_streams  # the cache plans by the streams actually read
-        self._sampler_progress = (
-            _SamplerProgress(self.batch_sampler, self.generator) if self.batch_sampler is not None else None
-        )
-        self._active: weakref.ref[_LoaderIterator] | None = None
-        # Persistent workers (StreamingDataset): kept between iterations, shut down by close()
-        # or when the loader is collected.
+        self._progress = _Progress(self.dataset)
+        self._sampler_progress = _SamplerProgress(self) if not isinstance(self.dataset, IterableDataset) else None
+        self._iterators: weakref.WeakSet[_LoaderIterator] = weakref.WeakSet()
+        # Persistent workers: kept between iterations, shut down by close() or when the loader
+        # is collected.
         self._pool_holder = _PoolHolder()
         weakref.finalize(self, self._pool_holder.close)
-        del pin_memory, pin_memory_device, in_order  # accepted for compatibility; see docstring
+        ds: Any = self.dataset
+        if _is_streaming(ds):
+            ds.read_streams = num_streams  # the cache plans by the streams actually read
 
     def __len__(self) -> int:
-        """Batches in an epoch. With a :class:`~fastfeed.StreamingDataset`: the batches its
-        ``num_streams`` streams deliver in the dataset's current epoch, each stream ending with
-        its own partial batch (unless ``drop_last``); this needs the shards' sample counts,
-        scanned once."""
-        if self.batch_sampler is not None:
-            return len(self.batch_sampler)  # type: ignore[arg-type]
-        if _is_streaming(self.dataset):
-            return epoch_batches(self.dataset, self.num_streams, self.batch_size, drop_last=self.drop_last)
-        n = len(self.dataset)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        """Batches in an epoch, as torch counts them. With a :class:`~fastfeed.StreamingDataset`:
+        the batches its ``num_streams`` streams deliver in the dataset's current epoch, each
+        stream ending with its own partial batch (unless ``drop_last``); this needs the shards'
+        sample counts, scanned once."""
+        ds: Any = self.dataset
+        if _is_streaming(ds):
+            batch = self.batch_size if self.batch_sampler is not None and self.batch_size is not None else 1
+            return epoch_batches(ds, self.num_streams, batch, drop_last=self.drop_last)
+        return super().__len__()
 
-    def __iter__(self) -> Iterator[Any]:
-        self._end_iteration()
+    def __iter__(self) -> _LoaderIterator:  # type: ignore[override]
+        if self.persistent_workers and self.num_workers > 0:
+            # One iteration at a time over the same workers, as torch resets its one iterator.
+            self._end_iterations()
         self._pool_holder.open()
         iterator = _LoaderIterator(self)
-        # A weak reference: dropping the iterator in the training loop must stop its thread.
-        self._active = weakref.ref(iterator)
+        self._iterators.add(iterator)
         return iterator
-
-    def _worker_generator(self, epoch: int) -> torch.Generator:
-        """The generator the workers' torch DataLoader draws this iteration's base seed from.
-
-        With the user's ``generator``: a copy of its state, and the user's advances past the
-        base seed now, as torch's DataLoader advances it when an iteration starts (so the
-        sampler's draws that follow are torch's, and no other thread ever draws from it).
-        Otherwise one seeded by this loader's seed and the ``epoch`` (StreamingDataset) or the
-        iteration number (others; restored by :meth:`load_state_dict`)."""
-        if self.generator is not None:
-            private = torch.Generator(device=self.generator.device)
-            private.set_state(self.generator.get_state())
-            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
-            return private
-        key = epoch if _is_streaming(self.dataset) else self._iterations
-        seed = hash((self._seed_base, key)) & 0x7FFF_FFFF_FFFF_FFFF
-        return torch.Generator().manual_seed(seed)
 
     def stats(self) -> LoaderStats:
         """A snapshot of the counters (cheap; safe to call every step)."""
         return self._stats.snapshot()
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the training loop is in the epoch: a few integers per stream.
+        """Where the training loop is in the epoch (of the loader's latest iteration).
 
-        Restore it with :meth:`load_state_dict` into a fresh loader (same dataset source, seed,
-        batch size, ``num_streams`` and world size; any ``num_workers``, any process): the next
-        iteration yields exactly the batches the uninterrupted run had left, in order. Only the
-        block each stream was in is read again (at most ``shuffle_buffer`` samples, rounded up
-        to whole batches), never earlier shards.
+        Restore it with :meth:`load_state_dict` into a fresh loader (same dataset, sampler,
+        batch size; any ``num_workers``, any process): the next iteration yields exactly the
+        batches the uninterrupted run had left, in order, with the same worker seeds.
 
-        On a different world size, any one rank's state resumes every new rank (batch size and
+        :class:`~fastfeed.StreamingDataset`: a few integers per stream (same seed, batch size,
+        ``num_streams`` and world size). Only the block each stream was in is read again (at
+        most ``shuffle_buffer`` samples, rounded up to whole batches), never earlier shards. On
+        a different world size, any one rank's state resumes every new rank (batch size and
         ``num_streams`` may change too): the samples not yet delivered are split evenly across
-        the new ranks, none repeated (see :mod:`fastfeed.reshard` for the exact guarantee).
+        the new ranks, none repeated (see :mod:`fastfeed.reshard`).
 
-        Map-style datasets: the state is the number of batches delivered this epoch and the
-        sampler's generator state at the epoch's start; resuming replays sampler indices, not
-        data. Raises :class:`~fastfeed.errors.ConfigError` for a sampler drawing from torch's
-        global RNG (give it a ``generator``) and for iterable datasets other than
+        Map-style datasets: the number of batches consumed this epoch and the random states
+        the epoch's order and seeds were drawn from (the sampler's generators and torch's
+        global generator); resuming replays the sampler's draws, not data. Raises
+        :class:`~fastfeed.errors.ConfigError` for iterable datasets other than
         :class:`~fastfeed.StreamingDataset`.
         """
         if self._sampler_progress is not None:
@@ -736,33 +893,32 @@ class DataLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict` at the next ``iter(loader)`` (see there). The loader's
-        current iteration, if any, ends first (its ``next()`` raises ``StopIteration``): it
-        could not continue the loaded state, nor be left drawing from the generators it sets."""
-        active = self._active() if self._active is not None else None
-        if active is not None and active.delivered:
-            log.info("load_state_dict(): ending the iteration in progress after %d batches", active.delivered)
-        self._end_iteration()
+        iterations in progress end first (their ``next()`` raises ``StopIteration``): they could
+        not continue the loaded state. Persistent workers are restarted with the saved seeds."""
+        self._end_iterations()
         if self._sampler_progress is not None:
             self._sampler_progress.load(self, state)
+            self._pool_holder.close()  # a resumed epoch's workers start with the saved seed
         elif _is_streaming(self.dataset):
             self._progress.load(self, state)
         else:
             raise ConfigError("load_state_dict() needs a map-style dataset or a fastfeed.StreamingDataset")
 
     def close(self) -> None:
-        """Stop the active iteration and the worker processes (persistent ones too): they end
-        within seconds. The loader can be iterated again afterwards."""
-        self._end_iteration()
+        """Stop the iterations in progress and the worker processes (persistent ones too): they
+        end within seconds. The loader can be iterated again afterwards."""
+        self._end_iterations()
         self._pool_holder.close()
 
-    def _end_iteration(self) -> None:
-        """Stop the active iteration; persistent workers stay (if it ran to its end)."""
-        active = self._active() if self._active is not None else None
-        self._active = None
-        if active is not None:
-            active.close()
+    def _end_iterations(self) -> None:
+        """Stop the iterations in progress; persistent workers stay (see _WorkerPool)."""
+        for iterator in list(self._iterators):
+            if iterator.delivered:
+                log.info("ending an iteration in progress after %d batches", iterator.delivered)
+            iterator.close()
+        self._iterators = weakref.WeakSet()
 
-    def __enter__(self) -> DataLoader:
+    def __enter__(self) -> DataLoader[_T_co]:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -786,130 +942,208 @@ class _StatsSink:
             return LoaderStats(**asdict(self._stats))
 
 
+def _seed_generator(generator: torch.Generator | None, draws: int = 1) -> torch.Generator:
+    """What torch's DataLoader does when an iteration starts: draw the workers' base seed from
+    ``generator`` (torch's global generator if None; for a datapipe, a shared seed first, so
+    ``draws=2``). Returns a private generator in the state before those draws: the workers'
+    torch DataLoader draws the same seeds from it, so no other thread ever touches the user's
+    generator, and its state is what a resumed run replays."""
+    source = generator if generator is not None else torch.default_generator
+    private = torch.Generator(device=source.device)
+    private.set_state(source.get_state())
+    for _ in range(draws):
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
+    return private
+
+
+def _seed_datapipe(dataset: Any, generator: torch.Generator | None) -> Any:
+    """What torch's single-process iterator does to a datapipe when an iteration starts: draw a
+    seed shared by the ranks, seed the graph's random operations from it, shard the graph."""
+    from torch.utils.data import graph_settings
+    from torch.utils.data.dataloader import _get_distributed_settings, _share_dist_seed
+
+    group = None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        group = torch.distributed.new_group(backend="gloo")
+    shared = torch.Generator()
+    shared.manual_seed(_share_dist_seed(generator, group))  # type: ignore[no-untyped-call]
+    dataset = graph_settings.apply_random_seed(dataset, shared)
+    world_size, rank = _get_distributed_settings()  # type: ignore[no-untyped-call]
+    graph_settings.apply_sharding(dataset, world_size, rank)
+    return dataset
+
+
+def _generator_from(state: torch.Tensor) -> torch.Generator:
+    generator = torch.Generator()
+    generator.set_state(state)
+    return generator
+
+
 class _Settings:
-    """What the producer thread needs from the loader: a snapshot with no reference back to the
+    """What an iteration needs from the loader: a snapshot with no reference back to the
     loader or its iterator, so dropping those (or garbage-collecting them) stops the thread.
 
-    Made when an iteration starts, in the thread calling ``next()``: it draws everything the
-    epoch's order depends on (see :class:`DataLoader`), so the producer thread never touches a
-    generator. ``epoch``, ``segments``: the epoch the iteration reads, fixed at ``iter()``."""
+    Made by ``iter(loader)``, in the calling thread: it draws what torch's DataLoader draws
+    there (the workers' base seed; with workers, the sampler's epoch), so the producer thread
+    never touches a generator. ``epoch``, ``segments``: the StreamingDataset epoch the
+    iteration reads."""
 
-    def __init__(self, loader: DataLoader, epoch: int, segments: tuple[Segment, ...]) -> None:
-        self.dataset = loader.dataset
-        self.iterable = loader.iterable
+    def __init__(self, loader: DataLoader[Any]) -> None:
+        dataset = loader.dataset
+        self.dataset = dataset
+        self.streaming = _is_streaming(dataset)
+        self.iterable = isinstance(dataset, IterableDataset)
+        self.auto_collation = loader.batch_sampler is not None
         self.batch_size = loader.batch_size
         self.drop_last = loader.drop_last
-        # Torch's order of draws: the generators' state at the start (what a saved state
-        # records), the workers' base seed, then the sampler's indices.
-        skip = loader._sampler_progress.start() if loader._sampler_progress is not None else 0
-        self.worker_generator = loader._worker_generator(epoch)
-        self.batch_sampler = _draw_batches(loader.batch_sampler, skip) if loader.batch_sampler is not None else None
         self.num_workers = loader.num_workers
-        self.collate_fn = loader.collate_fn
+        fn = loader.collate_fn
+        #: None: fastfeed's native default_collate (into a ring or worker slot).
+        self.collate_fn: Callable[[Any], Any] | None = None if self.auto_collation and fn is default_collate else fn
         self.timeout = loader.timeout
         self.worker_init_fn = loader.worker_init_fn
         self.multiprocessing_context = loader.multiprocessing_context
-        self.persistent_workers = loader.persistent_workers
+        self.persistent_workers = loader.persistent_workers and loader.num_workers > 0
         self.prefetch_factor = loader.prefetch_factor
+        self.generator = loader.generator
         self.ring = loader._ring
         self.stats = loader._stats
-        self.pin_slots = loader.pin
+        self.pin_slots = torch.cuda.is_available()
+        #: torch pins the batches of a user collate_fn when asked; fastfeed's own are pinned.
+        self.pin_user = bool(loader.pin_memory) and torch.cuda.is_available() and loader.device is None
         self.slot_table: _SlotTable | None = None
         #: Whether the producer unpins the slot table when the iteration ends (a persistent
         #: pool's table lives, pinned, as long as the pool).
         self.owns_slot_table = True
-        self.pool_holder = loader._pool_holder if loader.persistent_workers else None
-        resume = loader._progress.resume
-        if resume is not None and resume.epoch != epoch:
-            log.warning("ignoring the loaded state of epoch %d: the dataset is at epoch %d", resume.epoch, epoch)
-            resume = None
+        self.pool_holder = loader._pool_holder if self.persistent_workers else None
+        #: The epoch's index batches (indices without auto-batching): a list drawn by iter()
+        #: with workers, the sampler's own iterator without.
+        self.index_batches: Iterable[Any] | None = None
+        self.sampler_draw: _SamplerDraw | None = None
+        self.sampler_progress = loader._sampler_progress
+        self.progress = loader._progress
+        self.streams: _StreamConfig | None = None
+        self.stream_resume: _Resume | None = None
+        self.worker_generator: torch.Generator | None = None
+        self.seed_state: torch.Tensor | None = None
+        self.base_seed = 0
+        #: A datapipe: torch draws a seed shared across ranks for its graph before the base seed.
+        self.datapipe = isinstance(dataset, IterDataPipe)
+        if self.streaming:
+            self._draw_streaming(loader)
+        elif self.sampler_progress is not None:
+            self._draw_map(loader, self.sampler_progress)
+        elif self.datapipe and self.num_workers == 0:
+            self.dataset = _seed_datapipe(dataset, self.generator)
+            self._draw_seed(None)
+        else:
+            self._draw_seed(None, draws=2 if self.datapipe else 1)
+        if self.num_workers == 0 and self.timeout:
+            raise ConfigError(
+                f"timeout={self.timeout} applies to worker processes, and this loader has num_workers=0",
+                hint="set num_workers > 0 or leave timeout at 0 (torch's DataLoader refuses it too, when it starts)",
+            )
+
+    def _draw_seed(self, saved: torch.Tensor | None, draws: int = 1) -> None:
+        self.worker_generator = _generator_from(saved) if saved is not None else _seed_generator(self.generator, draws)
+        self.seed_state = self.worker_generator.get_state()
+
+    def _draw_streaming(self, loader: DataLoader[Any]) -> None:
+        ds: Any = loader.dataset
+        epoch, segments = int(ds.epoch), tuple(ds.segments)
+        resume = loader._progress.peek(epoch)
+        self.stream_resume = resume
+        if resume is not None and resume.base_seed is not None:
+            self.base_seed = resume.base_seed
+            # The workers' torch DataLoader draws from a private generator, never the global one;
+            # what it draws is unused: stream workers seed themselves from base_seed.
+            self.worker_generator = torch.Generator().manual_seed(resume.base_seed)
+        else:
+            self._draw_seed(None)
+            assert self.worker_generator is not None
+            peek = _generator_from(self.worker_generator.get_state())
+            self.base_seed = int(torch.empty((), dtype=torch.int64).random_(generator=peek).item())
+        unbatched = not self.auto_collation
         self.streams = _StreamConfig(
-            loader.dataset,
-            loader.batch_size,
+            ds,
+            1 if unbatched else int(loader.batch_size or 1),
             loader.drop_last,
             loader.num_streams,
             resume.next_stream if resume else 0,
             dict(resume.positions) if resume else {},
-            loader.collate_fn,
+            self.collate_fn,
             epoch,
             segments,
+            unbatched,
+            self.base_seed,
         )
+
+    def _draw_map(self, loader: DataLoader[Any], progress: _SamplerProgress) -> None:
+        """torch's draws when an iteration of a map-style dataset starts. Without workers: the
+        sampler's iterator (the sampler draws as batches are taken, in the calling thread), then
+        the base seed. With workers: the base seed (once per pool with persistent workers), then
+        the sampler's whole epoch (torch takes the first batches' indices when iter() starts
+        its workers; here the producer thread must never draw, so all of them are taken now)."""
+        resume = progress.peek()
+        if self.num_workers == 0:
+            self.index_batches = progress.open(resume, eager=False)
+            self._draw_seed(resume.seed_state if resume is not None else None)
+            # The sampler's own draws come later, from the states as they are now.
+            self.sampler_draw = resume if resume is not None else progress.snapshot(self.seed_state)
+            return
+        pool = self.pool_holder.peek(self.pool_key()) if self.pool_holder is not None else None
+        if resume is not None:
+            self._draw_seed(resume.seed_state)
+        elif pool is not None:
+            self.seed_state = pool.seed_state  # torch's persistent workers keep their seed
+        else:
+            self._draw_seed(None)
+        self.sampler_draw = resume if resume is not None else progress.snapshot(self.seed_state)
+        self.index_batches = progress.open(resume, eager=True)
 
     # ------------------------------------------------------------------ sources of raw batches
 
-    def fast_path(self) -> bool:
-        """Whether the dataset reads its own batches as resumable streams of byte spans (with a
-        ``collate_fn``, the spans become sample dicts for it)."""
-        return _is_streaming(self.dataset)
+    def stream_batches_in_process(self) -> Iterator[Any]:
+        """StreamingDataset, no workers: batches collated into ring slots (or a user collate_fn's
+        batches), in stream order, with the time spent producing them."""
+        assert self.streams is not None
+        streams = self.streams
+        ring = self.ring
+        timing = {"collate_s": 0.0}
+        user = streams.collate_fn is not None or streams.unbatched
 
-    def sample_batches(self) -> Iterator[tuple[Any, ...]]:
-        """In-process: lists of samples (or, on the fast path, batches already collated into a
-        ring slot, in stream order), with the time spent producing them."""
-        io_stats = getattr(self.dataset, "io_stats", None)
-        if self.fast_path():
-            ring = self.ring
-            timing = {"collate_s": 0.0}
+        def collate(columns: ColumnBatch) -> tuple[Any, int]:
+            start = time.perf_counter()
+            if user:
+                batch = streams.user_collate(columns)
+            else:
+                slot = ring.acquire()
+                batch = _collate_into_slot(slot, lambda s: collate_columns_into(columns, s.arena, s.base))
+            timing["collate_s"] = time.perf_counter() - start
+            return batch, len(columns)
 
-            user_collate = self.collate_fn
-
-            def collate(columns: ColumnBatch) -> tuple[Any, int]:
+        source = streams.stream_source(_rotated(streams.num_streams, streams.next_stream), collate)
+        try:
+            while True:
                 start = time.perf_counter()
-                if user_collate is not None:
-                    batch = user_collate(columns.samples())
-                else:
-                    slot = ring.acquire()
-                    batch = collate_columns_into(columns, slot.arena, slot.base)
-                timing["collate_s"] = time.perf_counter() - start
-                return batch, len(columns)
+                item = next(source, None)
+                if item is None:
+                    return
+                if isinstance(item, _StreamEnd):
+                    self.stats.add(**item.io)
+                    continue
+                v, (batch, n), after, io = item
+                elapsed = time.perf_counter() - start
+                stage = {"n": n, **io, "collate_s": timing["collate_s"]}
+                stage["parse_s"] = max(0.0, elapsed - io["fetch_s"] - timing["collate_s"])
+                yield (_UserBatch if user else _RingBatch)(batch, stage, (v, after))
+        finally:
+            source.close()
 
-            streams = self.streams
-            source = streams.stream_source(_rotated(streams.num_streams, streams.next_stream), collate)
-            try:
-                while True:
-                    start = time.perf_counter()
-                    try:
-                        item = next(source)
-                    except StopIteration:
-                        return
-                    if item[0] == "end":
-                        self.stats.add(**item[2])
-                        continue
-                    _, v, (batch, n), after, io = item
-                    elapsed = time.perf_counter() - start
-                    times = {"n": n, **io, "collate_s": timing["collate_s"]}
-                    times["parse_s"] = max(0.0, elapsed - io["fetch_s"] - timing["collate_s"])
-                    yield "collated", batch, (v, after), times
-            finally:
-                source.close()
-        elif self.iterable:
-            it = iter(self.dataset)
-            try:
-                while True:
-                    start = time.perf_counter()
-                    fetch0 = io_stats()["fetch_wait_s"] if io_stats else 0.0
-                    samples = list(itertools.islice(it, self.batch_size))
-                    if not samples or (self.drop_last and len(samples) < self.batch_size):
-                        return
-                    elapsed = time.perf_counter() - start
-                    fetch = (io_stats()["fetch_wait_s"] - fetch0) if io_stats else 0.0
-                    yield "samples", samples, None, {"fetch_s": fetch, "parse_s": elapsed - fetch}
-            finally:
-                close = getattr(it, "close", None)
-                if close is not None:
-                    close()
-        else:
-            assert self.batch_sampler is not None
-            for indices in self.batch_sampler:
-                start = time.perf_counter()
-                samples = [self.dataset[i] for i in indices]
-                yield "samples", samples, None, {"parse_s": time.perf_counter() - start}
-
-    def new_slots(self) -> torch.Tensor:
-        """The shared ``free`` flags of each worker's shared-memory slots (see _WorkerSlots)."""
-        slots = (self.prefetch_factor or 2) + 3
-        free: torch.Tensor = torch.ones(self.num_workers, slots, dtype=torch.int8)
-        free.share_memory_()  # type: ignore[no-untyped-call]
-        return free
+    def new_flags(self) -> _SlotFlags:
+        """Shared flags for the workers' slots: each worker makes up to twice the slots it
+        normally has batches in flight (torch's prefetch, the queue, the loop's batch)."""
+        return _SlotFlags(self.num_workers, 2 * ((self.prefetch_factor or 2) + 3))
 
     def torch_loader_kwargs(self) -> dict[str, Any]:
         """The arguments of the torch DataLoader that runs the workers, as the user gave them."""
@@ -925,17 +1159,65 @@ class _Settings:
     def pool_key(self) -> tuple[Any, ...]:
         """What a persistent pool was made for: a pool is reused only for the same."""
         return (
+            self.streaming,
             self.num_workers,
             self.timeout,
             self.worker_init_fn,
             self.multiprocessing_context,
             self.prefetch_factor,
             self.pin_slots,
+            self.collate_fn,
+            self.auto_collation,
+            self.batch_size,
+            self.drop_last,
         )
 
-    def persistent_batches(self, holder: _PoolHolder) -> Iterator[Any]:
-        """The fast path with persistent workers: the loader's pool, or a new one. The pool goes
-        back to the loader only when the iteration ran to its end."""
+    def worker_batches(self) -> Iterator[Any]:
+        """Worker processes (torch's worker machinery): their messages, and a :class:`_Failure`
+        in place of each batch whose worker raised (the iteration goes on, as torch's)."""
+        if self.pool_holder is not None:
+            yield from self._pool_batches(self.pool_holder)
+            return
+        flags = self.new_flags()
+        self.slot_table = _SlotTable(flags, HostPinner() if self.pin_slots else None)
+        kwargs = self.torch_loader_kwargs()
+        if self.streaming:
+            # Workers read their streams and collate whole batches; torch only moves messages.
+            assert self.streams is not None
+            dataset: Any = _CollatedStream(self.streams, flags)
+            kwargs.update(batch_size=None, collate_fn=_identity)
+        else:
+            dataset = self.dataset
+            kwargs.update(collate_fn=_WorkerCollate(self.collate_fn, flags), **self._index_kwargs(self.index_batches))
+        loader = _TorchDataLoader(dataset, **kwargs)
+        it = iter(loader)
+        try:
+            if self.streaming:
+                yield from self._in_stream_order(it)
+            else:
+                yield from _each_batch(it)
+        finally:
+            # Now, not when ``it`` is collected: an exception raised from a worker keeps the
+            # iterator (and so the workers) alive for as long as the exception is referenced.
+            _shutdown_workers(it)
+            del it
+
+    def _index_kwargs(self, indices: Any) -> dict[str, Any]:
+        if self.iterable:
+            return {"batch_size": self.batch_size if self.auto_collation else None, "drop_last": self.drop_last}
+        if not self.auto_collation:
+            return {"sampler": indices, "batch_size": None}
+        return {"batch_sampler": indices}
+
+    def _in_stream_order(self, it: Iterator[Any]) -> Iterator[Any]:
+        assert self.streams is not None
+        order = _rotated(self.streams.num_streams, self.streams.next_stream)
+        return _in_stream_order(it, order, lambda io: self.stats.add(**io))
+
+    def _pool_batches(self, holder: _PoolHolder) -> Iterator[Any]:
+        """Persistent workers: the loader's pool, or a new one. A StreamingDataset pool goes
+        back to the loader only when the iteration ran to its end; another dataset's also when
+        it ended early (torch's loader drops what its workers still send), not after an error."""
         kept = holder.take(self.pool_key())
         iterator = kept.start(self) if kept is not None else None
         if kept is not None and iterator is not None:
@@ -943,55 +1225,160 @@ class _Settings:
         else:
             if kept is not None:
                 kept.shutdown()  # the settings outgrew its mailbox
-            size = max(1 << 20, 4 * len(pickle.dumps(self.streams, protocol=pickle.HIGHEST_PROTOCOL)))
+            if self.worker_generator is None:
+                self._draw_seed(None)  # the pool this iteration saw at iter() is gone
+            size = 0
+            if self.streaming:
+                size = max(1 << 20, 4 * len(pickle.dumps(self.streams, protocol=pickle.HIGHEST_PROTOCOL)))
             pool = _WorkerPool(self, size)
             iterator = pool.start(self)
             assert iterator is not None
         self.slot_table, self.owns_slot_table = pool.slot_table, False
-        completed = False
+        self.seed_state = pool.seed_state
+        keep = False
+        failed = False
         try:
-            order = _rotated(self.streams.num_streams, self.streams.next_stream)
-            yield from _in_stream_order(iterator, order, lambda io: self.stats.add(**io))
-            for extra in iterator:  # each worker's end of iteration; nothing else may come
-                raise RuntimeError(f"a DataLoader worker sent {extra[0]!r} after its streams ended")
-            completed = True
+            if self.streaming:
+                yield from self._in_stream_order(iterator)
+                for extra in iterator:  # each worker's end of iteration; nothing else may come
+                    raise RuntimeError(f"a DataLoader worker sent {type(extra).__name__} after its streams ended")
+                keep = True
+            else:
+                for item in _each_batch(iterator):
+                    failed = failed or isinstance(item, _Failure)
+                    yield item
+        except GeneratorExit:
+            keep = not self.streaming and not failed
+            raise
+        else:
+            keep = keep or not failed
         finally:
-            if completed:
+            if keep:
                 holder.give_back(pool)
             else:
                 pool.shutdown()
 
-    def worker_batches(self) -> Iterator[Any]:
-        """Worker processes (torch's worker machinery) returning one arena region per batch."""
-        if self.pool_holder is not None and self.fast_path():
-            yield from self.persistent_batches(self.pool_holder)
-            return
-        free = self.new_slots()
-        self.slot_table = _SlotTable(free, HostPinner() if self.pin_slots else None)
-        kwargs = self.torch_loader_kwargs()
-        kwargs.update(collate_fn=_WorkerCollate(self.collate_fn, free), persistent_workers=self.persistent_workers)
-        dataset = self.dataset
-        if self.fast_path():
-            # Workers read their streams and collate whole batches; torch only moves messages.
-            dataset = _CollatedStream(self.streams, free)
-            kwargs.update(batch_size=None, collate_fn=_identity)
-        elif self.iterable:
-            kwargs.update(batch_size=self.batch_size, drop_last=self.drop_last)
-        else:
-            kwargs.update(batch_sampler=self.batch_sampler)
-        loader = torch.utils.data.DataLoader(dataset, **kwargs)
-        it = iter(loader)
+
+def _each_batch(it: Iterator[Any]) -> Iterator[Any]:
+    """``it``'s items, with a :class:`_Failure` in place of each one whose ``next()`` raised: a
+    torch DataLoader iterator raises a worker's error for that batch and goes on. A worker that
+    died ends the iteration, with the error torch raises in its main thread."""
+    while True:
         try:
-            if self.fast_path():
-                order = _rotated(self.streams.num_streams, self.streams.next_stream)
-                yield from _in_stream_order(it, order, lambda io: self.stats.add(**io))
-            else:
-                yield from it
-        finally:
-            # Now, not when ``it`` is collected: an exception raised from a worker keeps the
-            # iterator (and so the workers) alive for as long as the exception is referenced.
-            _shutdown_workers(it)
-            del it
+            item = next(it)
+        except StopIteration:
+            return
+        except Exception as exc:
+            # A broken connection to a worker (its shared memory handed over as it died): give
+            # its exit a moment to show, so the error names the cause.
+            dead = _dead_worker_error(it, wait=1.0 if isinstance(exc, ConnectionError | EOFError) else 0.0)
+            if dead is not None:
+                raise dead from exc
+            yield _Failure(exc)
+        else:
+            yield item
+
+
+def _dead_worker_error(it: Any, wait: float = 0.0) -> RuntimeError | None:
+    """torch's error for a worker process of ``it`` that died (its SIGCHLD handler's, which runs
+    only in the main thread: here the iterator runs in the producer thread), waiting up to
+    ``wait`` seconds for one to end."""
+    workers = list(getattr(it, "_workers", ()))
+    if wait and workers:
+        multiprocessing.connection.wait([w.sentinel for w in workers], timeout=wait)
+    for worker in workers:
+        code = worker.exitcode
+        if code is None or code == 0:
+            continue
+        if code < 0:
+            try:
+                name = signal.strsignal(-code) or f"signal {-code}"
+            except ValueError:
+                name = f"signal {-code}"
+            return RuntimeError(f"DataLoader worker (pid {worker.pid}) is killed by signal: {name}. ")
+        return RuntimeError(
+            f"DataLoader worker (pid {worker.pid}) exited unexpectedly with exit code {code}. Details are lost due "
+            "to multiprocessing. Rerunning with num_workers=0 may give better error trace."
+        )
+    return None
+
+
+def _collate_into_slot(slot: Any, fill: Callable[[Any], Any]) -> Any:
+    """``fill(slot)``; a slot whose batch failed goes back to its ring."""
+    try:
+        return fill(slot)
+    except BaseException:
+        slot.abandon()
+        raise
+
+
+class _InlineSource:
+    """``num_workers=0``, a dataset other than a StreamingDataset: each ``next()`` fetches and
+    collates one batch in the calling thread, exactly as torch's single-process iterator does
+    (``__getitems__`` when the dataset has it; an iterable dataset's iterator made now), so a
+    dataset's random transforms draw from the global generators in torch's order."""
+
+    def __init__(self, settings: _Settings) -> None:
+        self.settings = settings
+        self.dataset_iter: Iterator[Any] | None = iter(settings.dataset) if settings.iterable else None
+        self.index_iter: Iterator[Any] | None = None
+        if settings.index_batches is not None:
+            self.index_iter = iter(settings.index_batches)
+        self.started = False
+        self.ended = False
+
+    def fetch(self, owner: Any) -> Any:
+        """The next batch's samples (one sample without auto-batching); ``StopIteration`` at the
+        end. A map-style dataset's epoch is drawn by the first call, which makes ``owner`` the
+        iteration its progress describes."""
+        s = self.settings
+        if self.dataset_iter is not None:
+            if not s.auto_collation:
+                return next(self.dataset_iter)
+            if self.ended:
+                raise StopIteration
+            assert s.batch_size is not None
+            data = []
+            for _ in range(s.batch_size):
+                try:
+                    data.append(next(self.dataset_iter))
+                except StopIteration:
+                    self.ended = True
+                    break
+            if not data or (s.drop_last and len(data) < s.batch_size):
+                raise StopIteration
+            return data
+        progress = s.sampler_progress
+        assert progress is not None and self.index_iter is not None
+        if not self.started:
+            self.started = True
+            progress.begin(owner, s.sampler_draw)
+        index = next(self.index_iter)
+        progress.consumed(owner)  # used up, whether the dataset delivers it or raises
+        dataset = s.dataset
+        if not s.auto_collation:
+            return dataset[index]
+        getitems = getattr(dataset, "__getitems__", None)
+        return getitems(index) if getitems else [dataset[i] for i in index]
+
+    def close(self) -> None:
+        close = getattr(self.dataset_iter, "close", None)
+        if close is not None:
+            close()
+        self.dataset_iter = None
+
+
+def _collate(settings: _Settings, data: Any) -> Any:
+    """``settings``' collate_fn over ``data``, or fastfeed's native default_collate into a ring
+    slot; a user collate_fn's batch is pinned when torch's loader would pin it."""
+    if settings.collate_fn is not None:
+        batch = settings.collate_fn(data)
+        if settings.pin_user:
+            from torch.utils.data._utils.pin_memory import pin_memory
+
+            batch = pin_memory(batch)  # type: ignore[no-untyped-call]
+        return batch
+    return _collate_into_slot(settings.ring.acquire(), lambda slot: collate_into(data, slot.arena, slot.base))
 
 
 class _HandoffQueue(queue.Queue[Any]):
@@ -1020,40 +1407,86 @@ class _HandoffQueue(queue.Queue[Any]):
             self.not_full.notify()
 
 
-class _LoaderIterator:
-    """One pass over the loader: a producer thread and a bounded queue.
+def _install_sigchld_handler() -> None:
+    """torch's handler that raises in the main thread when a worker process dies ("DataLoader
+    worker (pid X) is killed by signal: ..."). torch installs it only from the thread that
+    starts the workers; fastfeed starts them from its producer thread, so it installs it here,
+    from the thread that iterates (a no-op outside the main thread, as in torch)."""
+    from torch.utils.data._utils import signal_handling
 
-    Creating it fixes the epoch it reads and nothing else; the pass starts at the first
-    ``next()`` (:meth:`_start`), which draws the order and starts the thread. The thread runs
-    :func:`_produce` over a :class:`_Settings` snapshot and the queue only, never this object,
-    so an iterator (and its loader) that the training loop drops is collected and its
-    ``__del__`` stops the thread.
+    install = getattr(signal_handling, "_set_SIGCHLD_handler", None)
+    if install is not None:
+        install()
+
+
+def _warn_pin_memory(loader: DataLoader[Any]) -> None:
+    """torch's warnings about ``pin_memory`` when an iteration starts."""
+    if not loader.pin_memory:
+        return
+    if loader.pin_memory_device:
+        warnings.warn(
+            "pin_memory_device is deprecated, the current accelerator will be used as the device,"
+            f"ignore pin_memory_device='{loader.pin_memory_device}'.",
+            stacklevel=3,
+        )
+    accelerator = getattr(torch, "accelerator", None)
+    available = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    if not available:
+        warnings.warn(
+            "'pin_memory' argument is set as true but no accelerator is found, "
+            "then device pinned memory won't be used.",
+            stacklevel=3,
+        )
+
+
+class _LoaderIterator:
+    """One pass over the loader.
+
+    Made by ``iter(loader)``, which draws what torch draws then (:class:`_Settings`). Without
+    workers and with a dataset other than a StreamingDataset, ``next()`` makes each batch itself
+    (:class:`_InlineSource`). Otherwise the first ``next()`` starts a producer thread that runs
+    :func:`_produce` over the settings and a bounded queue only, never this object, so an
+    iterator (and its loader) that the training loop drops is collected and its ``__del__``
+    stops the thread.
     """
 
-    def __init__(self, loader: DataLoader) -> None:
-        self._loader: DataLoader | None = loader  # until the pass starts
-        ds = loader.dataset
-        streaming = _is_streaming(ds)
-        self._epoch = int(ds.epoch) if streaming else 0
-        self._segments: tuple[Segment, ...] = tuple(ds.segments) if streaming else ()
-        self._sampler_progress = loader._sampler_progress
+    def __init__(self, loader: DataLoader[Any]) -> None:
+        _warn_pin_memory(loader)
+        self._settings: _Settings | None = _Settings(loader)
+        settings = self._settings
+        self._inline = _InlineSource(settings) if not settings.streaming and settings.num_workers == 0 else None
         self._queue = _HandoffQueue(maxsize=loader.prefetch_batches)
         self._stop = threading.Event()
+        #: Names this iteration to the loader's progress (not the iterator itself: the producer
+        #: thread reaches the progress, and must not keep the iterator alive).
+        self._token = object()
         self._stats = loader._stats
-        self._progress = loader._progress
+        self._device = loader.device
         self._feeder: DeviceFeeder | None = None
         self._thread: threading.Thread | None = None
+        self._started = False
         self._done = False
         #: Batches handed to the training loop.
         self.delivered = 0
+        self._yielded = 0  # as torch counts them, for its IterableDataset length warning
+        self._len_called: int | None = loader._IterableDataset_len_called if settings.iterable else None
+        self._dataset_name = str(loader.dataset)
+        self._num_workers = loader.num_workers
 
     def _start(self) -> None:
-        loader, self._loader = self._loader, None
-        assert loader is not None
-        loader._iterations += 1
-        settings = _Settings(loader, self._epoch, self._segments)  # draws; takes the resume point, if any
-        loader._progress.start(settings.streams)
-        self._feeder = DeviceFeeder.for_device(loader.device) if loader.device is not None else None
+        """The first ``next()``: this iteration becomes the one ``state_dict()`` describes."""
+        settings = self._settings
+        assert settings is not None
+        self._started = True
+        if settings.streaming:
+            settings.progress.start(self._token, settings.streams, settings.stream_resume)
+        elif settings.sampler_progress is not None and settings.num_workers > 0:
+            settings.sampler_progress.begin(self._token, settings.sampler_draw)
+        self._feeder = DeviceFeeder.for_device(self._device) if self._device is not None else None
+        if self._inline is not None:
+            return
+        if settings.num_workers > 0:
+            _install_sigchld_handler()
         self._thread = threading.Thread(
             target=_produce,
             args=(settings, self._feeder, self._queue, self._stop),
@@ -1070,48 +1503,105 @@ class _LoaderIterator:
     def __next__(self) -> Any:
         if self._done:
             raise StopIteration
-        if self._thread is None:
+        if not self._started:
             try:
                 self._start()
             except BaseException:
                 self.close()
                 raise
-        thread = self._thread
-        assert thread is not None
         start = time.perf_counter()
         try:
-            while True:
-                try:
-                    item = self._queue.get_quietly(_POLL)
-                    break
-                except queue.Empty:
-                    if not thread.is_alive() and self._queue.empty():
-                        self._done = True
-                        raise StopIteration from None
+            batch = self._next_inline() if self._inline is not None else self._next_queued()
         finally:
             self._stats.add(wait_s=time.perf_counter() - start)
+        self.delivered += 1
+        self._yielded += 1
+        if self._len_called is not None and self._yielded > self._len_called:
+            self._warn_length()
+        return batch
+
+    def _next_inline(self) -> Any:
+        settings, inline = self._settings, self._inline
+        assert settings is not None and inline is not None
+        t0 = time.perf_counter()
+        try:
+            data = inline.fetch(self._token)
+        except StopIteration:
+            self.close()
+            raise
+        t1 = time.perf_counter()
+        batch = _collate(settings, data)
+        t2 = time.perf_counter()
+        feeder = self._feeder
+        if feeder is not None:
+            feeder.reap()
+            batch, event = feeder.copy(batch)
+            feeder.hand_over(batch, event)
+        t3 = time.perf_counter()
+        n = _count(data) if settings.auto_collation else 1
+        nbytes = _tensor_bytes(batch)
+        self._stats.add(batches=1, samples=n, bytes=nbytes, parse_s=t1 - t0, collate_s=t2 - t1, copy_s=t3 - t2)
+        return batch
+
+    def _next_queued(self) -> Any:
+        thread = self._thread
+        assert thread is not None
+        while True:
+            try:
+                item = self._queue.get_quietly(_POLL)
+                break
+            except queue.Empty:
+                if not thread.is_alive() and self._queue.empty():
+                    self._done = True
+                    raise StopIteration from None
+        settings = self._settings
         if item is _END:
             self.close()
             raise StopIteration
         if isinstance(item, _Failure):
-            self.close()
-            raise item.exc
-        batch, event, meta = item
-        if meta is not None:
-            self._progress.delivered(*meta)
-        elif self._sampler_progress is not None:
-            self._sampler_progress.delivered()
+            if item.fatal:
+                self.close()
+            elif settings is not None and settings.sampler_progress is not None:
+                settings.sampler_progress.consumed(self._token)  # the batch's indices were used up
+            self._queue.space()
+            exc, item = item.exc, None
+            try:
+                raise exc
+            finally:
+                # No reference from this frame to the exception, whose traceback holds the
+                # frame: a cycle would keep this iterator (and its workers) alive until the
+                # garbage collector happens to run.
+                del exc
+        batch, event, stream = item
+        if settings is not None:
+            if stream is not None:
+                settings.progress.delivered(self._token, *stream)
+            elif settings.sampler_progress is not None:
+                settings.sampler_progress.consumed(self._token)
         if self._feeder is not None:
             self._feeder.hand_over(batch, event)
         self._queue.space()
-        self.delivered += 1
         return batch
+
+    def _warn_length(self) -> None:
+        message = (
+            f"Length of IterableDataset {self._dataset_name} was reported to be {self._len_called}"
+            f"(when accessing len(dataloader)), but {self._yielded} samples have been fetched. "
+        )
+        if self._num_workers > 0:
+            message += (
+                "For multiprocessing data-loading, this could be caused by not properly configuring the "
+                "IterableDataset replica at each worker. Please see "
+                "https://pytorch.org/docs/stable/data.html#torch.utils.data.IterableDataset for examples."
+            )
+        warnings.warn(message, stacklevel=3)
 
     def close(self) -> None:
         """Stop the producer and its workers; returns within seconds."""
         self._done = True
-        self._loader = None
         self._stop.set()
+        if self._inline is not None:
+            self._inline.close()
         while True:  # unblock a producer waiting to put
             try:
                 self._queue.get_nowait()
@@ -1122,17 +1612,21 @@ class _LoaderIterator:
             thread.join(_JOIN_TIMEOUT)
             if thread.is_alive():
                 log.warning("fastfeed-batch thread did not stop within %.0fs", _JOIN_TIMEOUT)
+        self._settings = None
 
     def __del__(self) -> None:
         if not self._done:
             self.close()
+
+    def __getstate__(self) -> None:
+        raise TypeError(f"{type(self).__name__} cannot be pickled")
 
 
 # ---------------------------------------------------------------------- producer thread
 
 
 def _produce(settings: _Settings, feeder: DeviceFeeder | None, out: queue.Queue[Any], stop: threading.Event) -> None:
-    """Thread "fastfeed-batch": raw batches -> ring slots (-> device) -> ``out``."""
+    """Thread "fastfeed-batch": raw batches -> batches (-> device) -> ``out``."""
 
     def put(item: Any) -> bool:
         while not stop.is_set():
@@ -1145,18 +1639,23 @@ def _produce(settings: _Settings, feeder: DeviceFeeder | None, out: queue.Queue[
 
     source: Iterator[Any] | None = None
     try:
-        source = settings.worker_batches() if settings.num_workers > 0 else settings.sample_batches()
+        source = settings.worker_batches() if settings.num_workers > 0 else settings.stream_batches_in_process()
         for item in source:
             if stop.is_set():
                 return
+            if isinstance(item, _Failure):
+                if not put(item):
+                    return
+                del item  # the training loop raises it: hold no reference (see _next_queued)
+                continue
             batch, event, nbytes, n, times = _assemble(settings, feeder, item)
             settings.stats.add(batches=1, samples=n, bytes=nbytes, **times)
-            if not put((batch, event, item[-2])):
+            if not put((batch, event, item.stream)):
                 return
             del batch, item
         put(_END)
     except BaseException as exc:  # delivered to the training loop and raised there
-        put(_Failure(exc))
+        put(_Failure(exc, fatal=True))
     finally:
         if source is not None:
             close = getattr(source, "close", None)
@@ -1174,44 +1673,34 @@ def _produce(settings: _Settings, feeder: DeviceFeeder | None, out: queue.Queue[
 def _assemble(
     settings: _Settings, feeder: DeviceFeeder | None, item: Any
 ) -> tuple[Any, Any, int, int, dict[str, float]]:
-    """Items are ``(kind, payload..., stream_meta, stage_times)``."""
-    kind = item[0]
-    times = dict(item[-1])
+    """A message -> ``(batch, device event, bytes, samples, stage times)``."""
+    times = dict(item.stage)
     n = int(times.pop("n", 0))
     if feeder is not None:
         feeder.reap()
         if settings.ring.free_slots() == 0:
             feeder.wait_oldest()
     start = time.perf_counter()
-    if kind == "collated":  # the fast path collated into a ring slot already
-        batch = item[1]
-        nbytes = _tensor_bytes(batch)
-        start = time.perf_counter()
-    elif kind == "samples":
-        samples = item[1]
-        n = len(samples)
-        if settings.collate_fn is not None:
-            batch = settings.collate_fn(samples)
-        else:
-            slot = settings.ring.acquire()
-            batch = collate_into(samples, slot.arena, slot.base)
-        nbytes = _tensor_bytes(batch)
-        times["collate_s"] = times.get("collate_s", 0.0) + time.perf_counter() - start
-        start = time.perf_counter()
-    elif kind == "slot":  # a worker's shared-memory slot: views of it, no copy
-        _, worker, slot, generation, tensor, layout = item[:6]
+    if isinstance(item, _SlotBatch):  # a worker's shared-memory slot: views of it, no copy
         assert settings.slot_table is not None
-        batch = from_layout(layout, settings.slot_table.base(worker, slot, generation, tensor))
-        nbytes = layout_extent(layout)
-    elif kind == "layout":
-        region, layout = item[1], item[2]
-        slot = settings.ring.acquire()
-        slot.arena.ensure(region.numel())
-        gather(slot.arena.array, [region.numpy()], dst_offset=0)
-        batch = from_layout(layout, slot.base())
-        nbytes = int(region.numel())
-    else:  # "user": a user collate_fn ran in the worker
-        batch = item[1]
+        base = settings.slot_table.base(item.worker, item.slot, item.generation, item.tensor)
+        batch = from_layout(item.layout, base)
+        nbytes = layout_extent(item.layout)
+    elif isinstance(item, _RegionBatch):
+        region = item.region
+        if settings.pin_slots:  # into a pinned ring slot, for an asynchronous device copy
+            slot = settings.ring.acquire()
+            slot.arena.ensure(region.numel())
+            gather(slot.arena.array, [region.numpy()], dst_offset=0)
+            region = slot.base()
+        batch = from_layout(item.layout, region)
+        nbytes = int(item.region.numel())
+    else:  # a ring slot of this process, or a user collate_fn's batch
+        batch = item.batch
+        if isinstance(item, _UserBatch) and settings.pin_user:
+            from torch.utils.data._utils.pin_memory import pin_memory
+
+            batch = pin_memory(batch)  # type: ignore[no-untyped-call]
         nbytes = _tensor_bytes(batch)
     event = None
     if feeder is not None:
@@ -1220,124 +1709,191 @@ def _assemble(
     return batch, event, nbytes, n, times
 
 
+# ---------------------------------------------------------------------- resume: map-style datasets
+
+
+@dataclass
+class _SamplerDraw:
+    """The random states an epoch of a map-style dataset was drawn from: ``seed_state``, the
+    state of the generator the workers' base seed came from, before that draw; the sampler
+    chain's generators and torch's global generator, before the sampler drew the epoch; and
+    ``skip``, the batches a resumed iteration skips."""
+
+    seed_state: torch.Tensor | None
+    generator_states: list[torch.Tensor]
+    global_state: torch.Tensor
+    skip: int = 0
+
+
+def _b64(state: torch.Tensor) -> str:
+    return base64.b64encode(bytes(state.numpy())).decode()
+
+
+def _unb64(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
 class _SamplerProgress:
-    """Progress through a map-style dataset's batch sampler: the batches delivered in the current
-    iteration, and the state of the sampler's random generators when the iteration started (the
-    order is a function of those; samplers without a generator, like ``DistributedSampler``,
-    must be deterministic for their epoch). Resuming replays the sampler's indices, not data."""
+    """Progress through a map-style dataset's epoch: the index batches consumed by the loader's
+    current iteration (delivered, or raised by the dataset), and the random states its order and
+    worker seeds were drawn from. Resuming replays those draws, not data: the sampler's
+    generators are set to the saved states, torch's global generator is set to its saved state
+    for the draw and put back right after, so a resumed run consumes nothing from it."""
 
-    VERSION = 1
+    VERSION = 2
 
-    def __init__(self, batch_sampler: Iterable[list[Any]], generator: torch.Generator | None = None) -> None:
-        self.batch_sampler = batch_sampler
+    def __init__(self, loader: DataLoader[Any]) -> None:
+        self.index_sampler = loader._index_sampler
+        generators = _sampler_generators(self.index_sampler)
+        if loader.generator is not None and all(g is not loader.generator for g in generators):
+            generators.append(loader.generator)  # the workers' base seed is drawn from it
+        self.generators = generators
         self._lock = threading.Lock()
-        self.generators = _sampler_generators(batch_sampler)
-        if self.generators is not None and generator is not None and all(g is not generator for g in self.generators):
-            self.generators.append(generator)  # the workers' base seed is drawn from it
-        self.start_states: list[torch.Tensor] = []
+        self.pending: _SamplerDraw | None = None  # a loaded state, for the next iteration
+        self.current: _SamplerDraw | None = None
+        self.owner: Any = None
         self.batches = 0
-        self.pending_skip: int | None = None
 
-    def start(self) -> int:
-        """A new iteration: returns how many batches to skip (a loaded state's), once."""
+    def peek(self) -> _SamplerDraw | None:
         with self._lock:
-            skip, self.pending_skip = self.pending_skip or 0, None
-            self.start_states = [g.get_state() for g in self.generators or ()]
-            self.batches = skip
-            return skip
+            return self.pending
 
-    def delivered(self) -> None:
+    def snapshot(self, seed_state: torch.Tensor | None) -> _SamplerDraw:
+        """The random states the sampler is about to draw from (and the base seed's)."""
+        return _SamplerDraw(seed_state, [g.get_state() for g in self.generators], torch.get_rng_state())
+
+    def open(self, resume: _SamplerDraw | None, *, eager: bool) -> Iterator[Any]:
+        """The sampler's iterator for a new iteration, in the calling thread. ``eager``: its
+        whole epoch drawn now (when the sampler has a ``len()``; one without may be endless and
+        is read as batches are made). A loaded state is replayed from its saved states, its
+        skipped batches drawn too, so every generator ends where the saved epoch left it, and
+        torch's global generator is put back as it was."""
+        if resume is None:
+            it = iter(self.index_sampler)
+            return iter(list(it)) if eager and _has_len(self.index_sampler) else it
+        for g, state in zip(self.generators, resume.generator_states, strict=True):
+            g.set_state(state)
+        outer = torch.get_rng_state()
+        torch.set_rng_state(resume.global_state)
+        try:
+            it = iter(self.index_sampler)
+            for _ in itertools.islice(it, resume.skip):
+                pass
+            return iter(list(it)) if eager and _has_len(self.index_sampler) else it
+        finally:
+            torch.set_rng_state(outer)
+
+    def begin(self, owner: Any, record: _SamplerDraw | None) -> None:
+        """``owner`` (an iteration) is the one ``state()`` describes from now on."""
         with self._lock:
-            self.batches += 1
+            self.owner = owner
+            self.current = record
+            self.batches = record.skip if record is not None else 0
+            if record is not None and record is self.pending:
+                self.pending = None  # used once
 
-    def state(self, loader: DataLoader) -> dict[str, Any]:
-        if self.generators is None:
-            raise ConfigError(
-                "state_dict(): the sampler draws its order from torch's global random generator, so a resumed "
-                "run could not repeat it",
-                hint="pass generator=torch.Generator() to the sampler, or use shuffle=True (the loader then "
-                "keeps its own generator)",
-            )
+    def consumed(self, owner: Any) -> None:
         with self._lock:
-            return {
-                "version": self.VERSION,
-                "kind": "sampler",
-                "batches": self.batches,
-                "batch_size": loader.batch_size,
-                "drop_last": loader.drop_last,
-                "dataset_len": len(loader.dataset),
-                "iteration": loader._iterations,
-                "generators": [base64.b64encode(bytes(st.numpy())).decode() for st in self.start_states],
-            }
+            if owner is self.owner:
+                self.batches += 1
 
-    def load(self, loader: DataLoader, state: dict[str, Any]) -> None:
+    def state(self, loader: DataLoader[Any]) -> dict[str, Any]:
+        with self._lock:
+            record = self.current if self.pending is None else self.pending
+            batches = self.batches if self.pending is None else self.pending.skip
+        state: dict[str, Any] = {
+            "version": self.VERSION,
+            "kind": "sampler",
+            "batches": batches,
+            "batch_size": loader.batch_size,
+            "drop_last": loader.drop_last,
+            "dataset_len": _len_or_none(loader.dataset),
+            "started": record is not None,
+        }
+        if record is not None:
+            state["seed_state"] = _b64(record.seed_state) if record.seed_state is not None else None
+            state["generators"] = [_b64(s) for s in record.generator_states]
+            state["global_rng"] = _b64(record.global_state)
+        return state
+
+    def load(self, loader: DataLoader[Any], state: dict[str, Any]) -> None:
         if state.get("kind") != "sampler" or state.get("version") != self.VERSION:
             raise ConfigError(
-                "cannot resume: this state is not a map-style loader's",
-                hint="load the state_dict() of a loader over the same kind of dataset",
+                f"cannot resume: this is not a map-style loader state of version {self.VERSION} "
+                f"(kind={state.get('kind')!r}, version={state.get('version')!r})",
+                hint="load the state_dict() of a loader over the same kind of dataset, saved by this fastfeed "
+                "(states of fastfeed 0.1's map-style loaders cannot be replayed: restart the epoch)",
             )
-        expect = {"batch_size": loader.batch_size, "drop_last": loader.drop_last, "dataset_len": len(loader.dataset)}
+        expect = {
+            "batch_size": loader.batch_size,
+            "drop_last": loader.drop_last,
+            "dataset_len": _len_or_none(loader.dataset),
+        }
         for key, value in expect.items():
             if state.get(key) != value:
                 raise ConfigError(
                     f"cannot resume: the saved loader state has {key}={state.get(key)!r}, this loader {value!r}",
                     hint="resume with the same dataset, batch size and sampler",
                 )
+        if not state.get("started"):
+            with self._lock:
+                self.pending = None
+            return
         saved = state["generators"]
-        if self.generators is None or len(saved) != len(self.generators):
-            raise ConfigError("cannot resume: the sampler's random generators differ from the saved state's")
+        if len(saved) != len(self.generators):
+            raise ConfigError(
+                f"cannot resume: the sampler draws from {len(self.generators)} random generators, the saved "
+                f"state from {len(saved)}",
+                hint="resume with the same sampler (and the same generator= argument)",
+            )
+        seed = state.get("seed_state")
+        record = _SamplerDraw(
+            _unb64(seed) if seed is not None else None,
+            [_unb64(text) for text in saved],
+            _unb64(state["global_rng"]),
+            int(state["batches"]),
+        )
         with self._lock:
-            for g, text in zip(self.generators, saved, strict=True):
-                g.set_state(torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8))
-            self.pending_skip = int(state["batches"])
-        # The resumed iteration is the saved one (its worker seeds too): __iter__ counts it again.
-        loader._iterations = int(state.get("iteration", 1)) - 1
+            self.pending = record
 
 
-def _sampler_generators(batch_sampler: Any) -> list[torch.Generator] | None:
-    """The generators behind a (batch) sampler chain, or None if one draws from the global RNG."""
+def _len_or_none(dataset: Any) -> int | None:
+    try:
+        return len(dataset)
+    except TypeError:
+        return None
+
+
+def _sampler_generators(sampler: Any) -> list[torch.Generator]:
+    """The ``torch.Generator`` objects behind a (batch) sampler chain (``.generator`` attributes
+    along ``.sampler`` links)."""
     gens: list[torch.Generator] = []
-    obj, seen = batch_sampler, set()
+    obj, seen = sampler, set()
     while obj is not None and id(obj) not in seen:
         seen.add(id(obj))
-        if hasattr(obj, "generator"):
-            g = obj.generator
-            if isinstance(g, torch.Generator):
-                gens.append(g)
-            elif isinstance(obj, RandomSampler | SubsetRandomSampler | WeightedRandomSampler):
-                return None  # generator=None: a fresh seed from the global RNG per iteration
+        g = getattr(obj, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not x for x in gens):
+            gens.append(g)
         obj = getattr(obj, "sampler", None)
     return gens
 
 
-def _draw_batches(batch_sampler: Iterable[list[Any]], skip: int) -> Iterable[list[Any]]:
-    """The epoch's batches of indices after the first ``skip``, all drawn now (the draws of the
-    skipped ones too, so the generators end where a whole epoch leaves them). A batch sampler
-    without ``len()`` may be endless: it is read as batches are made instead."""
+def _has_len(sampler: Any) -> bool:
     try:
-        len(batch_sampler)  # type: ignore[arg-type]
+        len(sampler)
     except TypeError:
-        return _Skip(batch_sampler, skip) if skip else batch_sampler
-    return list(itertools.islice(iter(batch_sampler), skip, None))
+        return False
+    return True
 
 
-class _Skip:
-    """A batch sampler without its first ``skip`` batches (indices are generated, not loaded)."""
-
-    def __init__(self, batch_sampler: Iterable[list[Any]], skip: int) -> None:
-        self.batch_sampler, self.skip = batch_sampler, skip
-
-    def __iter__(self) -> Iterator[list[Any]]:
-        return itertools.islice(iter(self.batch_sampler), self.skip, None)
-
-    def __len__(self) -> int:
-        return max(0, len(self.batch_sampler) - self.skip)  # type: ignore[arg-type]
+# ---------------------------------------------------------------------- resume: StreamingDataset
 
 
 class _Progress:
-    """What the training loop has received this epoch (written by the iterator on each batch)."""
+    """What the training loop has received this epoch of a StreamingDataset (written by the
+    loader's current iteration on each batch)."""
 
-    VERSION = 2
+    VERSION = 3
 
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
@@ -1346,22 +1902,36 @@ class _Progress:
         self.segments: tuple[Segment, ...] = tuple(dataset.segments) if _is_streaming(dataset) else ()
         self.positions: dict[int, StreamPos] = {}
         self.next_stream = 0
+        self.base_seed: int | None = None
         self.resume: _Resume | None = None
+        self.owner: Any = None
 
-    def start(self, streams: _StreamConfig) -> None:
+    def peek(self, epoch: int) -> _Resume | None:
+        """A loaded state for ``epoch``, if any (it stays until an iteration starts with it)."""
         with self._lock:
+            resume = self.resume
+        if resume is not None and resume.epoch != epoch:
+            log.warning("ignoring the loaded state of epoch %d: the dataset is at epoch %d", resume.epoch, epoch)
+            return None
+        return resume
+
+    def start(self, owner: Any, streams: Any, resume: _Resume | None) -> None:
+        with self._lock:
+            self.owner = owner
             self.epoch = streams.epoch
             self.segments = streams.segments
             self.positions = dict(streams.starts)
             self.next_stream = streams.next_stream
-            self.resume = None  # used once
+            self.base_seed = streams.base_seed
+            self.resume = None  # used once (or a stale one of another epoch: ignored)
 
-    def delivered(self, stream: int, after: StreamPos) -> None:
+    def delivered(self, owner: Any, stream: int, after: StreamPos) -> None:
         with self._lock:
-            self.positions[stream] = after
-            self.next_stream = stream + 1  # taken modulo num_streams when resuming
+            if owner is self.owner:
+                self.positions[stream] = after
+                self.next_stream = stream + 1  # taken modulo num_streams when resuming
 
-    def state(self, loader: DataLoader) -> dict[str, Any]:
+    def state(self, loader: DataLoader[Any]) -> dict[str, Any]:
         ds = self.dataset
         with self._lock:
             return {
@@ -1380,14 +1950,15 @@ class _Progress:
                 "segments": [seg.as_dict() for seg in self.segments],
                 "next_stream": self.next_stream % loader.num_streams,
                 "streams": {str(v): p.as_dict() for v, p in sorted(self.positions.items())},
+                "base_seed": self.base_seed,
             }
 
-    def load(self, loader: DataLoader, state: dict[str, Any]) -> None:
+    def load(self, loader: DataLoader[Any], state: dict[str, Any]) -> None:
         ds = self.dataset
-        if state.get("version") not in (1, self.VERSION):
+        if state.get("version") not in (1, 2, self.VERSION):
             raise ConfigError(
                 f"cannot resume: loader state version {state.get('version')!r} is not supported",
-                hint=f"this fastfeed reads versions 1 and {self.VERSION}",
+                hint=f"this fastfeed reads versions 1 to {self.VERSION}",
             )
         # What the epoch consists of: must match for any resume.
         expect: dict[str, Any] = {
@@ -1418,6 +1989,8 @@ class _Progress:
         segments = tuple(Segment.from_dict(d) for d in state.get("segments", []))
         positions = {int(v): StreamPos(**p) for v, p in state["streams"].items()}
         next_stream = int(state["next_stream"])
+        seed = state.get("base_seed")
+        base_seed = int(seed) if seed is not None and same_world else None
         if not same_world:
             closed = close_segment(
                 ds,
@@ -1437,7 +2010,7 @@ class _Progress:
             )
         ds._resume_segments(epoch, segments)
         with self._lock:
-            self.resume = _Resume(epoch, positions, next_stream)
+            self.resume = _Resume(epoch, positions, next_stream, base_seed)
 
 
 @dataclass
@@ -1445,19 +2018,8 @@ class _Resume:
     epoch: int
     positions: dict[int, StreamPos]
     next_stream: int
-
-
-class _Failure:
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
+    base_seed: int | None = None
 
 
 def _tensor_bytes(batch: Any) -> int:
-    total = [0]
-
-    def count(t: torch.Tensor) -> torch.Tensor:
-        total[0] += t.numel() * t.element_size()
-        return t
-
-    tree_map_tensors(batch, count)
-    return total[0]
+    return sum(t.numel() * t.element_size() for t in tree_leaves(batch))

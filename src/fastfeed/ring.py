@@ -40,9 +40,16 @@ class Slot:
         are gone. Call once per batch, after the arena has its final size."""
         view = self.arena.array[:]  # a new ndarray object: its death is the release signal
         tensor = torch.from_numpy(view)
-        if self.ring is not None:
-            weakref.finalize(view, self.ring._release, self.arena)
+        ring, self.ring = self.ring, None
+        if ring is not None:
+            weakref.finalize(view, ring._release, self.arena)
         return tensor
+
+    def abandon(self) -> None:
+        """Give the slot back unused (its batch failed before :meth:`base` was called)."""
+        ring, self.ring = self.ring, None
+        if ring is not None:
+            ring._release(self.arena)
 
 
 class HostRing:
