@@ -437,6 +437,25 @@ def test_worker_batches_match_torch(context: str, persistent: bool) -> None:
     assert_same_runs(ours, theirs)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("persistent", [False, True])
+def test_a_batch_sampler_with_workers_matches_torch(persistent: bool) -> None:
+    batches = [tuple(range(i, i + 2)) for i in range(0, 20, 5)] + [(3, 1, 4), (15,)]
+    theirs, ours = both(ListDataset(_mixed(20)), batch_sampler=batches, num_workers=2, persistent_workers=persistent)
+    assert len(ours) == len(batches)
+    assert_same_runs(ours, theirs)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [0, 1])
+def test_batches_of_empty_tensors_match_torch(workers: int) -> None:
+    """Nothing but zero-size tensors: the batch's arena region is empty."""
+    theirs, ours = both(ListDataset([torch.empty(0)] * 9), batch_size=4, num_workers=workers)
+    assert [b.shape for _, b in ours] == [torch.Size([4, 0])] * 2 + [torch.Size([1, 0])]
+    assert_same_runs(ours, theirs)
+
+
 class WorkerRandom(Dataset[Any]):
     """Random augmentation drawn in the workers from torch's, numpy's and Python's RNGs."""
 
@@ -561,6 +580,51 @@ def test_invalid_arguments_raise_torchs_errors_at_construction(kwargs: dict[str,
     assert got[1] == want[1]
 
 
+READ_ONLY = """
+import sys, warnings, numpy as np, torch, fastfeed
+class DS(torch.utils.data.Dataset):
+    def __len__(self): return 4
+    def __getitem__(self, i):
+        a = np.full(3, i, np.float32); a.setflags(write=False); return a
+cls = torch.utils.data.DataLoader if sys.argv[1] == "torch" else fastfeed.DataLoader
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for _ in range(2):
+        batches = [b.tolist() for b in cls(DS(), batch_size=2)]
+print(repr(([str(w.message) for w in caught], batches)))
+"""
+
+
+def test_read_only_arrays_give_torchs_warning_once() -> None:
+    """torch.as_tensor warns (once per process) about a read-only array, and default_collate
+    calls it: so does fastfeed's collation, whose fast path does not otherwise need it. Each in
+    a fresh process, as the warning is shown once per process."""
+    import ast
+    import subprocess
+    import sys
+
+    results = [
+        ast.literal_eval(
+            subprocess.run(
+                [sys.executable, "-c", READ_ONLY, kind], capture_output=True, text=True, timeout=120, check=True
+            ).stdout
+        )
+        for kind in ("torch", "fastfeed")
+    ]
+    assert len(results[0][0]) == 1 and "not writable" in results[0][0][0]
+    assert results[1] == results[0]
+
+
+def test_a_timeout_without_workers_is_refused_when_iteration_starts() -> None:
+    """torch accepts it at construction and fails with a bare AssertionError at iter(); fastfeed
+    fails at the same point, with an error that says what to do."""
+    ds = ListDataset([1, 2])
+    with pytest.raises(AssertionError):
+        iter(torch.utils.data.DataLoader(ds, timeout=5))
+    with pytest.raises(fastfeed.ConfigError, match="timeout=5 applies to worker processes"):
+        iter(fastfeed.DataLoader(ds, timeout=5))
+
+
 @pytest.mark.parametrize("kwargs", [{"shuffle": True}, {"sampler": [0]}, {"batch_sampler": [[0]]}])
 def test_iterable_datasets_refuse_what_torch_refuses(kwargs: dict[str, Any]) -> None:
     ds = ListIterable([1, 2])
@@ -583,25 +647,44 @@ def test_attributes_cannot_be_reassigned(attr: str) -> None:
     assert errors[0] == errors[1]
 
 
-def test_too_many_workers_warns_at_construction() -> None:
+@pytest.mark.timeout(120)
+def test_too_many_workers_warns_when_torch_warns() -> None:
+    """At construction and again when iter() starts the workers; not when batches are taken."""
     n = (torch._utils.cpu_count() or os.cpu_count() or 1) + 1  # type: ignore[attr-defined]
     for cls in (torch.utils.data.DataLoader, fastfeed.DataLoader):
         with pytest.warns(UserWarning, match=f"will create {n} worker processes"):
-            cls(ListDataset([1]), num_workers=n)
+            loader = cls(ListDataset(list(range(8))), num_workers=n)
+        with pytest.warns(UserWarning, match=f"will create {n} worker processes"):
+            it = iter(loader)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert len(list(it)) == 8
+        if isinstance(loader, fastfeed.DataLoader):
+            loader.close()
 
 
-def test_shuffle_applies_to_an_iterdatapipe() -> None:
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(("workers", "persistent"), [(0, False), (2, False), (2, True)])
+def test_shuffle_applies_to_an_iterdatapipe(workers: int, persistent: bool) -> None:
+    """The loader seeds a datapipe's shuffle from torch's RNG each epoch, as torch's does."""
     datapipes = pytest.importorskip("torch.utils.data.datapipes.iter")
+    runs = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pipe = datapipes.IterableWrapper(range(20)).shuffle()
-        loaders = [cls(pipe, batch_size=5, shuffle=True) for cls in (torch.utils.data.DataLoader, fastfeed.DataLoader)]
-        runs = []
-        for loader in loaders:
-            torch.manual_seed(3)
-            runs.append([b.tolist() for b in loader])
-    assert sorted(x for batch in runs[1] for x in batch) == list(range(20))
-    assert runs[0] == runs[1]
+        for cls in (torch.utils.data.DataLoader, fastfeed.DataLoader):
+            pipe = datapipes.IterableWrapper(range(20)).shuffle().sharding_filter()
+            loader = cls(pipe, batch_size=5, shuffle=True, num_workers=workers, persistent_workers=persistent)
+            epochs = []
+            for seed in (3, 3, 4):
+                torch.manual_seed(seed)
+                epochs.append([b.tolist() for b in loader])
+            runs.append(epochs)
+            if isinstance(loader, fastfeed.DataLoader):
+                loader.close()
+    ours = runs[1]
+    assert sorted(x for batch in ours[0] for x in batch) == list(range(20))
+    assert ours[0] == ours[1] != ours[2]
+    assert runs[0] == ours
 
 
 def test_cuda_device_without_cuda_is_a_config_error() -> None:
@@ -660,7 +743,7 @@ class Slow(Dataset[int]):
     def __getitem__(self, i: int) -> int:
         import time
 
-        time.sleep(3)
+        time.sleep(2)
         return i
 
 

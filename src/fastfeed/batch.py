@@ -137,8 +137,9 @@ class Arena:
         return int(self.tensor.numel())
 
     def ensure(self, nbytes: int) -> None:
-        """Make room for at least ``nbytes`` (contents are not preserved)."""
-        if nbytes <= self.nbytes:
+        """Make room for at least ``nbytes`` (contents are not preserved). An arena always has
+        some memory (a page at least), so even a batch of empty tensors views real memory."""
+        if nbytes <= self.nbytes and self.nbytes:
             return
         if self.nbytes:
             self.grows += 1

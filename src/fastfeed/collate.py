@@ -319,6 +319,10 @@ def _plan_arrays(items: Sequence[Any]) -> _Node:
             and a.flags.c_contiguous and min(a.strides, default=0) >= 0  # torch refuses any negative stride
             for a in items
         ):  # fmt: skip
+            for a in items:
+                if not a.flags.writeable:
+                    torch.as_tensor(a)  # torch's own warning for a read-only array, which default_collate gives
+                    break
             return _Gather(items, torch_dtype)
     return _Value(_ARRAY_FN(items, collate_fn_map=_FN_MAP))
 

@@ -568,16 +568,12 @@ class _WorkerPool:
             kwargs.update(batch_size=None, collate_fn=_identity)
         else:
             dataset = settings.dataset
-            kwargs.update(collate_fn=_WorkerCollate(settings.collate_fn, self.flags))
-            if settings.iterable:
-                kwargs.update(batch_size=settings.batch_size, drop_last=settings.drop_last)
-            else:
+            if not settings.iterable:
                 self.indices = _EpochIndices()
-                if settings.batch_size is None:
-                    kwargs.update(sampler=self.indices, batch_size=None)
-                else:
-                    kwargs.update(batch_sampler=self.indices)
-        self.loader = _TorchDataLoader(dataset, persistent_workers=True, **kwargs)
+            kwargs.update(
+                collate_fn=_WorkerCollate(settings.collate_fn, self.flags), **settings.index_kwargs(self.indices)
+            )
+        self.loader = _WorkerLoader(dataset, persistent_workers=True, **kwargs)
         self.iterator: Any = None
         self.started = False
 
@@ -593,10 +589,12 @@ class _WorkerPool:
                 self.indices.indices = settings.index_batches
             if self.started:
                 self.flags.new_epoch()
-        if not self.started:
-            # Only the first iteration's torch loader draws the workers' base seed.
-            assert settings.worker_generator is not None
+        if settings.worker_generator is not None:
+            # What this iteration's torch loader draws (the workers' base seed when it starts
+            # them, a datapipe's shared seed each epoch) comes from a copy of the user's
+            # generator in the state torch's loader would have drawn it from.
             self.loader.generator = settings.worker_generator
+        assert self.started or settings.worker_generator is not None
         self.started = True
         iterator = iter(self.loader)  # the first starts the workers; later ones resume them
         self.iterator = iterator
@@ -625,6 +623,11 @@ class _PoolHolder:
         self._lock = threading.Lock()
         self._pool: _WorkerPool | None = None
         self._closed = False
+
+    def idle(self) -> bool:
+        """Whether a pool is kept (idle, between iterations)."""
+        with self._lock:
+            return self._pool is not None
 
     def peek(self, key: tuple[Any, ...]) -> _WorkerPool | None:
         """The idle pool if it was made for ``key`` (it stays idle)."""
@@ -705,6 +708,15 @@ class _SlotTable:
 
 def _identity(item: Any) -> Any:
     return item
+
+
+class _WorkerLoader(_TorchDataLoader[Any]):
+    """The torch DataLoader that runs a fastfeed loader's worker processes. Its worker-count
+    warning is the user's loader's (at construction and at ``iter()``, as torch warns), not
+    this one's, which is made later, in the producer thread."""
+
+    def check_worker_number_rationality(self) -> None:
+        return None
 
 
 # ---------------------------------------------------------------------- the loader
@@ -850,6 +862,8 @@ class DataLoader(_TorchDataLoader[_T_co]):
         return super().__len__()
 
     def __iter__(self) -> _LoaderIterator:  # type: ignore[override]
+        if self.num_workers > 0 and not (self.persistent_workers and self._pool_holder.idle()):
+            self.check_worker_number_rationality()  # torch warns again when it starts workers
         if self.persistent_workers and self.num_workers > 0:
             # One iteration at a time over the same workers, as torch resets its one iterator.
             self._end_iterations()
@@ -989,6 +1003,11 @@ class _Settings:
     iteration reads."""
 
     def __init__(self, loader: DataLoader[Any]) -> None:
+        if loader.num_workers == 0 and loader.timeout:
+            raise ConfigError(
+                f"timeout={loader.timeout} applies to worker processes, and this loader has num_workers=0",
+                hint="set num_workers > 0 or leave timeout at 0 (torch's DataLoader refuses it too, when it starts)",
+            )
         dataset = loader.dataset
         self.dataset = dataset
         self.streaming = _is_streaming(dataset)
@@ -1037,12 +1056,13 @@ class _Settings:
             self.dataset = _seed_datapipe(dataset, self.generator)
             self._draw_seed(None)
         else:
-            self._draw_seed(None, draws=2 if self.datapipe else 1)
-        if self.num_workers == 0 and self.timeout:
-            raise ConfigError(
-                f"timeout={self.timeout} applies to worker processes, and this loader has num_workers=0",
-                hint="set num_workers > 0 or leave timeout at 0 (torch's DataLoader refuses it too, when it starts)",
-            )
+            pool = self.pool_holder.peek(self.pool_key()) if self.pool_holder is not None else None
+            if pool is None:
+                self._draw_seed(None, draws=2 if self.datapipe else 1)
+            elif self.datapipe:
+                self._draw_seed(None)  # torch's persistent workers get a new shared seed each epoch
+            else:
+                self.seed_state = pool.seed_state  # and nothing else: they keep their seeds
 
     def _draw_seed(self, saved: torch.Tensor | None, draws: int = 1) -> None:
         self.worker_generator = _generator_from(saved) if saved is not None else _seed_generator(self.generator, draws)
@@ -1172,91 +1192,123 @@ class _Settings:
             self.drop_last,
         )
 
-    def worker_batches(self) -> Iterator[Any]:
-        """Worker processes (torch's worker machinery): their messages, and a :class:`_Failure`
-        in place of each batch whose worker raised (the iteration goes on, as torch's)."""
-        if self.pool_holder is not None:
-            yield from self._pool_batches(self.pool_holder)
-            return
-        flags = self.new_flags()
-        self.slot_table = _SlotTable(flags, HostPinner() if self.pin_slots else None)
-        kwargs = self.torch_loader_kwargs()
-        if self.streaming:
-            # Workers read their streams and collate whole batches; torch only moves messages.
-            assert self.streams is not None
-            dataset: Any = _CollatedStream(self.streams, flags)
-            kwargs.update(batch_size=None, collate_fn=_identity)
-        else:
-            dataset = self.dataset
-            kwargs.update(collate_fn=_WorkerCollate(self.collate_fn, flags), **self._index_kwargs(self.index_batches))
-        loader = _TorchDataLoader(dataset, **kwargs)
-        it = iter(loader)
-        try:
-            if self.streaming:
-                yield from self._in_stream_order(it)
-            else:
-                yield from _each_batch(it)
-        finally:
-            # Now, not when ``it`` is collected: an exception raised from a worker keeps the
-            # iterator (and so the workers) alive for as long as the exception is referenced.
-            _shutdown_workers(it)
-            del it
-
-    def _index_kwargs(self, indices: Any) -> dict[str, Any]:
+    def index_kwargs(self, indices: Any) -> dict[str, Any]:
+        """How the workers' torch DataLoader takes the epoch's ``indices`` (as the user's loader
+        takes its sampler: batches of indices, single indices, or none for iterable datasets)."""
         if self.iterable:
             return {"batch_size": self.batch_size if self.auto_collation else None, "drop_last": self.drop_last}
         if not self.auto_collation:
             return {"sampler": indices, "batch_size": None}
         return {"batch_sampler": indices}
 
-    def _in_stream_order(self, it: Iterator[Any]) -> Iterator[Any]:
-        assert self.streams is not None
-        order = _rotated(self.streams.num_streams, self.streams.next_stream)
-        return _in_stream_order(it, order, lambda io: self.stats.add(**io))
 
-    def _pool_batches(self, holder: _PoolHolder) -> Iterator[Any]:
-        """Persistent workers: the loader's pool, or a new one. A StreamingDataset pool goes
-        back to the loader only when the iteration ran to its end; another dataset's also when
-        it ended early (torch's loader drops what its workers still send), not after an error."""
-        kept = holder.take(self.pool_key())
-        iterator = kept.start(self) if kept is not None else None
+class _Workers:
+    """The worker processes of one iteration: torch's DataLoader iterator over them, started by
+    ``iter(loader)`` in the calling thread (as torch starts its workers, with its SIGCHLD
+    handler in the main thread), read by the producer thread; the slot table of their batches;
+    and the persistent pool they belong to, if any.
+
+    A persistent pool goes back to the loader when the iteration ends: a StreamingDataset's only
+    when it ran to its end, another dataset's also when it ended early (torch's loader drops
+    what its workers still send), never after an error."""
+
+    def __init__(self, settings: _Settings) -> None:
+        self.settings = settings
+        self.pool: _WorkerPool | None = None
+        self.failed = False
+        self.completed = False
+        self._closed = False
+        self._lock = threading.Lock()
+        holder = settings.pool_holder
+        if holder is not None:
+            self.pool, self.iterator = self._from_pool(settings, holder)
+            settings.slot_table, settings.owns_slot_table = self.pool.slot_table, False
+            return
+        flags = settings.new_flags()
+        settings.slot_table = _SlotTable(flags, HostPinner() if settings.pin_slots else None)
+        kwargs = settings.torch_loader_kwargs()
+        if settings.streaming:
+            # Workers read their streams and collate whole batches; torch only moves messages.
+            assert settings.streams is not None
+            dataset: Any = _CollatedStream(settings.streams, flags)
+            kwargs.update(batch_size=None, collate_fn=_identity)
+        else:
+            dataset = settings.dataset
+            collate = _WorkerCollate(settings.collate_fn, flags)
+            kwargs.update(collate_fn=collate, **settings.index_kwargs(settings.index_batches))
+        self.iterator = iter(_WorkerLoader(dataset, **kwargs))
+
+    @staticmethod
+    def _from_pool(settings: _Settings, holder: _PoolHolder) -> tuple[_WorkerPool, Iterator[Any]]:
+        """The loader's pool (or a new one) and its iterator for this iteration."""
+        kept = holder.take(settings.pool_key())
+        iterator = kept.start(settings) if kept is not None else None
         if kept is not None and iterator is not None:
-            pool = kept
-        else:
-            if kept is not None:
-                kept.shutdown()  # the settings outgrew its mailbox
-            if self.worker_generator is None:
-                self._draw_seed(None)  # the pool this iteration saw at iter() is gone
-            size = 0
-            if self.streaming:
-                size = max(1 << 20, 4 * len(pickle.dumps(self.streams, protocol=pickle.HIGHEST_PROTOCOL)))
-            pool = _WorkerPool(self, size)
-            iterator = pool.start(self)
-            assert iterator is not None
-        self.slot_table, self.owns_slot_table = pool.slot_table, False
-        self.seed_state = pool.seed_state
-        keep = False
-        failed = False
+            return kept, iterator
+        if kept is not None:
+            kept.shutdown()  # the settings outgrew its mailbox
+        if settings.worker_generator is None:
+            # The pool this iteration saw a moment ago is gone: a new one with its seed.
+            assert settings.seed_state is not None
+            settings.worker_generator = _generator_from(settings.seed_state)
+        size = 0
+        if settings.streaming:
+            size = max(1 << 20, 4 * len(pickle.dumps(settings.streams, protocol=pickle.HIGHEST_PROTOCOL)))
+        pool = _WorkerPool(settings, size)
+        iterator = pool.start(settings)
+        assert iterator is not None
+        return pool, iterator
+
+    @property
+    def processes(self) -> list[Any]:
+        """The worker processes (torch's ``multiprocessing`` process objects)."""
+        return list(getattr(self.iterator, "_workers", ()))
+
+    def messages(self) -> Iterator[Any]:
+        """The workers' messages, and a :class:`_Failure` in place of each batch whose worker
+        raised (the iteration goes on, as torch's); StreamingDataset batches in stream order."""
+        settings = self.settings
         try:
-            if self.streaming:
-                yield from self._in_stream_order(iterator)
-                for extra in iterator:  # each worker's end of iteration; nothing else may come
-                    raise RuntimeError(f"a DataLoader worker sent {type(extra).__name__} after its streams ended")
-                keep = True
+            if settings.streaming:
+                assert settings.streams is not None
+                order = _rotated(settings.streams.num_streams, settings.streams.next_stream)
+                yield from _in_stream_order(self.iterator, order, lambda io: settings.stats.add(**io))
+                if self.pool is not None:
+                    for extra in self.iterator:  # each worker's end of iteration; nothing else may come
+                        raise RuntimeError(f"a DataLoader worker sent {type(extra).__name__} after its streams ended")
             else:
-                for item in _each_batch(iterator):
-                    failed = failed or isinstance(item, _Failure)
+                for item in _each_batch(self.iterator):
+                    self.failed = self.failed or isinstance(item, _Failure)
                     yield item
+                    # Not held while waiting for the next: a failure's exception, raised in the
+                    # training loop, has the loop's frames (and the iterator) in its traceback.
+                    del item
         except GeneratorExit:
-            keep = not self.streaming and not failed
             raise
+        except BaseException:
+            self.failed = True
+            raise
+        self.completed = True
+
+    def close(self) -> None:
+        """Stop the workers, or give them back to the loader's pool (see the class)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        pool = self.pool
+        if pool is None:
+            # Now, not when the iterator is collected: an exception raised from a worker keeps
+            # it (and so the workers) alive for as long as the exception is referenced.
+            _shutdown_workers(self.iterator)
+            return
+        holder = self.settings.pool_holder
+        assert holder is not None
+        keep = not self.failed and (self.completed or not self.settings.streaming)
+        if keep:
+            holder.give_back(pool)
         else:
-            keep = keep or not failed
-        finally:
-            if keep:
-                holder.give_back(pool)
-            else:
-                pool.shutdown()
+            pool.shutdown()
 
 
 def _each_batch(it: Iterator[Any]) -> Iterator[Any]:
@@ -1407,18 +1459,6 @@ class _HandoffQueue(queue.Queue[Any]):
             self.not_full.notify()
 
 
-def _install_sigchld_handler() -> None:
-    """torch's handler that raises in the main thread when a worker process dies ("DataLoader
-    worker (pid X) is killed by signal: ..."). torch installs it only from the thread that
-    starts the workers; fastfeed starts them from its producer thread, so it installs it here,
-    from the thread that iterates (a no-op outside the main thread, as in torch)."""
-    from torch.utils.data._utils import signal_handling
-
-    install = getattr(signal_handling, "_set_SIGCHLD_handler", None)
-    if install is not None:
-        install()
-
-
 def _warn_pin_memory(loader: DataLoader[Any]) -> None:
     """torch's warnings about ``pin_memory`` when an iteration starts."""
     if not loader.pin_memory:
@@ -1451,10 +1491,13 @@ class _LoaderIterator:
     """
 
     def __init__(self, loader: DataLoader[Any]) -> None:
+        self._done = True  # until it is made: __del__ of one whose _Settings refused has nothing to stop
         _warn_pin_memory(loader)
         self._settings: _Settings | None = _Settings(loader)
         settings = self._settings
         self._inline = _InlineSource(settings) if not settings.streaming and settings.num_workers == 0 else None
+        #: Worker processes start now, as torch's start when iter() is called.
+        self._workerset = _Workers(settings) if settings.num_workers > 0 else None
         self._queue = _HandoffQueue(maxsize=loader.prefetch_batches)
         self._stop = threading.Event()
         #: Names this iteration to the loader's progress (not the iterator itself: the producer
@@ -1465,13 +1508,13 @@ class _LoaderIterator:
         self._feeder: DeviceFeeder | None = None
         self._thread: threading.Thread | None = None
         self._started = False
-        self._done = False
         #: Batches handed to the training loop.
         self.delivered = 0
         self._yielded = 0  # as torch counts them, for its IterableDataset length warning
         self._len_called: int | None = loader._IterableDataset_len_called if settings.iterable else None
-        self._dataset_name = str(loader.dataset)
+        self._dataset = loader.dataset  # named by the length warning
         self._num_workers = loader.num_workers
+        self._done = False
 
     def _start(self) -> None:
         """The first ``next()``: this iteration becomes the one ``state_dict()`` describes."""
@@ -1485,11 +1528,9 @@ class _LoaderIterator:
         self._feeder = DeviceFeeder.for_device(self._device) if self._device is not None else None
         if self._inline is not None:
             return
-        if settings.num_workers > 0:
-            _install_sigchld_handler()
         self._thread = threading.Thread(
             target=_produce,
-            args=(settings, self._feeder, self._queue, self._stop),
+            args=(settings, self._workerset, self._feeder, self._queue, self._stop),
             name="fastfeed-batch",
             daemon=True,
         )
@@ -1530,11 +1571,14 @@ class _LoaderIterator:
             self.close()
             raise
         t1 = time.perf_counter()
-        batch = _collate(settings, data)
-        t2 = time.perf_counter()
         feeder = self._feeder
         if feeder is not None:
             feeder.reap()
+            if settings.ring.free_slots() == 0:
+                feeder.wait_oldest()  # a ring slot is free once its copy has completed
+        batch = _collate(settings, data)
+        t2 = time.perf_counter()
+        if feeder is not None:
             batch, event = feeder.copy(batch)
             feeder.hand_over(batch, event)
         t3 = time.perf_counter()
@@ -1585,7 +1629,7 @@ class _LoaderIterator:
 
     def _warn_length(self) -> None:
         message = (
-            f"Length of IterableDataset {self._dataset_name} was reported to be {self._len_called}"
+            f"Length of IterableDataset {self._dataset} was reported to be {self._len_called}"
             f"(when accessing len(dataloader)), but {self._yielded} samples have been fetched. "
         )
         if self._num_workers > 0:
@@ -1602,31 +1646,40 @@ class _LoaderIterator:
         self._stop.set()
         if self._inline is not None:
             self._inline.close()
-        while True:  # unblock a producer waiting to put
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
+        while self._queue.qsize():  # unblock a producer waiting to put
+            self._queue.get_nowait()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(_JOIN_TIMEOUT)
             if thread.is_alive():
                 log.warning("fastfeed-batch thread did not stop within %.0fs", _JOIN_TIMEOUT)
+        if self._workerset is not None:
+            self._workerset.close()  # started by iter(), and no producer ran (else a no-op)
         self._settings = None
+
+    @property
+    def _workers(self) -> list[Any]:
+        """The worker processes, under the name torch's multi-process iterator gives them (code
+        that inspects them, e.g. to check that they exit, keeps working)."""
+        return self._workerset.processes if self._workerset is not None else []
 
     def __del__(self) -> None:
         if not self._done:
             self.close()
 
-    def __getstate__(self) -> None:
-        raise TypeError(f"{type(self).__name__} cannot be pickled")
-
 
 # ---------------------------------------------------------------------- producer thread
 
 
-def _produce(settings: _Settings, feeder: DeviceFeeder | None, out: queue.Queue[Any], stop: threading.Event) -> None:
-    """Thread "fastfeed-batch": raw batches -> batches (-> device) -> ``out``."""
+def _produce(
+    settings: _Settings,
+    workers: _Workers | None,
+    feeder: DeviceFeeder | None,
+    out: queue.Queue[Any],
+    stop: threading.Event,
+) -> None:
+    """Thread "fastfeed-batch": raw batches (from ``workers``, or read in this thread) -> batches
+    (-> device) -> ``out``."""
 
     def put(item: Any) -> bool:
         while not stop.is_set():
@@ -1639,7 +1692,7 @@ def _produce(settings: _Settings, feeder: DeviceFeeder | None, out: queue.Queue[
 
     source: Iterator[Any] | None = None
     try:
-        source = settings.worker_batches() if settings.num_workers > 0 else settings.stream_batches_in_process()
+        source = workers.messages() if workers is not None else settings.stream_batches_in_process()
         for item in source:
             if stop.is_set():
                 return
@@ -1661,6 +1714,8 @@ def _produce(settings: _Settings, feeder: DeviceFeeder | None, out: queue.Queue[
             close = getattr(source, "close", None)
             if close is not None:
                 close()
+        if workers is not None:
+            workers.close()
         if feeder is not None:
             feeder.drain()
         if settings.slot_table is not None and settings.owns_slot_table:
@@ -1762,7 +1817,7 @@ class _SamplerProgress:
         """The random states the sampler is about to draw from (and the base seed's)."""
         return _SamplerDraw(seed_state, [g.get_state() for g in self.generators], torch.get_rng_state())
 
-    def open(self, resume: _SamplerDraw | None, *, eager: bool) -> Iterator[Any]:
+    def open(self, resume: _SamplerDraw | None, *, eager: bool) -> Iterable[Any]:
         """The sampler's iterator for a new iteration, in the calling thread. ``eager``: its
         whole epoch drawn now (when the sampler has a ``len()``; one without may be endless and
         is read as batches are made). A loaded state is replayed from its saved states, its
@@ -1770,7 +1825,7 @@ class _SamplerProgress:
         torch's global generator is put back as it was."""
         if resume is None:
             it = iter(self.index_sampler)
-            return iter(list(it)) if eager and _has_len(self.index_sampler) else it
+            return list(it) if eager and _has_len(self.index_sampler) else it
         for g, state in zip(self.generators, resume.generator_states, strict=True):
             g.set_state(state)
         outer = torch.get_rng_state()
@@ -1779,7 +1834,7 @@ class _SamplerProgress:
             it = iter(self.index_sampler)
             for _ in itertools.islice(it, resume.skip):
                 pass
-            return iter(list(it)) if eager and _has_len(self.index_sampler) else it
+            return list(it) if eager and _has_len(self.index_sampler) else it
         finally:
             torch.set_rng_state(outer)
 
