@@ -24,6 +24,7 @@ memory, one device copy), and a field the fast paths do not cover costs only its
 
 from __future__ import annotations
 
+import abc
 import collections.abc
 import copy
 from collections.abc import Callable, Sequence
@@ -101,11 +102,16 @@ class _Writer:
         return self.tensor[start : start + nbytes].view(dtype).view(shape)
 
 
-class _Node:
+class _Node(abc.ABC):
+    """One field of the batch (or a container of fields): the arena bytes it needs (``nbytes``)
+    and how it is written (:meth:`write`)."""
+
+    __slots__ = ()
     nbytes = 0
 
+    @abc.abstractmethod
     def write(self, out: _Writer) -> Any:
-        raise NotImplementedError  # every node class overrides it
+        """Write the field into ``out`` and return its batch value."""
 
 
 class _Value(_Node):
