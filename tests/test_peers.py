@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from fastfeed.peers import (
     convert_mds,
     iter_tar_samples,
     make_peer,
+    sample_fields,
     shard_stats,
     streaming_shm_names,
     streaming_shm_owner,
@@ -143,6 +145,27 @@ def test_a_missing_field_is_an_error(ctx: PeerContext) -> None:
     ctx.num_workers = 0
     with pytest.raises(PeerError, match="label"):
         TorchPeer().run(ctx)
+
+
+def test_peers_read_the_fields_the_dataset_has(tmp_path: Path) -> None:
+    """The synthetic datasets' bin/cls; any other dataset's every field, as payload: a jpg/cls
+    dataset is read, not refused for lacking .bin."""
+    (demo,) = write_synthetic_shards(tmp_path / "demo", num_shards=1, samples_per_shard=3, sample_bytes=16)
+    (photos,) = write_synthetic_shards(
+        tmp_path / "photos", num_shards=1, samples_per_shard=3, sample_bytes=16, extensions=("jpg", "cls")
+    )
+    assert sample_fields(demo) == {"bin": "bytes", "cls": "int"}
+    fields = sample_fields(photos)
+    assert fields == {"jpg": "bytes", "cls": "bytes"}
+    with tarfile.open(photos) as tar:
+        member_bytes = sum(m.size for m in tar if m.isfile())
+    samples, payload, _ = shard_stats([photos], fields)[0]
+    assert (samples, payload) == (3, member_bytes), "every field counts as payload"
+    empty = tmp_path / "empty.tar"
+    with tarfile.open(empty, "w"):
+        pass
+    with pytest.raises(PeerError, match="no samples"):
+        sample_fields(empty)
 
 
 # -- torch and webdataset (project venv) --------------------------------------------------------

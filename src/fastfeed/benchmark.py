@@ -689,6 +689,11 @@ def _run_peers(
 
     work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fastfeed-bench-peers-")))
     ctx = peers.PeerContext.from_url(url, s3=s3, work_dir=work, batch_size=cfg.batch_size, num_workers=cfg.workers)
+    try:
+        # The peers read the fields the dataset has (fastfeed's loader delivers every field).
+        ctx.fields = peers.sample_fields(ctx.source_shards()[0])
+    except Exception as err:  # each peer then reports its own failure
+        log.warning("could not read the sample fields of %s for the peers: %s", url, err)
     for name in cfg.compare:
         # WebDataset's documented way to read from a web server: presigned URLs through curl.
         options = {"opener": "curl"} if name == "webdataset" and shutil.which("curl") else {}

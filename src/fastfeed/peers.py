@@ -117,6 +117,7 @@ __all__ = [
     "make_peer",
     "open_litdata_dataset",
     "open_streaming_dataset",
+    "sample_fields",
     "shard_stats",
     "shutdown_loader_iter",
     "snapshot_diff",
@@ -452,6 +453,30 @@ def iter_tar_samples(
                 sample[ext] = _decode(kind, fh.read())
     if key is not None:
         yield done()
+
+
+def sample_fields(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The fields peers read from a dataset whose first local shard is ``path``: the synthetic
+    datasets' :data:`DEFAULT_FIELDS` when its first sample has them, else every field of its
+    first sample as payload (``"bytes"``), as fastfeed's loader delivers them all. From the tar
+    headers alone."""
+    first: str | None = None
+    exts: list[str] = []
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            m = _MEMBER_RE.match(member.name) if member.isfile() else None
+            if m is None:
+                continue
+            if first is None:
+                first = m.group(1)
+            elif m.group(1) != first:
+                break
+            exts.append(m.group(2))
+    if not exts:
+        raise PeerError(f"{path}: no samples in the first shard")
+    if all(f in exts for f in DEFAULT_FIELDS):
+        return dict(DEFAULT_FIELDS)
+    return {ext: "bytes" for ext in exts}
 
 
 def shard_stats(paths: Sequence[str | os.PathLike[str]], fields: Mapping[str, str]) -> list[tuple[int, int, int]]:
