@@ -234,6 +234,26 @@ def test_worker_slots_are_pinned_once_per_generation_and_unpinned_on_close() -> 
     assert pinner.live == {}
 
 
+def test_a_worker_never_waits_for_a_slot() -> None:
+    """A worker takes a free slot, else makes a new one (up to the table's width), else answers
+    None at once (the batch goes to a fresh region): a held batch costs memory, never a wait.
+    A new epoch of a persistent pool takes back the slots that are neither free nor held (their
+    batches were dropped unseen when the previous epoch ended early)."""
+    from fastfeed.loader import _WorkerSlots
+
+    flags = _SlotFlags(1, 3)
+    slots = _WorkerSlots(flags, 0)
+    assert [slots.claim() for _ in range(4)] == [0, 1, 2, None]
+    assert len(slots.arenas) == 3 and flags.free[0].tolist() == [0, 0, 0]
+    flags.free[0, 1] = 1  # the main process released slot 1
+    assert slots.claim() == 1
+    flags.held[0, 0] = 1  # slot 0's batch is alive in the main process; 1 and 2 were dropped
+    assert slots.claim() is None, "same epoch: nothing is taken back"
+    flags.new_epoch()
+    assert slots.claim() == 1 and flags.free[0].tolist() == [0, 0, 1]
+    assert slots.claim() == 2 and slots.claim() is None
+
+
 def test_a_slot_that_cannot_be_pinned_still_works_and_is_not_unpinned() -> None:
     pinner = RecordingPinner(accept=False)
     table = _SlotTable(_SlotFlags(1, 1), pinner)

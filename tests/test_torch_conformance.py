@@ -456,6 +456,19 @@ def test_batches_of_empty_tensors_match_torch(workers: int) -> None:
     assert_same_runs(ours, theirs)
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_torchvision_style_samples_match_torch(workers: int) -> None:
+    """``(image_tensor, int)`` samples, as torchvision datasets give them: a list of an image
+    batch ``[B, C, H, W]`` and labels ``[B]``."""
+    samples = [(torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(i)), i % 10) for i in range(13)]
+    theirs, ours = both(ListDataset(samples), batch_size=5, shuffle=True, generator=True, num_workers=workers)
+    images, labels = ours[0][1]
+    assert type(ours[0][1]) is list and images.shape == (5, 3, 8, 8) and labels.shape == (5,)
+    assert labels.dtype == torch.int64
+    assert_same_runs(ours, theirs)
+
+
 class WorkerRandom(Dataset[Any]):
     """Random augmentation drawn in the workers from torch's, numpy's and Python's RNGs."""
 
