@@ -50,7 +50,14 @@ import torch
 from torch.utils.data import DataLoader as _TorchDataLoader
 from torch.utils.data import IterableDataset
 from torch.utils.data._utils.collate import default_collate, default_convert
-from torch.utils.data.datapipes.datapipe import IterDataPipe
+
+try:  # deprecated in torch, and may go: without it, no dataset is a datapipe
+    from torch.utils.data.datapipes.datapipe import IterDataPipe
+except ImportError:  # pragma: no cover
+
+    class IterDataPipe:  # type: ignore[no-redef]
+        """Stands for torch's IterDataPipe where this torch has none."""
+
 
 from fastfeed.batch import (
     Arena,
