@@ -371,8 +371,14 @@ def test_corrupt_shard_in_worker_names_the_shard(tmp_path: Path, shard_dir: Path
     bad.write_bytes(good.read_bytes()[:5000])  # cut inside a member
     loader = DataLoader(StreamingDataset([str(good), str(bad)]), batch_size=8, num_workers=workers)
     with pytest.raises((CorruptShardError, TruncatedShardError)) as info:
-        list(loader)
+        for _ in loader:  # not list(): its len() would scan the shards here, in this process
+            pass
     assert "bad.tar" in str(info.value)
+    # Its attributes cross from the worker, not only its text (torch's workers send text).
+    assert info.value.url is not None and info.value.url.endswith("bad.tar")
+    if workers:
+        where = str(info.value.__cause__)
+        assert "in DataLoader worker process" in where and "Traceback" in where
 
 
 def test_fast_path_batches_larger_than_the_budget_do_not_deadlock(tmp_path: Path) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import pytest
 
 from fastfeed.config import PrefetchConfig, S3Config, format_size, parse_size
@@ -96,3 +99,33 @@ def test_s3_config_reads_endpoint_and_region_from_environment_only_in_resolve() 
         S3Config(endpoint_url="127.0.0.1:9000")
     with pytest.raises(ConfigError):
         S3Config(addressing_style="weird")
+
+
+def test_s3_config_never_shows_its_secrets() -> None:
+    cfg = S3Config(
+        endpoint_url="http://127.0.0.1:9",
+        access_key_id="AKIDEXAMPLE",
+        secret_access_key="s3cr3t-VALUE",
+        session_token="t0ken-VALUE",
+    )
+    for text in (repr(cfg), str(cfg), f"{cfg!r}", repr([cfg]), repr({"s3": cfg})):
+        assert "s3cr3t-VALUE" not in text and "t0ken-VALUE" not in text
+        assert "secret_access_key='<set>'" in text and "session_token='<set>'" in text
+    assert "secret_access_key=None" in repr(S3Config())
+    assert "AKIDEXAMPLE" in repr(cfg), "the key id is not a secret: it names the credentials in use"
+    assert cfg.secret_access_key == "s3cr3t-VALUE", "only the repr hides it"
+
+
+def test_a_rejected_secret_appears_in_no_error_or_log(seaweed: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Wrong credentials against the real server: the error and every log line (DEBUG, every
+    logger, botocore's included) name the endpoint and key id, never the secret."""
+    from fastfeed import AccessDeniedError, StreamingDataset
+
+    secret = "wrong-s3cr3t-" + "Z" * 20
+    cfg = S3Config(endpoint_url=seaweed.endpoint_url, access_key_id=seaweed.access_key, secret_access_key=secret)
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(AccessDeniedError) as info:
+        StreamingDataset("s3://any-bucket/train/", s3=cfg)
+    assert secret not in str(info.value) and secret not in repr(info.value)
+    assert caplog.records, "botocore logs at DEBUG"
+    assert all(secret not in r.getMessage() for r in caplog.records)

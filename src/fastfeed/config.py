@@ -102,12 +102,18 @@ class RetryConfig:
             raise ConfigError("RetryConfig delays must be >= 0 and deadline > 0")
 
 
-@dataclass(frozen=True)
+#: Fields of :class:`S3Config` that are secrets: never shown by ``repr``/``str`` (logs, errors,
+#: benchmark reports), only whether they are set.
+_SECRET_FIELDS = ("secret_access_key", "session_token")
+
+
+@dataclass(frozen=True, repr=False)
 class S3Config:
     """How to reach an S3-compatible endpoint.
 
     ``None`` fields fall back to botocore's standard configuration chain (``AWS_ENDPOINT_URL``,
     ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, ``~/.aws/config``, ...).
+    Its ``repr`` shows the secret key and session token only as ``'<set>'``.
     """
 
     #: e.g. ``http://127.0.0.1:9000`` for MinIO; ``None`` means AWS_ENDPOINT_URL or AWS itself.
@@ -134,6 +140,14 @@ class S3Config:
     #: HEAD at dataset construction always use aiobotocore, so fork-started DataLoader workers
     #: stay safe (obstore is not fork-safe once used in a process).
     engine: str = "aiobotocore"
+
+    def __repr__(self) -> str:
+        fields = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            shown = "'<set>'" if f.name in _SECRET_FIELDS and value is not None else repr(value)
+            fields.append(f"{f.name}={shown}")
+        return f"{type(self).__name__}({', '.join(fields)})"
 
     def __post_init__(self) -> None:
         if self.engine not in ("aiobotocore", "obstore"):

@@ -39,6 +39,7 @@ import random
 import signal
 import threading
 import time
+import traceback
 import warnings
 import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -185,6 +186,31 @@ class _Failure(NamedTuple):
     fatal: bool = False
 
 
+class _WorkerError(NamedTuple):
+    """An error a worker reading streams sends as a value (pickled whole, with its attributes:
+    a :class:`~fastfeed.FastfeedError`'s ``url`` and ``hint``), where torch's worker machinery
+    would rebuild it from its text; ``where``: the worker's traceback."""
+
+    exc: BaseException
+    where: str
+
+    def rebuild(self) -> BaseException:
+        """The exception, its cause the worker's traceback (as a chained exception)."""
+        self.exc.__cause__ = _RemoteTraceback(self.where)
+        return self.exc
+
+
+class _RemoteTraceback(Exception):
+    """The traceback of an exception raised in a DataLoader worker process."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
 # ---------------------------------------------------------------------- StreamingDataset streams
 
 
@@ -301,6 +327,8 @@ def _in_stream_order(
             item = next(items, None)
             if item is None:
                 raise RuntimeError(f"DataLoader workers ended before stream {v} did")
+            if isinstance(item, _WorkerError):
+                raise item.rebuild()
             if isinstance(item, _StreamEnd):
                 ended.add(item.stream_id)
                 if on_end is not None:
@@ -487,13 +515,27 @@ class _CollatedStream(IterableDataset[Any]):
             return slots.collate(lambda arena: collate_columns_into(samples, arena), len(samples))
 
         mine = [v for v in _rotated(settings.num_streams, settings.next_stream) if v % info.num_workers == worker]
-        for item in settings.stream_source(mine, collate):
-            if isinstance(item, _StreamEnd):
-                yield item
-            else:
-                v, message, after, io = item
-                message.stage.update(io)
-                yield message._replace(stream=(v, after))
+        try:
+            for item in settings.stream_source(mine, collate):
+                if isinstance(item, _StreamEnd):
+                    yield item
+                else:
+                    v, message, after, io = item
+                    message.stage.update(io)
+                    yield message._replace(stream=(v, after))
+        except Exception as exc:
+            if not _picklable(exc):
+                raise  # torch's worker machinery sends its type and text
+            where = f"in DataLoader worker process {worker}:\n" + "".join(traceback.format_exception(exc))
+            yield _WorkerError(exc, where)
+
+
+def _picklable(obj: Any) -> bool:
+    try:
+        pickle.dumps(obj)
+    except Exception:
+        return False
+    return True
 
 
 def _seed_worker(base_seed: int, worker: int) -> None:
