@@ -361,6 +361,25 @@ def test_proxy_injects_slowdown_exactly_n_times(
     assert fault_proxy.connections() == 1  # error responses keep the connection in sync
 
 
+def test_proxy_faults_every_nth_request(
+    fault_proxy: FaultProxy, seaweed: SeaweedServer, obj: tuple[str, str, bytes]
+) -> None:
+    """``every=3`` with no count: a third of the matching requests, evenly (the 3rd, 6th...)."""
+    name, key, data = obj
+    client = _via(fault_proxy, seaweed, max_pool_connections=1)
+    rule = fault_proxy.inject(count=None, every=3, path_regex=r"/obj\.bin$")
+    outcomes = []
+    for _ in range(9):
+        try:
+            outcomes.append(client.get_object(Bucket=name, Key=key)["Body"].read() == data)
+        except ClientError as err:
+            outcomes.append(err.response["Error"]["Code"])
+    assert outcomes == [True, True, "SlowDown"] * 3
+    assert rule.seen == 9 and rule.remaining is None
+    with pytest.raises(ValueError, match="every must be >= 1"):
+        fault_proxy.inject(every=0)
+
+
 def test_proxy_injected_errors_on_put_and_head(
     fault_proxy: FaultProxy, seaweed: SeaweedServer, obj: tuple[str, str, bytes]
 ) -> None:

@@ -93,7 +93,9 @@ class FaultRule:
     """A fault waiting for matching requests; returned by the ``inject*`` methods.
 
     ``remaining`` counts down as requests match (``None`` means unlimited until
-    :meth:`FaultProxy.clear_faults`). Read it from any thread; do not modify it.
+    :meth:`FaultProxy.clear_faults`). ``every``: the rule takes every ``every``-th request that
+    matches it (1: each one), so ``every=10`` with ``count=None`` faults 10 % of the traffic,
+    spread evenly. Read it from any thread; do not modify it.
     """
 
     kind: str  # "error" | "reset" | "stall"
@@ -106,6 +108,9 @@ class FaultRule:
     after_bytes: int | None = None
     seconds: float = 0.0
     rst: bool = False
+    every: int = 1
+    #: Requests that matched so far (with ``every`` > 1, most of them pass untouched).
+    seen: int = 0
 
     def matches(self, method: str, path: str) -> bool:
         if self.remaining is not None and self.remaining <= 0:
@@ -438,6 +443,8 @@ class FaultProxy:
         method: str | None = "GET",
         path_regex: str | None = None,
         message: str | None = None,
+        *,
+        every: int = 1,
     ) -> FaultRule:
         """Answer the next ``count`` matching requests with an S3 XML error, upstream untouched.
 
@@ -448,6 +455,7 @@ class FaultProxy:
             method: HTTP method to match; ``None`` matches any.
             path_regex: :func:`re.search` pattern on the decoded path (``/bucket/key``).
             message: ``<Message>``; a generic one per code by default.
+            every: fault only every ``every``-th matching request (see :class:`FaultRule`).
         """
         return self._add(
             FaultRule(
@@ -458,6 +466,7 @@ class FaultProxy:
                 status=status,
                 code=code,
                 message=message or _DEFAULT_MESSAGES.get(code, f"Injected {code} (fastfeed FaultProxy)."),
+                every=every,
             )
         )
 
@@ -469,6 +478,7 @@ class FaultProxy:
         path_regex: str | None = None,
         *,
         rst: bool = False,
+        every: int = 1,
     ) -> FaultRule:
         """Forward the response head and ``after_bytes`` body bytes, then cut the connection.
 
@@ -479,7 +489,7 @@ class FaultProxy:
         """
         if after_bytes < 0:
             raise ValueError(f"after_bytes must be >= 0, got {after_bytes}")
-        rule = FaultRule("reset", count, method, _compile(path_regex), after_bytes=after_bytes, rst=rst)
+        rule = FaultRule("reset", count, method, _compile(path_regex), after_bytes=after_bytes, rst=rst, every=every)
         return self._add(rule)
 
     def inject_stall(
@@ -490,6 +500,7 @@ class FaultProxy:
         path_regex: str | None = None,
         *,
         after_bytes: int | None = None,
+        every: int = 1,
     ) -> FaultRule:
         """Hold matching responses for ``seconds``, then carry on normally.
 
@@ -498,7 +509,9 @@ class FaultProxy:
         """
         if seconds < 0:
             raise ValueError(f"seconds must be >= 0, got {seconds}")
-        rule = FaultRule("stall", count, method, _compile(path_regex), seconds=seconds, after_bytes=after_bytes)
+        rule = FaultRule(
+            "stall", count, method, _compile(path_regex), seconds=seconds, after_bytes=after_bytes, every=every
+        )
         return self._add(rule)
 
     def clear_faults(self) -> None:
@@ -537,6 +550,8 @@ class FaultProxy:
     def _add(self, rule: FaultRule) -> FaultRule:
         if rule.remaining is not None and rule.remaining < 1:
             raise ValueError(f"count must be >= 1 or None, got {rule.remaining}")
+        if rule.every < 1:
+            raise ValueError(f"every must be >= 1, got {rule.every}")
         if rule.method is not None:
             rule.method = rule.method.upper()
         with self._lock:
@@ -558,7 +573,13 @@ class FaultProxy:
         raw_path, _, query = target.partition("?")
         path = urllib.parse.unquote(raw_path)
         with self._lock:
-            rule = next((r for r in self._rules if r.matches(method, path)), None)
+            rule = None
+            for candidate in self._rules:
+                if candidate.matches(method, path):
+                    candidate.seen += 1
+                    if candidate.seen % candidate.every == 0:
+                        rule = candidate
+                        break
             if rule is not None and rule.remaining is not None:
                 rule.remaining -= 1
             record = ProxyRequest(method, path, query, head.get("range"), rule.kind if rule else None, time.monotonic())
