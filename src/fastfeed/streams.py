@@ -168,7 +168,7 @@ def stream_batches(
                 first = piece.skip + used
                 stop = None if piece.limit is None else piece.skip + piece.limit
                 seen = 0
-                for buffer, scan in iter_sample_runs(fetch.url, fetch.chunks(hold=True)):
+                for buffer, scan, copied in iter_sample_runs(fetch.url, fetch.chunks(hold=True)):
                     n = len(scan.keys)
                     base = seen  # the shard's sample index of row 0 of this run
                     seen += n
@@ -187,7 +187,7 @@ def stream_batches(
                             sel = picked[lo : lo + take]
                             fields = {ext: spans[sel] for ext, spans in scan.fields.items()}
                             keys = [scan.keys[i] for i in sel.tolist()]
-                        block.append(ColumnRun(buffer, keys, fetch.url, fields))
+                        block.append(ColumnRun(buffer, keys, fetch.url, fields, owned=copied))
                         count += take
                         lo += take
                         used += take
