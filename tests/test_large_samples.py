@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from fastfeed import DataLoader, StreamingDataset, TruncatedShardError
 from fastfeed.config import S3Config
-from fastfeed.reader import iter_members, iter_sample_runs
+from fastfeed.reader import iter_members, iter_sample_runs, iter_samples
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -251,9 +251,8 @@ def test_a_header_claiming_a_terabyte_is_an_error_at_once(at: str, via: str, tmp
     assert path.name in message
     assert f"at offset {offset} " in message and f"of {2**40} bytes present" in message
     if via == "samples":
-        # The samples before the lie, in order (but the last: the scan that finds the lie, which
-        # also finds that sample complete, raises), and the error long before the object's end.
-        assert got == expected[: len(got)] and len(got) >= len(expected) - 1
+        # Every sample before the lie, in order, then the error, long before the object's end.
+        assert got == expected
         assert ds.io_stats()["bytes_fetched"] <= offset + 512 + 2 * 256 * KiB
     else:
         assert set(got) <= set(expected)
@@ -386,3 +385,20 @@ def test_without_the_size_a_lying_header_raises_at_the_end_of_the_object() -> No
     chunks = [(data[i : i + 64 * KiB], i + 64 * KiB >= len(data)) for i in range(0, len(data), 64 * KiB)]
     with pytest.raises(TruncatedShardError, match=f"at offset {offset} "):
         list(iter_sample_runs("u", chunks))
+
+
+@pytest.mark.parametrize("chunk", [1000, 64 * KiB, None])
+def test_the_samples_before_the_point_an_object_falls_short_come_first(tmp_path: Path, chunk: int | None) -> None:
+    """A cut object (or a lying header) raises, but only after every sample complete before
+    that point, also those in the same chunk as it."""
+    path = write_shard(tmp_path / "cut.tar", [3000] * 6)
+    data = path.read_bytes()
+    with tarfile.open(path) as tf:
+        cut = next(m for m in tf.getmembers() if m.name == "s00004.bin").offset_data + 100
+    head = data[:cut]
+    step = chunk or len(head)
+    chunks = [(head[i : i + step], i + step >= len(head)) for i in range(0, len(head), step)]
+    got: list[str] = []
+    with pytest.raises(TruncatedShardError):
+        got.extend(s["__key__"] for s in iter_samples("u", chunks))
+    assert got == ["s00000", "s00001", "s00002", "s00003"]

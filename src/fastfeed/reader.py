@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
-from fastfeed.errors import CorruptShardError, TruncatedShardError
+from fastfeed.errors import CorruptShardError, ShardError, TruncatedShardError
 from fastfeed.tario import ScanResult, scan
 
 if TYPE_CHECKING:
@@ -207,10 +207,12 @@ def _scan_stream(
             viewed = False  # views of this chunk were handed out
             while True:
                 if copy is None:
-                    r = scan_fn(view, pos, last, base, size)
+                    r, error = _scan(scan_fn, view, pos, last, base, size)
                     if found(r):
                         viewed = True
                         yield view, r, False
+                    if error is not None:
+                        raise error
                     if r.end:
                         return
                     if last or r.next_pos == n:
@@ -227,9 +229,11 @@ def _scan_stream(
                 if copy.end < copy.need and not final:
                     break  # this chunk went into the copy whole: on to the next
                 buf = copy.view()
-                r = scan_fn(buf, copy.pos, final, copy.start, size)
+                r, error = _scan(scan_fn, buf, copy.pos, final, copy.start, size)
                 if found(r):
                     yield buf, r, True
+                if error is not None:
+                    raise error
                 if r.end or final:
                     return
                 if copy.start + r.next_pos >= base:
@@ -256,6 +260,27 @@ def _scan_stream(
     finally:
         if copy is not None:
             source.hold_copy(0, 0)
+
+
+def _scan(
+    scan_fn: Callable[[memoryview, int, bool, int, int | None], _R],
+    buf: memoryview,
+    pos: int,
+    final: bool,
+    base: int,
+    size: int | None,
+) -> tuple[_R, TruncatedShardError | None]:
+    """``scan_fn(buf, pos, final, base, size)``, or, where the object falls short (a cut object
+    or a header that claims more than it has), what is complete before that point and the
+    error to raise once it has been delivered, as it would have been from an earlier chunk."""
+    try:
+        return scan_fn(buf, pos, final, base, size), None
+    except TruncatedShardError as exc:
+        error = exc
+    try:
+        return scan_fn(buf, pos, False, base, None), error
+    except ShardError:  # something else is wrong before that point: the truncation still wins
+        raise error from None
 
 
 def split_key(name: str) -> tuple[str, str] | None:
