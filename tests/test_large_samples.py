@@ -209,6 +209,17 @@ def test_many_small_samples_are_copied_only_where_they_straddle_parts(tmp_path: 
     assert ds.io_stats()["bytes_copied"] <= parts * (largest_extent(path) + NEXT_HEADER)
 
 
+@pytest.mark.timeout(120)
+def test_a_shuffle_block_is_copied_out_once_however_small_the_budget(tmp_path: Path) -> None:
+    """The DataLoader's streams copy a block's samples out of the parts to let the parts go
+    (here after every part: the budget is two parts); a sample copied out stays copied, so the
+    bytes copied stay within the shard's size, not the block's size times its parts."""
+    path = write_shard(tmp_path / "small.tar", [3000] * 2000)  # ~8 MiB: one block of 1000 x 2
+    ds = StreamingDataset(str(path), part_size="64KiB", byte_budget="128KiB", shuffle=True, shuffle_buffer=8000)
+    assert loader_samples(ds, 0, batch_size=10) == dict(tar_samples(path))
+    assert ds.io_stats()["bytes_copied"] <= path.stat().st_size
+
+
 # ---------------------------------------------------------------------------------------------
 # A header that claims more bytes than the object has
 

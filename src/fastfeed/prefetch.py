@@ -78,8 +78,10 @@ class FetchStats:
     #: Most bytes held at once: parts fetched (or being fetched) and not given back, plus the
     #: reader's copy of a sample that straddles parts.
     held_peak: int = 0
-    #: Largest copy of a straddling sample held at once, and bytes copied into such copies.
+    #: Largest copy of a straddling sample held at once.
     copy_peak: int = 0
+    #: Bytes of the shards copied by the reader (samples that straddle parts) and by a consumer
+    #: that copies samples out to let parts go (fastfeed.streams); written by the consumer.
     bytes_copied: int = 0
     #: Most bytes held at once apart from that copy beyond ``byte_budget``: nonzero only when
     #: the consumer itself held that much and waited for one more part.
@@ -201,8 +203,12 @@ class ShardFetch:
             if not hold:
                 self._give_back(index)
 
+    def _drop_last(self) -> None:
+        if self._next > 0:
+            self._give_back(self._next - 1)
+
     def _hold_copy(self, held: int, copied: int) -> None:
-        self._owner.stats.bytes_copied += copied
+        self._owner.stats.bytes_copied += copied  # (the consumer's thread: the one writer)
         if held != self._copy and not self._closed:
             self._owner._hold_copy(held - self._copy)
             self._copy = held
@@ -271,9 +277,7 @@ class ShardChunks:
     def drop_last(self) -> None:
         """The reader keeps nothing of the last part it was given: give it back now (also when
         held with ``hold=True``: nobody else has a view of it)."""
-        fetch = self._fetch
-        if fetch._next > 0:
-            fetch._give_back(fetch._next - 1)
+        self._fetch._drop_last()
 
 
 class Prefetcher:
