@@ -108,6 +108,29 @@ std::size_t scan_pos(nb::handle pos_obj, const BufferExport& view) {
   return static_cast<std::size_t>(pos);
 }
 
+// A scan's `object_end` argument: -1 (unknown) or an offset >= len(buf), else ValueError.
+std::uint64_t scan_object_end(std::int64_t object_end, const BufferExport& view) {
+  if (object_end < 0) {
+    if (object_end == -1) return tar::kUnknownEnd;
+  } else if (static_cast<std::uint64_t>(object_end) >= view.size()) {
+    return static_cast<std::uint64_t>(object_end);
+  }
+  PyErr_Format(PyExc_ValueError, "object_end=%lld is before the end of the buffer (%zu bytes)",
+               static_cast<long long>(object_end), view.size());
+  throw nb::python_error();
+}
+
+// The raw name bytes of the member a scan stopped inside (see tar::ScanResult::partial), or None.
+nb::object partial_name(const std::uint8_t* base, const tar::ScanResult& r) {
+  if (!r.partial) return nb::none();
+  std::string scratch;
+  std::size_t len = 0;
+  const char* p = name_bytes(base, r.partial_prefix, r.partial_name, scratch, len);
+  nb::object name = nb::steal(PyBytes_FromStringAndSize(p, static_cast<Py_ssize_t>(len)));
+  if (!name.is_valid()) throw nb::python_error();
+  return name;
+}
+
 // The error tuple (kind, offset, name: bytes | None, a, b) of a failed tar scan.
 nb::tuple scan_error(const std::uint8_t* base, const tar::ScanResult& r) {
   nb::object name = nb::none();
@@ -121,23 +144,28 @@ nb::tuple scan_error(const std::uint8_t* base, const tar::ScanResult& r) {
   return nb::make_tuple(static_cast<int>(r.error), r.err_offset, name, r.err_a, r.err_b);
 }
 
-// scan(buf, pos, final) -> (members, next_pos, end, error)
-// error is None or (kind, offset, name: bytes | None, a, b); see tar::ErrorKind.
-nb::tuple scan(nb::handle buf, nb::handle pos_obj, bool final) {
+// scan(buf, pos, final, object_end) -> (members, next_pos, end, error, need, partial)
+// error is None or (kind, offset, name: bytes | None, a, b); see tar::ErrorKind. object_end:
+// -1 when unknown. need: tar::ScanResult::need; partial: the raw name of the regular member
+// the scan stopped inside, or None.
+nb::tuple scan(nb::handle buf, nb::handle pos_obj, bool final, std::int64_t object_end_arg) {
   BufferExport view(buf);
   const std::size_t pos = scan_pos(pos_obj, view);
+  const std::uint64_t object_end = scan_object_end(object_end_arg, view);
 
   std::vector<tar::Member> members;
   tar::ScanResult r;
   {
     nb::gil_scoped_release nogil;  // pure C++ over the exported bytes from here on
-    r = tar::scan(view.data(), view.size(), pos, final, members);
+    r = tar::scan(view.data(), view.size(), pos, final, object_end, members);
   }
 
   if (r.error != tar::ErrorKind::kNone) {
-    return nb::make_tuple(nb::list(), r.next_pos, false, scan_error(view.data(), r));
+    return nb::make_tuple(nb::list(), r.next_pos, false, scan_error(view.data(), r), r.next_pos,
+                          nb::none());
   }
-  return nb::make_tuple(build_members(view.data(), members), r.next_pos, r.end, nb::none());
+  return nb::make_tuple(build_members(view.data(), members), r.next_pos, r.end, nb::none(), r.need,
+                        partial_name(view.data(), r));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -152,24 +180,27 @@ PyObject* decode(const std::uint8_t* base, const tar::Span& prefix, const tar::S
   return PyUnicode_DecodeUTF8(p, static_cast<Py_ssize_t>(len), "surrogateescape");
 }
 
-// scan_samples(buf, pos, final, max_samples) -> (keys, fields, next_pos, end, error, duplicate)
-// max_samples < 0: no limit. fields: {ext: bytearray of int64 (data_offset, size) rows, one per
-// key}. error: as scan(); duplicate: None or (member name, key) of a repeated extension. On
-// either, keys and fields are empty.
-nb::tuple scan_samples(nb::handle buf, nb::handle pos_obj, bool final, std::int64_t max_samples) {
+// scan_samples(buf, pos, final, max_samples, object_end)
+//   -> (keys, fields, next_pos, end, error, duplicate, need)
+// max_samples < 0: no limit; object_end: as scan(). fields: {ext: bytearray of int64
+// (data_offset, size) rows, one per key}. error: as scan(); duplicate: None or (member name,
+// key) of a repeated extension. On either, keys and fields are empty. need: SampleScan::need.
+nb::tuple scan_samples(nb::handle buf, nb::handle pos_obj, bool final, std::int64_t max_samples,
+                       std::int64_t object_end_arg) {
   BufferExport view(buf);
   const std::size_t pos = scan_pos(pos_obj, view);
   const std::size_t limit =
       max_samples < 0 ? smp::kNoLimit : static_cast<std::size_t>(max_samples);
+  const std::uint64_t object_end = scan_object_end(object_end_arg, view);
 
   smp::SampleScan r;
   {
     nb::gil_scoped_release nogil;
-    r = smp::scan(view.data(), view.size(), pos, final, limit);
+    r = smp::scan(view.data(), view.size(), pos, final, object_end, limit);
   }
   if (r.tar.error != tar::ErrorKind::kNone) {
     return nb::make_tuple(nb::list(), nb::dict(), r.tar.next_pos, false,
-                          scan_error(view.data(), r.tar), nb::none());
+                          scan_error(view.data(), r.tar), nb::none(), r.tar.next_pos);
   }
 
   // Canonical extensions: the ASCII-lowered bytes decoded, and lowered by Python's str.lower
@@ -237,7 +268,7 @@ nb::tuple scan_samples(nb::handle buf, nb::handle pos_obj, bool final, std::int6
         nb::steal(decode(view.data(), r.samples[s].key_prefix, r.samples[s].key_name, scratch));
     if (!key.is_valid()) throw nb::python_error();
     return nb::make_tuple(nb::list(), nb::dict(), r.next_pos, false, nb::none(),
-                          nb::make_tuple(name, key));
+                          nb::make_tuple(name, key), r.next_pos);
   }
 
   nb::object keys = nb::steal(PyList_New(static_cast<Py_ssize_t>(n)));
@@ -251,7 +282,7 @@ nb::tuple scan_samples(nb::handle buf, nb::handle pos_obj, bool final, std::int6
   for (std::size_t c = 0; c < n_canon; ++c) {
     if (present[c]) fields[names[c]] = arrays[c];
   }
-  return nb::make_tuple(keys, fields, r.next_pos, r.end, nb::none(), nb::none());
+  return nb::make_tuple(keys, fields, r.next_pos, r.end, nb::none(), nb::none(), r.need);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -652,11 +683,13 @@ std::uint32_t crc32c(nb::handle buf, std::uint32_t value, bool portable) {
 
 NB_MODULE(_native, m) {
   m.doc() = "Native tar member indexing for fastfeed; use fastfeed.tario, not this module.";
-  m.def("scan", &scan, nb::arg("buf"), nb::arg("pos"), nb::arg("final"),
-        "scan(buf, pos, final) -> (members, next_pos, end, error)\n\n"
+  m.def("scan", &scan, nb::arg("buf"), nb::arg("pos"), nb::arg("final"), nb::arg("object_end") = -1,
+        "scan(buf, pos, final, object_end=-1) -> (members, next_pos, end, error, need, partial)\n\n"
         "Index the tar members in buf[pos:] (any contiguous buffer) with the GIL released.\n"
         "members: [(name, data_offset, size)] of complete regular files; error: None or\n"
-        "(kind, offset, name_bytes_or_None, a, b), kind as in ERROR_KINDS.");
+        "(kind, offset, name_bytes_or_None, a, b), kind as in ERROR_KINDS; need: the buffer\n"
+        "length a resumed scan needs to get further; partial: None or the raw name of the\n"
+        "regular member the scan stopped inside. object_end: where the object ends (-1: unknown).");
 
   nb::dict kinds;
   kinds["BAD_CHECKSUM"] = static_cast<int>(tar::ErrorKind::kBadChecksum);
@@ -678,9 +711,9 @@ NB_MODULE(_native, m) {
   m.attr("GATHER_MAX_THREADS") = gth::kMaxThreads;
 
   m.def("scan_samples", &scan_samples, nb::arg("buf"), nb::arg("pos"), nb::arg("final"),
-        nb::arg("max_samples"),
-        "scan_samples(buf, pos, final, max_samples) -> (keys, fields, next_pos, end, error,\n"
-        "duplicate)\n\n"
+        nb::arg("max_samples"), nb::arg("object_end") = -1,
+        "scan_samples(buf, pos, final, max_samples, object_end=-1) -> (keys, fields, next_pos,\n"
+        "end, error, duplicate, need)\n\n"
         "Group the tar members in buf[pos:] into WebDataset samples (the tar scan runs with the\n"
         "GIL released); max_samples < 0: no limit. Use fastfeed.columnar.scan_samples.");
   m.def("parse_ints", &parse_ints, nb::arg("data").none(), nb::arg("offsets").none(),

@@ -36,18 +36,33 @@ class Grouper {
 
   bool stopped() const { return stopped_; }
 
+  // Whether the member named prefix + "/" + name (or name) starts a sample other than the last
+  // one seen: it has a key, and not the last sample's.
+  bool starts_new_sample(const tar::Span& prefix, const tar::Span& name) {
+    std::size_t len = 0;
+    const std::uint8_t* full = joined(prefix, name, len);
+    std::size_t key_len = 0;
+    if (!split_key(full, len, key_len)) return false;
+    return out_.samples.empty() || key_.size() != key_len || std::memcmp(key_.data(), full, key_len) != 0;
+  }
+
  private:
-  bool add(const tar::Member& m, std::size_t chain) {
-    // The member's name: contiguous in the input unless the ustar prefix field is set.
-    const std::uint8_t* name = data_ + m.name.off;
-    std::size_t len = m.name.len;
-    if (m.prefix.len != 0) {
-      scratch_.assign(reinterpret_cast<const char*>(data_ + m.prefix.off), m.prefix.len);
-      scratch_.push_back('/');
-      scratch_.append(reinterpret_cast<const char*>(name), len);
-      name = reinterpret_cast<const std::uint8_t*>(scratch_.data());
-      len = scratch_.size();
+  // A member's name: contiguous in the input unless the ustar prefix field is set.
+  const std::uint8_t* joined(const tar::Span& prefix, const tar::Span& name, std::size_t& len) {
+    if (prefix.len == 0) {
+      len = name.len;
+      return data_ + name.off;
     }
+    scratch_.assign(reinterpret_cast<const char*>(data_ + prefix.off), prefix.len);
+    scratch_.push_back('/');
+    scratch_.append(reinterpret_cast<const char*>(data_ + name.off), name.len);
+    len = scratch_.size();
+    return reinterpret_cast<const std::uint8_t*>(scratch_.data());
+  }
+
+  bool add(const tar::Member& m, std::size_t chain) {
+    std::size_t len = 0;
+    const std::uint8_t* name = joined(m.prefix, m.name, len);
     std::size_t key_len = 0;
     if (!split_key(name, len, key_len)) return true;  // not part of any sample: consumed
 
@@ -155,16 +170,19 @@ bool split_key(const std::uint8_t* s, std::size_t n, std::size_t& key_len) noexc
 }
 
 SampleScan scan(const std::uint8_t* data, std::size_t len, std::size_t pos, bool final,
-                std::size_t max_samples) {
+                std::uint64_t object_end, std::size_t max_samples) {
   SampleScan out;
   Grouper grouper(data, max_samples, out);
-  const tar::ScanResult r = tar::scan_each(data, len, pos, final, &Grouper::visit, &grouper);
+  const tar::ScanResult r =
+      tar::scan_each(data, len, pos, final, object_end, &Grouper::visit, &grouper);
   out.tar = r;
   if (r.error != tar::ErrorKind::kNone) return out;
   out.next_pos = r.next_pos;
+  out.need = r.need;
   out.end = r.end;
   out.complete = out.samples.size();
-  if (!grouper.stopped() && !r.end && !final && !out.samples.empty()) {
+  if (!grouper.stopped() && !r.end && !final && !out.samples.empty() &&
+      !(r.partial && grouper.starts_new_sample(r.partial_prefix, r.partial_name))) {
     // Out of bytes: the last sample may have more members still to come.
     out.complete -= 1;
     out.next_pos = out.samples.back().chain;

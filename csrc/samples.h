@@ -60,22 +60,27 @@ struct SampleScan {
   // and whether the end-of-archive marker was reached.
   std::size_t next_pos = 0;
   bool end = false;
+  // The tar scan's `need` (see tar::ScanResult): the buffer length a scan resumed at next_pos
+  // needs to get further than this one; next_pos when it did not stop for lack of bytes.
+  std::size_t need = 0;
 };
 
 // Groups the members of data[pos, len) into samples, as reader.iter_samples would group
 // tar::scan(data, len, pos, final)'s members:
 //
-//  * a sample is complete once the first member of the next sample has been seen, the
-//    end-of-archive marker is reached, or the buffer is `final` and ends cleanly;
+//  * a sample is complete once the first member of the next sample has been seen (its headers
+//    are enough: a scan that stops inside the data of a regular member whose key differs
+//    completes the sample before it), the end-of-archive marker is reached, or the buffer is
+//    `final` and ends cleanly;
 //  * the scan stops at the first member of sample max_samples + 1 (kNoLimit: no limit) without
 //    reading past it; next_pos is then that member's first header;
 //  * otherwise, if the buffer is not final, the last sample is incomplete and next_pos is its
 //    first header; members that belong to no sample are consumed.
 //
 // Tar errors are reported as tar::scan reports them (they win over duplicate extensions,
-// which fill_fields finds). Throws only std::bad_alloc.
+// which fill_fields finds); `object_end` is tar::scan's. Throws only std::bad_alloc.
 SampleScan scan(const std::uint8_t* data, std::size_t len, std::size_t pos, bool final,
-                std::size_t max_samples);
+                std::uint64_t object_end, std::size_t max_samples);
 
 // Checks every sample for a repeated extension and writes the field spans of the complete
 // samples.

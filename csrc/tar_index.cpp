@@ -155,6 +155,7 @@ ErrorKind parse_pax(const std::uint8_t* p, std::size_t n, bool global, PaxInfo& 
 ScanResult fail(ErrorKind kind, std::size_t offset, std::int64_t a = 0, std::int64_t b = 0) {
   ScanResult r;
   r.next_pos = offset;
+  r.need = offset;
   r.error = kind;
   r.err_offset = static_cast<std::int64_t>(offset);
   r.err_a = a;
@@ -162,40 +163,57 @@ ScanResult fail(ErrorKind kind, std::size_t offset, std::int64_t a = 0, std::int
   return r;
 }
 
+// A final scan's kTruncated* error, with the member's name when it is known.
+ScanResult truncated(ErrorKind kind, std::size_t offset, std::uint64_t a, std::uint64_t b,
+                     const Member* named) {
+  ScanResult r = fail(kind, offset, static_cast<std::int64_t>(a), static_cast<std::int64_t>(b));
+  if (named != nullptr) {
+    r.err_has_name = true;
+    r.err_prefix = named->prefix;
+    r.err_name = named->name;
+  }
+  return r;
+}
+
 // The scan ran out of bytes; the member chain starting at `chain` is incomplete. Not an error
 // unless the buffer is final and the unconsumed tail holds anything but zero bytes (a partial
-// end-of-archive block, or none at all, is a clean end).
+// end-of-archive block, or none at all, is a clean end). Otherwise a stop that a resumed scan
+// gets past once the buffer is `need` bytes long; `partial` names the regular member whose
+// data it stopped in (nullptr: a header, an extension payload or another type of member).
 ScanResult stop(const std::uint8_t* data, std::size_t len, std::size_t chain, bool final,
                 ErrorKind kind, std::size_t offset, std::uint64_t a, std::uint64_t b,
-                const Member* named) {
-  if (final && !all_zero(data + chain, len - chain)) {
-    ScanResult r = fail(kind, offset, static_cast<std::int64_t>(a), static_cast<std::int64_t>(b));
-    if (named != nullptr) {
-      r.err_has_name = true;
-      r.err_prefix = named->prefix;
-      r.err_name = named->name;
-    }
-    return r;
-  }
+                const Member* named, std::uint64_t need, const Member* partial) {
+  if (final && !all_zero(data + chain, len - chain)) return truncated(kind, offset, a, b, named);
   ScanResult r;
   r.next_pos = chain;
+  if (!final) {
+    r.need = static_cast<std::size_t>(need);
+    if (partial != nullptr) {
+      r.partial = true;
+      r.partial_prefix = partial->prefix;
+      r.partial_name = partial->name;
+    }
+  } else {
+    r.need = chain;
+  }
   return r;
 }
 
 }  // namespace
 
 ScanResult scan(const std::uint8_t* data, std::size_t len, std::size_t pos, bool final,
-                std::vector<Member>& out) {
+                std::uint64_t object_end, std::vector<Member>& out) {
   const MemberVisitor append = [](void* ctx, const Member& m, std::size_t) {
     static_cast<std::vector<Member>*>(ctx)->push_back(m);
     return true;
   };
-  return scan_each(data, len, pos, final, append, &out);
+  return scan_each(data, len, pos, final, object_end, append, &out);
 }
 
 ScanResult scan_each(const std::uint8_t* data, std::size_t len, std::size_t pos, bool final,
-                     MemberVisitor visit, void* ctx) {
+                     std::uint64_t object_end, MemberVisitor visit, void* ctx) {
   if (pos > len) pos = len;  // the binding rejects this; clamping keeps reads in bounds anyway
+  if (object_end < len) object_end = len;  // likewise
   std::size_t p = pos;
   for (;;) {
     // One member: optional extension headers, then the member's own header.
@@ -208,7 +226,7 @@ ScanResult scan_each(const std::uint8_t* data, std::size_t len, std::size_t pos,
     for (;;) {
       if (len - p < kBlockSize) {
         return stop(data, len, chain, final, ErrorKind::kTruncatedHeader, p, len - p, 0,
-                    has_name ? &pending : nullptr);
+                    has_name ? &pending : nullptr, p + kBlockSize, nullptr);
       }
       const std::uint8_t* h = data + p;
       std::uint32_t raw_sum = 0;  // <= 512 * 255, no overflow
@@ -219,6 +237,7 @@ ScanResult scan_each(const std::uint8_t* data, std::size_t len, std::size_t pos,
         }
         ScanResult r;
         r.next_pos = p;
+        r.need = p;
         r.end = true;
         return r;
       }
@@ -249,17 +268,24 @@ ScanResult scan_each(const std::uint8_t* data, std::size_t len, std::size_t pos,
       const std::uint8_t type = h[kTypeOff];
       const std::size_t data_off = p + kBlockSize;
       const std::uint64_t avail = len - data_off;  // bytes after this header
+      const std::uint64_t in_object = object_end - data_off;  // of which the object can hold
 
       if (type == 'x' || type == 'X' || type == 'g' || type == 'L' || type == 'K') {
         // Extension header: its payload (and padding) must be complete before we look at it.
+        const std::uint64_t total = padded(size);
+        if (!final && size > in_object) {
+          return truncated(ErrorKind::kTruncatedExtension, p, in_object, size, nullptr);
+        }
+        if (!final && total > in_object) {
+          return truncated(ErrorKind::kTruncatedExtension, p, size, size, nullptr);
+        }
         if (size > avail) {
           return stop(data, len, chain, final, ErrorKind::kTruncatedExtension, p, avail, size,
-                      nullptr);
+                      nullptr, data_off + total, nullptr);
         }
-        const std::uint64_t total = padded(size);
         if (total > avail) {
           return stop(data, len, chain, final, ErrorKind::kTruncatedExtension, p, size, size,
-                      nullptr);
+                      nullptr, data_off + total, nullptr);
         }
         const auto n = static_cast<std::size_t>(size);
         const std::uint8_t* payload = data + data_off;
@@ -313,18 +339,22 @@ ScanResult scan_each(const std::uint8_t* data, std::size_t len, std::size_t pos,
       }
       const std::uint64_t member_size = has_size ? size_override : size;
       const std::uint64_t data_len = no_data ? 0 : member_size;
+      const std::uint64_t total = padded(data_len);
+      // Padding cut off by the end of the object is accepted (see below), data is not.
+      if (!final && data_len > in_object) {
+        return truncated(ErrorKind::kTruncatedData, p, in_object, data_len, &pending);
+      }
       if (data_len > avail) {
         return stop(data, len, chain, final, ErrorKind::kTruncatedData, p, avail, data_len,
-                    &pending);
+                    &pending, data_off + total, regular ? &pending : nullptr);
       }
-      const std::uint64_t total = padded(data_len);
       std::size_t next = len;
       if (total <= avail) {
         next = data_off + static_cast<std::size_t>(total);
       } else if (!final) {
         // Data complete but padding not: wait for it (never an error since !final).
         return stop(data, len, chain, final, ErrorKind::kTruncatedData, p, data_len, data_len,
-                    &pending);
+                    &pending, data_off + total, regular ? &pending : nullptr);
       }  // else final: the object ends inside the padding; accept and consume everything.
       if (regular) {
         pending.data_offset = data_off;
@@ -332,6 +362,7 @@ ScanResult scan_each(const std::uint8_t* data, std::size_t len, std::size_t pos,
         if (!visit(ctx, pending, chain)) {
           ScanResult r;
           r.next_pos = chain;
+          r.need = chain;
           return r;
         }
       }

@@ -18,6 +18,9 @@ namespace fastfeed::tar {
 // Tar block size in bytes: headers are one block, member data is padded to a multiple of it.
 inline constexpr std::size_t kBlockSize = 512;
 
+// `object_end` when the caller does not know where the object ends.
+inline constexpr std::uint64_t kUnknownEnd = static_cast<std::uint64_t>(-1);
+
 // Why a scan failed (or would fail if the buffer were final). The numeric values cross the
 // Python binding: src/fastfeed/tario.py has the same table and the tests check that the two
 // agree. Values below 20 are corrupt archives, 20 and above truncated ones.
@@ -44,11 +47,12 @@ enum class ErrorKind : int {
   // Final buffer ends inside a header block. offset: the header; a: bytes present (< 512).
   // The member name is known only when extension headers already supplied it.
   kTruncatedHeader = 20,
-  // Final buffer ends inside an extension header's payload or its padding.
-  // offset: the extension header; a: payload bytes present; b: payload size.
+  // Final buffer ends inside an extension header's payload or its padding, or the payload
+  // would run past `object_end`. offset: the extension header; a: payload bytes present (in
+  // the object); b: payload size.
   kTruncatedExtension = 21,
-  // Final buffer ends inside a member's data. offset: the member's header;
-  // a: data bytes present; b: data size.
+  // Final buffer ends inside a member's data, or the data would run past `object_end`.
+  // offset: the member's header; a: data bytes present (in the object); b: data size.
   kTruncatedData = 22,
 };
 
@@ -72,6 +76,16 @@ struct ScanResult {
   std::size_t next_pos = 0;
   // The end-of-archive marker (a zero block where a header was expected) is at next_pos.
   bool end = false;
+  // A scan that stopped for lack of bytes (not final, no error, not at the end): the buffer
+  // length a scan resumed at next_pos needs to get past the header chain or member it stopped
+  // in (the rest of a header, an extension payload and its padding, or a member's data and
+  // padding); always > len. Otherwise next_pos.
+  std::size_t need = 0;
+  // That scan stopped inside the data (or padding) of a regular member whose headers are
+  // complete: its name (the member itself is not returned).
+  bool partial = false;
+  Span partial_prefix;
+  Span partial_name;
   // On error everything below describes it, and the members found so far are meaningless.
   ErrorKind error = ErrorKind::kNone;
   std::int64_t err_offset = 0;  // absolute byte offset in the buffer, see ErrorKind
@@ -92,8 +106,14 @@ struct ScanResult {
 // With `final` set the buffer holds the whole rest of the object: a member whose padding is
 // cut off is accepted (next_pos = len), and stopping early on anything but zero bytes is a
 // kTruncated* error.
+//
+// `object_end` (>= len, or kUnknownEnd) is where the object ends, in the buffer's coordinates
+// (it may lie far beyond the buffer). A scan that is not final and stops inside an extension
+// payload or member data that its header says runs past object_end fails at once with
+// kTruncatedExtension / kTruncatedData, as a final scan of the whole object would: a header
+// that claims more bytes than the object has is an error before any more bytes are read.
 ScanResult scan(const std::uint8_t* data, std::size_t len, std::size_t pos, bool final,
-                std::vector<Member>& out);
+                std::uint64_t object_end, std::vector<Member>& out);
 
 // Called by scan_each() for each complete regular member, in archive order. `chain` is the
 // offset of the member's first header (its extension headers included). Returning false
@@ -105,6 +125,6 @@ using MemberVisitor = bool (*)(void* ctx, const Member& member, std::size_t chai
 // appends): same parsing, errors and next_pos contract. The visitor may throw; the exception
 // passes through.
 ScanResult scan_each(const std::uint8_t* data, std::size_t len, std::size_t pos, bool final,
-                     MemberVisitor visit, void* ctx);
+                     std::uint64_t object_end, MemberVisitor visit, void* ctx);
 
 }  // namespace fastfeed::tar

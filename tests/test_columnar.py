@@ -181,7 +181,7 @@ def outcome(fn: ScanFn, buf: Any, pos: int = 0, **kw: Any) -> tuple[Any, ...]:
         assert exc.url == URL
         return ("error", type(exc), str(exc))
     fields = {ext: rows.tolist() for ext, rows in r.fields.items()}
-    return ("ok", r.keys, list(fields.items()), r.next_pos, r.end)
+    return ("ok", r.keys, list(fields.items()), r.next_pos, r.end, r.need)
 
 
 def both(buf: Any, pos: int = 0, **kw: Any) -> tuple[Any, ...]:
@@ -308,7 +308,7 @@ def test_truncated(data: bytes, cut: float) -> None:
     # final: what iter_samples makes of the cut object (an empty object aside).
     got = both(head, final=True)
     if c == 0:
-        assert got == ("ok", [], [], 0, False)
+        assert got == ("ok", [], [], 0, False, 0)
     else:
         exp = expected(head)
         if exp[0] == "error":
@@ -327,6 +327,26 @@ def test_truncated(data: bytes, cut: float) -> None:
     part = flat(head, r)
     assert part == whole[1][: len(part)]
     assert flat(data, scan_samples(data, r.next_pos, final=True)) == whole[1][len(part) :]
+
+
+@SETTINGS
+@given(data=archives(), cut=st.floats(0, 1), cut2=st.floats(0, 1))
+def test_known_size(data: bytes, cut: float, cut2: float) -> None:
+    """With the object's size, a header that claims more bytes than the object has raises at
+    once (what a final scan of the whole object raises); nothing else changes. The buffer
+    length a resumed scan needs is past the buffer whenever the scan ran out of bytes."""
+    c = int(cut * len(data))
+    obj = data[:c]
+    d = int(cut2 * c)
+    early = both(obj[:d], size=c)
+    if early[0] == "error" and early[1] is TruncatedShardError:
+        assert early == both(obj, final=True)
+    else:
+        assert early == both(obj[:d])
+    plain = both(data[:d], size=len(data))
+    assert plain == both(data[:d])
+    if plain[0] == "ok" and not plain[4]:
+        assert plain[5] > d
 
 
 @SETTINGS
@@ -395,7 +415,7 @@ def test_errors() -> None:
     # max_samples stops before the bad bytes: nothing after the member that stops it is read.
     good = raw_entry(b"a.x", b"1") + raw_entry(b"b.x", b"2")
     for tail in (b"\x01" * 512, raw_entry(b"b.x", b"3"), raw_entry(b"c.x", b"123")[:520]):
-        assert both(good + tail, final=True, max_samples=1) == ("ok", ["a"], [("x", [[512, 1]])], 1024, False)
+        assert both(good + tail, final=True, max_samples=1) == ("ok", ["a"], [("x", [[512, 1]])], 1024, False, 1024)
 
 
 def test_argument_errors() -> None:
@@ -470,10 +490,12 @@ def test_prefix_names_and_extension_headers() -> None:
         r = both(data, final=True)
         assert r[0] == "ok" and r[1] == [long_key, other]
         members = tario.scan(data).members
-        # The first sample is complete once the first member of the next is, padding included.
-        assert both(data[: members[2][1] + 511])[1] == []
-        head = both(data[: members[2][1] + 512])  # the second sample is incomplete
+        # The first sample is complete once the headers of the first member of the next are
+        # (its name is the next sample's key), before that member's data.
+        assert both(data[: members[2][1] - 1])[1] == []
+        head = both(data[: members[2][1]])  # the second sample is incomplete
         assert head[1] == [long_key]
+        assert head == both(data[: members[2][1] + 511])
         # next_pos is where a scan that stops before the "z" member resumes.
         assert head[3] == tario.scan(data[: members[2][1] - 1]).next_pos
 
@@ -487,14 +509,14 @@ def test_buffer_types(tmp_path: Any) -> None:
         assert both(m, final=True) == ref
     for buf in (bytearray(data), memoryview(data), np.frombuffer(data, np.uint8)):
         assert both(buf, final=True) == ref
-    assert both(b"", final=True) == ("ok", [], [], 0, False)
-    assert both(bytes(1024)) == ("ok", [], [], 0, True)
+    assert both(b"", final=True) == ("ok", [], [], 0, False, 0)
+    assert both(bytes(1024)) == ("ok", [], [], 0, True, 0)
 
 
 def test_native_binding() -> None:
     data = raw_entry(b"a.x", b"12") + bytes(1024)
-    keys, fields, next_pos, end, err, dup = _native.scan_samples(data, 0, True, -1)
-    assert (keys, next_pos, end, err, dup) == (["a"], 1024, True, None, None)
+    keys, fields, next_pos, end, err, dup, need = _native.scan_samples(data, 0, True, -1)
+    assert (keys, next_pos, end, err, dup, need) == (["a"], 1024, True, None, None, 1024)
     assert list(fields) == ["x"] and np.frombuffer(fields["x"], np.int64).tolist() == [512, 2]
 
 

@@ -61,6 +61,31 @@ def test_abandoning_a_shard_returns_its_budget(big_shards: list[Path]) -> None:
     assert all(f == p.read_bytes()[:512] for f, p in zip(firsts, big_shards, strict=True))
 
 
+@pytest.mark.timeout(60)
+def test_a_part_the_consumer_waits_for_is_never_refused(big_shards: list[Path]) -> None:
+    """A consumer that holds every part (hold=True, never releasing) still gets the next one:
+    everything held is its own, so refusing could only deadlock. The excess is reported; a
+    consumer that gives parts back never causes one."""
+    config = PrefetchConfig(part_size=64 * 1024, max_requests=4, shards_in_flight=1, byte_budget=128 * 1024)
+    shard = big_shards[0]
+    size = shard.stat().st_size
+    assert size > 4 * config.byte_budget
+    for hold in (True, False):
+        with Prefetcher(_infos([shard]), StoreSet(S3Config()), config) as prefetcher:
+            fetch = next(iter(prefetcher))
+            data = b"".join(bytes(chunk) for chunk, _ in fetch.chunks(hold=hold))
+            held = fetch.parts_held
+            fetch.close()
+            stats = prefetcher.stats
+        assert data == shard.read_bytes()
+        if hold:
+            assert held == -(-size // config.part_size)
+            assert stats.over_budget == stats.held_peak - config.byte_budget == size - config.byte_budget
+        else:
+            assert stats.over_budget == 0
+            assert stats.held_peak <= config.byte_budget
+
+
 def test_close_mid_stream_stops_the_io_thread(big_shards: list[Path]) -> None:
     config = PrefetchConfig(part_size=64 * 1024, max_requests=4, byte_budget=256 * 1024)
     prefetcher = Prefetcher(_infos(big_shards), StoreSet(S3Config()), config)

@@ -33,7 +33,7 @@ def chunked(data: bytes, cuts: list[int]) -> list[tuple[bytes, bool]]:
 
 def runs_as_samples(url: str, chunks: list[tuple[bytes, bool]]) -> list[dict[str, object]]:
     out: list[dict[str, object]] = []
-    for buf, scan in iter_sample_runs(url, chunks):
+    for buf, scan, _ in iter_sample_runs(url, chunks):
         for i, key in enumerate(scan.keys):
             sample: dict[str, object] = {"__key__": key, "__url__": url}
             for ext, spans in scan.fields.items():

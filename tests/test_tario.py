@@ -53,26 +53,28 @@ def content(size: int) -> bytes:
     return (b"0123456789abcdef\xff" * (size // 17 + 1))[:size]
 
 
-def outcome(fn: ScanFn, buf: Any, pos: int = 0, final: bool = False) -> tuple[Any, ...]:
+def outcome(fn: ScanFn, buf: Any, pos: int = 0, final: bool = False, **kw: Any) -> tuple[Any, ...]:
     """A comparable summary: the result, or the error class and message."""
     try:
-        r = fn(buf, pos, final=final, url=URL)
+        r = fn(buf, pos, final=final, url=URL, **kw)
     except ShardError as exc:
         assert exc.url == URL
         return ("error", type(exc), str(exc))
-    return ("ok", r.members, r.next_pos, r.end)
+    return ("ok", r.members, r.next_pos, r.end, r.need)
 
 
-def both(buf: Any, pos: int = 0, final: bool = False) -> tuple[Any, ...]:
+def both(buf: Any, pos: int = 0, final: bool = False, **kw: Any) -> tuple[Any, ...]:
     """Outcome of both implementations, which must be identical and well-formed."""
-    native = outcome(scan, buf, pos, final)
-    ref = outcome(scan_py, buf, pos, final)
+    native = outcome(scan, buf, pos, final, **kw)
+    ref = outcome(scan_py, buf, pos, final, **kw)
     assert native == ref
     if native[0] == "ok":
         n = len(memoryview(buf).cast("B"))
-        _, members, next_pos, end = native
+        _, members, next_pos, end, need = native
         assert pos <= next_pos <= n
         assert not end or next_pos + 512 <= n
+        # need: past the end of the buffer exactly when the scan ran out of bytes
+        assert need == next_pos if (end or final) else need > n
         for name, off, size in members:
             assert isinstance(name, str)
             assert pos + 512 <= off and off + size <= n
@@ -301,6 +303,60 @@ def test_truncated(fn: ScanFn, data: bytes, cut: float, final: bool) -> None:
     assert r.end == (c >= end_offset + 512)
 
 
+@SETTINGS
+@given(data=archives(), cut=st.floats(0, 1))
+def test_need_is_the_length_that_gets_a_scan_further(data: bytes, cut: float) -> None:
+    """A scan that runs out of bytes names the buffer length that gets it further, and no less:
+    a streaming reader copies exactly the bytes it needs and never rescans in vain."""
+    c = int(cut * len(data))
+    _, _, next_pos, end, need = both(data[:c])
+    if end:
+        return
+    assert need > c
+    if need - 1 <= len(data):  # one byte short: the same stop
+        assert both(data[: need - 1], next_pos) == ("ok", [], next_pos, False, need)
+    if need <= len(data):  # enough: members, the end, or a stop further on
+        _, members, next2, end2, need2 = both(data[:need], next_pos)
+        assert members or end2 or (next2, need2) > (next_pos, need)
+
+
+@SETTINGS
+@given(data=archives(), cut=st.floats(0, 1), cut2=st.floats(0, 1))
+def test_a_known_size_makes_a_lying_header_an_error_at_once(data: bytes, cut: float, cut2: float) -> None:
+    """With the object's size, a scan of any prefix raises as soon as a header claims more bytes
+    than the object has, with the error a final scan of the whole object raises; otherwise it
+    is the scan without the size."""
+    c = int(cut * len(data))
+    obj = data[:c]  # an object cut short somewhere
+    d = int(cut2 * c)
+    early = both(obj[:d], size=c)
+    if early[0] == "error":
+        assert early[1] is TruncatedShardError
+        assert early == both(obj, final=True)
+    else:
+        assert early == both(obj[:d])
+    assert both(data[:d], size=len(data)) == both(data[:d])  # a valid archive: no claim is a lie
+
+
+@pytest.mark.parametrize("fn", IMPLS)
+def test_a_header_claiming_a_terabyte(fn: ScanFn) -> None:
+    ti = tarfile.TarInfo("big.bin")
+    ti.size = 2**40
+    lie = ti.tobuf(tarfile.GNU_FORMAT)
+    data = entry(b"a.bin", content(1000)) + lie + content(5000)
+    at = len(data) - 5000 - 512  # the lying header
+    message = rf"inside the data of member 'big.bin' at offset {at} \(5000 of {2**40} bytes present\)"
+    with pytest.raises(TruncatedShardError, match=message):
+        fn(data[: at + 600], url=URL, size=len(data))
+    # A buffer that starts later in the object: offsets are the object's.
+    with pytest.raises(TruncatedShardError, match=message):
+        fn(data[1536 : at + 1024], url=URL, base=1536, size=len(data))
+    assert fn(data[: at + 600]).members == [("a.bin", 512, 1000)]  # without the size: wait for more
+    for base, size in ((0, at + 599), (1, at + 600), (at + 601, at + 600)):
+        with pytest.raises(ValueError, match="before"):
+            fn(data[: at + 600], base=base, size=size)
+
+
 # ---------------------------------------------------------------------------------------------
 # Native and reference agree on anything
 
@@ -431,7 +487,7 @@ def test_fuzz_agrees_and_is_prefix_consistent(buf: bytes, final: bool, cut: floa
     if tail[0] == "error":
         assert tail == full
     else:
-        assert full == ("ok", head[1] + tail[1], tail[2], tail[3])
+        assert full == ("ok", head[1] + tail[1], tail[2], tail[3], tail[4])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,20 +586,22 @@ def test_webdataset_writer() -> None:
 
 @pytest.mark.parametrize("fn", IMPLS)
 def test_edge_buffers(fn: ScanFn) -> None:
-    assert fn(b"") == ScanResult([], 0, False)
-    assert fn(b"", final=True) == ScanResult([], 0, False)
-    assert fn(bytes(100), final=True) == ScanResult([], 0, False)  # a partial zero block
-    assert fn(END) == ScanResult([], 0, True)
+    # A scan that runs out of bytes says how far the buffer must reach to get any further.
+    assert fn(b"") == ScanResult([], 0, False, 512)
+    assert fn(b"", final=True) == ScanResult([], 0, False, 0)
+    assert fn(bytes(100), final=True) == ScanResult([], 0, False, 0)  # a partial zero block
+    assert fn(END) == ScanResult([], 0, True, 0)
     data = entry(b"a.txt", b"hello") + END
-    assert fn(data, len(data)) == ScanResult([], len(data), False)
-    assert fn(data, len(data), final=True) == ScanResult([], len(data), False)
-    assert fn(data, 512 + 512) == ScanResult([], 1024, True)
+    assert fn(data, len(data)) == ScanResult([], len(data), False, len(data) + 512)
+    assert fn(data, len(data), final=True) == ScanResult([], len(data), False, len(data))
+    assert fn(data, 512 + 512) == ScanResult([], 1024, True, 1024)
     # No end marker: a clean end at a header boundary, as tarfile accepts.
-    assert fn(data[:1024], final=True) == ScanResult([("a.txt", 512, 5)], 1024, False)
+    assert fn(data[:1024], final=True) == ScanResult([("a.txt", 512, 5)], 1024, False, 1024)
     # Padding cut off: accepted only when final.
-    assert fn(data[:600], final=True) == ScanResult([("a.txt", 512, 5)], 600, False)
-    assert fn(data[:600]) == ScanResult([], 0, False)
-    assert fn(data[:516]) == ScanResult([], 0, False)
+    assert fn(data[:600], final=True) == ScanResult([("a.txt", 512, 5)], 600, False, 600)
+    assert fn(data[:600]) == ScanResult([], 0, False, 1024)
+    assert fn(data[:516]) == ScanResult([], 0, False, 1024)
+    assert fn(data[:300]) == ScanResult([], 0, False, 512)
     with pytest.raises(TruncatedShardError, match=r"inside the data of member 'a.txt' at offset 0 \(4 of 5"):
         fn(data[:516], final=True)
     with pytest.raises(TruncatedShardError, match=r"inside a tar header at offset 0 \(100 of 512"):
@@ -556,7 +614,7 @@ def test_edge_buffers(fn: ScanFn) -> None:
 @pytest.mark.parametrize("fn", IMPLS)
 def test_buffer_types(fn: ScanFn, tmp_path: Path) -> None:
     data = entry(b"a.txt", b"hello") + entry(b"b.txt", content(700)) + END
-    expected = ScanResult([("a.txt", 512, 5), ("b.txt", 1536, 700)], 2560, True)
+    expected = ScanResult([("a.txt", 512, 5), ("b.txt", 1536, 700)], 2560, True, 2560)
     assert fn(data) == expected
     assert fn(bytearray(data)) == expected
     assert fn(memoryview(data)) == expected
@@ -616,7 +674,7 @@ def test_numeric_fields(fn: ScanFn) -> None:
     ti = tarfile.TarInfo("huge")
     ti.size = 2**34 + 3
     huge = ti.tobuf(tarfile.GNU_FORMAT)
-    assert fn(huge + bytes(4096)) == ScanResult([], 0, False)
+    assert fn(huge + bytes(4096)) == ScanResult([], 0, False, 512 + 2**34 + 512)
     with pytest.raises(TruncatedShardError, match=r"'huge' at offset 0 \(4096 of 17179869187"):
         fn(huge + bytes(4096), final=True)
     for field in (
@@ -659,14 +717,14 @@ def test_extension_chains_resume_at_first_header(fn: ScanFn) -> None:
     member_at = 1024 + len(chain)
     for cut in range(1024, member_at + 512 + 100, 256):
         r = fn(data[:cut])
-        assert r == ScanResult([("first", 512, 1)], 1024, False)
+        assert r[:3] == ([("first", 512, 1)], 1024, False)
     with pytest.raises(TruncatedShardError):
         fn(data[: member_at + 512], final=True)
     assert fn(data).members[1] == ("long/" * 40 + "x", member_at + 512, 100)
     # A global header on its own is consumed like a member.
     g = entry(b"g", pax_record(b"comment", b"hi"), b"g")
-    assert fn(g + entry(b"n", b"1")[:100]) == ScanResult([], len(g), False)
-    assert fn(g) == ScanResult([], len(g), False)
+    assert fn(g + entry(b"n", b"1")[:100]) == ScanResult([], len(g), False, len(g) + 512)
+    assert fn(g) == ScanResult([], len(g), False, len(g) + 512)
 
 
 @pytest.mark.parametrize("fn", IMPLS)

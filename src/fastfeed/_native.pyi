@@ -13,14 +13,18 @@ from typing_extensions import Buffer
 ERROR_KINDS: Final[dict[str, int]]
 
 def scan(
-    buf: Buffer, pos: int, final: bool
-) -> tuple[list[tuple[str, int, int]], int, bool, tuple[int, int, bytes | None, int, int] | None]:
+    buf: Buffer, pos: int, final: bool, object_end: int = -1
+) -> tuple[list[tuple[str, int, int]], int, bool, tuple[int, int, bytes | None, int, int] | None, int, bytes | None]:
     """Index the tar members in ``buf[pos:]`` with the GIL released.
 
-    Returns ``(members, next_pos, end, error)``; ``error`` is ``None`` or
-    ``(kind, offset, name_bytes_or_None, a, b)`` with ``kind`` from :data:`ERROR_KINDS`.
-    Raises TypeError/BufferError for a non-contiguous or non-buffer ``buf`` and ValueError
-    for a ``pos`` outside it.
+    Returns ``(members, next_pos, end, error, need, partial)``; ``error`` is ``None`` or
+    ``(kind, offset, name_bytes_or_None, a, b)`` with ``kind`` from :data:`ERROR_KINDS`;
+    ``need`` is :attr:`fastfeed.tario.ScanResult.need`; ``partial`` is ``None`` or the raw
+    name of the regular member a scan that ran out of bytes stopped inside. ``object_end``:
+    where the object ends in the buffer's coordinates (``-1``: unknown), see
+    :func:`fastfeed.tario.scan`. Raises TypeError/BufferError for a non-contiguous or
+    non-buffer ``buf`` and ValueError for a ``pos`` outside it or an ``object_end`` before its
+    end.
     """
 
 #: Largest ``threads`` value :func:`gather` accepts.
@@ -41,7 +45,7 @@ def gather(
     """
 
 def scan_samples(
-    buf: Buffer, pos: int, final: bool, max_samples: int
+    buf: Buffer, pos: int, final: bool, max_samples: int, object_end: int = -1
 ) -> tuple[
     list[str],
     dict[str, bytearray],
@@ -49,13 +53,15 @@ def scan_samples(
     bool,
     tuple[int, int, bytes | None, int, int] | None,
     tuple[str, str] | None,
+    int,
 ]:
     """Group the tar members in ``buf[pos:]`` into WebDataset samples (``max_samples < 0``: all).
 
-    Returns ``(keys, fields, next_pos, end, error, duplicate)``: ``fields`` maps each extension
-    to a bytearray of native int64 ``(data_offset, size)`` rows, one per key; ``error`` is a tar
-    error as in :func:`scan`; ``duplicate`` is ``None`` or ``(member name, key)`` of a repeated
-    extension. Semantics as :func:`fastfeed.columnar.scan_samples`.
+    Returns ``(keys, fields, next_pos, end, error, duplicate, need)``: ``fields`` maps each
+    extension to a bytearray of native int64 ``(data_offset, size)`` rows, one per key;
+    ``error`` is a tar error as in :func:`scan`; ``duplicate`` is ``None`` or ``(member name,
+    key)`` of a repeated extension; ``need`` as in :func:`scan`. ``object_end`` as in
+    :func:`scan`. Semantics as :func:`fastfeed.columnar.scan_samples`.
     """
 
 def gather_spans(

@@ -304,6 +304,9 @@ class ColumnRun:
     keys: list[str]
     url: str
     fields: dict[str, np.ndarray]
+    #: ``buffer`` is a copy of its own (not a part of a shard that must be given back), so
+    #: copying it out again would only cost time: see :func:`materialize_run`.
+    owned: bool = False
 
 
 @dataclass
@@ -386,8 +389,12 @@ def collate_columns_into(
 
 
 def materialize_run(run: ColumnRun) -> ColumnRun:
-    """A copy of ``run`` whose bytes live in a new compact buffer (to let its source go)."""
+    """A copy of ``run`` whose bytes live in a new compact buffer (to let its source go); an
+    ``owned`` run is returned as it is, so a run is copied out at most once."""
     from fastfeed.columnar import gather_spans
+
+    if run.owned:
+        return run
 
     total = sum(int(spans[:, 1].sum()) for spans in run.fields.values())
     buffer = bytearray(total)
@@ -401,4 +408,4 @@ def materialize_run(run: ColumnRun) -> ColumnRun:
         new[:, 1] = spans[:, 1]
         fields[ext] = new
         cursor += int(offsets[-1])
-    return ColumnRun(buffer, run.keys, run.url, fields)
+    return ColumnRun(buffer, run.keys, run.url, fields, owned=True)

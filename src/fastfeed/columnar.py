@@ -40,7 +40,7 @@ from fastfeed import _native
 from fastfeed.errors import CorruptShardError
 from fastfeed.gather import _as_bytes, _export, _export_writable, _index_arg, _is_int64_format
 from fastfeed.reader import split_key
-from fastfeed.tario import _RawScan, _scan_raw, _shard_error
+from fastfeed.tario import _check_object_end, _object_end, _RawScan, _scan_raw, _shard_error
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -70,6 +70,10 @@ class SampleScan(NamedTuple):
     next_pos: int
     #: The end-of-archive marker was reached (it is at ``next_pos``).
     end: bool
+    #: The tar scan's ``need`` (see :class:`fastfeed.tario.ScanResult`): the buffer length a
+    #: scan resumed at ``next_pos`` needs to get further than this one; ``next_pos`` when it
+    #: did not stop for lack of bytes.
+    need: int
 
 
 def scan_samples(
@@ -79,14 +83,17 @@ def scan_samples(
     final: bool = False,
     url: str | None = None,
     max_samples: int | None = None,
+    base: int = 0,
+    size: int | None = None,
 ) -> SampleScan:
     """Group the tar members of ``buf[pos:]`` into complete WebDataset samples (native).
 
     The samples are exactly those ``reader.iter_samples(url, [(buf[pos:], final)])`` yields, as
     spans; a sample is returned once it is complete:
 
-    * when the first member of the next sample has been seen in full, the end-of-archive marker
-      is reached, or ``final`` is set and the buffer ends cleanly (then the last one too);
+    * when the headers of the first member of the next sample have been seen, the
+      end-of-archive marker is reached, or ``final`` is set and the buffer ends cleanly (then
+      the last one too);
     * a sample cut by the end of a non-final buffer is not returned and ``next_pos`` is the
       first header of its first member (extension headers included): keep ``buf[next_pos:]``,
       append the bytes that follow and scan again (``tario.scan``'s contract, per sample).
@@ -104,25 +111,29 @@ def scan_samples(
         final: ``buf`` holds everything up to the end of the object.
         url: the shard, for error messages.
         max_samples: at most this many samples (``>= 0``); ``None``: no limit.
+        base, size: as :func:`fastfeed.tario.scan` (offsets in error messages, and a header
+            that claims more bytes than the object has raising at once).
 
     Raises:
         CorruptShardError: as :func:`fastfeed.tario.scan`, or a repeated extension in a sample
             (also in the incomplete last one). Tar errors in the bytes scanned win.
-        TruncatedShardError: as :func:`fastfeed.tario.scan` (``final`` only).
-        ValueError: ``pos`` is outside the buffer or ``max_samples`` is negative.
+        TruncatedShardError: as :func:`fastfeed.tario.scan` (``final``, or from ``size``).
+        ValueError: ``pos`` is outside the buffer, ``max_samples`` is negative or ``size``
+            ends before the buffer.
         TypeError: ``pos`` or ``max_samples`` is not an integer.
     """
     pos = operator.index(pos)
     limit = _limit(max_samples)
-    keys, raw_fields, next_pos, end, err, dup = _native.scan_samples(
-        buf, pos, bool(final), -1 if limit is None else min(limit, sys.maxsize)
+    end_at = _object_end(base, size)
+    keys, raw_fields, next_pos, end, err, dup, need = _native.scan_samples(
+        buf, pos, bool(final), -1 if limit is None else min(limit, sys.maxsize), end_at
     )
     if err is not None:
-        raise _shard_error(err, url)
+        raise _shard_error(err, url, base)
     if dup is not None:
         raise _duplicate_error(dup[0], dup[1], url)
     fields = {ext: np.frombuffer(rows, dtype=np.int64).reshape(-1, 2) for ext, rows in raw_fields.items()}
-    return SampleScan(keys, fields, next_pos, end)
+    return SampleScan(keys, fields, next_pos, end, need)
 
 
 def scan_samples_py(
@@ -132,9 +143,11 @@ def scan_samples_py(
     final: bool = False,
     url: str | None = None,
     max_samples: int | None = None,
+    base: int = 0,
+    size: int | None = None,
 ) -> SampleScan:
     """Pure-Python reference for :func:`scan_samples`: same arguments, results and errors."""
-    return _scan_samples_ref(buf, pos, final, url, max_samples, _scan_raw)
+    return _scan_samples_ref(buf, pos, final, url, max_samples, _scan_raw, base, size)
 
 
 def _limit(max_samples: int | None) -> int | None:
@@ -165,23 +178,28 @@ def _scan_samples_ref(
     final: bool,
     url: str | None,
     max_samples: int | None,
-    raw_scan: Callable[[memoryview, int, bool], _RawScan],
+    raw_scan: Callable[[memoryview, int, bool, int], _RawScan],
+    base: int = 0,
+    size: int | None = None,
 ) -> SampleScan:
-    """scan_samples_py over ``raw_scan(view, pos, final) -> (members, next_pos, end, error)``:
-    ``tario._scan_raw`` (pure Python), or ``_native.scan`` to time the member-by-member path."""
+    """scan_samples_py over ``raw_scan(view, pos, final, object_end) -> (members, next_pos,
+    end, error, need, partial)``: ``tario._scan_raw`` (pure Python), or ``_native.scan`` to
+    time the member-by-member path."""
     pos = operator.index(pos)
     limit = _limit(max_samples)
     final = bool(final)
+    end_at = _object_end(base, size)
     with memoryview(buf) as view, view.cast("B") as mv:
         if not 0 <= pos <= len(mv):
             raise ValueError(f"pos={pos} is outside the buffer (0..{len(mv)})")
-        members, tar_next, tar_end, err = raw_scan(mv, pos, final)
+        _check_object_end(end_at, len(mv))
+        members, tar_next, tar_end, err, need, partial = raw_scan(mv, pos, final, end_at)
         if err is not None and limit is not None:
             # A limited scan stops at the first member of sample limit + 1 and reads nothing
             # after it. Every error lies at or after the first header of the member it concerns,
             # so the members before it are those of a non-final scan that ends there.
             with mv[: err[1]] as head:
-                members = raw_scan(head, pos, False)[0]
+                members = raw_scan(head, pos, False, -1)[0]
 
         # Group by key: (key, first member index, {ext: (offset, size)}) per sample.
         samples: list[tuple[str, int, dict[str, tuple[int, int]]]] = []
@@ -204,9 +222,11 @@ def _scan_samples_ref(
 
         if stop is not None:
             complete, next_pos, end = len(samples), _chain(raw_scan, mv, pos, members[stop][1]), False
+            need = next_pos
         elif err is not None:
-            raise _shard_error(err, url)
-        elif tar_end or final or not samples:
+            raise _shard_error(err, url, base)
+        elif tar_end or final or not samples or _starts_sample(partial, samples[-1][0]):
+            # (out of bytes inside a member of another sample: the last one is complete)
             complete, next_pos, end = len(samples), tar_next, tar_end
         else:  # out of bytes: the last sample may have more members to come
             complete, next_pos, end = len(samples) - 1, _chain(raw_scan, mv, pos, members[samples[-1][1]][1]), False
@@ -220,17 +240,26 @@ def _scan_samples_ref(
             if ext not in fields:
                 fields[ext] = np.tile(np.array([-1, 0], dtype=np.int64), (complete, 1))
             fields[ext][row] = span
-    return SampleScan(keys, fields, next_pos, end)
+    return SampleScan(keys, fields, next_pos, end, need)
 
 
-def _chain(raw_scan: Callable[[memoryview, int, bool], _RawScan], mv: memoryview, pos: int, data_off: int) -> int:
+def _starts_sample(partial: bytes | None, last_key: str) -> bool:
+    """Whether the member named ``partial`` (raw bytes; None: none) starts a sample other than
+    the one with key ``last_key``."""
+    if partial is None:
+        return False
+    parts = split_key(partial.decode("utf-8", "surrogateescape"))
+    return parts is not None and parts[0] != last_key
+
+
+def _chain(raw_scan: Callable[[memoryview, int, bool, int], _RawScan], mv: memoryview, pos: int, data_off: int) -> int:
     """The first header (extension headers included) of the member whose data is at ``data_off``.
 
     A non-final scan of the bytes before the last byte of that member's own header stops exactly
     there (tario.scan's resume contract).
     """
     with mv[: data_off - 1] as head:
-        return raw_scan(head, pos, False)[1]
+        return raw_scan(head, pos, False, -1)[1]
 
 
 # --------------------------------------------------------------------------------------------

@@ -194,7 +194,9 @@ class S3Config:
 class PrefetchConfig:
     """Bounded resources of the prefetcher; back-pressure comes only from these.
 
-    Memory held by fetched-but-not-yet-parsed bytes never exceeds ``byte_budget``.
+    Memory held by fetched-but-not-yet-parsed bytes never exceeds ``byte_budget``, plus the
+    reader's copy of the one sample that straddles parts: a sample larger than the whole budget
+    is read like any other (see :mod:`fastfeed.prefetch`).
     """
 
     #: Size of one ranged GET. 8-16 MiB balances per-request overhead against parallelism.
@@ -203,7 +205,8 @@ class PrefetchConfig:
     max_requests: int = 16
     #: Shards fetched ahead of (and including) the one being parsed.
     shards_in_flight: int = 4
-    #: Upper bound on bytes fetched (or being fetched) but not yet consumed by the parser.
+    #: Upper bound on bytes fetched (or being fetched) but not yet consumed by the parser,
+    #: apart from the copy of a sample that straddles parts.
     byte_budget: int = 256 * 1024**2
 
     def __post_init__(self) -> None:

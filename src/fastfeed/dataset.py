@@ -60,7 +60,8 @@ class StreamingDataset(IterableDataset[Sample]):
         part_size: bytes per ranged GET (``"8MiB"``).
         max_requests: concurrent GETs per process.
         shards_in_flight: shards fetched ahead, including the one being read.
-        byte_budget: bound on fetched-but-unparsed bytes per process (``"256MiB"``).
+        byte_budget: bound on fetched-but-unparsed bytes per process (``"256MiB"``); a
+            sample larger than it is still read, held as one copy on top of it.
         rank, world_size: this process's place among DDP ranks. Default: from
             ``torch.distributed`` if initialized (construct the dataset after
             ``init_process_group``), else the ``RANK`` / ``WORLD_SIZE`` environment variables,
@@ -219,7 +220,11 @@ class StreamingDataset(IterableDataset[Sample]):
 
     def io_stats(self) -> dict[str, float]:
         """Cumulative I/O counters of this process's iterations: ``fetch_wait_s`` (time the
-        reader waited for bytes from the store), ``bytes_fetched``, ``requests``."""
+        reader waited for bytes from the store), ``bytes_fetched``, ``requests``, the cache's
+        counters, ``bytes_copied`` (bytes the reader copied to join samples that straddle
+        parts), and the largest bytes any one prefetcher held at once (``held_peak``), of which
+        the copy of a straddling sample (``copy_peak``), and by how much the rest ever exceeded
+        the byte budget (``over_budget``; see :mod:`fastfeed.prefetch`)."""
         totals = {
             "fetch_wait_s": self._io_done.wait_s,
             "bytes_fetched": float(self._io_done.bytes_fetched),
@@ -233,6 +238,9 @@ class StreamingDataset(IterableDataset[Sample]):
         totals["cache_hits"] = float(done.cache_hits + sum(x.cache_hits for x in self._io_live))
         totals["cache_misses"] = float(done.cache_misses + sum(x.cache_misses for x in self._io_live))
         totals["bytes_from_cache"] = float(done.bytes_from_cache + sum(x.bytes_from_cache for x in self._io_live))
+        totals["bytes_copied"] = float(done.bytes_copied + sum(x.bytes_copied for x in self._io_live))
+        for peak in ("held_peak", "copy_peak", "over_budget"):
+            totals[peak] = float(max([getattr(x, peak) for x in (done, *self._io_live)]))
         return totals
 
     def plan(
@@ -335,6 +343,9 @@ class StreamingDataset(IterableDataset[Sample]):
             self._io_done.cache_hits += prefetcher.stats.cache_hits
             self._io_done.cache_misses += prefetcher.stats.cache_misses
             self._io_done.bytes_from_cache += prefetcher.stats.bytes_from_cache
+            self._io_done.bytes_copied += prefetcher.stats.bytes_copied
+            for peak in ("held_peak", "copy_peak", "over_budget"):
+                setattr(self._io_done, peak, max(getattr(self._io_done, peak), getattr(prefetcher.stats, peak)))
 
     def stream_prefetch_config(self, share: int = 1) -> PrefetchConfig:
         """The prefetch bounds of one of ``share`` prefetchers running at once in a process. Each

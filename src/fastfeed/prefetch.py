@@ -14,9 +14,15 @@ Back-pressure comes only from bounded resources, all configured in
 
 Parts are issued strictly in (shard, offset) order, so the shard being parsed always has priority
 and its first part arrives first: samples flow as soon as their bytes have landed, not after the
-whole shard. Every wait on the consumer side polls a close flag, so :meth:`Prefetcher.close`
-always returns within seconds, and every store request has a deadline, so a dead store becomes an
-error rather than a hang.
+whole shard. The budget admits any single sample: the reader's copy of a sample that straddles
+parts (see :mod:`fastfeed.reader`) is counted but never blocks the parts that complete it, and a
+part the consumer is waiting for is never refused (everything held then is the consumer's, so
+refusing it could only deadlock). So the bytes held stay within ``byte_budget`` plus that one
+copy, the largest sample, for a consumer that holds no more than the budget itself.
+
+Every wait on the consumer side polls a close flag, so :meth:`Prefetcher.close` always returns
+within seconds, and every store request has a deadline, so a dead store becomes an error rather
+than a hang.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from fastfeed.urls import Location, parse_url
 if TYPE_CHECKING:
     from fastfeed.cache import Planner, ShardCache
 
-__all__ = ["FetchStats", "Prefetcher", "ShardFetch"]
+__all__ = ["FetchStats", "Prefetcher", "ShardChunks", "ShardFetch"]
 
 log = logging.getLogger(__name__)
 
@@ -69,28 +75,65 @@ class FetchStats:
     cache_hits: int = 0
     cache_misses: int = 0
     bytes_from_cache: int = 0
+    #: Most bytes held at once: parts fetched (or being fetched) and not given back, plus the
+    #: reader's copy of a sample that straddles parts.
+    held_peak: int = 0
+    #: Largest copy of a straddling sample held at once.
+    copy_peak: int = 0
+    #: Bytes of the shards copied by the reader (samples that straddle parts) and by a consumer
+    #: that copies samples out to let parts go (fastfeed.streams); written by the consumer.
+    bytes_copied: int = 0
+    #: Most bytes held at once apart from that copy beyond ``byte_budget``: nonzero only when
+    #: the consumer itself held that much and waited for one more part.
+    over_budget: int = 0
 
 
 class _ByteBudget:
-    """A counting budget on the IO loop. A request larger than the whole budget is admitted
-    when nothing else is held, so an oversized part can never deadlock."""
+    """A counting budget on the IO loop (see the module docstring).
 
-    def __init__(self, limit: int) -> None:
+    ``used`` counts parts issued and not given back plus ``copy``, the bytes the consumer holds
+    copied out of parts for a sample it has not finished. A part is admitted when the bytes
+    held apart from that copy leave room for it, when nothing else is held, or when the
+    consumer is waiting for exactly that part (``wanted``).
+    """
+
+    def __init__(self, limit: int, stats: FetchStats) -> None:
         self.limit = limit
         self.used = 0
+        self.copy = 0
         self.peak = 0
+        self.wanted: _Part | None = None
+        self._stats = stats
         self._changed = asyncio.Event()
 
-    async def acquire(self, n: int) -> None:
-        while self.used > 0 and self.used + n > self.limit:
+    async def acquire(self, n: int, part: _Part) -> None:
+        while self.used - self.copy + n > self.limit and self.used > self.copy and part is not self.wanted:
             self._changed.clear()
             await self._changed.wait()
         self.used += n
-        self.peak = max(self.peak, self.used)
+        stats = self._stats
+        stats.over_budget = max(stats.over_budget, self.used - self.copy - self.limit)
+        self._peaks()
 
     def release(self, n: int) -> None:
         self.used -= n
         self._changed.set()
+
+    def want(self, part: _Part) -> None:
+        """The consumer is blocked until ``part`` lands."""
+        self.wanted = part
+        self._changed.set()
+
+    def hold_copy(self, delta: int) -> None:
+        """The consumer's copy of a straddling sample grew (or shrank) by ``delta`` bytes."""
+        self.used += delta
+        self.copy += delta
+        self._stats.copy_peak = max(self._stats.copy_peak, self.copy)
+        self._peaks()
+
+    def _peaks(self) -> None:
+        self.peak = max(self.peak, self.used)
+        self._stats.held_peak = self.peak
 
 
 @dataclass
@@ -132,13 +175,15 @@ class ShardFetch:
         self._held = 0  # parts handed out and not given back
         self._next = 0
         self._closed = False
+        self._copy = 0  # bytes of the reader's copy of a straddling sample (see hold_copy)
 
     @property
     def url(self) -> str:
         return self.info.url
 
-    def chunks(self, *, hold: bool = False) -> Iterator[tuple[memoryview, bool]]:
-        """Yield ``(bytes, is_last)`` for each part in order, blocking until each has landed.
+    def chunks(self, *, hold: bool = False) -> ShardChunks:
+        """The parts in order as ``(bytes, is_last)``, each as soon as it has landed (a
+        :class:`fastfeed.reader.ChunkSource`: pass it to the reader).
 
         A part's buffer goes back to the pool (and its budget is returned) when the consumer
         asks for the next part or closes the shard: it is overwritten after that, so release
@@ -146,14 +191,27 @@ class ShardFetch:
         kept until :meth:`release_before` or :meth:`close` (for callers that gather views of
         several parts into one batch); they still count against the byte budget.
         """
+        return ShardChunks(self, self._iter_parts(hold))
+
+    def _iter_parts(self, hold: bool) -> Iterator[tuple[memoryview, bool]]:
         while self._next < len(self._parts) and not self._closed:
             index = self._next
-            data = self._owner._wait(self._parts[index].future)
+            data = self._owner._wait(self._parts[index])
             self._next += 1
             self._held += 1
             yield data, index == len(self._parts) - 1
             if not hold:
                 self._give_back(index)
+
+    def _drop_last(self) -> None:
+        if self._next > 0:
+            self._give_back(self._next - 1)
+
+    def _hold_copy(self, held: int, copied: int) -> None:
+        self._owner.stats.bytes_copied += copied  # (the consumer's thread: the one writer)
+        if held != self._copy and not self._closed:
+            self._owner._hold_copy(held - self._copy)
+            self._copy = held
 
     @property
     def parts_taken(self) -> int:
@@ -188,7 +246,38 @@ class ShardFetch:
         for index in remaining:
             self._returned[index] = True
         self._owner._abandon([self._parts[i] for i in remaining])
+        if self._copy:
+            self._owner._hold_copy(-self._copy)
+            self._copy = 0
         self._owner._shard_done()
+
+
+class ShardChunks:
+    """:meth:`ShardFetch.chunks`: the parts of a shard as the reader consumes them (see
+    :class:`fastfeed.reader.ChunkSource`), with the object's size, so that a header claiming
+    more bytes than the object has is an error at once."""
+
+    def __init__(self, fetch: ShardFetch, parts: Iterator[tuple[memoryview, bool]]) -> None:
+        self._fetch = fetch
+        self._parts = parts
+        self.size: int | None = fetch.info.size
+
+    def __iter__(self) -> ShardChunks:
+        return self
+
+    def __next__(self) -> tuple[memoryview, bool]:
+        return next(self._parts)
+
+    def hold_copy(self, held: int, copied: int) -> None:
+        """The reader holds ``held`` bytes copied out of the parts for a sample it has not
+        finished: counted as held (``FetchStats.held_peak``) but never blocking the parts that
+        complete it."""
+        self._fetch._hold_copy(held, copied)
+
+    def drop_last(self) -> None:
+        """The reader keeps nothing of the last part it was given: give it back now (also when
+        held with ``hold=True``: nobody else has a view of it)."""
+        self._fetch._drop_last()
 
 
 class Prefetcher:
@@ -216,7 +305,7 @@ class Prefetcher:
         self._closed = threading.Event()
         self._finished = threading.Event()
         self._io = _loop.acquire()
-        self._budget = _ByteBudget(config.byte_budget)
+        self._budget = _ByteBudget(config.byte_budget, self.stats)
         self._pool = pool_for(config.part_size)
         self._shard_slots = asyncio.Semaphore(config.shards_in_flight)
         self._requests = asyncio.Semaphore(config.max_requests)
@@ -260,7 +349,7 @@ class Prefetcher:
                     size = part.end - part.start
                     if part.future.cancelled():
                         continue  # the consumer abandoned the shard before this part was issued
-                    await self._budget.acquire(size)
+                    await self._budget.acquire(size, part)
                     if direct:
                         # Through the cache, the fill (or the disk) does the requests, bounded by
                         # its own window: a part waiting for it is bounded by the budget only.
@@ -373,7 +462,10 @@ class Prefetcher:
         finally:
             self.stats.wait_s += time.perf_counter() - start
 
-    def _wait(self, fut: concurrent.futures.Future[memoryview]) -> memoryview:
+    def _wait(self, part: _Part) -> memoryview:
+        fut = part.future
+        if not fut.done():
+            self._io.call_soon(self._budget.want, part)  # never refused: see _ByteBudget
         start = time.perf_counter()
         try:
             while True:
@@ -393,6 +485,9 @@ class Prefetcher:
             part.buffer = None
 
         self._io.call_soon(on_loop)
+
+    def _hold_copy(self, delta: int) -> None:
+        self._io.call_soon(self._budget.hold_copy, delta)
 
     def _shard_done(self) -> None:
         self._io.call_soon(self._shard_slots.release)

@@ -28,7 +28,7 @@ from fastfeed.reader import iter_sample_runs
 
 if TYPE_CHECKING:
     from fastfeed.dataset import StreamingDataset
-    from fastfeed.prefetch import ShardFetch
+    from fastfeed.prefetch import FetchStats, ShardFetch
     from fastfeed.reshard import Segment
 
 __all__ = ["StreamPos", "block_size_for", "epoch_batches", "stream_batches"]
@@ -155,7 +155,7 @@ def stream_batches(
                 if len(open_fetches) >= cfg.shards_in_flight:
                     # The block holds every shard the prefetcher may have open: asking for the next
                     # one would wait forever. Copy the block out and let those shards go.
-                    block = [materialize_run(run) for run in block]
+                    block = copy_out(block, prefetcher.stats)
                     for held in open_fetches:
                         held.close()
                     open_fetches.clear()
@@ -168,7 +168,7 @@ def stream_batches(
                 first = piece.skip + used
                 stop = None if piece.limit is None else piece.skip + piece.limit
                 seen = 0
-                for buffer, scan in iter_sample_runs(fetch.url, fetch.chunks(hold=True)):
+                for buffer, scan, copied in iter_sample_runs(fetch.url, fetch.chunks(hold=True)):
                     n = len(scan.keys)
                     base = seen  # the shard's sample index of row 0 of this run
                     seen += n
@@ -187,7 +187,7 @@ def stream_batches(
                             sel = picked[lo : lo + take]
                             fields = {ext: spans[sel] for ext, spans in scan.fields.items()}
                             keys = [scan.keys[i] for i in sel.tolist()]
-                        block.append(ColumnRun(buffer, keys, fetch.url, fields))
+                        block.append(ColumnRun(buffer, keys, fetch.url, fields, owned=copied))
                         count += take
                         lo += take
                         used += take
@@ -200,13 +200,26 @@ def stream_batches(
                     if stop is not None and seen >= stop:
                         break
                     if sum(f.parts_held for f in open_fetches) > max_held:
-                        block = [materialize_run(run) for run in block]
+                        block = copy_out(block, prefetcher.stats)
                         let_go()
             if block:
                 yield from emit((pos.piece + len(todo), 0))
         finally:
             for fetch in open_fetches:
                 fetch.close()
+
+
+def copy_out(block: list[ColumnRun], stats: FetchStats) -> list[ColumnRun]:
+    """The block with every run that points into a part copied out (so the parts can go),
+    counted in ``stats.bytes_copied``; runs already copied stay as they are, so a sample is
+    copied out at most once however many times this runs."""
+    out = []
+    for run in block:
+        if not run.owned:
+            run = materialize_run(run)
+            stats.bytes_copied += len(run.buffer)
+        out.append(run)
+    return out
 
 
 def epoch_batches(

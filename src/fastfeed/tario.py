@@ -7,7 +7,11 @@ The two are tested against each other, so change them together.
 Streaming contract: ``buf[pos:]`` starts at a header boundary. A scan returns the complete
 regular members, ``next_pos`` (where the next scan resumes) and ``end``. A caller that streams
 a shard keeps ``buf[next_pos:]``, appends the bytes that arrive next and scans again; pass
-``final=True`` once the buffer holds everything up to the end of the object.
+``final=True`` once the buffer holds everything up to the end of the object. ``need`` says how
+long the buffer must be before scanning again gets any further (the rest of the header, or the
+member's data, that the scan stopped in), so a caller never rescans, or copies, in vain; and a
+caller that knows the object's ``size`` learns at once when a header claims more bytes than the
+object has (a :class:`~fastfeed.errors.TruncatedShardError`, as if it had read to the end).
 
 What is read (compatible with Python's :mod:`tarfile` for archives that tarfile, GNU tar and
 WebDataset write):
@@ -25,7 +29,7 @@ WebDataset write):
   are skipped. GNU sparse members (``'S'``, pax ``GNU.sparse.*``) raise
   :class:`~fastfeed.errors.CorruptShardError`: their data is not the file content.
 
-Errors name the byte offset *within the buffer passed in*.
+Errors name byte offsets in the object: offsets within the buffer passed in, plus ``base``.
 """
 
 from __future__ import annotations
@@ -53,6 +57,11 @@ class ScanResult(NamedTuple):
     next_pos: int
     #: The end-of-archive marker (a zero block where a header is expected) is at ``next_pos``.
     end: bool
+    #: Stopped for lack of bytes (not ``final``, not ``end``): the buffer length (an offset into
+    #: the buffer, always past its end) a scan resumed at ``next_pos`` needs to get any further:
+    #: the rest of the header, extension payload, or member data and padding it stopped in.
+    #: Otherwise ``next_pos``.
+    need: int
 
 
 # Error kinds shared with the native module (tar::ErrorKind in csrc/tar_index.h; the tests check
@@ -80,14 +89,24 @@ _TRUNCATED_DATA = ERROR_KINDS["TRUNCATED_DATA"]
 
 # (kind, offset, raw member name or None, a, b): an error as both implementations report it.
 _RawError = tuple[int, int, bytes | None, int, int]
-_RawScan = tuple[list[tuple[str, int, int]], int, bool, _RawError | None]
+# (members, next_pos, end, error, need, partial): a scan as both implementations report it;
+# partial is the raw name of the regular member a scan that ran out of bytes stopped inside.
+_RawScan = tuple[list[tuple[str, int, int]], int, bool, _RawError | None, int, bytes | None]
 
 _CORRUPT_HINT = "the object is not a valid tar archive; re-create the shard"
 _SPARSE_HINT = "fastfeed cannot read GNU sparse members; re-create the shard without sparse files"
 _TRUNCATED_HINT = "the object was cut short (interrupted upload or partial copy); re-upload or re-create the shard"
 
 
-def scan(buf: Buffer, pos: int = 0, *, final: bool = False, url: str | None = None) -> ScanResult:
+def scan(
+    buf: Buffer,
+    pos: int = 0,
+    *,
+    final: bool = False,
+    url: str | None = None,
+    base: int = 0,
+    size: int | None = None,
+) -> ScanResult:
     """Index the tar members in ``buf[pos:]`` (native; the GIL is released while scanning).
 
     Args:
@@ -96,28 +115,59 @@ def scan(buf: Buffer, pos: int = 0, *, final: bool = False, url: str | None = No
         final: ``buf`` holds everything up to the end of the object, so stopping early on
             anything but zero bytes is a truncation (and trailing padding may be missing).
         url: the shard, for error messages.
+        base: the offset of ``buf[0]`` in the object, for error messages and ``size``.
+        size: the object's size, if known: a header whose data (or extension payload) would
+            run past it raises at once, ``final`` or not.
 
     Raises:
         CorruptShardError: a bad checksum, numeric field or pax record, or a sparse member.
-        TruncatedShardError: ``final`` and the object ends inside a header or a member.
-        ValueError: ``pos`` is outside the buffer.
+        TruncatedShardError: the object ends inside a header or a member (known from
+            ``final``, or from ``size``).
+        ValueError: ``pos`` is outside the buffer, or ``size`` ends before it.
     """
-    members, next_pos, end, err = _native.scan(buf, operator.index(pos), bool(final))
+    end_at = _object_end(base, size)
+    members, next_pos, end, err, need, _ = _native.scan(buf, operator.index(pos), bool(final), end_at)
     if err is not None:
-        raise _shard_error(err, url)
-    return ScanResult(members, next_pos, end)
+        raise _shard_error(err, url, base)
+    return ScanResult(members, next_pos, end, need)
 
 
-def scan_py(buf: Buffer, pos: int = 0, *, final: bool = False, url: str | None = None) -> ScanResult:
+def scan_py(
+    buf: Buffer,
+    pos: int = 0,
+    *,
+    final: bool = False,
+    url: str | None = None,
+    base: int = 0,
+    size: int | None = None,
+) -> ScanResult:
     """Pure-Python reference for :func:`scan`: same arguments, results and errors, but slow."""
     pos = operator.index(pos)
+    end_at = _object_end(base, size)
     with memoryview(buf) as view, view.cast("B") as mv:
         if not 0 <= pos <= len(mv):
             raise ValueError(f"pos={pos} is outside the buffer (0..{len(mv)})")
-        members, next_pos, end, err = _scan_raw(mv, pos, bool(final))
+        _check_object_end(end_at, len(mv))
+        members, next_pos, end, err, need, _ = _scan_raw(mv, pos, bool(final), end_at)
     if err is not None:
-        raise _shard_error(err, url)
-    return ScanResult(members, next_pos, end)
+        raise _shard_error(err, url, base)
+    return ScanResult(members, next_pos, end, need)
+
+
+def _object_end(base: int, size: int | None) -> int:
+    """The object's end in the coordinates of a buffer that starts at ``base``; -1: unknown."""
+    if size is None:
+        return -1
+    end = operator.index(size) - operator.index(base)
+    if end < 0:
+        raise ValueError(f"size={size} is before base={base}")
+    return end
+
+
+def _check_object_end(object_end: int, length: int) -> None:
+    """The native scans' check of ``object_end`` (-1: unknown) against a buffer's length."""
+    if object_end != -1 and not object_end >= length:
+        raise ValueError(f"object_end={object_end} is before the end of the buffer ({length} bytes)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,7 +262,7 @@ def _all_zero(mv: memoryview, start: int) -> bool:
 
 
 def _fail(kind: int, offset: int, a: int = 0, b: int = 0, name: bytes | None = None) -> _RawScan:
-    return [], offset, False, (kind, offset, name, a, b)
+    return [], offset, False, (kind, offset, name, a, b), offset, None
 
 
 def _stop(
@@ -225,15 +275,25 @@ def _stop(
     a: int,
     b: int,
     name: bytes | None,
+    need: int,
+    partial: bytes | None = None,
 ) -> _RawScan:
-    """Out of bytes inside the member chain starting at ``chain``: wait, or (final) truncated."""
+    """Out of bytes inside the member chain starting at ``chain``: wait, or (final) truncated.
+
+    ``need``: the buffer length that gets a resumed scan past it; ``partial``: the name of the
+    regular member whose data it stopped in."""
     if final and not _all_zero(mv, chain):
         return _fail(kind, offset, a, b, name)
-    return members, chain, False, None
+    if final:
+        return members, chain, False, None, chain, None
+    return members, chain, False, None, need, partial
 
 
-def _scan_raw(mv: memoryview, pos: int, final: bool) -> _RawScan:
+def _scan_raw(mv: memoryview, pos: int, final: bool, object_end: int = -1) -> _RawScan:
     n = len(mv)
+    if object_end == -1:
+        object_end = 2**64 - 1  # the native kUnknownEnd
+    object_end = max(object_end, n)
     members: list[tuple[str, int, int]] = []
     p = pos
     while True:
@@ -244,12 +304,12 @@ def _scan_raw(mv: memoryview, pos: int, final: bool) -> _RawScan:
         size_override: int | None = None  # from pax size
         while True:
             if n - p < _BLOCK:
-                return _stop(mv, members, chain, final, _TRUNCATED_HEADER, p, n - p, 0, name)
+                return _stop(mv, members, chain, final, _TRUNCATED_HEADER, p, n - p, 0, name, p + _BLOCK)
             h = mv[p : p + _BLOCK].tobytes()
             if h == _ZERO_BLOCK:
                 if in_chain:
                     return _fail(_DANGLING_EXTENSION, p, chain)
-                return members, p, True, None
+                return members, p, True, None, p, None
 
             stored = _parse_number(h[148:156])
             if stored is None:
@@ -266,13 +326,31 @@ def _scan_raw(mv: memoryview, pos: int, final: bool) -> _RawScan:
             typeflag = h[156]
             data_off = p + _BLOCK
             avail = n - data_off
+            in_object = object_end - data_off  # of which the object can hold
 
             if typeflag in _EXT_TYPES:
-                if header_size > avail:
-                    return _stop(mv, members, chain, final, _TRUNCATED_EXTENSION, p, avail, header_size, None)
                 total = _padded(header_size)
+                if not final and header_size > in_object:
+                    return _fail(_TRUNCATED_EXTENSION, p, in_object, header_size)
+                if not final and total > in_object:
+                    return _fail(_TRUNCATED_EXTENSION, p, header_size, header_size)
+                if header_size > avail:
+                    return _stop(
+                        mv, members, chain, final, _TRUNCATED_EXTENSION, p, avail, header_size, None, data_off + total
+                    )
                 if total > avail:
-                    return _stop(mv, members, chain, final, _TRUNCATED_EXTENSION, p, header_size, header_size, None)
+                    return _stop(
+                        mv,
+                        members,
+                        chain,
+                        final,
+                        _TRUNCATED_EXTENSION,
+                        p,
+                        header_size,
+                        header_size,
+                        None,
+                        data_off + total,
+                    )
                 payload = mv[data_off : data_off + header_size].tobytes()
                 if typeflag == ord("L"):
                     if name is None:
@@ -309,13 +387,21 @@ def _scan_raw(mv: memoryview, pos: int, final: bool) -> _RawScan:
                         name = prefix + b"/" + header_name
             member_size = header_size if size_override is None else size_override
             data_len = 0 if no_data else member_size
-            if data_len > avail:
-                return _stop(mv, members, chain, final, _TRUNCATED_DATA, p, avail, data_len, name)
             total = _padded(data_len)
+            partial = name if regular else None
+            # Padding cut off by the end of the object is accepted (see below), data is not.
+            if not final and data_len > in_object:
+                return _fail(_TRUNCATED_DATA, p, in_object, data_len, name)
+            if data_len > avail:
+                return _stop(
+                    mv, members, chain, final, _TRUNCATED_DATA, p, avail, data_len, name, data_off + total, partial
+                )
             if total <= avail:
                 nxt = data_off + total
             elif not final:
-                return _stop(mv, members, chain, final, _TRUNCATED_DATA, p, data_len, data_len, name)
+                return _stop(
+                    mv, members, chain, final, _TRUNCATED_DATA, p, data_len, data_len, name, data_off + total, partial
+                )
             else:
                 nxt = n  # final: the object ends inside the padding; accept
             if regular:
@@ -327,9 +413,13 @@ def _scan_raw(mv: memoryview, pos: int, final: bool) -> _RawScan:
 # --------------------------------------------------------------------------------------------
 
 
-def _shard_error(err: _RawError, url: str | None) -> ShardError:
-    """The fastfeed error for an error tuple from either implementation."""
+def _shard_error(err: _RawError, url: str | None, base: int = 0) -> ShardError:
+    """The fastfeed error for an error tuple from either implementation, its buffer offsets
+    shifted by ``base`` (the offset of the buffer in the object)."""
     kind, offset, raw_name, a, b = err
+    offset += base
+    if kind == _DANGLING_EXTENSION:
+        a += base
     name = raw_name.decode("utf-8", "surrogateescape") if raw_name is not None else None
     at = f"at offset {offset}"
     if kind == _BAD_CHECKSUM:
