@@ -35,10 +35,12 @@ from fastfeed.config import RetryConfig, S3Config
 from fastfeed.errors import (
     AccessDeniedError,
     BucketNotFoundError,
+    ConditionFailedError,
     EmptyDatasetError,
     EndpointError,
     FastfeedError,
     NotFoundError,
+    NotSupportedError,
     StoreError,
     StoreTimeoutError,
     ThrottledError,
@@ -238,12 +240,16 @@ def map_s3_error(exc: BaseException, url: str, *, bucket_url: str | None = None)
             return NotFoundError(f"object not found: {url}", url=url, hint="check the key and the endpoint")
         if code in _DENIED_CODES or status == 403:
             return AccessDeniedError(f"access denied ({code or status}) for {url}", url=url, hint=CREDENTIAL_HINT)
-        if code in ("PreconditionFailed",) or status == 412:
-            return StoreError(
+        if code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412:
+            # A read with If-Match (a shard overwritten mid-epoch) or a write with If-None-Match
+            # (the object exists already); writers catch the type and say which.
+            return ConditionFailedError(
                 f"object changed while it was being read: {url}",
                 url=url,
                 hint="the shard was overwritten during the epoch; restart the epoch to read the new version",
             )
+        if code == "NotImplemented" or status == 501:  # not a transient 5xx: it will not change
+            return NotSupportedError(f"the store does not implement this request ({code or status}) for {url}", url=url)
         if code in _THROTTLE_CODES or status in (429, 503):
             return ThrottledError(f"throttled by the store ({code or status}) reading {url}", url=url)
         if status >= 500 or code in ("InternalError", "ServiceUnavailable", "RequestTimeout"):
