@@ -423,12 +423,21 @@ class S3CkptStore(CkptStore):
             with contextlib.suppress(NotFoundError):
                 await self.head(key)
                 raise self._exists(key)
-        created = await self._call(
-            f"create multipart upload {url}",
-            url,
-            lambda: self._client.create_multipart_upload(Bucket=self.bucket, Key=full),
+        creating = asyncio.ensure_future(
+            self._call(
+                f"create multipart upload {url}",
+                url,
+                lambda: self._client.create_multipart_upload(Bucket=self.bucket, Key=full),
+            )
         )
-        upload_id = created["UploadId"]
+        try:
+            created = await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            # Cancelled while the request was out: the store may have created the upload anyway.
+            with contextlib.suppress(Exception):
+                await self._abort(full, str((await creating)["UploadId"]))
+            raise
+        upload_id = str(created["UploadId"])
         limit = asyncio.Semaphore(concurrency)
         starts = list(range(0, len(data), part_size))
         crcs = [0] * len(starts)
@@ -436,7 +445,8 @@ class S3CkptStore(CkptStore):
         if self._threads is None:
             self._threads = concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="fastfeed-upload")
             self._sync = _sync_client(self._config, concurrency)
-        loop = asyncio.get_running_loop()
+        threads = self._threads
+        sending: set[concurrent.futures.Future[tuple[int, str]]] = set()  # part requests in threads
 
         def send(number: int, start: int) -> tuple[int, str]:
             view = data[start : start + part_size]
@@ -448,12 +458,16 @@ class S3CkptStore(CkptStore):
                 )
             return crc, str(resp["ETag"])
 
+        def submit(number: int, start: int) -> asyncio.Future[tuple[int, str]]:
+            fut = threads.submit(send, number, start)
+            sending.add(fut)
+            fut.add_done_callback(sending.discard)
+            return asyncio.wrap_future(fut)
+
         async def part(number: int, start: int) -> dict[str, Any]:
             async with limit:
                 crc, etag = await self._call(
-                    f"upload part {number} of {url}",
-                    url,
-                    lambda: loop.run_in_executor(self._threads, send, number, start),
+                    f"upload part {number} of {url}", url, functools.partial(submit, number, start)
                 )
             crcs[number - 1] = crc
             return {"PartNumber": number, "ETag": etag}
@@ -469,16 +483,26 @@ class S3CkptStore(CkptStore):
                 kwargs["IfNoneMatch"] = "*"
             return await self._client.complete_multipart_upload(**kwargs)
 
+        tasks = [asyncio.ensure_future(part(i + 1, s)) for i, s in enumerate(starts)]
         try:
-            parts = await asyncio.gather(*(part(i + 1, s) for i, s in enumerate(starts)))
+            parts = await asyncio.gather(*tasks)
             try:
                 await self._call(f"complete multipart upload {url}", url, functools.partial(complete, list(parts)))
             except ConditionFailedError as err:
                 raise self._exists(key) from err
         except BaseException:
-            await asyncio.shield(self._abort(full, upload_id))
+            self._unaborted[upload_id] = full  # until the abort below succeeds (else aclose retries)
+            for task in tasks:
+                task.cancel()  # the parts not sent yet are not sent at all
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if sending:  # parts in flight in threads: an abort before they end may not stick
+                await asyncio.to_thread(concurrent.futures.wait, list(sending), self._request_timeout())
+            await self._abort(full, upload_id)
             raise
         return Uploaded(part_size, crcs)
+
+    def _request_timeout(self) -> float:
+        return float(self._config.connect_timeout + self._config.read_timeout) + 5.0
 
     async def _abort(self, full: str, upload_id: str) -> None:
         """Abort an upload of ours; if that fails, remember it for :meth:`aclose`."""
@@ -491,6 +515,8 @@ class S3CkptStore(CkptStore):
             )
         except NotFoundError:
             self._unaborted.pop(upload_id, None)  # completed or aborted already
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:
             self._unaborted[upload_id] = full
             log.warning("could not abort the multipart upload %s of %s (retried at close): %s", upload_id, url, exc)

@@ -455,29 +455,34 @@ _sessions_lock = threading.Lock()
 
 
 def _session(profile: str | None) -> Any:
-    """The process's aiobotocore session for ``profile``.
+    """A new aiobotocore session for ``profile`` that shares the process's data loader.
 
-    A session caches the parsed S3 service model (a large JSON file); a fresh session per client
-    cost ~150 ms of CPU per client on this project's benchmark machine. Keyed by pid so a forked
-    DataLoader worker builds its own.
+    The data loader caches the parsed S3 service model and endpoint rules (a large JSON file); a
+    session that parses them again cost ~150 ms of CPU per client on this project's benchmark
+    machine, one that shares them a few ms. The session itself is new each time: it resolves
+    credentials (botocore's chain) for its own client, never reusing ones an earlier client
+    resolved under another environment. Keyed by pid so a forked DataLoader worker builds its own.
     """
     from aiobotocore.session import get_session
 
     key = (os.getpid(), profile)
     with _sessions_lock:
-        session = _sessions.get(key)
-        if session is None:
-            session = get_session()
-            if profile:
-                session.set_config_variable("profile", profile)
+        template = _sessions.get(key)
+        if template is None:
+            template = get_session()
             inherited = next((s for (pid, p), s in _sessions.items() if p == profile), None)
             if inherited is not None:
                 # A forked worker: reuse the parent's data loader, whose cache holds the parsed
                 # service model and endpoint rules (plain data, copied with the fork), so each
-                # worker of each epoch does not parse them again. Credentials stay per process.
-                session.register_component("data_loader", inherited.get_component("data_loader"))
-            _sessions[key] = session
-        return session
+                # worker of each epoch does not parse them again.
+                template.register_component("data_loader", inherited.get_component("data_loader"))
+            _sessions[key] = template
+        loader = template.get_component("data_loader")
+    session = get_session()
+    if profile:
+        session.set_config_variable("profile", profile)
+    session.register_component("data_loader", loader)
+    return session
 
 
 def _etag(value: str | None) -> str | None:
