@@ -799,8 +799,10 @@ class LocalCkptStore(CkptStore):
             with self._open(key) as (fd, st):
                 if limit is not None and st.st_size > limit:
                     raise _too_large(self._display(key), st.st_size, limit)
+                # Sized by the file, not by the limit: read(n) allocates n bytes up front.
+                want = st.st_size + 1 if limit is None else min(st.st_size, limit) + 1
                 with os.fdopen(os.dup(fd), "rb") as f:
-                    return f.read() if limit is None else f.read(limit + 1)
+                    return f.read(want) if st.st_size else f.read()
 
         data = await asyncio.to_thread(read)
         if limit is not None and len(data) > limit:  # it grew since fstat
