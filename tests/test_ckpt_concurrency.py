@@ -355,3 +355,25 @@ def test_a_file_system_without_hard_links_gets_check_write_verify(
             ckpt.wait()
         assert torch.equal(ckpt.load()["w"], torch.ones(3))
     assert "does not support conditional writes" in caplog.text
+
+
+def test_a_commit_whose_answer_was_lost_is_recognised_as_its_own(bucket: Any, fault_proxy: Any) -> None:
+    """The manifest PUT lands but its answer never comes (held past the read timeout); the retry's
+    conditional PUT meets the manifest and is refused: the writer reads it back, sees its own
+    bytes and reports the commit, with the data it names intact."""
+    from fastfeed.config import S3Config
+
+    target = Target("seaweed", f"s3://{bucket.name}/", bucket.server, bucket.client)
+    s3 = S3Config(
+        endpoint_url=fault_proxy.endpoint_url,
+        access_key_id=bucket.server.access_key,
+        secret_access_key=bucket.server.secret_key,
+        read_timeout=1.5,
+    )
+    prefix = "runs/lost501/"
+    with Checkpointer(target.url(prefix), s3=s3) as ckpt:
+        fault_proxy.inject_stall(4.0, count=1, method="PUT", path_regex=r"step-000000000501/MANIFEST")
+        info = ckpt.save({"w": torch.full((1000,), 5.0)}, step=501).result(timeout=60)
+        assert info is not None and info.step == 501
+        assert fault_proxy.count("PUT", r"step-000000000501/MANIFEST") == 2, "the PUT was retried"
+    check_committed(target, prefix, 501, {"w": torch.full((1000,), 5.0)})

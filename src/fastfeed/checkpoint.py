@@ -379,6 +379,7 @@ class Checkpointer:
         self._error: BaseException | None = None
         self._closed = False
         self._side_stream: Any = None
+        self._sweep_failed = False
         self._sweep_orphans()
         self._thread = threading.Thread(target=self._work, name="fastfeed-ckpt", daemon=True)
         self._thread.start()
@@ -558,25 +559,54 @@ class Checkpointer:
                 "blob": {"name": name, "size": job.total, "part_size": uploaded.part_size, CHECKSUM: uploaded.crcs},
             }
             body = json.dumps(manifest, separators=(",", ":")).encode()
-            try:
-                self._io.run(self._store.put(prefix + _MANIFEST, memoryview(body), if_absent=True))
-            except ConditionFailedError as err:
-                raise CheckpointError(
-                    f"step {job.step} was committed under {self.url} by another writer while this save was "
-                    "uploading; that checkpoint is kept and this save's data was removed",
-                    url=self.url + prefix,
-                    hint="two jobs are saving to the same URL: give each run its own prefix",
-                ) from err
-            self._check_committed(job.step, prefix, name, len(body))
         except BaseException:
-            try:
-                self._io.run(self._store.delete([prefix + name]))  # ours, and nothing else
-            except Exception as cleanup:  # the upload error matters more
-                log.debug("could not remove %s%s after a failed save: %r", prefix, name, cleanup)
+            self._discard(prefix + name)
             raise
+        self._write_manifest(job.step, prefix, name, body)
+        self._check_committed(job.step, prefix, name)
         return CheckpointInfo(job.step, created, job.total, job.metadata, self.url + prefix)
 
-    def _check_committed(self, step: int, prefix: str, name: str, manifest_size: int) -> None:
+    def _discard(self, key: str) -> None:
+        """Delete this save's own data object after the save failed (and nothing else)."""
+        try:
+            self._io.run(self._store.delete([key]))
+        except Exception as cleanup:  # the save's error matters more; an old leftover is removed by age
+            log.debug("could not remove %s%s after a failed save: %r", self.url, key, cleanup)
+
+    def _write_manifest(self, step: int, prefix: str, name: str, body: bytes) -> None:
+        """Commit: create the manifest only if the step has none. The data is deleted only when
+        the manifest is certainly not this save's (a lost answer is checked, never guessed)."""
+        key = prefix + _MANIFEST
+        try:
+            self._io.run(self._store.put(key, memoryview(body), if_absent=True))
+        except ConditionFailedError as err:
+            self._discard(prefix + name)
+            raise CheckpointError(
+                f"step {step} was committed under {self.url} by another writer while this save was "
+                "uploading; that checkpoint is kept and this save's data was removed",
+                url=self.url + prefix,
+                hint="two jobs are saving to the same URL: give each run its own prefix",
+            ) from err
+        except Exception:
+            ours = self._holds(key, body)
+            if ours is None:  # cannot tell: keep the data (a real leftover is removed by age)
+                raise
+            if not ours:
+                self._discard(prefix + name)
+                raise
+            log.info("the manifest %s%s was written although its request failed", self.url, key)
+
+    def _holds(self, key: str, body: bytes) -> bool | None:
+        """Whether ``key`` holds exactly ``body`` (None: the store cannot tell now)."""
+        try:
+            return bool(self._io.run(self._store.get(key, limit=len(body))) == body)
+        except (NotFoundError, CorruptCheckpointError):  # absent, or larger than ours
+            return False
+        except FastfeedError as err:
+            log.debug("cannot tell whether %s%s holds this save's manifest: %r", self.url, key, err)
+            return None
+
+    def _check_committed(self, step: int, prefix: str, name: str) -> None:
         """After the commit: the data is still there (no cleanup took it for abandoned data)."""
         try:
             self._io.run(self._store.head(prefix + name))
@@ -587,6 +617,8 @@ class Checkpointer:
                 url=self.url + prefix,
                 hint="another process deleted it: give each run its own prefix, or raise orphan_age",
             ) from err
+        except FastfeedError as err:  # committed; the check itself could not be made
+            log.warning("could not check the data of step %d under %s after its commit: %s", step, self.url, err)
 
     def _delete_checkpoint(self, manifest: StoredObject) -> None:
         """Delete a committed checkpoint: its manifest first (uncommit), then the data object
@@ -649,7 +681,9 @@ class Checkpointer:
         try:
             self._io.run(self._store.abort_orphaned_uploads("", older_than=self.orphan_age, match=_DATA_KEY.fullmatch))
         except FastfeedError as err:
-            log.warning("could not look for abandoned uploads under %s: %s", self.url, err)
+            if not self._sweep_failed:  # once: it would fail the same way after every commit
+                log.warning("could not look for abandoned uploads under %s: %s", self.url, err)
+            self._sweep_failed = True
 
     def wait(self) -> None:
         """Block until every save so far has committed (or failed: then raise its error)."""

@@ -192,6 +192,7 @@ class CkptStore(abc.ABC):
         return ConditionFailedError(
             f"{self.url}{key} exists already: another writer created it first (nothing was replaced)",
             url=self.url + key,
+            hint="another job writes to this prefix: give each job its own",
         )
 
     def _lacks_conditional_writes(self, err: BaseException | None) -> None:
@@ -626,10 +627,11 @@ class S3CkptStore(CkptStore):
             await self._store.aclose()
 
 
+_DAMAGED = "it was damaged or tampered with (or is being rewritten by something other than fastfeed)"
+
+
 def _too_large(url: str, size: int, limit: int) -> CorruptCheckpointError:
-    return CorruptCheckpointError(
-        f"{url} has {size} bytes, more than the {limit} it may have", url=url, hint="it was damaged or tampered with"
-    )
+    return CorruptCheckpointError(f"{url} has {size} bytes, more than the {limit} it may have", url=url, hint=_DAMAGED)
 
 
 #: The checksum recorded per part in manifests (CRC32C: the CPU computes it at several GB/s).
@@ -720,7 +722,7 @@ class LocalCkptStore(CkptStore):
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise CorruptCheckpointError(f"{url} is not a regular file", url=url)
+                raise CorruptCheckpointError(f"{url} is not a regular file", url=url, hint=_DAMAGED)
             yield fd, st
         finally:
             os.close(fd)
@@ -728,7 +730,7 @@ class LocalCkptStore(CkptStore):
     def _map(self, exc: OSError, key: str) -> FastfeedError:
         url = self._display(key)
         if exc.errno == errno.ENOTDIR:
-            return CorruptCheckpointError(f"a directory above {url} is a file", url=url)
+            return CorruptCheckpointError(f"a directory above {url} is a file", url=url, hint=_DAMAGED)
         if exc.errno in _LINK_ERRNOS:
             return CorruptCheckpointError(
                 f"{url} (or a directory above it) is a symbolic link: checkpoint objects are never links, "
@@ -828,7 +830,9 @@ class LocalCkptStore(CkptStore):
                     n = os.preadv(fd, [out[got:]], start + got)
                     if n == 0:
                         raise CorruptCheckpointError(
-                            f"{url} ends at byte {start + got}, before the {end} its manifest says", url=url
+                            f"{url} ends at byte {start + got}, before the {end} its manifest says",
+                            url=url,
+                            hint=_DAMAGED,
                         )
                     got += n
 
@@ -843,12 +847,14 @@ class LocalCkptStore(CkptStore):
         def read() -> None:
             with self._open(key) as (fd, st):
                 if st.st_size != len(out):
-                    raise CorruptCheckpointError(f"{url} has {st.st_size} bytes, expected {len(out)}", url=url)
+                    raise CorruptCheckpointError(
+                        f"{url} has {st.st_size} bytes, expected {len(out)}", url=url, hint=_DAMAGED
+                    )
                 got = 0
                 while got < len(out):
                     n = os.preadv(fd, [out[got:]], got)
                     if n == 0:
-                        raise CorruptCheckpointError(f"{url} shrank to {got} bytes while read", url=url)
+                        raise CorruptCheckpointError(f"{url} shrank to {got} bytes while read", url=url, hint=_DAMAGED)
                     got += n
 
         await asyncio.to_thread(read)
