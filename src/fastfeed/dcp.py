@@ -13,19 +13,32 @@ Layout. ``url`` is a root; ``checkpoint_id`` (as DCP passes it, or the construct
 checkpoint directory *relative to it* (``"step-1000"``, ``"runs/a/3"``; an absolute URL or path
 under ``url`` is accepted too; ``None`` or ``""``: ``url`` itself is the checkpoint)::
 
-    <url>/<checkpoint_id>/rank-00000.data   every item planned to rank 0, 64-byte aligned
-    <url>/<checkpoint_id>/rank-00001.data   ... one object per rank that has items
-    <url>/<checkpoint_id>/MANIFEST.json     the commit record, written last by the coordinator
+    <url>/<checkpoint_id>/rank-00000-<token>.data   every item planned to rank 0, 64-byte aligned
+    <url>/<checkpoint_id>/rank-00001-<token>.data   ... one object per rank that has items
+    <url>/<checkpoint_id>/MANIFEST.json             the commit record, written last by the coordinator
+
+``<token>`` is 32 random hex digits the coordinator draws for each save (earlier versions wrote
+``rank-00000.data``; the reader accepts both).
 
 Commit protocol. Each rank writes its own object (a multipart upload with parts in parallel and
 a CRC32C per part, :meth:`CkptStore.put_large`); the coordinator (rank 0) writes the manifest in
-``finish()``, which DCP calls only after every rank's writes succeeded, with ``If-None-Match: *``
-where the store supports it. A checkpoint exists if and only if its manifest does: a failed rank
-leaves no manifest, and data objects without one are invisible (the reader refuses them with a
-:class:`~fastfeed.errors.CheckpointError` naming the URL). Saving to a checkpoint_id that is
-already committed fails in DCP's planning step, before any data is written (and the conditional
-manifest write refuses it again if two jobs race). A retry of a failed save to the same id
-overwrites the leftovers of the failed attempt (object names are deterministic).
+``finish()``, which DCP calls only after every rank's writes succeeded, as a conditional write
+(``If-None-Match: *``; probed per store, see :mod:`fastfeed.ckpt_store`). A checkpoint exists if
+and only if its manifest does: a failed rank leaves no manifest, and data objects without one are
+invisible (the reader refuses them with a :class:`~fastfeed.errors.CheckpointError` naming the
+URL). Saving to a checkpoint_id that is already committed fails in DCP's planning step, before
+any data is written. Two jobs saving the same checkpoint_id at once write differently named
+objects, so neither touches the other's data; the conditional manifest write lets exactly one
+commit, and the other deletes its own objects and raises. Data of a failed attempt and incomplete
+multipart uploads of dead writers are removed by the coordinator of a later save once older than
+``orphan_age`` (see :class:`FastfeedStorageWriter`).
+
+Reading trusts nothing in the store: the manifest (at most 64 MiB) is checked against a strict
+schema (every field with its type, no unknown field, object names of the form above and never a
+path, so nothing outside the checkpoint directory is read; sizes and offsets within bounds; a
+CRC32C for every part); an object's real size is checked against the manifest before any buffer
+is allocated; locally, symbolic links are refused. Anything else raises
+:class:`~fastfeed.errors.CorruptCheckpointError` naming the manifest or the object.
 
 Manifest ``fastfeed-dcp/1`` (JSON)::
 
@@ -39,8 +52,8 @@ Manifest ``fastfeed-dcp/1`` (JSON)::
                     "pin_memory": false, "size": [16, 8],
                     "chunks": [{"offsets": [0, 0], "sizes": [8, 8]}, ...]},
         "step": {"type": "bytes"}},
-     "objects": {"rank-00000.data": {"size": 4352, "part_size": 33554432, "crc32c": [...]}},
-     "items": [{"fqn": "model.w", "offset": [0, 0], "index": 0, "object": "rank-00000.data",
+     "objects": {"rank-00000-<token>.data": {"size": 4352, "part_size": 33554432, "crc32c": [...]}},
+     "items": [{"fqn": "model.w", "offset": [0, 0], "index": 0, "object": "rank-00000-<token>.data",
                 "start": 0, "length": 256, "crc32c": 123, "kind": "tensor",
                 "dtype": "float32", "shape": [8, 8]},
                {"fqn": "step", "offset": null, "index": null, ..., "kind": "value",
