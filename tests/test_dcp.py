@@ -7,6 +7,7 @@ import copy
 import io
 import json
 import pickle
+import re
 import time
 import traceback
 import warnings
@@ -111,6 +112,13 @@ def stored(url: str, s3: S3Config | None, bucket: Any | None = None) -> dict[str
     return out
 
 
+def rank_object(keys: Any, directory: str, rank: int = 0) -> str:
+    """The one key of rank ``rank``'s data object in ``directory`` (``rank-00000-<hex>.data``)."""
+    pattern = re.compile(re.escape(directory) + rf"rank-{rank:05d}-[0-9a-f]{{32}}\.data")
+    (key,) = [k for k in keys if pattern.fullmatch(k)]
+    return key
+
+
 def failures(exc: BaseException) -> list[BaseException]:
     assert isinstance(exc, CheckpointException), repr(exc)
     return [e for e, _ in exc.failures.values()]
@@ -133,11 +141,12 @@ def test_round_trip_of_model_optimizer_and_values_is_bit_exact(
 
     bucket = request.getfixturevalue("bucket") if s3 is not None else None
     objects = stored(url, s3, bucket)
-    assert sorted(objects) == ["step-7/MANIFEST.json", "step-7/rank-00000.data"]
+    data_key = rank_object(objects, "step-7/")
+    assert sorted(objects) == ["step-7/MANIFEST.json", data_key]
     manifest = json.loads(objects["step-7/MANIFEST.json"])
     assert manifest["format"] == "fastfeed-dcp/1"
     assert manifest["state_dict_metadata"]["model.bf16"]["dtype"] == "bfloat16"
-    assert manifest["objects"]["rank-00000.data"]["size"] == len(objects["step-7/rank-00000.data"])
+    assert manifest["objects"][data_key.removeprefix("step-7/")]["size"] == len(objects[data_key])
 
     dest = training_state(1)  # another seed: every value differs before the load
     assert not same(dest, expected)
@@ -198,7 +207,7 @@ def test_async_save_uploads_a_snapshot_in_the_background(bucket: Any) -> None:
         future = getattr(pending, "upload_completion", pending)
         future.result(timeout=120)
     keys = [o["Key"] for o in bucket.client.list_objects_v2(Bucket=bucket.name, Prefix="runs/async/a1/")["Contents"]]
-    assert sorted(keys) == ["runs/async/a1/MANIFEST.json", "runs/async/a1/rank-00000.data"]
+    assert sorted(keys) == ["runs/async/a1/MANIFEST.json", rank_object(keys, "runs/async/a1/")]
     model2, opt2 = model_and_optimizer(1)
     dest = {"model": model2.state_dict(), "optim": opt2.state_dict(), "step": 0}
     with FastfeedStorageReader(url, s3=s3_config(bucket)) as reader:
@@ -229,7 +238,7 @@ def test_nothing_read_from_the_store_is_unpickled(tmp_path: Path, monkeypatch: p
         dcp.save(training_state(0, arrays=False), storage_writer=writer, checkpoint_id="s")
     objects = stored(str(tmp_path), None)
     manifest = json.loads(objects["s/MANIFEST.json"])
-    data = objects["s/rank-00000.data"]
+    data = objects[rank_object(objects, "s/")]
     values = [i for i in manifest["items"] if i["kind"] == "value"]
     assert {i["fqn"] for i in values} >= {"step", "extra.name", "extra.pair", "optim.param_groups.0.betas"}
     for item in values:  # every value is a JSON header (fastfeed-tree) + raw leaves: no pickle
@@ -271,7 +280,8 @@ def test_a_tampered_value_with_valid_checksums_is_refused_without_running_it(tmp
         dcp.save({"w": torch.ones(2), "step": 5}, storage_writer=writer, checkpoint_id="t")
     marker = tmp_path / "pwned"
     manifest_path = tmp_path / "t" / MANIFEST
-    data_path = tmp_path / "t" / "rank-00000.data"
+    data_name = rank_object(stored(str(tmp_path), None), "t/").removeprefix("t/")
+    data_path = tmp_path / "t" / data_name
     for payload in (pickle.dumps(_Touch(marker)), _torch_save(_Touch(marker))):
         # An attacker who can write the bucket rewrites the value and fixes every checksum.
         manifest = json.loads(manifest_path.read_text())
@@ -279,7 +289,9 @@ def test_a_tampered_value_with_valid_checksums_is_refused_without_running_it(tmp
         (item,) = [i for i in manifest["items"] if i["fqn"] == "step"]
         item.update(start=len(data), length=len(payload), header=len(payload), crc32c=checksum(payload))
         data += payload
-        manifest["objects"]["rank-00000.data"]["size"] = len(data)
+        manifest["objects"][data_name]["size"] = len(data)
+        manifest["objects"][data_name]["crc32c"] = [checksum(data)]
+        manifest["objects"][data_name]["part_size"] = len(data)
         data_path.write_bytes(data)
         manifest_path.unlink()
         manifest_path.write_text(json.dumps(manifest))
@@ -326,7 +338,10 @@ def test_corrupt_or_missing_data_raises_corrupt_checkpoint_error(bucket: Any) ->
     state = {"a": torch.arange(1000, dtype=torch.float32), "b": torch.ones(10), "step": 4}
     with FastfeedStorageWriter(url, s3=s3) as writer:
         dcp.save(state, storage_writer=writer, checkpoint_id="c")
-    key = "runs/corrupt/c/rank-00000.data"
+    key = rank_object(
+        [o["Key"] for o in bucket.client.list_objects_v2(Bucket=bucket.name, Prefix="runs/corrupt/c/")["Contents"]],
+        "runs/corrupt/c/",
+    )
     manifest = json.loads(
         bucket.client.get_object(Bucket=bucket.name, Key="runs/corrupt/c/MANIFEST.json")["Body"].read()
     )
@@ -488,14 +503,12 @@ def test_two_gloo_ranks_save_their_shards_and_load_them_back(bucket: Any, fault_
     assert results[1]["local_shapes"] == {"w": [16, 3], "emb": [4, 3], "big": [1, 1_600_000]}
 
     keys = {o["Key"]: o["Size"] for o in bucket.client.list_objects_v2(Bucket=bucket.name, Prefix="dcp/")["Contents"]}
-    assert sorted(k for k in keys if k.startswith("dcp/good/")) == [
-        "dcp/good/MANIFEST.json",
-        "dcp/good/rank-00000.data",
-        "dcp/good/rank-00001.data",
-    ]
-    assert keys["dcp/good/rank-00000.data"] > 6_400_000 and keys["dcp/good/rank-00001.data"] > 6_400_000
+    good = [rank_object(keys, "dcp/good/", rank) for rank in (0, 1)]
+    assert sorted(k for k in keys if k.startswith("dcp/good/")) == ["dcp/good/MANIFEST.json", *good]
+    assert good[0].split("-")[-1] == good[1].split("-")[-1], "one save: one name token for every rank"
+    assert keys[good[0]] > 6_400_000 and keys[good[1]] > 6_400_000
     # The failed save: rank 0's data may be there, but no manifest, so no checkpoint.
-    assert "dcp/bad/MANIFEST.json" not in keys and "dcp/bad/rank-00001.data" not in keys
+    assert "dcp/bad/MANIFEST.json" not in keys and not [k for k in keys if k.startswith("dcp/bad/rank-00001")]
     assert bucket.client.list_multipart_uploads(Bucket=bucket.name, Prefix="dcp/").get("Uploads", []) == []
     with FastfeedStorageReader(url, s3=s3) as reader:
         reader.reset("bad")

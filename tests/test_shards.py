@@ -28,6 +28,7 @@ from fastfeed import (
     ConfigError,
     EmptyDatasetError,
     NotFoundError,
+    StoreError,
     StreamingDataset,
 )
 from fastfeed.cli import main
@@ -518,3 +519,21 @@ def test_a_failing_source_commits_no_manifest(bucket: Any) -> None:
     assert {"f/shard-000000.tar", "f/shard-000001.tar"} <= set(keys)
     assert all(k.endswith(".tar") for k in keys) and "f/manifest.json" not in keys
     assert bucket.client.list_multipart_uploads(Bucket=bucket.name).get("Uploads", []) == []
+
+
+def test_a_second_writer_on_the_prefix_fails_instead_of_mixing_shards_in(bucket: Any) -> None:
+    """Without overwrite, shards and the manifest are conditional writes: a shard that another
+    writer put there after this writer opened the prefix is never replaced."""
+    url = f"s3://{bucket.name}/mixed/"
+    writer = ShardWriter(url, s3=s3_config(bucket), shard_size="64KiB", index=False)
+    bucket.client.put_object(Bucket=bucket.name, Key="mixed/shard-000001.tar", Body=b"the other writer's")
+    with (
+        pytest.raises(StoreError, match=r"shard-000001\.tar appeared while this dataset was being written"),
+        writer,
+    ):
+        for i in range(40):
+            writer.write({"__key__": f"{i:04d}", "bin": bytes(4096)})
+    other = bucket.client.get_object(Bucket=bucket.name, Key="mixed/shard-000001.tar")["Body"].read()
+    assert other == b"the other writer's"
+    keys = [o["Key"] for o in bucket.client.list_objects_v2(Bucket=bucket.name, Prefix="mixed/")["Contents"]]
+    assert "mixed/manifest.json" not in keys

@@ -7,17 +7,39 @@ side CUDA stream, when tensors live on a GPU); plain values are captured by the 
 (multipart, parts in parallel, a CRC32C of each part computed on the way) and writes the
 manifest last::
 
-    <url>/step-000000000042/data-<random>.bin    every leaf, 64-byte aligned
-    <url>/step-000000000042/MANIFEST.json        the commit record: format, step, time,
-                                                 metadata, tree, leaf specs + offsets,
-                                                 blob name, size and a CRC32C per part
+    <url>/step-000000000042/data-<32 random hex>.bin    every leaf, 64-byte aligned
+    <url>/step-000000000042/MANIFEST.json               the commit record: format, step, time,
+                                                        metadata, tree, leaf specs + offsets,
+                                                        blob name, size and a CRC32C per part
 
-A checkpoint exists if and only if its manifest does (written with ``If-None-Match: *``
-where the store supports it). A crash at any moment leaves either the previous state of the
-prefix or a new committed checkpoint: a partial upload has no manifest (and an aborted
-multipart upload leaves no object). Retention deletes old checkpoints only after a newer one
-committed, manifest first. Loading verifies the size and the per-part CRC32Cs of the data and falls back to
-the previous committed checkpoint (with a warning) if the newest is corrupt or incomplete.
+Commit. A checkpoint exists if and only if its manifest does. Every save writes its data under
+a fresh, unguessable name, so two writers never touch each other's data, and creates the
+manifest with a conditional write (``If-None-Match: *``; locally a hard link), so of two
+writers saving the same step exactly one commits: the other's save raises
+:class:`~fastfeed.errors.CheckpointError`, deletes only its own data and leaves the committed
+checkpoint as it was. Whether the store enforces conditional writes is probed once
+(:attr:`Checkpointer.conditional_writes`); one that does not gets check-write-verify, which
+detects most races but cannot prevent all of them (see :mod:`fastfeed.ckpt_store`). A crash at
+any moment leaves either the previous state of the prefix or a new committed checkpoint: a
+partial upload has no manifest (and an aborted multipart upload leaves no object).
+
+Retention (``keep_last``) runs after a commit and deletes, manifest first, only checkpoints
+older than the ``keep_last`` newest committed ones, and of each only the data its manifest names.
+Objects that no manifest names (a save that died between its upload and its commit) and
+incomplete multipart uploads (a writer killed mid-upload) are removed once older than
+``orphan_age`` (by the store's clock): by the next :class:`Checkpointer` on the prefix and by
+retention. A save whose upload took longer than half of ``orphan_age`` does not commit, so
+another writer's cleanup never deletes data that is about to be committed. ``close()`` aborts
+the multipart uploads of this Checkpointer that it failed to abort earlier.
+
+Loading trusts nothing in the store. A manifest is at most 64 MiB, parsed against a strict
+schema (every field present with its type, no unknown field, the step of its directory, a data
+name of the form above: never a path, so it cannot name anything outside its checkpoint's
+prefix), the data object's real size is checked against the manifest before any buffer is
+allocated, every part's CRC32C is verified (the list must cover every byte), and the tree is
+decoded without pickle. Anything else raises :class:`~fastfeed.errors.CorruptCheckpointError`
+naming the object, and ``load()`` falls back to the previous committed checkpoint (with a
+warning).
 """
 
 from __future__ import annotations
@@ -27,8 +49,10 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
+import math
 import os
 import queue
+import re
 import secrets
 import threading
 import time
@@ -36,7 +60,7 @@ import weakref
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -47,12 +71,20 @@ from fastfeed.ckpt_store import (
     CHECKSUM,
     CkptStore,
     StoredObject,
+    check_age,
     checksum,
     open_ckpt_store,
     transfer_settings,
 )
 from fastfeed.config import S3Config
-from fastfeed.errors import CheckpointError, ConfigError, CorruptCheckpointError, FastfeedError, NotFoundError
+from fastfeed.errors import (
+    CheckpointError,
+    ConditionFailedError,
+    ConfigError,
+    CorruptCheckpointError,
+    FastfeedError,
+    NotFoundError,
+)
 
 __all__ = ["CheckpointInfo", "CheckpointStats", "Checkpointer", "SaveHandle"]
 
@@ -62,6 +94,18 @@ FORMAT = "fastfeed-checkpoint/1"
 _ALIGN = 64
 _MANIFEST = "MANIFEST.json"
 _POLICIES = ("wait", "skip", "replace")
+#: The largest manifest read (about 200 bytes a leaf: real ones are kilobytes to megabytes).
+_MAX_MANIFEST = 64 << 20
+#: Default ``orphan_age``: abandoned uploads and unreferenced data older than this are removed.
+DEFAULT_ORPHAN_AGE = 24 * 3600.0
+_STEP_DIR = re.compile(r"step-([0-9]{12,20})")
+#: Data object names: fresh ones are ``data-`` + 32 hex digits (12 in earlier versions).
+_BLOB_NAME = re.compile(r"data-[0-9a-f]{8,64}\.bin")
+_DATA_KEY = re.compile(r"step-[0-9]{12,20}/data-[0-9a-f]{8,64}\.bin")
+_MANIFEST_FIELDS = frozenset({"format", "step", "time", "metadata", "tree", "leaves", "blob"})
+_BLOB_FIELDS = frozenset({"name", "size", "part_size"})
+_CHECKSUMS = (CHECKSUM, "crc32")  # checkpoints written before the switch to CRC32C carry zlib CRC32s
+_TAMPERED = "the checkpoint was damaged or tampered with; load() falls back to the previous one"
 
 
 @dataclass(frozen=True)
@@ -142,13 +186,122 @@ def _step_dir(step: int) -> str:
 
 
 def _step_of(key: str) -> int | None:
+    """The step of a key under a step directory (``step-000000000042/...``, canonical only)."""
     head = key.split("/", 1)[0]
-    if not head.startswith("step-"):
+    match = _STEP_DIR.fullmatch(head)
+    if match is None:
         return None
+    step = int(match.group(1))
+    return step if _step_dir(step) == head + "/" else None
+
+
+@dataclass(frozen=True)
+class _Manifest:
+    """A parsed, validated manifest (see :func:`_parse_manifest`)."""
+
+    key: str
+    step: int
+    time: float
+    metadata: dict[str, Any]
+    tree: dict[str, Any]
+    specs: list[LeafSpec]
+    offsets: list[int]
+    blob: str  # the data object's name in the step directory
+    size: int
+    part_size: int
+    algorithm: str
+    crcs: list[int]
+
+    @property
+    def blob_key(self) -> str:
+        return _step_dir(self.step) + self.blob
+
+
+def _parse_manifest(raw: bytes, key: str, url: str) -> _Manifest:
+    """Validate a manifest against the schema; :class:`CorruptCheckpointError` naming ``url``."""
+
+    def bad(what: str) -> NoReturn:
+        raise CorruptCheckpointError(f"malformed checkpoint manifest {url}: {what}", url=url, hint=_TAMPERED)
+
+    def integer(value: Any, what: str, low: int = 0, high: int = 2**63 - 1) -> int:
+        if type(value) is not int or not low <= value <= high:
+            bad(f"{what} must be an integer in [{low}, {high}], got {_short(value)}")
+        return int(value)
+
+    def fields(obj: Any, what: str, required: frozenset[str], optional: frozenset[str] = frozenset()) -> None:
+        if type(obj) is not dict:
+            bad(f"{what} must be a JSON object, got {type(obj).__name__}")
+        missing = sorted(required - obj.keys())
+        extra = sorted(str(k) for k in obj.keys() - required - optional)
+        if missing or extra:
+            bad(f"{what}: missing fields {missing}, unknown fields {_short(extra)}")
+
     try:
-        return int(head[5:])
-    except ValueError:
-        return None
+        doc = json.loads(raw)
+    except RecursionError:
+        bad("it is nested too deeply")
+    except (ValueError, UnicodeDecodeError) as exc:
+        bad(f"not valid JSON ({exc})")
+    if type(doc) is not dict:
+        bad(f"expected a JSON object, got {type(doc).__name__}")
+    if doc.get("format") != FORMAT:
+        raise CorruptCheckpointError(
+            f"checkpoint manifest {url} has format {_short(doc.get('format'))}, expected {FORMAT!r}",
+            url=url,
+            hint="it was written by another version of fastfeed, or is not a fastfeed checkpoint",
+        )
+    fields(doc, "the manifest", _MANIFEST_FIELDS)
+    step = integer(doc["step"], "step")
+    if step != _step_of(key):
+        bad(f"it says step {step} but is stored under {key.split('/', 1)[0]}/")
+    created = doc["time"]
+    if type(created) not in (int, float) or not math.isfinite(created):
+        bad(f"time must be a number, got {_short(created)}")
+    if type(doc["metadata"]) is not dict:
+        bad(f"metadata must be a JSON object, got {type(doc['metadata']).__name__}")
+    if type(doc["tree"]) is not dict:
+        bad(f"tree must be a JSON object, got {type(doc['tree']).__name__}")
+    blob = doc["blob"]
+    present = [a for a in _CHECKSUMS if type(blob) is dict and a in blob]
+    fields(blob, "blob", _BLOB_FIELDS | frozenset(present[:1]))
+    if not present:
+        bad(f"blob has no checksums ({' or '.join(_CHECKSUMS)})")
+    name = blob["name"]
+    if type(name) is not str or not _BLOB_NAME.fullmatch(name):
+        bad(f"the data object name {_short(name)} is not of the form data-<hex>.bin (never a path)")
+    size = integer(blob["size"], "blob size")
+    part_size = integer(blob["part_size"], "blob part_size", low=1)
+    algorithm = present[0]
+    crcs = blob[algorithm]
+    if type(crcs) is not list:
+        bad(f"blob {algorithm} must be a list, got {type(crcs).__name__}")
+    parts = -(-size // part_size)
+    if len(crcs) != parts and not (size == 0 and len(crcs) <= 1):
+        bad(f"blob {algorithm} has {len(crcs)} checksums for {parts} part(s) of {size} bytes")
+    crcs = [integer(c, f"a {algorithm} checksum", high=2**32 - 1) for c in crcs]
+    leaves = doc["leaves"]
+    if type(leaves) is not list:
+        bad(f"leaves must be a list, got {type(leaves).__name__}")
+    specs, offsets = [], []
+    for i, leaf in enumerate(leaves):
+        fields(leaf, f"leaf {i}", frozenset({"spec", "offset"}))
+        try:
+            spec = spec_from_json(leaf["spec"])
+        except ConfigError as exc:
+            bad(f"leaf {i}: {exc.message}")
+        offset = integer(leaf["offset"], f"leaf {i} offset")
+        if offset + spec.nbytes > size:
+            bad(f"leaf {i} ({spec.path!r}) ends at byte {offset + spec.nbytes}, past the {size} bytes of data")
+        specs.append(spec)
+        offsets.append(offset)
+    return _Manifest(
+        key, step, float(created), doc["metadata"], doc["tree"], specs, offsets, name, size, part_size, algorithm, crcs
+    )
+
+
+def _short(x: object) -> str:
+    text = repr(x)
+    return text if len(text) <= 120 else text[:120] + "..."
 
 
 class Checkpointer:
@@ -163,6 +316,11 @@ class Checkpointer:
             ``"replace"`` (queue this one instead of a queued one that has not started).
         part_size: multipart part size (and parallel ranged GETs when loading).
         max_concurrency: parts in flight per upload or download.
+        orphan_age: seconds after which an incomplete multipart upload or a data object that
+            no manifest names counts as abandoned (its writer died) and is removed, by this
+            Checkpointer at construction and by retention. Default one day. A save whose
+            upload takes longer than half of it fails instead of committing. Clocks of the
+            writers of one prefix must agree to well within half of it.
         s3, endpoint_url: as for :class:`~fastfeed.StreamingDataset` (AWS_* variables by default).
 
     Raises (at construction, within seconds): :class:`~fastfeed.errors.StoreError` subclasses
@@ -179,6 +337,7 @@ class Checkpointer:
         on_busy: str = "wait",
         part_size: int | str = "32MiB",
         max_concurrency: int = 8,
+        orphan_age: float = DEFAULT_ORPHAN_AGE,
         s3: S3Config | None = None,
         endpoint_url: str | None = None,
     ) -> None:
@@ -188,6 +347,7 @@ class Checkpointer:
             raise ConfigError(f"on_busy={on_busy!r} is invalid", hint=f"use one of {', '.join(_POLICIES)}")
         self.keep_last = keep_last
         self.on_busy = on_busy
+        self.orphan_age = check_age(orphan_age)
         self.part_size, self.max_concurrency, s3 = transfer_settings(part_size, max_concurrency, s3, endpoint_url)
         self._io = _loop.acquire()
         try:
@@ -211,14 +371,26 @@ class Checkpointer:
         self._busy = threading.Event()  # a job is being uploaded
         self._idle = threading.Condition(self._lock)
         self._free_arenas: list[torch.Tensor] = []
-        #: Steps load() found corrupt and skipped: a later save of the same step replaces them.
-        self._unusable: set[int] = set()
+        #: Steps load() found corrupt and skipped -> the ETag of the manifest it read: a later
+        #: save of the same step replaces that manifest (and only that one).
+        self._unusable: dict[int, str | None] = {}
+        #: Manifest key -> (its ETag, the data key it names or None if unreadable), for retention.
+        self._names: dict[str, tuple[str | None, str | None]] = {}
         self._error: BaseException | None = None
         self._closed = False
         self._side_stream: Any = None
+        self._sweep_failed = False
+        self._sweep_orphans()
         self._thread = threading.Thread(target=self._work, name="fastfeed-ckpt", daemon=True)
         self._thread.start()
         _register_exit(self)
+
+    @property
+    def conditional_writes(self) -> bool:
+        """Whether the store enforces "create only if absent" for manifests (probed at
+        construction). Without it, two writers racing to commit the same step are detected
+        in most interleavings but not all (see :mod:`fastfeed.ckpt_store`)."""
+        return self._store.conditional_writes
 
     # ------------------------------------------------------------------ saving
 
@@ -347,26 +519,36 @@ class Checkpointer:
         blob = memoryview(job.arena.numpy().data).cast("B")[: job.total]
         prefix = _step_dir(job.step)
         existing = self._io.run(self._store.list_objects(prefix))
-        if any(o.key == prefix + _MANIFEST for o in existing) and job.step in self._unusable:
-            # load() skipped this step as corrupt and training went on from an older one: the
-            # new save of the same step replaces it (manifest first, so it is never half-listed).
-            log.warning("replacing the unusable checkpoint of step %d under %s", job.step, self.url)
-            keys = sorted((o.key for o in existing), key=lambda k: k != prefix + _MANIFEST)
-            self._io.run(self._store.delete(keys))
-            self._unusable.discard(job.step)
-        elif any(o.key == prefix + _MANIFEST for o in existing):
-            raise CheckpointError(
-                f"step {job.step} is already committed under {self.url}",
-                url=self.url,
-                hint="save each step once (or delete that checkpoint first)",
-            )
-        name = f"data-{secrets.token_hex(6)}.bin"
+        committed = next((o for o in existing if o.key == prefix + _MANIFEST), None)
+        if committed is not None:
+            if job.step in self._unusable and committed.etag == self._unusable[job.step]:
+                # load() skipped this step as corrupt and training went on from an older one: the
+                # new save of the same step replaces exactly the manifest load() rejected.
+                log.warning("replacing the unusable checkpoint of step %d under %s", job.step, self.url)
+                self._delete_checkpoint(committed)
+                self._unusable.pop(job.step, None)
+            else:
+                raise CheckpointError(
+                    f"step {job.step} is already committed under {self.url}",
+                    url=self.url + prefix,
+                    hint="save each step once (or delete that checkpoint first)",
+                )
+        name = f"data-{secrets.token_hex(16)}.bin"  # unguessable: no other writer touches it
         created = time.time()
-
+        started = time.monotonic()
         try:
-            crcs = self._io.run(
+            uploaded = self._io.run(
                 self._store.put_large(prefix + name, blob, part_size=self.part_size, concurrency=self.max_concurrency)
             )
+            took = time.monotonic() - started
+            if took > self.orphan_age / 2:
+                raise CheckpointError(
+                    f"the upload of step {job.step} took {took:.0f} s, more than half of orphan_age "
+                    f"({self.orphan_age:.0f} s): another writer's cleanup could count its data as abandoned, "
+                    "so it is not committed",
+                    url=self.url + prefix,
+                    hint="pass a larger orphan_age to Checkpointer",
+                )
             manifest = {
                 "format": FORMAT,
                 "step": job.step,
@@ -374,17 +556,91 @@ class Checkpointer:
                 "metadata": job.metadata,
                 "tree": job.tree,
                 "leaves": [{"spec": spec_to_json(s), "offset": o} for s, o in zip(job.specs, job.offsets, strict=True)],
-                "blob": {"name": name, "size": job.total, "part_size": self.part_size, CHECKSUM: crcs},
+                "blob": {"name": name, "size": job.total, "part_size": uploaded.part_size, CHECKSUM: uploaded.crcs},
             }
             body = json.dumps(manifest, separators=(",", ":")).encode()
-            self._io.run(self._store.put(prefix + _MANIFEST, memoryview(body), if_absent=True))
         except BaseException:
-            try:
-                self._io.run(self._store.delete([prefix + name]))
-            except Exception as cleanup:  # the upload error matters more
-                log.debug("could not remove %s%s after a failed save: %r", prefix, name, cleanup)
+            self._discard(prefix + name)
             raise
+        self._write_manifest(job.step, prefix, name, body)
+        self._check_committed(job.step, prefix, name)
         return CheckpointInfo(job.step, created, job.total, job.metadata, self.url + prefix)
+
+    def _discard(self, key: str) -> None:
+        """Delete this save's own data object after the save failed (and nothing else)."""
+        try:
+            self._io.run(self._store.delete([key]))
+        except Exception as cleanup:  # the save's error matters more; an old leftover is removed by age
+            log.debug("could not remove %s%s after a failed save: %r", self.url, key, cleanup)
+
+    def _write_manifest(self, step: int, prefix: str, name: str, body: bytes) -> None:
+        """Commit: create the manifest only if the step has none. The data is deleted only when
+        the manifest is certainly not this save's (a lost answer is checked, never guessed)."""
+        key = prefix + _MANIFEST
+        try:
+            self._io.run(self._store.put(key, memoryview(body), if_absent=True))
+        except ConditionFailedError as err:
+            self._discard(prefix + name)
+            raise CheckpointError(
+                f"step {step} was committed under {self.url} by another writer while this save was "
+                "uploading; that checkpoint is kept and this save's data was removed",
+                url=self.url + prefix,
+                hint="two jobs are saving to the same URL: give each run its own prefix",
+            ) from err
+        except Exception:
+            ours = self._holds(key, body)
+            if ours is None:  # cannot tell: keep the data (a real leftover is removed by age)
+                raise
+            if not ours:
+                self._discard(prefix + name)
+                raise
+            log.info("the manifest %s%s was written although its request failed", self.url, key)
+
+    def _holds(self, key: str, body: bytes) -> bool | None:
+        """Whether ``key`` holds exactly ``body`` (None: the store cannot tell now)."""
+        try:
+            return bool(self._io.run(self._store.get(key, limit=len(body))) == body)
+        except (NotFoundError, CorruptCheckpointError):  # absent, or larger than ours
+            return False
+        except FastfeedError as err:
+            log.debug("cannot tell whether %s%s holds this save's manifest: %r", self.url, key, err)
+            return None
+
+    def _check_committed(self, step: int, prefix: str, name: str) -> None:
+        """After the commit: the data is still there (no cleanup took it for abandoned data)."""
+        try:
+            self._io.run(self._store.head(prefix + name))
+        except NotFoundError as err:
+            self._io.run(self._store.delete([prefix + _MANIFEST]))  # our own manifest: uncommit
+            raise CheckpointError(
+                f"the data of step {step} disappeared before its commit completed, so it was uncommitted",
+                url=self.url + prefix,
+                hint="another process deleted it: give each run its own prefix, or raise orphan_age",
+            ) from err
+        except FastfeedError as err:  # committed; the check itself could not be made
+            log.warning("could not check the data of step %d under %s after its commit: %s", step, self.url, err)
+
+    def _delete_checkpoint(self, manifest: StoredObject) -> None:
+        """Delete a committed checkpoint: its manifest first (uncommit), then the data object
+        that manifest names (none if it is unreadable: unreferenced data is removed by age)."""
+        blob = self._named_data(manifest)
+        self._io.run(self._store.delete([manifest.key]))
+        self._names.pop(manifest.key, None)
+        if blob is not None:
+            self._io.run(self._store.delete([blob]))
+
+    def _named_data(self, manifest: StoredObject) -> str | None:
+        """The data key ``manifest`` names (cached by ETag); None if it cannot be read."""
+        cached = self._names.get(manifest.key)
+        if cached is not None and cached[0] == manifest.etag and manifest.etag is not None:
+            return cached[1]
+        try:
+            parsed = self._read_manifest(manifest.key)
+        except (CheckpointError, NotFoundError) as err:
+            log.debug("cannot tell which data %s%s names: %s", self.url, manifest.key, err)
+            return None
+        self._names[manifest.key] = (manifest.etag, parsed.blob_key)
+        return parsed.blob_key
 
     def _retain(self) -> None:
         objects = self._io.run(self._store.list_objects())
@@ -393,16 +649,41 @@ class Checkpointer:
             step = _step_of(obj.key)
             if step is not None:
                 by_step.setdefault(step, []).append(obj)
-        committed = sorted(s for s, objs in by_step.items() if any(o.key.endswith("/" + _MANIFEST) for o in objs))
-        if not committed:
-            return
+        manifests = {
+            step: next(o for o in objs if o.key == _step_dir(step) + _MANIFEST)
+            for step, objs in by_step.items()
+            if any(o.key == _step_dir(step) + _MANIFEST for o in objs)
+        }
+        committed = sorted(manifests)
         doomed = committed[: -self.keep_last] if self.keep_last else []
-        # Uncommitted leftovers (a crashed or failed save) older than the newest commit.
-        doomed += [s for s in by_step if s not in committed and s < committed[-1]]
-        for step in sorted(set(doomed)):
-            keys = [o.key for o in by_step[step]]
-            keys.sort(key=lambda k: not k.endswith(_MANIFEST))  # the manifest first: uncommit
-            self._io.run(self._store.delete(keys))
+        for step in doomed:  # oldest first; each after keep_last newer commits
+            self._delete_checkpoint(manifests[step])
+        # Data objects no manifest names (a writer died between upload and commit), once old:
+        # never another writer's in-flight data, which is younger than orphan_age / 2.
+        for step, objs in by_step.items():
+            if step in doomed:
+                continue
+            old = [o for o in objs if _DATA_KEY.fullmatch(o.key) and o.age is not None and o.age >= self.orphan_age]
+            if not old:
+                continue
+            named = self._named_data(manifests[step]) if step in manifests else ""
+            if named is None:
+                continue  # a manifest we cannot read: keep everything of that step
+            stale = [o.key for o in old if o.key != named]
+            if stale:
+                log.info("removing %d abandoned data object(s) of step %d under %s", len(stale), step, self.url)
+                self._io.run(self._store.delete(stale))
+        self._sweep_orphans()
+
+    def _sweep_orphans(self) -> None:
+        """Abort multipart uploads of checkpoint data older than ``orphan_age`` (their writer
+        died); a store that cannot list them only gets a warning."""
+        try:
+            self._io.run(self._store.abort_orphaned_uploads("", older_than=self.orphan_age, match=_DATA_KEY.fullmatch))
+        except FastfeedError as err:
+            if not self._sweep_failed:  # once: it would fail the same way after every commit
+                log.warning("could not look for abandoned uploads under %s: %s", self.url, err)
+            self._sweep_failed = True
 
     def wait(self) -> None:
         """Block until every save so far has committed (or failed: then raise its error)."""
@@ -427,19 +708,33 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ reading
 
-    def list(self) -> list[CheckpointInfo]:
-        """Committed checkpoints, oldest first."""
+    def _scan(self) -> list[tuple[int, StoredObject, _Manifest | CorruptCheckpointError]]:
+        """Every committed checkpoint, oldest first: its step, manifest object and the parsed
+        manifest (or why it is unusable)."""
         objects = self._io.run(self._store.list_objects())
-        manifests = sorted(o.key for o in objects if o.key.endswith("/" + _MANIFEST) and _step_of(o.key) is not None)
-        infos = []
-        for key in manifests:
-            try:
-                manifest = self._manifest(key)
-            except CheckpointError as err:
-                log.warning("ignoring unreadable checkpoint manifest %s%s: %s", self.url, key, err)
+        found = []
+        for obj in objects:
+            step = _step_of(obj.key)
+            if step is None or obj.key != _step_dir(step) + _MANIFEST:
                 continue
-            infos.append(self._info(manifest, key))
-        return sorted(infos, key=lambda i: i.step)
+            try:
+                parsed: _Manifest | CorruptCheckpointError = self._read_manifest(obj.key)
+            except NotFoundError:
+                continue  # deleted since the listing (retention of another writer)
+            except CorruptCheckpointError as err:
+                parsed = err
+            found.append((step, obj, parsed))
+        return sorted(found, key=lambda entry: entry[0])
+
+    def list(self) -> list[CheckpointInfo]:
+        """Committed checkpoints with a valid manifest, oldest first (others are logged)."""
+        infos = []
+        for _, obj, parsed in self._scan():
+            if isinstance(parsed, CorruptCheckpointError):
+                log.warning("ignoring unreadable checkpoint manifest %s%s: %s", self.url, obj.key, parsed)
+                continue
+            infos.append(self._info(parsed))
+        return infos
 
     def latest(self) -> CheckpointInfo | None:
         """The newest committed checkpoint, or None."""
@@ -453,83 +748,96 @@ class Checkpointer:
 
         Raises:
             NotFoundError: nothing committed under the URL (or not that step).
-            CorruptCheckpointError: ``step`` was given and its data does not verify.
+            CorruptCheckpointError: ``step`` was given and its manifest or data does not verify
+                (naming the object).
         """
-        infos = self.list()
+        entries = self._scan()
         if step is not None:
-            infos = [i for i in infos if i.step == step]
-        if not infos:
+            entries = [e for e in entries if e[0] == step]
+        if not entries:
             what = f"step {step}" if step is not None else "any committed checkpoint"
             raise NotFoundError(f"no {what} under {self.url}", url=self.url)
-        for info in reversed(infos):
+        for found, obj, parsed in reversed(entries):
             try:
-                state = self._load(info, map_location)
+                if isinstance(parsed, CorruptCheckpointError):
+                    raise parsed
+                state = self._load(parsed, map_location)
             except (CorruptCheckpointError, NotFoundError) as err:
                 if step is not None:
                     raise
-                log.warning("checkpoint of step %d is unusable (%s); falling back to the previous one", info.step, err)
-                self._unusable.add(info.step)
+                log.warning("checkpoint of step %d is unusable (%s); falling back to the previous one", found, err)
+                self._unusable[found] = obj.etag
                 continue
-            self.loaded = info
+            self.loaded = self._info(parsed)
             return state
         raise CorruptCheckpointError(f"no checkpoint under {self.url} verifies", url=self.url)
 
     loaded: CheckpointInfo | None = None
 
-    def _manifest(self, key: str) -> dict[str, Any]:
+    def _read_manifest(self, key: str) -> _Manifest:
+        raw = self._io.run(self._store.get(key, limit=_MAX_MANIFEST))
+        return _parse_manifest(raw, key, self.url + key)
+
+    def _info(self, manifest: _Manifest) -> CheckpointInfo:
+        prefix = _step_dir(manifest.step)
+        return CheckpointInfo(manifest.step, manifest.time, manifest.size, dict(manifest.metadata), self.url + prefix)
+
+    def _load(self, manifest: _Manifest, map_location: str | torch.device | None) -> Any:
+        step, key = manifest.step, manifest.blob_key
+        url = self.url + key
         try:
-            manifest: dict[str, Any] = json.loads(self._io.run(self._store.get(key)))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise CorruptCheckpointError(f"manifest {key} is not valid JSON: {exc}", url=self.url + key) from exc
-        if manifest.get("format") != FORMAT:
-            raise CheckpointError(f"manifest {key} has format {manifest.get('format')!r}, expected {FORMAT}")
-        return manifest
-
-    def _info(self, manifest: dict[str, Any], key: str) -> CheckpointInfo:
-        prefix = key[: -len(_MANIFEST)]
-        return CheckpointInfo(
-            int(manifest["step"]),
-            float(manifest["time"]),
-            int(manifest["blob"]["size"]),
-            dict(manifest.get("metadata") or {}),
-            self.url + prefix,
-        )
-
-    def _load(self, info: CheckpointInfo, map_location: str | torch.device | None) -> Any:
-        prefix = _step_dir(info.step)
-        manifest = self._manifest(prefix + _MANIFEST)
-        blob_meta = manifest["blob"]
-        size = int(blob_meta["size"])
-        data = bytearray(size)
+            # The real size first: nothing is allocated for a size the manifest merely claims.
+            stored = self._io.run(self._store.head(key))
+        except NotFoundError as err:
+            raise CorruptCheckpointError(
+                f"the data of step {step} is missing: {url}", url=url, hint="it was deleted or never finished"
+            ) from err
+        if stored.size != manifest.size:
+            raise CorruptCheckpointError(
+                f"the data of step {step} has {stored.size} bytes where its manifest says {manifest.size}: {url}",
+                url=url,
+                hint=_TAMPERED,
+            )
+        data = bytearray(manifest.size)
         view = memoryview(data)
         try:
             self._io.run(
                 self._store.get_into(
-                    prefix + blob_meta["name"], view, part_size=self.part_size, concurrency=self.max_concurrency
+                    key, view, part_size=self.part_size, concurrency=self.max_concurrency, etag=stored.etag
                 )
             )
-        except NotFoundError as err:
+        except (NotFoundError, ConditionFailedError) as err:
             raise CorruptCheckpointError(
-                f"the data of step {info.step} is missing", url=info.url, hint="it was deleted or never finished"
+                f"the data of step {step} was deleted or replaced while it was read: {url}", url=url
             ) from err
-        except FastfeedError as err:
-            if "has" in str(err) and "bytes" in str(err):
-                raise CorruptCheckpointError(f"the data of step {info.step} is truncated: {err}", url=info.url) from err
-            raise
-        part = int(blob_meta["part_size"])
-        # Checkpoints written before the switch to CRC32C carry zlib CRC32s.
-        algorithm, compute = (CHECKSUM, checksum) if CHECKSUM in blob_meta else ("crc32", zlib.crc32)
-        for i, expected in enumerate(blob_meta[algorithm]):
-            if compute(view[i * part : (i + 1) * part]) != int(expected):
+        part = manifest.part_size
+        compute = checksum if manifest.algorithm == CHECKSUM else zlib.crc32
+        for i, expected in enumerate(manifest.crcs):
+            if compute(view[i * part : (i + 1) * part]) != expected:
                 raise CorruptCheckpointError(
-                    f"the data of step {info.step} fails its {algorithm.upper()} checksum"
-                    f" (bytes {i * part}-{(i + 1) * part - 1})",
-                    url=info.url,
+                    f"the data of step {step} fails its {manifest.algorithm.upper()} checksum"
+                    f" (bytes {i * part}-{min((i + 1) * part, manifest.size) - 1}): {url}",
+                    url=url,
                 )
-        specs = [spec_from_json(d["spec"]) for d in manifest["leaves"]]
-        offsets = [int(d["offset"]) for d in manifest["leaves"]]
-        buffers = [view[o : o + s.nbytes] for s, o in zip(specs, offsets, strict=True)]
-        return decode(manifest["tree"], specs, buffers, map_location=map_location)
+        buffers = [view[o : o + s.nbytes] for s, o in zip(manifest.specs, manifest.offsets, strict=True)]
+        try:
+            return decode(manifest.tree, manifest.specs, buffers, map_location=map_location)
+        except ConfigError as exc:
+            if map_location is not None and self._decodes(manifest, buffers):
+                raise  # the checkpoint is fine: map_location cannot be used here
+            raise CorruptCheckpointError(
+                f"the state of step {step} cannot be decoded: {exc.message}",
+                url=self.url + manifest.key,
+                hint=_TAMPERED,
+            ) from exc
+
+    @staticmethod
+    def _decodes(manifest: _Manifest, buffers: Sequence[memoryview]) -> bool:
+        try:
+            decode(manifest.tree, manifest.specs, buffers)
+        except ConfigError:
+            return False
+        return True
 
     # ------------------------------------------------------------------ lifetime
 

@@ -473,10 +473,10 @@ def _check_spec(spec: LeafSpec, where: str) -> torch.dtype | np.dtype[Any]:
 
     if type(spec.path) is not str:
         bad("path must be a string")
-    if type(spec.shape) is not tuple or any(type(d) is not int or d < 0 for d in spec.shape):
-        bad(f"shape must be a list of non-negative integers, got {spec.shape!r}")
-    if type(spec.nbytes) is not int or spec.nbytes < 0:
-        bad(f"nbytes must be a non-negative integer, got {spec.nbytes!r}")
+    if type(spec.shape) is not tuple or any(type(d) is not int or not 0 <= d < 2**63 for d in spec.shape):
+        bad(f"shape must be a list of non-negative integers below 2**63, got {_short(spec.shape)}")
+    if type(spec.nbytes) is not int or not 0 <= spec.nbytes < 2**63:
+        bad(f"nbytes must be a non-negative integer below 2**63, got {_short(spec.nbytes)}")
     if type(spec.dtype) is not str:
         bad(f"dtype must be a string, got {spec.dtype!r}")
     dtype: torch.dtype | np.dtype[Any]

@@ -13,19 +13,32 @@ Layout. ``url`` is a root; ``checkpoint_id`` (as DCP passes it, or the construct
 checkpoint directory *relative to it* (``"step-1000"``, ``"runs/a/3"``; an absolute URL or path
 under ``url`` is accepted too; ``None`` or ``""``: ``url`` itself is the checkpoint)::
 
-    <url>/<checkpoint_id>/rank-00000.data   every item planned to rank 0, 64-byte aligned
-    <url>/<checkpoint_id>/rank-00001.data   ... one object per rank that has items
-    <url>/<checkpoint_id>/MANIFEST.json     the commit record, written last by the coordinator
+    <url>/<checkpoint_id>/rank-00000-<token>.data   every item planned to rank 0, 64-byte aligned
+    <url>/<checkpoint_id>/rank-00001-<token>.data   ... one object per rank that has items
+    <url>/<checkpoint_id>/MANIFEST.json             the commit record, written last by the coordinator
+
+``<token>`` is 32 random hex digits the coordinator draws for each save (earlier versions wrote
+``rank-00000.data``; the reader accepts both).
 
 Commit protocol. Each rank writes its own object (a multipart upload with parts in parallel and
 a CRC32C per part, :meth:`CkptStore.put_large`); the coordinator (rank 0) writes the manifest in
-``finish()``, which DCP calls only after every rank's writes succeeded, with ``If-None-Match: *``
-where the store supports it. A checkpoint exists if and only if its manifest does: a failed rank
-leaves no manifest, and data objects without one are invisible (the reader refuses them with a
-:class:`~fastfeed.errors.CheckpointError` naming the URL). Saving to a checkpoint_id that is
-already committed fails in DCP's planning step, before any data is written (and the conditional
-manifest write refuses it again if two jobs race). A retry of a failed save to the same id
-overwrites the leftovers of the failed attempt (object names are deterministic).
+``finish()``, which DCP calls only after every rank's writes succeeded, as a conditional write
+(``If-None-Match: *``; probed per store, see :mod:`fastfeed.ckpt_store`). A checkpoint exists if
+and only if its manifest does: a failed rank leaves no manifest, and data objects without one are
+invisible (the reader refuses them with a :class:`~fastfeed.errors.CheckpointError` naming the
+URL). Saving to a checkpoint_id that is already committed fails in DCP's planning step, before
+any data is written. Two jobs saving the same checkpoint_id at once write differently named
+objects, so neither touches the other's data; the conditional manifest write lets exactly one
+commit, and the other deletes its own objects and raises. Data of a failed attempt and incomplete
+multipart uploads of dead writers are removed by the coordinator of a later save once older than
+``orphan_age`` (see :class:`FastfeedStorageWriter`).
+
+Reading trusts nothing in the store: the manifest (at most 64 MiB) is checked against a strict
+schema (every field with its type, no unknown field, object names of the form above and never a
+path, so nothing outside the checkpoint directory is read; sizes and offsets within bounds; a
+CRC32C for every part); an object's real size is checked against the manifest before any buffer
+is allocated; locally, symbolic links are refused. Anything else raises
+:class:`~fastfeed.errors.CorruptCheckpointError` naming the manifest or the object.
 
 Manifest ``fastfeed-dcp/1`` (JSON)::
 
@@ -39,8 +52,8 @@ Manifest ``fastfeed-dcp/1`` (JSON)::
                     "pin_memory": false, "size": [16, 8],
                     "chunks": [{"offsets": [0, 0], "sizes": [8, 8]}, ...]},
         "step": {"type": "bytes"}},
-     "objects": {"rank-00000.data": {"size": 4352, "part_size": 33554432, "crc32c": [...]}},
-     "items": [{"fqn": "model.w", "offset": [0, 0], "index": 0, "object": "rank-00000.data",
+     "objects": {"rank-00000-<token>.data": {"size": 4352, "part_size": 33554432, "crc32c": [...]}},
+     "items": [{"fqn": "model.w", "offset": [0, 0], "index": 0, "object": "rank-00000-<token>.data",
                 "start": 0, "length": 256, "crc32c": 123, "kind": "tensor",
                 "dtype": "float32", "shape": [8, 8]},
                {"fqn": "step", "offset": null, "index": null, ..., "kind": "value",
@@ -88,6 +101,8 @@ import json
 import logging
 import math
 import os
+import re
+import secrets
 import time
 import uuid
 import weakref
@@ -122,16 +137,21 @@ from fastfeed import _loop
 from fastfeed.ckpt_codec import _LEAF_DTYPES, _TORCH_DTYPES, decode, encode, spec_from_json, spec_to_json
 from fastfeed.ckpt_store import (
     CkptStore,
-    LocalCkptStore,
-    S3CkptStore,
+    check_age,
     checksum,
     open_ckpt_store,
     transfer_settings,
 )
 from fastfeed.config import S3Config
-from fastfeed.errors import CheckpointError, ConfigError, CorruptCheckpointError, NotFoundError, StoreError
-from fastfeed.store import LocalStore, Store
-from fastfeed.urls import Location, parse_url
+from fastfeed.errors import (
+    CheckpointError,
+    ConditionFailedError,
+    ConfigError,
+    CorruptCheckpointError,
+    FastfeedError,
+    NotFoundError,
+)
+from fastfeed.urls import parse_url
 
 try:  # torch >= 2.4
     from torch.distributed.checkpoint.metadata import StorageMeta
@@ -156,6 +176,15 @@ _DCP_VERSION: Final = "1.0.0"
 _ALIGN: Final = 64
 #: Items of one object closer than this are read with one ranged GET.
 _MERGE_GAP: Final = 1 << 20
+#: The largest manifest read (real ones are kilobytes to a few megabytes).
+_MAX_MANIFEST: Final = 64 << 20
+#: Data object names (``rank-00003.data`` in earlier versions): one file name, never a path.
+_OBJECT_NAME: Final = re.compile(r"rank-[0-9]{5,9}(-[0-9a-f]{8,64})?\.data")
+#: Keys of data objects under the root (in any checkpoint directory), for the orphan sweep.
+_DATA_KEY: Final = re.compile(r"(.+/)?rank-[0-9]{5,9}(-[0-9a-f]{8,64})?\.data")
+_TAMPERED: Final = "the checkpoint was damaged or tampered with"
+#: Default ``orphan_age`` (as for :class:`~fastfeed.Checkpointer`).
+_DEFAULT_ORPHAN_AGE: Final = 24 * 3600.0
 
 _LAYOUTS: Final = {str(v).removeprefix("torch."): v for v in vars(torch).values() if isinstance(v, torch.layout)}
 _MEMORY_FORMATS: Final = {
@@ -323,7 +352,7 @@ class _StoreClient:
         """The current checkpoint's manifest, or None if it is not committed."""
         io_loop, store = self._open()
         try:
-            return io_loop.run(store.get(self._dir + MANIFEST))
+            return io_loop.run(store.get(self._dir + MANIFEST, limit=_MAX_MANIFEST))
         except NotFoundError:
             return None
 
@@ -343,6 +372,10 @@ class FastfeedStorageWriter(_StoreClient, StorageWriter):
         s3, endpoint_url: as for :class:`~fastfeed.Checkpointer` (AWS_* variables by default).
         part_size: multipart part size of the per-rank upload (at least 5 MiB).
         max_concurrency: parts in flight per upload.
+        orphan_age: as for :class:`~fastfeed.Checkpointer`: incomplete multipart uploads of data
+            objects under ``url``, and data objects of an uncommitted checkpoint directory,
+            older than this many seconds are removed by the coordinator before it saves; a
+            save that takes longer than half of it does not commit.
 
     Raises (at construction): :class:`~fastfeed.errors.StoreError` subclasses for a missing
     bucket, denied access or an unreachable endpoint. See the module docstring for the layout,
@@ -358,7 +391,10 @@ class FastfeedStorageWriter(_StoreClient, StorageWriter):
         endpoint_url: str | None = None,
         part_size: int | str = "32MiB",
         max_concurrency: int = 8,
+        orphan_age: float = _DEFAULT_ORPHAN_AGE,
     ) -> None:
+        self.orphan_age = check_age(orphan_age)
+        self._started = time.monotonic()
         self._configure(url, s3, endpoint_url, part_size, max_concurrency)
         try:
             io_loop, store = self._open()
@@ -415,11 +451,35 @@ class FastfeedStorageWriter(_StoreClient, StorageWriter):
                 url=self.checkpoint_id,
                 hint="save each checkpoint_id once (or delete that checkpoint first)",
             )
-        return [dataclasses.replace(p, storage_data=_RankObject(f"rank-{i:05d}.data")) for i, p in enumerate(plans)]
+        self._started = time.monotonic()
+        self._sweep()
+        # Names unique to this save: two jobs saving the same checkpoint_id never write (or
+        # delete) each other's data; the conditional manifest write picks one of them.
+        token = secrets.token_hex(16)
+        return [
+            dataclasses.replace(p, storage_data=_RankObject(f"rank-{i:05d}-{token}.data")) for i, p in enumerate(plans)
+        ]
+
+    def _sweep(self) -> None:
+        """Remove what dead writers left: multipart uploads of data objects under the root and
+        data objects of this (uncommitted) directory, older than ``orphan_age``."""
+        io_loop, store = self._open()
+        try:
+            io_loop.run(store.abort_orphaned_uploads("", older_than=self.orphan_age, match=_DATA_KEY.fullmatch))
+            stale = [
+                o.key
+                for o in io_loop.run(store.list_objects(self._dir))
+                if _OBJECT_NAME.fullmatch(o.key[len(self._dir) :]) and o.age is not None and o.age >= self.orphan_age
+            ]
+            if stale:
+                log.info("removing %d abandoned data object(s) under %s", len(stale), self.checkpoint_id)
+                io_loop.run(store.delete(stale))
+        except FastfeedError as err:
+            log.warning("could not look for abandoned uploads under %s: %s", self.url, err)
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         target = plan.storage_data
-        name = target.name if isinstance(target, _RankObject) else f"rank-{self.rank:05d}.data"
+        name = target.name if isinstance(target, _RankObject) else f"rank-{self.rank:05d}-{secrets.token_hex(16)}.data"
         results = self._write(name, plan.items, planner) if plan.items else []
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
@@ -462,20 +522,24 @@ class FastfeedStorageWriter(_StoreClient, StorageWriter):
         }
         body = json.dumps(manifest, separators=(",", ":"), allow_nan=False).encode()
         io_loop, store = self._open()
+        took = time.monotonic() - self._started
+        if took > self.orphan_age / 2:
+            self._discard(objects)
+            raise CheckpointError(
+                f"the save of {self.checkpoint_id} took {took:.0f} s, more than half of orphan_age "
+                f"({self.orphan_age:.0f} s): another writer could count its data as abandoned, so it is not committed",
+                url=self.checkpoint_id,
+                hint="pass a larger orphan_age to FastfeedStorageWriter",
+            )
         try:
             io_loop.run(store.put(self._dir + MANIFEST, memoryview(body), if_absent=True))
-        except StoreError as err:
-            current = self._manifest()
-            if current == body:  # ours after all (a retried PUT whose first answer was lost)
-                log.debug("manifest %s%s%s was written by a retried request", self.url, self._dir, MANIFEST)
-            elif current is not None:
-                raise CheckpointError(
-                    f"a checkpoint was committed at {self.checkpoint_id} while this one was being written",
-                    url=self.checkpoint_id,
-                    hint="two jobs saved the same checkpoint_id; the other one's commit is kept",
-                ) from err
-            else:
-                raise
+        except ConditionFailedError as err:
+            self._discard(objects)
+            raise CheckpointError(
+                f"a checkpoint was committed at {self.checkpoint_id} while this one was being written",
+                url=self.checkpoint_id,
+                hint="two jobs saved the same checkpoint_id: the other one's commit is kept, this one's data removed",
+            ) from err
         log.info(
             "committed DCP checkpoint %s: %d items in %d objects, %d bytes",
             self.checkpoint_id,
@@ -489,6 +553,14 @@ class FastfeedStorageWriter(_StoreClient, StorageWriter):
         return _valid_id(checkpoint_id)
 
     # -- internals -----------------------------------------------------------------------
+
+    def _discard(self, objects: dict[str, _Object]) -> None:
+        """Delete this save's data objects (and nothing else) after it lost or gave up."""
+        io_loop, store = self._open()
+        try:
+            io_loop.run(store.delete([self._dir + name for name in objects]))
+        except Exception as exc:  # the commit error matters more
+            log.warning("could not remove the data of an uncommitted save under %s: %s", self.checkpoint_id, exc)
 
     def _write(self, name: str, write_items: Sequence[WriteItem], planner: SavePlanner) -> list[WriteResult]:
         # Plan the layout first (values are encoded now, tensors resolved one by one below).
@@ -524,10 +596,10 @@ class FastfeedStorageWriter(_StoreClient, StorageWriter):
             del tensor
         key = self._dir + name
         io_loop, store = self._open()
-        part_crcs = io_loop.run(
+        uploaded = io_loop.run(
             store.put_large(key, view[:total], part_size=self.part_size, concurrency=self.max_concurrency)
         )
-        obj = _Object(name, total, self.part_size, tuple(int(c) for c in part_crcs))
+        obj = _Object(name, total, uploaded.part_size, tuple(int(c) for c in uploaded.crcs))
         results = []
         for entry, start in zip(entries, starts, strict=True):
             stored = _Item(
@@ -661,35 +733,46 @@ def _check(cond: bool, what: str) -> None:
         raise _Malformed(what)
 
 
-def _int(value: Any, what: str, *, minimum: int = 0) -> int:
-    _check(type(value) is int and value >= minimum, f"{what} must be an integer >= {minimum}, got {value!r}")
+def _int(value: Any, what: str, *, minimum: int = 0, maximum: int = 2**63 - 1) -> int:
+    _check(
+        type(value) is int and minimum <= value <= maximum,
+        f"{what} must be an integer in [{minimum}, {maximum}], got {_short(value)}",
+    )
     return int(value)
 
 
+def _short(x: object) -> str:
+    text = repr(x)
+    return text if len(text) <= 120 else text[:120] + "..."
+
+
 def _ints(value: Any, what: str) -> tuple[int, ...]:
-    _check(type(value) is list, f"{what} must be a list of integers, got {value!r}")
+    _check(type(value) is list, f"{what} must be a list of integers, got {_short(value)}")
     return tuple(_int(v, what) for v in value)
 
 
 def _str(value: Any, what: str) -> str:
-    _check(type(value) is str, f"{what} must be a string, got {value!r}")
+    _check(type(value) is str, f"{what} must be a string, got {_short(value)}")
     return str(value)
 
 
 def _bool(value: Any, what: str) -> bool:
-    _check(type(value) is bool, f"{what} must be true or false, got {value!r}")
+    _check(type(value) is bool, f"{what} must be true or false, got {_short(value)}")
     return bool(value)
 
 
-def _obj(value: Any, what: str, fields: Sequence[str]) -> dict[str, Any]:
+def _obj(value: Any, what: str, fields: Sequence[str], optional: Sequence[str] = ()) -> dict[str, Any]:
+    """``value`` as a JSON object with every one of ``fields`` and nothing but those and ``optional``."""
     _check(type(value) is dict, f"{what} must be a JSON object")
     missing = [f for f in fields if f not in value]
     _check(not missing, f"{what} lacks {missing}")
+    extra = sorted(str(k) for k in value if k not in fields and k not in optional)
+    _check(not extra, f"{what} has unknown fields {_short(extra)}")
     return dict(value)
 
 
 def _lookup(table: dict[str, Any], name: Any, what: str) -> Any:
-    _check(type(name) is str and name in table, f"unknown {what} {name!r}")
+    _check(type(name) is str and name in table, f"unknown {what} {_short(name)}")
     return table[name]
 
 
@@ -712,12 +795,14 @@ def _storage_md_to_json(fqn: str, md: Any) -> dict[str, Any]:
 
 
 def _storage_md_from_json(fqn: str, d: Any) -> TensorStorageMetadata | BytesStorageMetadata:
-    what = f"state_dict_metadata[{fqn!r}]"
-    d = _obj(d, what, ["type"])
+    what = f"state_dict_metadata[{_short(fqn)}]"
+    tensor_fields = ["type", "dtype", "layout", "requires_grad", "memory_format", "pin_memory", "size", "chunks"]
+    d = _obj(d, what, ["type"], optional=tensor_fields)
     if d["type"] == "bytes":
+        _obj(d, what, ["type"])
         return BytesStorageMetadata()
     _check(d["type"] == "tensor", f"{what}.type must be 'tensor' or 'bytes'")
-    d = _obj(d, what, ["dtype", "layout", "requires_grad", "memory_format", "pin_memory", "size", "chunks"])
+    d = _obj(d, what, tensor_fields)
     props = TensorProperties(
         dtype=_lookup(_TORCH_DTYPES, d["dtype"], "dtype"),
         layout=_lookup(_LAYOUTS, d["layout"], "layout"),
@@ -757,20 +842,23 @@ def _item_to_json(index: MetadataIndex, item: _Item) -> dict[str, Any]:
     return out
 
 
+_ITEM_FIELDS: Final = ("fqn", "offset", "index", "object", "start", "length", "crc32c", "kind")
+
+
 def _item_from_json(d: Any, objects: dict[str, int]) -> tuple[MetadataIndex, _Item]:
-    d = _obj(d, "item", ["fqn", "offset", "index", "object", "start", "length", "crc32c", "kind"])
+    d = _obj(d, "item", _ITEM_FIELDS, optional=("dtype", "shape", "header"))
     fqn = _str(d["fqn"], "item fqn")
-    what = f"item {fqn!r}"
+    what = f"item {_short(fqn)}"
     offset = None if d["offset"] is None else _ints(d["offset"], f"{what} offset")
     index = None if d["index"] is None else _int(d["index"], f"{what} index")
     name = _str(d["object"], f"{what} object")
-    _check(name in objects, f"{what} names the unknown object {name!r}")
+    _check(name in objects, f"{what} names the unknown object {_short(name)}")
     start, length = _int(d["start"], f"{what} start"), _int(d["length"], f"{what} length")
     _check(start + length <= objects[name], f"{what} ends past the end of {name}")
-    crc = _int(d["crc32c"], f"{what} crc32c")
+    crc = _int(d["crc32c"], f"{what} crc32c", maximum=2**32 - 1)
     kind = d["kind"]
     if kind == "tensor":
-        d = _obj(d, what, ["dtype", "shape"])
+        d = _obj(d, what, [*_ITEM_FIELDS, "dtype", "shape"])
         dtype = _str(d["dtype"], f"{what} dtype")
         shape = _ints(d["shape"], f"{what} shape")
         tdtype = _lookup(_LEAF_DTYPES, dtype, "tensor dtype")
@@ -778,8 +866,8 @@ def _item_from_json(d: Any, objects: dict[str, int]) -> tuple[MetadataIndex, _It
         _check(math.prod(shape) * itemsize == length, f"{what}: {length} bytes do not hold {dtype} {list(shape)}")
         item = _Item(name, start, length, crc, kind, objects[name], dtype=dtype, shape=shape)
     else:
-        _check(kind == "value", f"{what} kind must be 'tensor' or 'value', got {kind!r}")
-        d = _obj(d, what, ["header"])
+        _check(kind == "value", f"{what} kind must be 'tensor' or 'value', got {_short(kind)}")
+        d = _obj(d, what, [*_ITEM_FIELDS, "header"])
         header = _int(d["header"], f"{what} header")
         _check(header <= length, f"{what} header is longer than the item")
         item = _Item(name, start, length, crc, kind, objects[name], header=header)
@@ -862,7 +950,7 @@ class FastfeedStorageReader(_StoreClient, StorageReader):
         io_loop, store = self._open()
         url = self._object_url(MANIFEST)
         try:
-            raw = io_loop.run(store.get(self._dir + MANIFEST))
+            raw = io_loop.run(store.get(self._dir + MANIFEST, limit=_MAX_MANIFEST))
         except NotFoundError as err:
             raise CheckpointError(
                 f"no committed checkpoint at {self.checkpoint_id}: {MANIFEST} does not exist",
@@ -871,12 +959,16 @@ class FastfeedStorageReader(_StoreClient, StorageReader):
             ) from err
         try:
             doc = json.loads(raw)
+        except RecursionError as exc:
+            raise CorruptCheckpointError(f"{url} is nested too deeply", url=url, hint=_TAMPERED) from exc
         except (ValueError, UnicodeDecodeError) as exc:
-            raise CorruptCheckpointError(f"{url} is not valid JSON: {exc}", url=url) from exc
+            raise CorruptCheckpointError(f"{url} is not valid JSON: {exc}", url=url, hint=_TAMPERED) from exc
         try:
             metadata, items = _metadata_from_json(doc, self.load_id)
         except _Malformed as exc:
-            raise CorruptCheckpointError(f"malformed checkpoint manifest {url}: {exc}", url=url) from exc
+            raise CorruptCheckpointError(
+                f"malformed checkpoint manifest {url}: {exc}", url=url, hint=_TAMPERED
+            ) from exc
         self._items = items
         return metadata
 
@@ -952,7 +1044,6 @@ class FastfeedStorageReader(_StoreClient, StorageReader):
     def _fetch(self, items: list[_Item]) -> dict[tuple[str, int, int], memoryview]:
         """Read and verify every item's bytes (ranged reads, nearby items coalesced)."""
         io_loop, store = self._open()
-        ranged = _Ranged(store)
         by_object: dict[str, list[_Item]] = {}
         for item in items:
             by_object.setdefault(item.object, []).append(item)
@@ -964,14 +1055,16 @@ class FastfeedStorageReader(_StoreClient, StorageReader):
             async def one_object(name: str, wanted: list[_Item]) -> None:
                 key, url = self._dir + name, self._object_url(name)
                 try:
-                    size, etag = await ranged.head(key)
+                    stored = await store.head(key)
                 except NotFoundError as err:
                     raise CorruptCheckpointError(
                         f"data object {url} is missing", url=url, hint="it was deleted or never finished"
                     ) from err
-                if size != wanted[0].object_size:
+                # The real size before any buffer is allocated for the one the manifest claims.
+                if stored.size != wanted[0].object_size:
                     raise CorruptCheckpointError(
-                        f"data object {url} has {size} bytes, the manifest says {wanted[0].object_size}", url=url
+                        f"data object {url} has {stored.size} bytes, the manifest says {wanted[0].object_size}",
+                        url=url,
                     )
                 jobs = []
                 for start, end, members in _coalesce(wanted):
@@ -984,7 +1077,12 @@ class FastfeedStorageReader(_StoreClient, StorageReader):
 
                 async def part(s: int, e: int, view: memoryview) -> None:
                     async with limit:
-                        await ranged.read(key, s, e, view, etag)
+                        try:
+                            await store.read_range(key, s, e, view, stored.etag)
+                        except (NotFoundError, ConditionFailedError) as err:
+                            raise CorruptCheckpointError(
+                                f"data object {url} was deleted or replaced while it was read", url=url
+                            ) from err
 
                 await asyncio.gather(*(part(s, e, v) for s, e, v in jobs))
 
@@ -1033,21 +1131,33 @@ class FastfeedStorageReader(_StoreClient, StorageReader):
                 specs.append(spec)
                 buffers.append(data[start : start + spec.nbytes])
             return decode(doc["tree"], specs, buffers)
-        except (ValueError, UnicodeDecodeError, _Malformed) as exc:  # ConfigError is a ValueError
+        except (ValueError, UnicodeDecodeError, RecursionError, _Malformed) as exc:  # ConfigError is a ValueError
             raise CorruptCheckpointError(f"the value of {fqn!r} in {url} cannot be decoded: {exc}", url=url) from exc
 
 
+_MANIFEST_FIELDS: Final = (
+    "format",
+    "time",
+    "checkpoint_id",
+    "dcp_version",
+    "storage_meta",
+    "planner_data",
+    "state_dict_metadata",
+    "objects",
+    "items",
+)
+
+
 def _metadata_from_json(doc: Any, load_id: str) -> tuple[Metadata, dict[MetadataIndex, _Item]]:
-    doc = _obj(doc, "manifest", ["format"])
-    _check(doc["format"] == FORMAT, f"format is {doc['format']!r}, expected {FORMAT!r}")
-    doc = _obj(doc, "manifest", ["state_dict_metadata", "objects", "items", "planner_data", "storage_meta"])
+    doc = _obj(doc, "manifest", ["format"], optional=_MANIFEST_FIELDS)
+    _check(doc["format"] == FORMAT, f"format is {_short(doc['format'])}, expected {FORMAT!r}")
+    doc = _obj(doc, "manifest", _MANIFEST_FIELDS)
+    _check(type(doc["time"]) in (int, float) and math.isfinite(doc["time"]), "time must be a number")
+    _str(doc["checkpoint_id"], "checkpoint_id")
     _check(type(doc["state_dict_metadata"]) is dict, "state_dict_metadata must be a JSON object")
     sd_meta = {str(k): _storage_md_from_json(str(k), v) for k, v in doc["state_dict_metadata"].items()}
     _check(type(doc["objects"]) is dict, "objects must be a JSON object")
-    objects = {
-        str(name): _int(_obj(o, f"object {name!r}", ["size"])["size"], f"object {name!r} size")
-        for name, o in doc["objects"].items()
-    }
+    objects = {str(name): _object_from_json(str(name), o) for name, o in doc["objects"].items()}
     _check(type(doc["items"]) is list, "items must be a list")
     items = dict(_item_from_json(d, objects) for d in doc["items"])
     planner_data = None
@@ -1058,17 +1168,41 @@ def _metadata_from_json(doc: Any, load_id: str) -> tuple[Metadata, dict[Metadata
             raise _Malformed(f"planner_data: {exc}") from exc
     kwargs: dict[str, Any] = {"state_dict_metadata": sd_meta, "planner_data": planner_data, "storage_data": items}
     fields = {f.name for f in dataclasses.fields(Metadata)}
+    meta = _obj(doc["storage_meta"], "storage_meta", ["checkpoint_id", "save_id", "modules"])
+    _check(type(meta["modules"]) is list, "storage_meta modules must be a list")
     if "storage_meta" in fields and StorageMeta is not None:
-        meta = _obj(doc["storage_meta"], "storage_meta", ["checkpoint_id", "save_id"])
         kwargs["storage_meta"] = StorageMeta(
             checkpoint_id=None if meta["checkpoint_id"] is None else _str(meta["checkpoint_id"], "checkpoint_id"),
             save_id=None if meta["save_id"] is None else _str(meta["save_id"], "save_id"),
             load_id=load_id,
         )
+    version = doc["dcp_version"]
+    version = None if version is None else _str(version, "dcp_version")
     if "version" in fields:
-        version = doc.get("dcp_version")
-        kwargs["version"] = None if version is None else _str(version, "dcp_version")
+        kwargs["version"] = version
     return Metadata(**kwargs), items
+
+
+def _object_from_json(name: str, d: Any) -> int:
+    """The size of a data object of the manifest, after checking its name and checksums."""
+    what = f"object {_short(name)}"
+    _check(
+        _OBJECT_NAME.fullmatch(name) is not None,
+        f"{what} is not a data object name of this checkpoint (rank-<n>-<hex>.data, never a path)",
+    )
+    d = _obj(d, what, ["size", "part_size", "crc32c"])
+    size = _int(d["size"], f"{what} size")
+    part_size = _int(d["part_size"], f"{what} part_size", minimum=1)
+    crcs = d["crc32c"]
+    _check(type(crcs) is list, f"{what} crc32c must be a list")
+    parts = -(-size // part_size)
+    _check(
+        len(crcs) == parts or (size == 0 and len(crcs) <= 1),
+        f"{what} has {len(crcs)} checksums for {parts} part(s) of {size} bytes",
+    )
+    for crc in crcs:
+        _int(crc, f"{what} crc32c", maximum=2**32 - 1)
+    return size
 
 
 def _span(item: _Item) -> tuple[str, int, int]:
@@ -1087,32 +1221,3 @@ def _coalesce(items: list[_Item]) -> list[tuple[int, int, list[_Item]]]:
         else:
             ranges.append((item.start, end, [item]))
     return ranges
-
-
-class _Ranged:
-    """Size/ETag and ranged reads of a checkpoint store's objects."""
-
-    def __init__(self, store: CkptStore) -> None:
-        self._ckpt = store
-        self._store: Store
-        if isinstance(store, S3CkptStore):
-            self._store = store._store
-        elif isinstance(store, LocalCkptStore):
-            self._store = LocalStore()
-        else:  # pragma: no cover - open_ckpt_store makes only these two
-            raise CheckpointError(f"cannot read ranges of {type(store).__name__}", url=store.url)
-
-    def _loc(self, key: str) -> Location:
-        store = self._ckpt
-        if isinstance(store, S3CkptStore):
-            return parse_url(f"s3://{store.bucket}/{store.prefix}{key}")
-        assert isinstance(store, LocalCkptStore)
-        return parse_url(store._path(key))
-
-    async def head(self, key: str) -> tuple[int, str | None]:
-        info = await self._store.head(self._loc(key))
-        return info.size, info.etag
-
-    async def read(self, key: str, start: int, end: int, out: memoryview, etag: str | None) -> None:
-        if end > start:
-            await self._store.read_range(self._loc(key), start, end, etag=etag, out=out)

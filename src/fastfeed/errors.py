@@ -15,7 +15,10 @@ specific type with ``raise ... from exc``; nothing in fastfeed matches on ``str(
     │   ├── EndpointError           unreachable endpoint, connection refused
     │   ├── StoreTimeoutError       no response within the deadline (after retries)
     │   ├── ThrottledError          503 SlowDown persisted past the retry budget
-    │   └── TransientStoreError     5xx / resets persisted past the retry budget
+    │   ├── TransientStoreError     5xx / resets persisted past the retry budget
+    │   ├── ConditionFailedError    a conditional request's condition did not hold (412):
+    │   │                           the object exists already, or changed while read
+    │   └── NotSupportedError       the store does not implement a request (501)
     ├── ShardError                  the bytes of a shard are not a valid tar archive
     │   ├── CorruptShardError       bad header checksum, bad field, not a tar at all
     │   └── TruncatedShardError     the object ends inside a header or a member
@@ -36,6 +39,7 @@ __all__ = [
     "AccessDeniedError",
     "BucketNotFoundError",
     "CheckpointError",
+    "ConditionFailedError",
     "ConfigError",
     "CorruptCheckpointError",
     "CorruptShardError",
@@ -45,6 +49,7 @@ __all__ = [
     "FastfeedError",
     "InvalidURLError",
     "NotFoundError",
+    "NotSupportedError",
     "PipelineError",
     "ShardError",
     "StoreError",
@@ -144,6 +149,18 @@ class TransientStoreError(StoreError):
     """A 5xx response or a connection reset that persisted past the retry budget."""
 
     retryable = True
+
+
+class ConditionFailedError(StoreError):
+    """A conditional request whose condition did not hold (``412 PreconditionFailed``, or
+    ``409 ConditionalRequestConflict`` while another conditional write to the key is in flight):
+    a write with ``If-None-Match: *`` found the object already there (another writer got there
+    first; nothing was replaced), or a read with ``If-Match`` found that the object changed."""
+
+
+class NotSupportedError(StoreError):
+    """The store does not implement a request or one of its headers (``501 NotImplemented``).
+    Not retryable: asking again gives the same answer."""
 
 
 class ShardError(FastfeedError):

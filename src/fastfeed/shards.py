@@ -39,7 +39,12 @@ finished shard is uploaded from a temporary file (one ``PutObject``, or a multip
 ``max_concurrency`` parts in flight once it exceeds ``part_size``) while the next shard is
 written, so at most two shards are on local temporary disk and at most ``max_concurrency``
 parts in memory. The manifest is written last, only when every shard is complete: a dataset
-with a ``manifest.json`` is whole.
+with a ``manifest.json`` is whole. Uploads go through the checkpoint store's one upload path
+(:mod:`fastfeed.ckpt_store`): without ``overwrite`` every shard and the manifest are created with
+a conditional write (``If-None-Match: *``), so a second writer racing on the same prefix fails
+instead of mixing its shards into the first one's; a failed or aborted upload is aborted (again
+at close if that failed), and incomplete uploads of ``*.tar`` keys left by a killed writer are
+aborted by the next writer of the prefix once older than ``orphan_age``.
 
 Index: fastfeed's reader needs no per-shard index file (it indexes tar members as the bytes
 arrive), so none is written. What fastfeed can reuse is its sample-count cache
@@ -57,36 +62,37 @@ none).
 from __future__ import annotations
 
 import abc
+import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
 import io
 import json
 import logging
-import math
+import mmap
 import os
-import random
 import tarfile
 import tempfile
-import threading
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, TypeVar
 
+from fastfeed import _loop
+from fastfeed.ckpt_store import CkptStore, check_age, open_ckpt_store
 from fastfeed.config import PrefetchConfig, S3Config, format_size, parse_size
 from fastfeed.errors import (
+    ConditionFailedError,
     ConfigError,
     EmptyDatasetError,
-    EndpointError,
+    FastfeedError,
     NotFoundError,
     StoreError,
 )
 from fastfeed.reader import split_key
-from fastfeed.store import ObjectInfo, StoreSet, map_s3_error
+from fastfeed.store import ObjectInfo, StoreSet
 from fastfeed.urls import Location, parse_url
 
 __all__ = [
@@ -269,6 +275,9 @@ class ShardWriter:
         tmp_dir: where shards bound for a bucket are staged (default: the system temp dir);
             at most two shards at a time.
         progress: called with a :class:`WriteProgress` after every sample and shard.
+        orphan_age: seconds after which an incomplete multipart upload of a ``*.tar`` under
+            ``url_prefix`` counts as abandoned (its writer was killed) and is aborted when a
+            writer opens the prefix. Default one day.
 
     Raises (at construction, within seconds): :class:`BucketNotFoundError`,
     :class:`AccessDeniedError`, :class:`EndpointError`, :class:`ConfigError` for bad arguments
@@ -293,6 +302,7 @@ class ShardWriter:
         max_concurrency: int = 8,
         tmp_dir: str | os.PathLike[str] | None = None,
         progress: Callable[[WriteProgress], None] | None = None,
+        orphan_age: float = 24 * 3600.0,
     ) -> None:
         self.shard_size = parse_size(shard_size, name="shard_size")
         if self.shard_size <= 0:
@@ -324,6 +334,7 @@ class ShardWriter:
                 part_size=self.part_size,
                 max_concurrency=max_concurrency,
                 tmp_dir=None if tmp_dir is None else os.fspath(tmp_dir),
+                orphan_age=check_age(orphan_age),
             )
         #: The dataset prefix as a canonical URL (ends with ``/``).
         self.url = self._sink.url
@@ -902,6 +913,12 @@ class _LocalSink(_Sink):
 
 
 class _S3Sink(_Sink):
+    """Uploads through the checkpoint store's one upload path (:class:`~fastfeed.ckpt_store.S3CkptStore`
+    on fastfeed's IO loop): multipart with parts in parallel, conditional writes (``If-None-Match``)
+    unless ``overwrite``, failed uploads aborted (again at close if that failed) and incomplete
+    uploads of ``*.tar`` keys older than ``orphan_age`` (a writer killed mid-upload) aborted here at
+    construction."""
+
     def __init__(
         self,
         loc: Location,
@@ -912,47 +929,63 @@ class _S3Sink(_Sink):
         part_size: int,
         max_concurrency: int,
         tmp_dir: str | None,
+        orphan_age: float,
     ) -> None:
-        from fastfeed.ckpt_store import _sync_client
-
         self.bucket = loc.bucket
         self.prefix = loc.key if not loc.key or loc.key.endswith("/") else loc.key + "/"
         self.url = f"s3://{self.bucket}/{self.prefix}"
-        self._config = config
+        self.overwrite = overwrite
         self._part_size = part_size
         self._concurrency = max_concurrency
         self._tmp_dir = tmp_dir
-        self._cancel = threading.Event()
         self._done: list[ShardInfo] = []
         self._pending: concurrent.futures.Future[ShardInfo] | None = None
-        self._client: Any = _sync_client(config, max_concurrency + 2)
         self._uploader: concurrent.futures.ThreadPoolExecutor | None = None
-        self._parts: concurrent.futures.ThreadPoolExecutor | None = None
+        self._uploads: set[asyncio.Task[Any]] = set()  # on the IO loop: cancelled by abort()
+        self._aborting = False  # on the IO loop: set by abort(), no upload starts after it
+        self._io = _loop.acquire()
+        self._released = False
+        self._store: CkptStore | None = None
         try:
-            # The bucket and the credentials first (some servers create a missing bucket on PUT).
-            self._call(
-                f"listing {self.url}",
-                self.url,
-                lambda: self._client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1),
-            )
-            first_url = f"s3://{self.bucket}/{self.prefix}{first}"
-            if not overwrite and self._exists(self.prefix + first):
+            self._store = self._io.run(open_ckpt_store(self.url, config))
+            self._io.run(self._store.check_writable())
+            first_url = f"{self.url}{first}"
+            if not overwrite and self._exists(first):
                 raise ConfigError(
                     f"{first_url} exists: the destination already holds a dataset",
                     url=self.url,
                     hint="write to an empty prefix, or pass overwrite=True (--overwrite) to replace it",
                 )
+            try:
+                self._io.run(
+                    self._store.abort_orphaned_uploads("", older_than=orphan_age, match=lambda k: k.endswith(".tar"))
+                )
+            except FastfeedError as err:
+                log.warning("could not look for abandoned uploads under %s: %s", self.url, err)
         except BaseException:
-            self._client.close()
+            self.close()
             raise
 
-    def _call(self, what: str, url: str, op: Callable[[], T]) -> T:
-        return _retrying(op, self._config, what, url, f"s3://{self.bucket}", self._cancel)
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the IO loop as a task that :meth:`abort` can cancel."""
+
+        async def tracked() -> T:
+            if self._aborting:  # read and set on the IO loop only: no race with abort()
+                coro.close()
+                raise asyncio.CancelledError
+            task = asyncio.ensure_future(coro)
+            self._uploads.add(task)
+            try:
+                return await task
+            finally:
+                self._uploads.discard(task)
+
+        return self._io.run(tracked())
 
     def _exists(self, key: str) -> bool:
-        url = f"s3://{self.bucket}/{key}"
+        assert self._store is not None
         try:
-            self._call(f"HEAD {url}", url, lambda: self._client.head_object(Bucket=self.bucket, Key=key))
+            self._io.run(self._store.head(key))
         except NotFoundError:
             return False
         return True
@@ -977,9 +1010,6 @@ class _S3Sink(_Sink):
             raise
         if self._uploader is None:
             self._uploader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fastfeed-shards-upload")
-            self._parts = concurrent.futures.ThreadPoolExecutor(
-                self._concurrency, thread_name_prefix="fastfeed-shards-part"
-            )
         self._pending = self._uploader.submit(self._upload, shard, size, samples)
 
     def _drain(self) -> None:
@@ -993,116 +1023,77 @@ class _S3Sink(_Sink):
 
     def abort(self, current: _OpenShard | None) -> None:
         self.discard(current)
-        self._cancel.set()
+
+        def cancel() -> None:
+            self._aborting = True
+            for task in self._uploads:
+                task.cancel()  # the upload aborts its multipart upload before it ends
+
+        self._io.call_soon(cancel)
         pending, self._pending = self._pending, None
         if pending is not None:
             with contextlib.suppress(BaseException):
                 pending.result()
 
     def close(self) -> None:
-        for pool in (self._uploader, self._parts):
-            if pool is not None:
-                pool.shutdown(wait=True)
-        self._uploader = self._parts = None
-        self._client.close()
+        if self._uploader is not None:
+            self._uploader.shutdown(wait=True)
+            self._uploader = None
+        store, self._store = self._store, None
+        if self._released:
+            return
+        self._released = True
+        try:
+            if store is not None:
+                self._io.run(store.aclose())  # retries the abort of any upload that failed to abort
+        finally:
+            self._io.release()
 
-    def put(self, key: str, body: bytes) -> str | None:
-        url = f"s3://{self.bucket}/{key}"
-        resp = self._call(f"PUT {url}", url, lambda: self._client.put_object(Bucket=self.bucket, Key=key, Body=body))
-        return _etag(resp.get("ETag"))
+    def put(self, key: str, body: bytes, *, if_absent: bool = False) -> None:
+        """Write ``body`` to ``key`` (relative to the prefix)."""
+        assert self._store is not None
+        self._run(self._store.put(key, memoryview(body), if_absent=if_absent))
 
     def _upload(self, shard: _OpenShard, size: int, samples: int) -> ShardInfo:
-        key = self.prefix + shard.name
-        url = f"s3://{self.bucket}/{key}"
+        assert self._store is not None
+        store, key = self._store, shard.name
+        url = f"{self.url}{key}"
         fd = shard.fh.fileno()
         try:
             if size <= self._part_size:
-                self.put(key, os.pread(fd, size, 0))
+                self.put(key, os.pread(fd, size, 0), if_absent=not self.overwrite)
             else:
-                self._multipart(key, url, fd, size)
-            head = self._call(f"HEAD {url}", url, lambda: self._client.head_object(Bucket=self.bucket, Key=key))
+                mapped = mmap.mmap(fd, size, access=mmap.ACCESS_READ)  # parts are read from the page cache
+                try:
+                    self._run(
+                        store.put_large(
+                            key,
+                            memoryview(mapped),
+                            part_size=self._part_size,
+                            concurrency=self._concurrency,
+                            if_absent=not self.overwrite,
+                        )
+                    )
+                finally:
+                    with contextlib.suppress(BufferError):  # a traceback still holds a view: GC closes it
+                        mapped.close()
+            head = self._io.run(store.head(key))
+        except ConditionFailedError as err:
+            raise StoreError(
+                f"{url} appeared while this dataset was being written: another writer uses the prefix",
+                url=url,
+                hint="write to an empty prefix, or pass overwrite=True (--overwrite) to replace it",
+            ) from err
         finally:
             shard.fh.close()
-        stored = int(head["ContentLength"])
-        if stored != size:
+        if head.size != size:
             raise StoreError(
-                f"{url} has {stored} bytes after the upload, expected {size}",
+                f"{url} has {head.size} bytes after the upload, expected {size}",
                 url=url,
                 hint="another writer may be using this prefix",
             )
         log.info("uploaded %s (%s, %d samples)", url, format_size(size), samples)
-        return ShardInfo(url, size, _etag(head.get("ETag")), samples)
-
-    def _multipart(self, key: str, url: str, fd: int, size: int) -> None:
-        part = max(self._part_size, math.ceil(size / _MAX_PARTS))
-        created = self._call(
-            f"create multipart upload {url}",
-            url,
-            lambda: self._client.create_multipart_upload(Bucket=self.bucket, Key=key),
-        )
-        upload_id = created["UploadId"]
-
-        def send(number: int, start: int) -> dict[str, Any]:
-            def op() -> Any:
-                if self._cancel.is_set():
-                    raise _Cancelled
-                body = os.pread(fd, min(part, size - start), start)
-                return self._client.upload_part(
-                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
-                )
-
-            resp = self._call(f"upload part {number} of {url}", url, op)
-            return {"PartNumber": number, "ETag": resp["ETag"]}
-
-        assert self._parts is not None
-        futures = [self._parts.submit(send, i + 1, s) for i, s in enumerate(range(0, size, part))]
-        try:
-            parts = [f.result() for f in futures]
-            self._call(
-                f"complete multipart upload {url}",
-                url,
-                lambda: self._client.complete_multipart_upload(
-                    Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
-                ),
-            )
-        except BaseException:
-            self._cancel.set()  # the writer is failing anyway: skip the parts not yet sent
-            concurrent.futures.wait(futures)
-            with contextlib.suppress(Exception):
-                self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
-            raise
-
-
-class _Cancelled(Exception):
-    """The writer was aborted; the upload stops."""
-
-
-def _retrying(
-    op: Callable[[], T], config: S3Config, what: str, url: str, bucket_url: str, cancel: threading.Event | None = None
-) -> T:
-    """Run a sync S3 call, retrying retryable errors with backoff and full jitter (the policy of
-    :mod:`fastfeed.retry`, for the sync client's threads)."""
-    policy = config.retry
-    started = time.monotonic()
-    attempt = 0
-    while True:
-        try:
-            return op()
-        except _Cancelled:
-            raise
-        except Exception as exc:
-            err = map_s3_error(exc, url, bucket_url=bucket_url)
-            attempt += 1
-            limit = policy.max_connect_attempts if isinstance(err, EndpointError) else policy.max_attempts
-            elapsed = time.monotonic() - started
-            if not err.retryable or attempt >= limit or elapsed >= policy.deadline or (cancel and cancel.is_set()):
-                if err is exc:
-                    raise
-                raise err from exc
-            cap = min(policy.max_delay, policy.base_delay * (2 ** (attempt - 1)))
-            delay = min(random.uniform(0, cap), max(0.0, policy.deadline - elapsed))
-            log.info("retrying %s in %.2fs (attempt %d/%d): %s", what, delay, attempt + 1, limit, err)
-            time.sleep(delay)
+        return ShardInfo(url, size, head.etag, samples)
 
 
 def _etag(value: str | None) -> str | None:
@@ -1181,17 +1172,11 @@ def _save_manifest(manifest: DatasetManifest, url: str, config: S3Config, sink: 
         except OSError as exc:
             raise StoreError(f"cannot write the manifest {loc.path}: {exc}", url=loc.url) from exc
         return loc.url
-    if isinstance(sink, _S3Sink) and sink.bucket == loc.bucket:
-        sink.put(loc.key, body)
+    if isinstance(sink, _S3Sink) and sink.bucket == loc.bucket and loc.key.startswith(sink.prefix):
+        sink.put(loc.key[len(sink.prefix) :], body, if_absent=not sink.overwrite)
         return loc.url
-    with _client_for(config) as client:
-        _retrying(
-            lambda: client.put_object(Bucket=loc.bucket, Key=loc.key, Body=body),
-            config,
-            f"PUT {loc.url}",
-            loc.url,
-            f"s3://{loc.bucket}",
-        )
+    parent, _, name = loc.url.rpartition("/")
+    _with_store(parent + "/", config, lambda store: store.put(name, memoryview(body)))
     return loc.url
 
 
@@ -1212,23 +1197,24 @@ def load_manifest(
             raise NotFoundError(f"no manifest at {loc.path}", url=loc.url, hint="check the path") from exc
         except OSError as exc:
             raise StoreError(f"cannot read {loc.path}: {exc}", url=loc.url) from exc
-    config = _s3_config(s3, endpoint_url)
-    with _client_for(config) as client:
-
-        def get() -> bytes:
-            resp = client.get_object(Bucket=loc.bucket, Key=loc.key)
-            data: bytes = resp["Body"].read()
-            return data
-
-        return DatasetManifest.from_json(_retrying(get, config, f"GET {loc.url}", loc.url, f"s3://{loc.bucket}"))
+    parent, _, name = loc.url.rpartition("/")
+    return DatasetManifest.from_json(
+        _with_store(parent + "/", _s3_config(s3, endpoint_url), lambda store: store.get(name))
+    )
 
 
-@contextlib.contextmanager
-def _client_for(config: S3Config) -> Iterator[Any]:
-    from fastfeed.ckpt_store import _sync_client
+def _with_store(url: str, config: S3Config, op: Callable[[CkptStore], Coroutine[Any, Any, T]]) -> T:
+    """``op(store)`` with a store of the prefix ``url``, opened and closed on fastfeed's IO loop."""
 
-    client = _sync_client(config, 2)
+    async def run() -> T:
+        store = await open_ckpt_store(url, config)
+        try:
+            return await op(store)
+        finally:
+            await store.aclose()
+
+    io_loop = _loop.acquire()
     try:
-        yield client
+        return io_loop.run(run())
     finally:
-        client.close()
+        io_loop.release()

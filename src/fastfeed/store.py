@@ -35,10 +35,12 @@ from fastfeed.config import RetryConfig, S3Config
 from fastfeed.errors import (
     AccessDeniedError,
     BucketNotFoundError,
+    ConditionFailedError,
     EmptyDatasetError,
     EndpointError,
     FastfeedError,
     NotFoundError,
+    NotSupportedError,
     StoreError,
     StoreTimeoutError,
     ThrottledError,
@@ -238,12 +240,16 @@ def map_s3_error(exc: BaseException, url: str, *, bucket_url: str | None = None)
             return NotFoundError(f"object not found: {url}", url=url, hint="check the key and the endpoint")
         if code in _DENIED_CODES or status == 403:
             return AccessDeniedError(f"access denied ({code or status}) for {url}", url=url, hint=CREDENTIAL_HINT)
-        if code in ("PreconditionFailed",) or status == 412:
-            return StoreError(
+        if code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412:
+            # A read with If-Match (a shard overwritten mid-epoch) or a write with If-None-Match
+            # (the object exists already); writers catch the type and say which.
+            return ConditionFailedError(
                 f"object changed while it was being read: {url}",
                 url=url,
                 hint="the shard was overwritten during the epoch; restart the epoch to read the new version",
             )
+        if code == "NotImplemented" or status == 501:  # not a transient 5xx: it will not change
+            return NotSupportedError(f"the store does not implement this request ({code or status}) for {url}", url=url)
         if code in _THROTTLE_CODES or status in (429, 503):
             return ThrottledError(f"throttled by the store ({code or status}) reading {url}", url=url)
         if status >= 500 or code in ("InternalError", "ServiceUnavailable", "RequestTimeout"):
@@ -449,29 +455,34 @@ _sessions_lock = threading.Lock()
 
 
 def _session(profile: str | None) -> Any:
-    """The process's aiobotocore session for ``profile``.
+    """A new aiobotocore session for ``profile`` that shares the process's data loader.
 
-    A session caches the parsed S3 service model (a large JSON file); a fresh session per client
-    cost ~150 ms of CPU per client on this project's benchmark machine. Keyed by pid so a forked
-    DataLoader worker builds its own.
+    The data loader caches the parsed S3 service model and endpoint rules (a large JSON file); a
+    session that parses them again cost ~150 ms of CPU per client on this project's benchmark
+    machine, one that shares them a few ms. The session itself is new each time: it resolves
+    credentials (botocore's chain) for its own client, never reusing ones an earlier client
+    resolved under another environment. Keyed by pid so a forked DataLoader worker builds its own.
     """
     from aiobotocore.session import get_session
 
     key = (os.getpid(), profile)
     with _sessions_lock:
-        session = _sessions.get(key)
-        if session is None:
-            session = get_session()
-            if profile:
-                session.set_config_variable("profile", profile)
+        template = _sessions.get(key)
+        if template is None:
+            template = get_session()
             inherited = next((s for (pid, p), s in _sessions.items() if p == profile), None)
             if inherited is not None:
                 # A forked worker: reuse the parent's data loader, whose cache holds the parsed
                 # service model and endpoint rules (plain data, copied with the fork), so each
-                # worker of each epoch does not parse them again. Credentials stay per process.
-                session.register_component("data_loader", inherited.get_component("data_loader"))
-            _sessions[key] = session
-        return session
+                # worker of each epoch does not parse them again.
+                template.register_component("data_loader", inherited.get_component("data_loader"))
+            _sessions[key] = template
+        loader = template.get_component("data_loader")
+    session = get_session()
+    if profile:
+        session.set_config_variable("profile", profile)
+    session.register_component("data_loader", loader)
+    return session
 
 
 def _etag(value: str | None) -> str | None:

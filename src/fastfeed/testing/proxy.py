@@ -111,11 +111,14 @@ class FaultRule:
     every: int = 1
     #: Requests that matched so far (with ``every`` > 1, most of them pass untouched).
     seen: int = 0
+    header: str | None = None  # lower case: only requests that carry this header match
 
-    def matches(self, method: str, path: str) -> bool:
+    def matches(self, method: str, path: str, headers: frozenset[str] = frozenset()) -> bool:
         if self.remaining is not None and self.remaining <= 0:
             return False
         if self.method is not None and self.method != method:
+            return False
+        if self.header is not None and self.header not in headers:
             return False
         return self.path_regex is None or self.path_regex.search(path) is not None
 
@@ -445,8 +448,10 @@ class FaultProxy:
         message: str | None = None,
         *,
         every: int = 1,
+        header: str | None = None,
     ) -> FaultRule:
-        """Answer the next ``count`` matching requests with an S3 XML error, upstream untouched.
+        """Answer the next ``count`` matching requests with an S3 XML error, upstream untouched
+        (a ``status`` below 300 answers with an empty body instead: a success the store never saw).
 
         Args:
             status: HTTP status of the error.
@@ -456,6 +461,8 @@ class FaultProxy:
             path_regex: :func:`re.search` pattern on the decoded path (``/bucket/key``).
             message: ``<Message>``; a generic one per code by default.
             every: fault only every ``every``-th matching request (see :class:`FaultRule`).
+            header: match only requests that carry this header (any value; case-insensitive),
+                e.g. ``"If-None-Match"`` to play a store that rejects conditional writes.
         """
         return self._add(
             FaultRule(
@@ -467,6 +474,7 @@ class FaultProxy:
                 code=code,
                 message=message or _DEFAULT_MESSAGES.get(code, f"Injected {code} (fastfeed FaultProxy)."),
                 every=every,
+                header=None if header is None else header.lower(),
             )
         )
 
@@ -572,10 +580,11 @@ class FaultProxy:
         method, target, _ = head.first
         raw_path, _, query = target.partition("?")
         path = urllib.parse.unquote(raw_path)
+        headers = frozenset(key.lower() for key, _ in head.headers)
         with self._lock:
             rule = None
             for candidate in self._rules:
-                if candidate.matches(method, path):
+                if candidate.matches(method, path, headers):
                     candidate.seen += 1
                     if candidate.seen % candidate.every == 0:
                         rule = candidate
@@ -842,6 +851,8 @@ class FaultProxy:
             f"<Error><Code>{escape(rule.code)}</Code><Message>{escape(rule.message)}</Message>"
             f"<Resource>{escape(record.path)}</Resource><RequestId>{request_id}</RequestId></Error>"
         ).encode()
+        if rule.status < 300:  # a success the store never saw (e.g. a PUT a store would ignore)
+            body = b""
         try:
             reason = http.HTTPStatus(rule.status).phrase
         except ValueError:
@@ -854,6 +865,8 @@ class FaultProxy:
             f"Date: {formatdate(usegmt=True)}",
             "Server: fastfeed-fault-proxy",
         ]
+        if rule.status < 300:
+            lines.append(f'ETag: "{request_id.lower()}"')
         if close:
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
