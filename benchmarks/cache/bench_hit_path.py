@@ -15,7 +15,6 @@ median ratio of each loop to the raw read. For the peers, see ``bench_warm.py``.
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import statistics
 import sys
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 import fastfeed
+from fastfeed.cache import entry_files
 from fastfeed.config import S3Config
 from fastfeed.testing.servers import SeaweedServer
 from fastfeed.testing.shards import upload_dir, write_synthetic_shards
@@ -56,7 +56,7 @@ def main() -> int:
         }
         for _ in ds["bytes"]:  # cold: fills the cache
             pass
-        files = glob.glob(f"{tmp}/cache/v1/entries/*.tar")
+        files = [str(p) for p in entry_files(f"{tmp}/cache")]
         total = sum(os.path.getsize(f) for f in files)
         buf = bytearray(8 << 20)
         rates: dict[str, list[float]] = {"raw": [], "bytes": [], "zero_copy": []}
