@@ -505,15 +505,13 @@ def _open_lock(root: int, where: Path) -> int:
 
 
 def check_cache_dir(cache_dir: str | os.PathLike[str]) -> None:
-    """Raise :class:`~fastfeed.errors.ConfigError` if ``cache_dir`` exists and is not a
-    directory the cache may use (see the trust model above); nothing if it does not exist yet
-    (it is made, 0700, when the cache opens). Logs a notice if it holds an older version's
-    layout, which this one does not read."""
+    """Raise :class:`~fastfeed.errors.ConfigError` if ``cache_dir`` (or its ``v2/`` tree, as
+    far as it exists) is not a directory the cache may use (see the trust model above); nothing
+    if it does not exist yet (it is made, 0700, when the cache opens). Logs a notice if it holds
+    an older version's layout, which this one does not read."""
     path = os.path.abspath(os.path.expanduser(os.fspath(cache_dir)))
     try:
         fd = _open_top(path, create=False)
-    except ConfigError:
-        raise
     except OSError:
         return  # missing (made later), or unusable: the cache says so when it opens
     try:
@@ -530,6 +528,10 @@ def check_cache_dir(cache_dir: str | os.PathLike[str]) -> None:
                     )
     finally:
         os.close(fd)
+    try:
+        _open_tree(path, create=False).close()
+    except OSError:
+        return  # not all there yet
 
 
 # ------------------------------------------------------------------------ entry checksums
