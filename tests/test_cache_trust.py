@@ -226,6 +226,15 @@ def test_a_cache_dir_of_another_user_is_refused(data: dict[str, Any], shared: Pa
     os.chown(ours / "v2", uid, gid)
     with pytest.raises(ConfigError, match="belongs to nobody"):
         StreamingDataset(data["url"], s3=data["s3"], cache_dir=str(ours), cache_limit="1GB")
+    # A symbolic link another user made, even to a directory of ours, is refused: they chose
+    # where it points (and can point it elsewhere later).
+    (ours / "v2").rmdir()
+    sticky = shared / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    run_as_other_user(f"ln -s {ours} {sticky}/cache")
+    with pytest.raises(ConfigError, match="is a symbolic link made by nobody"):
+        StreamingDataset(data["url"], s3=data["s3"], cache_dir=str(sticky / "cache"), cache_limit="1GB")
 
 
 # ------------------------------------------------------------------------ planted files

@@ -18,8 +18,9 @@ order that rotates each repeat:
 
 The loops read one byte per 4 KiB page of every ``bin`` payload, as ``bench_warm.py`` does (a
 view that is never read would cost nothing). Prints MB/s of payload per pass, the median ratio
-of each to the raw read and of each checked loop to its unchecked twin; ``--json`` writes the
-rows. For the peers, see ``bench_warm.py``.
+of each to the raw read and of each checked loop to its unchecked twin, and the CPU seconds
+the process spent per GB of payload (every thread: the check runs in worker threads, beside
+the loop where a core is free); ``--json`` writes the rows. For the peers, see ``bench_warm.py``.
 
     python benchmarks/cache/bench_hit_path.py --shards 24 --repeats 5
 """
@@ -51,19 +52,31 @@ PAGE = 4096
 CHUNK = 1 << 20
 
 
-def raw_read(files: list[Path], buf: bytearray) -> float:
+class Pass:
+    """One timed pass: payload MB/s of wall time, and CPU seconds of the process (every
+    thread) per GB of payload."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def done(self, payload: int) -> tuple[float, float]:
+        wall, cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+        return payload / wall / 1e6, cpu / (payload / 1e9)
+
+
+def raw_read(files: list[Path], buf: bytearray) -> tuple[float, float]:
     total = 0
-    start = time.perf_counter()
+    timer = Pass()
     for name in files:
         with open(name, "rb", buffering=0) as f:
             while n := f.readinto(buf):
                 total += n
-    return total / (time.perf_counter() - start) / 1e6
+    return timer.done(total)
 
 
-def crc_pass(files: list[Path]) -> float:
+def crc_pass(files: list[Path]) -> tuple[float, float]:
     total = 0
-    start = time.perf_counter()
+    timer = Pass()
     for name in files:
         size = int(name.stem.rsplit("-", 1)[1])
         with open(name, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as m:
@@ -72,23 +85,23 @@ def crc_pass(files: list[Path]) -> float:
                 _native.crc32c(view[lo : lo + CHUNK])
             view.release()
         total += size
-    return total / (time.perf_counter() - start) / 1e6
+    return timer.done(total)
 
 
-def loop(dataset: fastfeed.StreamingDataset, check: bool) -> float:
+def loop(dataset: fastfeed.StreamingDataset, check: bool) -> tuple[float, float]:
     fastfeed.cache._VERIFY = check  # read when a hit serves a part: the whole pass runs with it
     fetched = dataset.io_stats()["bytes_fetched"]
-    start = time.perf_counter()
+    timer = Pass()
     payload = 0
     for s in dataset:
         value = s["bin"]
         payload += len(value)
         for page in range(0, len(value), PAGE):
             _ = value[page]
-    rate = payload / (time.perf_counter() - start) / 1e6
+    result = timer.done(payload)
     fastfeed.cache._VERIFY = True
     assert dataset.io_stats()["bytes_fetched"] == fetched, "a warm pass fetches nothing"
-    return rate
+    return result
 
 
 def main() -> int:
@@ -99,6 +112,7 @@ def main() -> int:
     args = parser.parse_args()
     modes = ["raw", "crc32c", "bytes", "bytes-nocheck", "zero_copy", "zero_copy-nocheck"]
     rates: dict[str, list[float]] = {m: [] for m in modes}
+    cpu: dict[str, list[float]] = {m: [] for m in modes}
     with tempfile.TemporaryDirectory() as tmp, SeaweedServer() as server:
         bucket = server.create_bucket("warm")
         write_synthetic_shards(Path(tmp, "s"), num_shards=args.shards, samples_per_shard=160, sample_bytes=100_000)
@@ -124,18 +138,28 @@ def main() -> int:
         for r in range(args.repeats):
             for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:
                 if mode == "raw":
-                    rates[mode].append(raw_read(files, buf))
+                    rate, cpu_s = raw_read(files, buf)
                 elif mode == "crc32c":
-                    rates[mode].append(crc_pass(files))
+                    rate, cpu_s = crc_pass(files)
                 else:
-                    rates[mode].append(loop(ds[mode.startswith("zero_copy")], check=not mode.endswith("-nocheck")))
+                    rate, cpu_s = loop(ds[mode.startswith("zero_copy")], check=not mode.endswith("-nocheck"))
+                rates[mode].append(rate)
+                cpu[mode].append(cpu_s)
     medians = {m: statistics.median(v) for m, v in rates.items()}
     raw = medians["raw"]
     rows: list[dict[str, Any]] = []
     for mode, values in rates.items():
-        row: dict[str, Any] = {"mode": mode, "mb_per_s": values, "median": medians[mode], "x_raw": medians[mode] / raw}
+        cpu_median = statistics.median(cpu[mode])
+        row: dict[str, Any] = {
+            "mode": mode,
+            "mb_per_s": values,
+            "median": medians[mode],
+            "x_raw": medians[mode] / raw,
+            "cpu_s_per_gb": cpu[mode],
+            "cpu_s_per_gb_median": cpu_median,
+        }
         line = f"{mode:<18} MB/s " + " ".join(f"{x:.0f}" for x in values) + f"  median {medians[mode]:.0f}"
-        line += f"  x raw {medians[mode] / raw:.2f}"
+        line += f"  x raw {medians[mode] / raw:.2f}  CPU s/GB {cpu_median:.3f}"
         if mode in ("bytes", "zero_copy"):
             row["x_nocheck"] = medians[mode] / medians[f"{mode}-nocheck"]
             line += f"  checked / unchecked {row['x_nocheck']:.2f}"
