@@ -301,8 +301,8 @@ def test_an_entry_planted_by_another_user_is_not_served(data: dict[str, Any], sh
     assert {payload_of(e) for e in entry_files(cache)} == originals(data)
 
 
-@pytest.mark.parametrize("kind", ["fifo", "hard link"])
-def test_a_fifo_or_a_hard_link_at_an_entry_is_not_used(
+@pytest.mark.parametrize("kind", ["fifo", "hard link", "directory"])
+def test_a_fifo_a_hard_link_or_a_directory_at_an_entry_is_not_used(
     data: dict[str, Any], tmp_path: Path, kind: str, caplog: Any
 ) -> None:
     cache = tmp_path / "cache"
@@ -313,6 +313,8 @@ def test_a_fifo_or_a_hard_link_at_an_entry_is_not_used(
     outside = tmp_path / "outside"
     if kind == "fifo":
         os.mkfifo(entry, 0o600)  # an open that blocked on it would hang the reader
+    elif kind == "directory":
+        entry.mkdir(mode=0o700)
     else:
         outside.write_bytes(as_entry(payload))  # valid, but a link to a file elsewhere
         outside.chmod(0o600)
@@ -322,7 +324,8 @@ def test_a_fifo_or_a_hard_link_at_an_entry_is_not_used(
     got, _ = read(data, cache)
     assert time.monotonic() - start < 30
     assert got == data["reference"]
-    assert f"{entry} is {'not a regular file' if kind == 'fifo' else 'a file with 2 hard links'}" in warnings_of(caplog)
+    why = {"fifo": "not a regular file", "hard link": "a file with 2 hard links", "directory": "a directory"}[kind]
+    assert f"{entry} is {why}" in warnings_of(caplog)
     assert stat.S_ISREG(entry.lstat().st_mode) and entry.stat().st_nlink == 1
     assert payload_of(entry) == payload
     if kind == "hard link":

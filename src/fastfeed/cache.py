@@ -301,6 +301,8 @@ def _not_ours(st: os.stat_result) -> str | None:
     """Why a cache file with status ``st`` is not one fastfeed made for this user (None if it is)."""
     if stat.S_ISLNK(st.st_mode):
         return "a symbolic link"
+    if stat.S_ISDIR(st.st_mode):
+        return "a directory"
     if not stat.S_ISREG(st.st_mode):
         return "not a regular file"
     if st.st_uid != os.geteuid():
@@ -315,11 +317,26 @@ def _not_ours(st: os.stat_result) -> str | None:
 def _remove_foreign(dir_fd: int, name: str, st: os.stat_result, why: str, where: Path) -> None:
     """Remove ``name`` from a cache directory of the user's if it is still the file ``st``
     describes, which fastfeed did not make (``why``), with a warning."""
-    with contextlib.suppress(FileNotFoundError):
+    try:
         now = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        if (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev):
+        if (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev):
+            return
+        if stat.S_ISDIR(now.st_mode):
+            os.rmdir(name, dir_fd=dir_fd)
+        else:
             os.unlink(name, dir_fd=dir_fd)
-            log.warning("fastfeed cache: %s is %s: fastfeed did not make it, so it is not used; removed", where, why)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        log.warning(
+            "fastfeed cache: %s is %s: fastfeed did not make it, so it is not used; it cannot be removed (%s): "
+            "remove it (the shard is read from the store meanwhile)",
+            where,
+            why,
+            exc,
+        )
+        return
+    log.warning("fastfeed cache: %s is %s: fastfeed did not make it, so it is not used; removed", where, why)
 
 
 def _open_checked(dir_fd: int, name: str, flags: int, where: Path) -> int | None:
@@ -332,8 +349,8 @@ def _open_checked(dir_fd: int, name: str, flags: int, where: Path) -> int | None
         return None
     except OSError as exc:
         # A symbolic link (ELOOP), another user's file this user may not open (EACCES), a FIFO
-        # without a reader (ENXIO): look at the name itself.
-        if exc.errno not in (errno.ELOOP, errno.EACCES, errno.EPERM, errno.ENXIO):
+        # without a reader (ENXIO), a directory opened for writing (EISDIR): look at the name.
+        if exc.errno not in (errno.ELOOP, errno.EACCES, errno.EPERM, errno.ENXIO, errno.EISDIR):
             raise
         try:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
