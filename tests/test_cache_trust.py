@@ -529,3 +529,63 @@ def test_a_reader_in_another_process_also_refuses_a_damaged_entry(data: dict[str
     expected = sorted([k, hashlib.sha256(v).hexdigest()] for k, v in data["reference"].items())
     assert json.loads(out.stdout) == expected
     assert out.stderr.count("fails its CRC32C check") == 1, out.stderr
+
+
+_FILLER = """
+import json, sys
+from fastfeed import StreamingDataset
+from fastfeed.config import S3Config
+cfg = json.loads(sys.argv[1])
+ds = StreamingDataset(cfg["url"], s3=S3Config(**cfg["s3"]), cache_dir=cfg["cache"], cache_limit="1GB",
+                      part_size="64KiB", shards_in_flight=1)
+for sample in ds:
+    pass
+"""
+
+
+def test_a_fill_taken_over_from_a_killed_filler_gets_the_right_checksums(
+    data: dict[str, Any], tmp_path: Path, caplog: Any
+) -> None:
+    # A reader waiting on another process's fill continues it when that process dies; the
+    # checksums of the bytes the dead filler wrote are computed from the part file.
+    cache = tmp_path / "cache"
+    s3 = {k: data["s3"].__dict__[k] for k in ("endpoint_url", "access_key_id", "secret_access_key")}
+    cfg = {"url": data["url"], "s3": s3, "cache": str(cache)}
+    # Made first: listing the shards and counting their samples is not what is throttled.
+    ds = StreamingDataset(
+        data["url"], s3=data["s3"], cache_dir=str(cache), cache_limit="1GB", part_size="64KiB", shards_in_flight=1
+    )
+    data["proxy"].set_bandwidth(30_000)  # ~8 s per shard: the kill lands in the first one
+    filler = subprocess.Popen([sys.executable, "-c", _FILLER, json.dumps(cfg)])
+    try:
+        tmp = cache / "v2" / "tmp"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            parts = [p for p in tmp.glob("*.part") if p.stat().st_size >= 64 << 10] if tmp.exists() else []
+            if parts:
+                break
+            time.sleep(0.02)
+        assert parts, "the filler never wrote its first part"
+        it = iter(ds)
+        first = next(it)  # from the filler's part file
+        os.kill(filler.pid, 9)
+        filler.wait(timeout=30)
+        left = [p.stat().st_size for p in tmp.glob("*.part")]
+        data["proxy"].set_bandwidth(None)
+        got = {f"{Path(s['__url__']).name}#{s['__key__']}": s["bin"] for s in [first, *it]}
+    finally:
+        filler.kill()
+        filler.wait()
+    assert got == data["reference"]
+    size = len(next(iter(originals(data))))
+    assert len(left) == 1 and 0 < left[0] < size, "killed in the middle of a fill"
+    info = cache_info(cache)
+    # Every shard cached (a shard read from the store instead would not be) and fewer bytes
+    # fetched than the shards hold: the fill went on from the bytes the dead filler left.
+    assert info.entries == SHARDS and info.partial == 0
+    assert ds.io_stats()["bytes_fetched"] <= SHARDS * size - left[0]
+    assert {payload_of(e) for e in entry_files(cache)} == originals(data)
+    caplog.set_level(logging.WARNING, logger="fastfeed")
+    got, io = read(data, cache)
+    assert got == data["reference"] and io["cache_hits"] == SHARDS
+    assert warnings_of(caplog) == "", "every entry passes its checks"
