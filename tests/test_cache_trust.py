@@ -145,7 +145,7 @@ def warnings_of(caplog: Any) -> str:
 
 def test_files_are_0600_and_directories_0700_whatever_the_umask(data: dict[str, Any], tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    data["proxy"].set_bandwidth(300_000)  # slow fills: a part file is there to look at
+    data["proxy"].set_bandwidth(100_000)  # slow fills: a part file is there to look at
     old = os.umask(0)  # the loosest umask: the modes must not come from it
     try:
         ds = StreamingDataset(

@@ -81,17 +81,17 @@ processes (another job of the same user), are trusted: they can change any file 
   has a fixed name so that every process of the user finds the same fill (stream-and-tee): its
   fresh inode is made at that name. Every file opened is checked on its descriptor: a regular
   file, owned by the user, no permission bits for group or others, one link. Anything else
-  found in the cache (a symbolic link, a FIFO, another user's file, a hard link; left there,
-  say, while the directory was shared) was not made by fastfeed for this user: it is never
-  read or written, it is removed from the directory with a warning naming it, and the shard
-  is fetched again.
+  found at a cache file's name (a symbolic link, a FIFO, a directory, another user's file, a
+  hard link; left there, say, while the directory was shared) was not made by fastfeed for
+  this user: it is never read or written, it is removed from the directory with a warning
+  naming it, and the shard is fetched again.
 * *Every wait on a lock has a deadline.* An entry's ``LOCK_SH`` (only an eviction holds its
   ``LOCK_EX``, for an unlink) and ``.lock``'s ``LOCK_EX`` (held while space is reserved) are
-  tried for ``_LOCK_S`` seconds; if another process still holds the lock, the shard is read
+  tried for ``_LOCK_S`` (10 s); if another process still holds the lock, the shard is read
   from the store, not cached, with a warning naming the file, and until the lock is seen free
   again it is tried once, not waited for. A reader of a part file whose filler holds its lock
-  but lands no byte for ``_STALL_S`` reads the shard from the store. Every other lock is only
-  tried (``LOCK_NB``). Nothing blocks in ``flock``.
+  but lands no byte for ``_STALL_S`` (120 s) reads the shard from the store. Every other lock
+  is only tried (``LOCK_NB``). Nothing blocks in ``flock``.
 * *Verified entries.* Opening an entry for a hit checks its size and trailer (two ``pread``
   calls, before any byte is served): a truncated entry or a damaged trailer is removed and the
   shard fetched (and cached) again at once, with a warning naming it. Each chunk's CRC32C is
@@ -101,7 +101,8 @@ processes (another job of the same user), are trusted: they can change any file 
   store, its next read caches it again, and a warning names the entry and the bytes.
 
 Not covered: root, and the user's own processes (a file the user owns can be changed by
-them; an entry truncated under a live mapping makes its readers fail with SIGBUS); bytes
+them; an entry truncated under a live mapping makes its readers fail with SIGBUS, as does a
+disk error while a mapped entry is read); bytes
 read from a part file while another process of the user fills it are served without a check
 (that process wrote them moments before, from the store); a CRC32C detects accidents (bit rot,
 truncation, a partial copy), not a deliberate forgery by someone who can write the directory,
