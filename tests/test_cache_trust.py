@@ -467,8 +467,8 @@ def test_a_bit_flip_anywhere_in_an_entry_is_caught_before_it_is_served(
 def test_a_damaged_chunk_of_a_large_entry_is_caught_when_it_is_read(
     bucket: Any, fault_proxy: Any, tmp_path: Path, caplog: Any
 ) -> None:
-    # ~2.5 MiB: three checksum chunks, read in 64 KiB parts. The chunks before the damaged one
-    # come from the entry, the rest from the store.
+    # ~2.5 MiB: three checksum chunks, read in 64 KiB parts. The damaged chunk and what
+    # follows come from the store.
     (path,) = write_synthetic_shards(tmp_path / "big", num_shards=1, samples_per_shard=25, sample_bytes=100_000)
     upload_dir(bucket.client, bucket.name, tmp_path / "big", prefix="big/")
     data = {
@@ -494,8 +494,11 @@ def test_a_damaged_chunk_of_a_large_entry_is_caught_when_it_is_read(
     assert f"entry {entry} of s3://{bucket.name}/big/{path.name} fails its CRC32C check in bytes 2097152-" in (
         warnings_of(caplog)
     )
-    assert io["bytes_from_cache"] == 2 << 20, "the two good chunks were served from the entry"
-    assert io["bytes_fetched"] == size - (2 << 20), "the rest came from the store"
+    # Parts are checked concurrently: a good chunk's parts not yet served when the damage is
+    # found come from the store too. Nothing of the damaged chunk or after it is served from
+    # the entry.
+    assert io["bytes_from_cache"] <= 2 << 20, io
+    assert io["bytes_from_cache"] + io["bytes_fetched"] == size, io
     assert not entry.exists()
     got, io = read(data, cache, part_size="64KiB")
     assert got == reference and entry.read_bytes() == good, "cached again by its next read"

@@ -56,3 +56,17 @@ def test_long_inputs_three_chains_at_once_match_the_portable_path(length: int, s
     for offset in (0, 3, 7):
         view = memoryview(data)[offset : offset + length]
         assert _native.crc32c(view, start) == _native.crc32c(view, start, portable=True)
+
+
+@given(st.binary(max_size=5000), st.integers(min_value=1, max_value=1500))
+def test_chunks_are_the_crc32c_of_each_piece(data: bytes, chunk: int) -> None:
+    pieces = [data[i : i + chunk] for i in range(0, len(data), chunk)]
+    assert _native.crc32c_chunks(data, chunk) == [_native.crc32c(p) for p in pieces]
+    assert _native.crc32c_chunks(memoryview(data), chunk) == [reference(p) for p in pieces]
+
+
+def test_chunks_need_a_positive_size() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="chunk=0"):
+        _native.crc32c_chunks(b"abc", 0)

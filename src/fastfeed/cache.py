@@ -622,16 +622,25 @@ class _Checksums:
 def _check_chunks(
     data: memoryview, base: int, chunk: int, crcs: Sequence[int], first: int, last: int, done: bytearray
 ) -> int | None:
-    """Check chunks ``first..last-1`` of an entry whose bytes from offset ``base`` are ``data``
-    against ``crcs``, skipping those marked in ``done`` and marking those that pass; the first
-    that fails, or None."""
-    for i in range(first, last):
+    """[worker thread] Check chunks ``first..last-1`` of an entry whose bytes from offset
+    ``base`` are ``data`` against ``crcs``, skipping the runs marked in ``done`` and marking
+    those that pass; the first that fails, or None. Each run of unchecked chunks is one native
+    call (the GIL is not taken between its chunks)."""
+    i = first
+    while i < last:
         if done[i]:
+            i += 1
             continue
+        j = i
+        while j < last and not done[j]:
+            j += 1
         lo = i * chunk - base
-        if _native.crc32c(data[lo : lo + chunk]) != crcs[i]:
-            return i
-        done[i] = 1
+        got = _native.crc32c_chunks(data[lo : lo + (j - i) * chunk], chunk)
+        for k, crc in enumerate(got, start=i):
+            if crc != crcs[k]:
+                return k
+            done[k] = 1
+        i = j
     return None
 
 
@@ -1416,8 +1425,8 @@ class _CachedFile:
             if bad is not None:
                 self._failed_check(bad)
                 return None
-            if self.mapped is None:
-                return None  # closed (or found damaged by another read) meanwhile
+        # Checked: served even if the entry was closed or another chunk found damaged meanwhile
+        # (the mapping lives as long as this view of it).
         view = mapped[start:end]
         self._served(len(view))
         return view
