@@ -8,6 +8,7 @@
 // object without a contiguous buffer, ValueError for a `pos` outside the buffer.
 #include <nanobind/nanobind.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -679,6 +680,34 @@ std::uint32_t crc32c(nb::handle buf, std::uint32_t value, bool portable) {
                   : crc::extend(value, view.data(), view.size());
 }
 
+// crc32c_chunks(buf, chunk) -> [CRC32C of each `chunk` bytes of buf] (the last piece may be
+// shorter), all with the GIL released once: a thread checking a cache entry's chunks does not
+// wait for the GIL between them while another thread runs Python.
+nb::object crc32c_chunks(nb::handle buf, Py_ssize_t chunk) {
+  if (chunk <= 0) {
+    PyErr_Format(PyExc_ValueError, "chunk=%zd must be > 0", chunk);
+    throw nb::python_error();
+  }
+  BufferExport view(buf);
+  const auto step = static_cast<std::size_t>(chunk);
+  std::vector<std::uint32_t> crcs((view.size() + step - 1) / step);
+  {
+    nb::gil_scoped_release nogil;
+    for (std::size_t i = 0; i < crcs.size(); ++i) {
+      const std::size_t lo = i * step;
+      crcs[i] = crc::extend(0, view.data() + lo, std::min(step, view.size() - lo));
+    }
+  }
+  nb::object list = nb::steal(PyList_New(static_cast<Py_ssize_t>(crcs.size())));
+  if (!list.is_valid()) throw nb::python_error();
+  for (std::size_t i = 0; i < crcs.size(); ++i) {
+    PyObject* value = PyLong_FromUnsignedLong(crcs[i]);
+    if (value == nullptr) throw nb::python_error();
+    PyList_SET_ITEM(list.ptr(), static_cast<Py_ssize_t>(i), value);
+  }
+  return list;
+}
+
 }  // namespace
 
 NB_MODULE(_native, m) {
@@ -730,5 +759,9 @@ NB_MODULE(_native, m) {
         "crc32c(buf, value=0, portable=False) -> int\n\n"
         "The CRC32C (Castagnoli) of buf, continuing from value (GIL released; the CPU's CRC32\n"
         "instruction where it has one, unless portable).");
+  m.def("crc32c_chunks", &crc32c_chunks, nb::arg("buf"), nb::arg("chunk"),
+        "crc32c_chunks(buf, chunk) -> list[int]\n\n"
+        "The CRC32C of each `chunk` bytes of buf (the last piece may be shorter), computed with\n"
+        "the GIL released once.");
   m.attr("CRC32C_HARDWARE") = crc::hardware();
 }

@@ -50,13 +50,81 @@ std::uint32_t software(std::uint32_t crc, const std::uint8_t* p, std::size_t len
 }
 
 #ifdef FASTFEED_CRC_X86
+// The CPU's crc32 instruction has a latency of 3 cycles and a throughput of 1 per cycle: one
+// chain of it runs at a third of the instruction's speed. So long inputs are cut into blocks of
+// three equal stretches whose CRCs are computed as three independent chains at once, then
+// combined. The CRC register (before the final inversion) is linear: the register after A||B,
+// started at s, is shift(register after A, |B|) ^ register after B started at 0, where shift(c, n)
+// is the register after n zero bytes started at c, itself linear in c: four table lookups.
+constexpr std::size_t kLong = 8192;  // bytes of one stretch of a long block (3 x 8 KiB)
+constexpr std::size_t kShort = 256;  // and of a short one (3 x 256 B), for what remains
+
+struct Shift {
+  std::array<std::array<std::uint32_t, 256>, 4> t{};
+  std::uint32_t operator()(std::uint32_t c) const {
+    return t[0][c & 0xFFu] ^ t[1][(c >> 8) & 0xFFu] ^ t[2][(c >> 16) & 0xFFu] ^ t[3][c >> 24];
+  }
+};
+
+// The register after `len` (a multiple of 8) zero bytes, started at `c`.
+__attribute__((target("sse4.2"))) std::uint32_t zeros(std::uint32_t c, std::size_t len) {
+  std::uint64_t r = c;
+  for (std::size_t i = 0; i < len; i += 8) r = _mm_crc32_u64(r, 0);
+  return static_cast<std::uint32_t>(r);
+}
+
+Shift make_shift(std::size_t len) {
+  std::array<std::uint32_t, 32> basis{};
+  for (int bit = 0; bit < 32; ++bit) basis[bit] = zeros(1u << bit, len);
+  Shift s;
+  for (int k = 0; k < 4; ++k) {
+    for (std::uint32_t b = 0; b < 256; ++b) {
+      std::uint32_t v = 0;
+      for (int bit = 0; bit < 8; ++bit) {
+        if ((b >> bit) & 1u) v ^= basis[8 * k + bit];
+      }
+      s.t[k][b] = v;
+    }
+  }
+  return s;
+}
+
+inline std::uint64_t load64(const std::uint8_t* p) {
+  std::uint64_t word = 0;
+  std::memcpy(&word, p, 8);
+  return word;
+}
+
+// Three chains over the three stretches of each block of 3 * n bytes while len allows.
+__attribute__((target("sse4.2"))) std::uint64_t blocks3(std::uint64_t c0, const std::uint8_t*& p, std::size_t& len,
+                                                        std::size_t n, const Shift& shift) {
+  while (len >= 3 * n) {
+    std::uint64_t c1 = 0;
+    std::uint64_t c2 = 0;
+    const std::uint8_t* const end = p + n;
+    do {
+      c0 = _mm_crc32_u64(c0, load64(p));
+      c1 = _mm_crc32_u64(c1, load64(p + n));
+      c2 = _mm_crc32_u64(c2, load64(p + 2 * n));
+      p += 8;
+    } while (p < end);
+    c0 = shift(static_cast<std::uint32_t>(c0)) ^ static_cast<std::uint32_t>(c1);
+    c0 = shift(static_cast<std::uint32_t>(c0)) ^ static_cast<std::uint32_t>(c2);
+    p += 2 * n;
+    len -= 3 * n;
+  }
+  return c0;
+}
+
 __attribute__((target("sse4.2"))) std::uint32_t sse42(std::uint32_t crc, const std::uint8_t* p,
                                                         std::size_t len) {
+  static const Shift long_shift = make_shift(kLong);  // thread-safe initialization (C++11)
+  static const Shift short_shift = make_shift(kShort);
   std::uint64_t c = crc;
+  c = blocks3(c, p, len, kLong, long_shift);
+  c = blocks3(c, p, len, kShort, short_shift);
   while (len >= 8) {
-    std::uint64_t word = 0;
-    std::memcpy(&word, p, 8);
-    c = _mm_crc32_u64(c, word);
+    c = _mm_crc32_u64(c, load64(p));
     p += 8;
     len -= 8;
   }

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from fastfeed import ConfigError, DataLoader, StreamingDataset
-from fastfeed.cache import cache_info, clear_cache
+from fastfeed.cache import cache_info, clear_cache, entry_files, trailer_size
 from fastfeed.config import S3Config
 from fastfeed.testing.servers import free_port
 from fastfeed.testing.shards import upload_dir, write_synthetic_shards
@@ -44,6 +44,22 @@ def data(bucket: Any, fault_proxy: Any, tmp_path: Path) -> dict[str, Any]:
         "bucket": bucket,
         "proxy": fault_proxy,
     }
+
+
+def payloads(cache: str) -> list[bytes]:
+    """The shard bytes of each entry of ``cache`` (an entry is the shard, then its checksums),
+    sorted; checks each entry's length."""
+    out = []
+    for path in entry_files(cache):
+        size = int(path.stem.rsplit("-", 1)[1])
+        raw = path.read_bytes()
+        assert len(raw) == size + trailer_size(size), path
+        out.append(raw[:size])
+    return sorted(out)
+
+
+def shard_bytes(data: dict[str, Any]) -> list[bytes]:
+    return sorted(p.read_bytes() for p in data["paths"])
 
 
 def gets(proxy: Any) -> int:
@@ -205,7 +221,7 @@ def test_kill_9_during_a_fill_leaves_a_cache_the_next_run_uses(data: dict[str, A
     args = _reader_args(data, 0, 0)
     args[2] = _FILLER
     job = subprocess.Popen(args)
-    tmp = Path(data["cache"], "v1", "tmp")
+    tmp = Path(data["cache"], "v2", "tmp")
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -228,9 +244,7 @@ def test_kill_9_during_a_fill_leaves_a_cache_the_next_run_uses(data: dict[str, A
     assert got == reference
     info = cache_info(data["cache"])
     assert info.partial == 0 and info.entries == SHARDS, "leftovers cleaned, every shard cached"
-    entries = sorted(Path(data["cache"], "v1", "entries").iterdir(), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
-    by_size = sorted(data["paths"], key=lambda p: p.stat().st_size)
-    assert sorted(e.read_bytes() for e in entries) == sorted(p.read_bytes() for p in by_size), "entries are exact"
+    assert payloads(data["cache"]) == shard_bytes(data), "entries are exact"
 
 
 def test_a_full_disk_warns_and_loses_nothing(data: dict[str, Any]) -> None:
@@ -338,8 +352,10 @@ def test_a_shard_being_read_is_never_evicted_and_live_fills_survive_cleanup(data
     # A part file whose filler is alive (holds LOCK_EX) survives the start-up clean-up; an
     # abandoned one does not.
     live, dead = cache.tmp / "live-0-1.part", cache.tmp / "dead-0-1.part"
-    live.write_bytes(b"x")
-    dead.write_bytes(b"y")
+    for path, byte in ((live, b"x"), (dead, b"y")):  # as fastfeed makes them: 0600
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, byte)
+        os.close(fd)
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl,os,sys,time; fd=os.open(sys.argv[1], os.O_RDWR); "
          "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)", str(live)],
@@ -355,7 +371,7 @@ def test_a_shard_being_read_is_never_evicted_and_live_fills_survive_cleanup(data
         if holder.stdout is not None:
             holder.stdout.close()
     assert cache.cleanup() == 1 and not live.exists(), "once its process is gone, it is a leftover"
-    os.close(cache._lock_fd)
+    cache.close()
 
 
 def test_samples_flow_while_the_shard_is_still_being_written(data: dict[str, Any]) -> None:
@@ -444,9 +460,8 @@ def test_a_cold_read_takes_its_fills_bytes_in_place_never_reading_them_back(data
     assert io["cache_misses"] == SHARDS
     assert io["bytes_fetched"] == data["bytes"], "every byte was fetched once, by the fills"
     assert io["bytes_from_cache"] == 0, "the reader got each part from its own fill, not from the part file"
-    entries = sorted(Path(data["cache"]).glob("v1/entries/*.tar"), key=lambda p: p.stat().st_size)
-    assert len(entries) == SHARDS
-    assert sorted(p.read_bytes() for p in entries) == sorted(p.read_bytes() for p in data["paths"])
+    assert len(entry_files(data["cache"])) == SHARDS
+    assert payloads(data["cache"]) == shard_bytes(data)
 
 
 def test_a_reader_closed_with_claims_outstanding_stops_at_once(data: dict[str, Any]) -> None:
@@ -478,8 +493,7 @@ def test_direct_fills_write_exact_entries_that_later_epochs_hit(
     assert ds.cache_config is not None and ds.cache_config.io == "direct"
     got = {f"{Path(s['__url__']).name}#{s['__key__']}": s["bin"] for s in ds}
     assert got == reference
-    entries = sorted(Path(data["cache"]).glob("v1/entries/*.tar"))
-    assert sorted(p.read_bytes() for p in entries) == sorted(p.read_bytes() for p in data["paths"]), "exact copies"
+    assert payloads(data["cache"]) == shard_bytes(data), "exact copies"
     fetched = gets(proxy)
     ds.set_epoch(1)
     again = {f"{Path(s['__url__']).name}#{s['__key__']}": s["bin"] for s in ds}
@@ -508,8 +522,7 @@ def test_direct_fills_fall_back_to_buffered_where_the_file_system_refuses(
         assert len(keys(ds)) == SHARDS * PER_SHARD
     assert "fills are buffered" in caplog.text
     assert cache_info(data["cache"]).entries == SHARDS
-    entries = sorted(Path(data["cache"]).glob("v1/entries/*.tar"))
-    assert sorted(p.read_bytes() for p in entries) == sorted(p.read_bytes() for p in data["paths"])
+    assert payloads(data["cache"]) == shard_bytes(data)
 
 
 def test_cache_io_auto_writes_direct_only_for_datasets_larger_than_half_the_memory(

@@ -40,3 +40,33 @@ def test_both_paths_match_the_definition_and_continue_across_splits(data: bytes,
     assert _native.crc32c(data, portable=True) == expected
     assert _native.crc32c(data[cut:], _native.crc32c(data[:cut])) == expected
     assert _native.crc32c(memoryview(data)[cut:], _native.crc32c(data[:cut], portable=True), portable=True) == expected
+
+
+@given(
+    st.integers(min_value=0, max_value=3 * 8192 * 2 + 3 * 256 * 3 + 17),
+    st.integers(min_value=0, max_value=2**32 - 1),
+    st.integers(min_value=0, max_value=2**32 - 1),
+)
+def test_long_inputs_three_chains_at_once_match_the_portable_path(length: int, seed: int, start: int) -> None:
+    # Inputs of 3 x 8 KiB and 3 x 256 B or more are cut into three stretches computed at once
+    # and combined (csrc/crc32c.cpp); any length, content, start value and alignment.
+    import random
+
+    data = random.Random(seed).randbytes(length + 7)
+    for offset in (0, 3, 7):
+        view = memoryview(data)[offset : offset + length]
+        assert _native.crc32c(view, start) == _native.crc32c(view, start, portable=True)
+
+
+@given(st.binary(max_size=5000), st.integers(min_value=1, max_value=1500))
+def test_chunks_are_the_crc32c_of_each_piece(data: bytes, chunk: int) -> None:
+    pieces = [data[i : i + chunk] for i in range(0, len(data), chunk)]
+    assert _native.crc32c_chunks(data, chunk) == [_native.crc32c(p) for p in pieces]
+    assert _native.crc32c_chunks(memoryview(data), chunk) == [reference(p) for p in pieces]
+
+
+def test_chunks_need_a_positive_size() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="chunk=0"):
+        _native.crc32c_chunks(b"abc", 0)

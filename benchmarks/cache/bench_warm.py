@@ -58,6 +58,7 @@ from typing import Any
 import torch
 
 import fastfeed
+from fastfeed.cache import entry_files
 from fastfeed.config import S3Config, format_size, parse_size
 from fastfeed.peers import (
     Expected,
@@ -239,7 +240,7 @@ class FastfeedContender(Contender):
         return run
 
     def entries(self) -> list[Path]:
-        return sorted((self.cache_dir / "v1" / "entries").glob("*.tar"))
+        return entry_files(self.cache_dir)
 
 
 class FastfeedZeroCopyContender(FastfeedContender):

@@ -31,6 +31,7 @@ from typing import Any
 from fastfeed import DataLoader, StreamingDataset
 from fastfeed.bench import measure_raw_read
 from fastfeed.benchmark import demo_dataset
+from fastfeed.cache import entry_files
 from fastfeed.config import parse_size
 
 
@@ -68,7 +69,7 @@ def main() -> int:
         ds = StreamingDataset(url, s3=s3, cache_dir=cache, cache_limit="20GB")
         for _ in ds:  # fill the cache, untimed
             pass
-        entries = sorted(Path(cache).glob("v1/entries/*.tar"))
+        entries = entry_files(cache)
         modes = ["fresh", "persistent"]
         for r in range(args.repeats):
             ceilings.append(measure_raw_read(entries).mb_per_s)

@@ -89,3 +89,7 @@ CRC32C_HARDWARE: bool
 def crc32c(buf: Buffer | NDArray[Any], value: int = 0, portable: bool = False) -> int:
     """The CRC32C (Castagnoli) of ``buf``, continuing from ``value`` (GIL released); the CPU's
     CRC32 instruction where it has one, unless ``portable``."""
+
+def crc32c_chunks(buf: Buffer | NDArray[Any], chunk: int) -> list[int]:
+    """The CRC32C of each ``chunk`` bytes of ``buf`` (the last piece may be shorter), computed
+    with the GIL released once (ValueError for ``chunk <= 0``)."""

@@ -47,6 +47,7 @@ from fastfeed.bench import (
     measure_raw_read,
     peak_rss_bytes,
 )
+from fastfeed.cache import entry_files
 from fastfeed.config import PrefetchConfig, S3Config, format_size
 from fastfeed.errors import ConfigError
 
@@ -546,7 +547,7 @@ def run(
         if cache_dir is not None and any(r.extra.get("phase") == "warm" for r in report.runs):
             # After the epochs, so that it finds the page cache as the warm epochs left it: with
             # direct fills, a read before them would be the one to bring the entries into memory.
-            entries = sorted(Path(cache_dir).glob("v1/entries/*.tar"))
+            entries = entry_files(cache_dir)
             if entries:
                 report.ceilings["raw read"] = measure_raw_read(entries)
 

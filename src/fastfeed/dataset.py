@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from fastfeed.cache import CacheConfig, Planner, ShardCache, entry_key, url_hash_of
+from fastfeed.cache import CacheConfig, Planner, ShardCache, check_cache_dir, entry_key, url_hash_of
 from fastfeed.config import PrefetchConfig, S3Config
 from fastfeed.errors import ConfigError
 from fastfeed.plan import Piece, rank_pieces, rank_sample_count, shard_order, worker_pieces
@@ -71,8 +71,10 @@ class StreamingDataset(IterableDataset[Sample]):
             order, ``"pad"`` wraps around and repeats up to ``world_size - 1`` samples.
         cache_dir, cache_limit: cache shards on this node's local disk, bounded by
             ``cache_limit`` bytes (``"500GB"``): each shard is fetched from the store once per
-            node and shared by every worker, rank and job there (see :mod:`fastfeed.cache`).
-            A limit that cannot hold ``shards_in_flight`` of the largest shard is an error.
+            node and shared by every worker, rank and job of the user there (see
+            :mod:`fastfeed.cache`). A limit that cannot hold ``shards_in_flight`` of the largest
+            shard is an error, and so is a ``cache_dir`` owned by another user or writable by
+            group or others (use a private directory, e.g. ``/scratch/$USER/fastfeed``).
         cache_on_error: ``"warn"`` (default) or ``"raise"`` when the cache directory is not
             writable or its disk is full; with ``"warn"`` reading continues from the store.
         cache_policy: ``"belady"`` (default; evicts the shard this dataset needs again
@@ -383,6 +385,7 @@ class StreamingDataset(IterableDataset[Sample]):
             memory = _physical_memory()
             io = "direct" if memory and sum(cached) > memory // 2 else "buffered"
         config = CacheConfig.of(cache_dir, cache_limit, on_error, policy, io)
+        check_cache_dir(config.dir)  # another user's, or open to others: refused here, not in a worker
         need = max(cached, default=0) * self.prefetch_config.shards_in_flight
         if need > config.limit:
             raise ConfigError(

@@ -393,17 +393,18 @@ class Prefetcher:
 
     async def _fetch(self, store: Store, loc: Location, info: ObjectInfo, part: _Part, counted: bool = True) -> None:
         fut = part.future
-        mapped = getattr(store, "mapped", None)
-        if mapped is not None:
-            # A cache hit: a view of the mapped entry, no copy and no pool buffer. The mapping
-            # lives as long as any view of it.
-            view = mapped[part.start : part.end]
-            self._count_cached(len(view))
-            if fut.set_running_or_notify_cancel():
-                fut.set_result(view)
-            return
-        part.buffer = self._pool.take()
+        verified_view = getattr(store, "verified_view", None)
         try:
+            if verified_view is not None:
+                # A cache hit: a view of the mapped entry (checked against its checksums), no
+                # copy and no pool buffer; it counts its bytes. The mapping lives as long as
+                # any view of it. None: read it as below (the entry failed its check).
+                view = await verified_view(part.start, part.end)
+                if view is not None:
+                    if fut.set_running_or_notify_cancel():
+                        fut.set_result(view)
+                    return
+            part.buffer = self._pool.take()
             out = memoryview(part.buffer)[: part.end - part.start]
             data = await store.read_range(loc, part.start, part.end, info.etag, out=out)
         except asyncio.CancelledError:
