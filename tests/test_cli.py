@@ -32,7 +32,7 @@ def test_bench_demo_runs_end_to_end(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "raw GET ceiling" in proc.stdout and "fastfeed epoch 1 (warm)" in proc.stdout
-    assert "targets (issue 6):" in proc.stdout
+    assert "targets (fastfeed vs the ceilings and the best peer):" in proc.stdout and "issue" not in proc.stdout.lower()
     report = json.loads(out.read_text())
     total = report["setup"]["num_shards"] * report["setup"]["samples_per_shard"]
     assert set(report["ceilings"]) == {"raw GET", "raw read"}

@@ -316,7 +316,7 @@ def test_report_says_whether_decoding_or_io_bounds_a_decoding_run() -> None:
     row = next(line for line in table.splitlines() if line.startswith(run.name))
     assert row[len(run.name) :].split()[:3] == ["300", "30", "0.75"]  # x ceil: 300 / 400 samples/s
     assert "bound by decoding" in table and "1,000 samples/s" in table
-    assert report.targets() == []  # issue 6's targets are for undecoded feeding
+    assert report.targets() == []  # the epoch targets are for undecoded feeding
     report.ceilings[DECODE_CEILING] = m("decode ceiling (2 workers)", 4000, 400)
     assert report.ceiling_of(run) is report.ceilings["raw GET"] and "bound by I/O" in report.table()
 

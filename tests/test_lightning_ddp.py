@@ -24,6 +24,8 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -54,8 +56,10 @@ TORCH_LOADER = f"{torch.utils.data.DataLoader.__module__}.{torch.utils.data.Data
 # rank<r>.json (indices/keys per batch per epoch, the loader Lightning used) and rank<r>.pt
 # (the batches, cloned, and the final parameters).
 _SCRIPT = r'''
+import faulthandler
 import json
 import random
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -68,6 +72,9 @@ import fastfeed
 
 cfg = json.loads(Path(sys.argv[1]).read_text())
 OUT = Path(cfg["out"])
+# A hung run shows where: the test sends SIGUSR2 to every process of the run (the ranks and,
+# inheriting the handler, their loader workers) before it kills them.
+faulthandler.register(signal.SIGUSR2, all_threads=True)
 
 
 class Samples(torch.utils.data.Dataset):
@@ -172,6 +179,10 @@ for dl in {id(model.loader): model.loader, id(loader): loader}.values():
 '''
 
 
+class RunTimedOut(AssertionError):
+    """A training run did not finish within RUN_TIMEOUT_S; the message holds its processes' stacks."""
+
+
 def run_ddp(tmp_path: Path, name: str, **config: Any) -> list[dict[str, Any]]:
     """Run one 2-rank DDP training (the script above, ``config`` merged into its defaults) and
     return each rank's record, its ``.pt`` contents under ``"saved"``. Whatever happens, the run's
@@ -203,9 +214,12 @@ def run_ddp(tmp_path: Path, name: str, **config: Any) -> list[dict[str, Any]]:
         # The pipe closes when rank 1 (which inherits it) and any leftover worker exit too.
         output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGUSR2)  # every process dumps its Python stacks
+        time.sleep(2)
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
-        pytest.fail(f"{name}: not done after {RUN_TIMEOUT_S} s (killed)\n{output[-6000:]}")
+        stacks = output[-20000:]
+        raise RunTimedOut(f"{name}: not done after {RUN_TIMEOUT_S} s (killed); its stacks:\n{stacks}") from None
     finally:
         with contextlib.suppress(ProcessLookupError):  # the group may have exited already
             os.killpg(proc.pid, signal.SIGKILL)
@@ -258,7 +272,14 @@ def test_lightning_injects_its_distributed_sampler_and_ranks_get_torchs_batches(
     with its own options, and its sampler is the DistributedSampler of that rank."""
     seed_workers = num_workers > 0  # seed_everything(workers=True): Lightning adds a worker_init_fn
     common = {"construct": construct, "num_workers": num_workers, "seed_workers": seed_workers}
-    theirs = run_ddp(tmp_path, "torch", kind="torch", **common)
+    try:
+        theirs = run_ddp(tmp_path, "torch", kind="torch", **common)
+    except RunTimedOut as hung:
+        # The reference (torch's own DataLoader under Lightning) once hung on a CI machine with
+        # workers. It is not what is tested: run it again (its batches are deterministic), and
+        # keep the stacks of the hung run in the warning.
+        warnings.warn(f"the reference run hung; running it again. {hung}", stacklevel=1)
+        theirs = run_ddp(tmp_path, "torch-again", kind="torch", **common)
     ours = run_ddp(tmp_path, "fastfeed", kind="fastfeed", **common)
 
     for rank, (got, want) in enumerate(zip(ours, theirs, strict=True)):

@@ -16,7 +16,7 @@
   ``clone()`` of the same tensors, and the background upload.
 
 The :class:`Report` holds every :class:`~fastfeed.bench.Measurement`, renders the table, the
-JSON and the plot, and checks the targets of issue 6, saying plainly which were missed.
+JSON and the plot, and checks fastfeed's performance targets, saying plainly which were missed.
 :func:`demo` runs all of this against a local S3 server (SeaweedFS) with a synthetic dataset.
 """
 
@@ -113,7 +113,7 @@ class BenchConfig:
 
 @dataclass
 class Target:
-    """One target of issue 6, checked against this run's figures."""
+    """One of fastfeed's performance targets, checked against this run's figures."""
 
     name: str
     value: float | None
@@ -172,7 +172,7 @@ class Report:
         return runs[0] if phase == "cold" else max(runs, key=lambda r: r.mb_per_s)
 
     def targets(self) -> list[Target]:
-        """Issue 6's targets, from this run's ratios."""
+        """fastfeed's performance targets, from this run's ratios."""
         out: list[Target] = []
         latency = float(self.config.get("latency_ms") or 0.0)
         where = (
@@ -246,7 +246,7 @@ class Report:
         targets = self.targets()
         if targets:
             lines.append("")
-            lines.append("targets (issue 6):")
+            lines.append("targets (fastfeed vs the ceilings and the best peer):")
             for t in targets:
                 verdict = {True: "met", False: "MISSED", None: "n/a"}[t.met]
                 value = f"{t.value:.2f}" if t.value is not None else "-"
@@ -274,7 +274,7 @@ class Report:
                 f"{_ceiling_label(io.name, io)} {io_per_s:,.0f} samples/s at {format_size(r.bytes // r.samples)}/sample"
             )
         if self.config.get("decode"):
-            lines.append("the epoch targets of issue 6 are not checked with --decode: they bound feeding stored bytes")
+            lines.append("the epoch targets are not checked with --decode: they bound feeding stored bytes")
         return lines
 
     def as_dict(self) -> dict[str, Any]:
