@@ -4,10 +4,12 @@ emulated latency, JSON, plot), its target checks, and its error paths."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -217,3 +219,30 @@ def test_bench_counts_the_cpu_of_live_forked_workers_not_of_servers() -> None:
         other.kill()
         other.wait(10)
     assert live_forked_children_cpu() == 0.0, "reaped children are counted by getrusage instead"
+
+
+def test_bench_never_writes_the_secret_key(s3_shards: Any, seaweed: Any, tmp_path: Path) -> None:
+    """A real run against SeaweedFS with credentials from the environment, logging at INFO and
+    writing JSON and a plot: the secret key is nowhere in stdout, stderr, the JSON or the PNG.
+    A wrong secret (an error path, which prints the config's context) must not show either."""
+    bucket, prefix, _ = s3_shards
+    out, plot = tmp_path / "report.json", tmp_path / "plot.png"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": seaweed.access_key, "AWS_SECRET_ACCESS_KEY": seaweed.secret_key}
+    args = [
+        sys.executable, "-m", "fastfeed.cli", "bench", f"s3://{bucket}/{prefix}", "--endpoint-url",
+        seaweed.endpoint_url, "--workers", "1", "--epochs", "1", "--batch-size", "4", "--compare", "torch",
+        "--checkpoint-size", "1MiB", "--no-progress", "-v", "--json", str(out), "--plot", str(plot),
+    ]  # fmt: skip
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr
+    secret = seaweed.secret_key
+    assert len(secret) >= 16 and json.loads(out.read_text())["runs"], "a real run, with a real secret"
+    for where, text in (("stdout", proc.stdout), ("stderr", proc.stderr), ("JSON", out.read_text())):
+        assert secret not in text, f"the secret key is in the {where}"
+    assert secret.encode() not in plot.read_bytes()
+
+    wrong = "W" * 24 + secret[24:]
+    env["AWS_SECRET_ACCESS_KEY"] = wrong
+    failed = subprocess.run(args, capture_output=True, text=True, env=env, timeout=240, check=False)
+    assert failed.returncode != 0 and "fastfeed: error:" in failed.stderr
+    assert wrong not in failed.stdout + failed.stderr and secret not in failed.stdout + failed.stderr
