@@ -1,4 +1,4 @@
-"""The node cache on a machine shared with other users (fastfeed.cache's trust model), and
+"""The node cache on a machine shared with other users (fastfeed.cache.node's trust model), and
 entries that are damaged on disk: against the real S3 server, with real files, and with a
 second local user (``nobody``, through ``setpriv``) in real processes where one is needed.
 
@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastfeed import ConfigError, StreamingDataset
-from fastfeed.cache import _LOCK_S, _Checksums, cache_info, clear_cache, entry_files, trailer_size
+from fastfeed.cache.node import _LOCK_S, _Checksums, cache_info, clear_cache, entry_files, trailer_size
 from fastfeed.config import S3Config
 from fastfeed.testing.shards import upload_dir, write_synthetic_shards
 

@@ -23,9 +23,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from ckpt_targets import Target, make_target
-from fastfeed.checkpoint import Checkpointer
+from fastfeed.checkpoint.checkpointer import Checkpointer
+from fastfeed.checkpoint.dcp import FastfeedStorageReader, FastfeedStorageWriter
 from fastfeed.config import RetryConfig, S3Config
-from fastfeed.dcp import FastfeedStorageReader, FastfeedStorageWriter
 from fastfeed.errors import CheckpointError
 from fastfeed.shards import write_shards
 
@@ -48,7 +48,7 @@ def wait_for(predicate: Any, what: str, timeout: float = 60.0) -> None:
 
 _SAVER = """
 import sys, torch
-from fastfeed.checkpoint import Checkpointer
+from fastfeed.checkpoint.checkpointer import Checkpointer
 from fastfeed.config import S3Config
 url, endpoint, key, secret = sys.argv[1:5]
 s3 = S3Config(endpoint_url=endpoint, access_key_id=key, secret_access_key=secret)

@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 import fastfeed
-from fastfeed.bench import Measurement
-from fastfeed.benchmark import DECODE_CEILING, BenchConfig, Report, demo, measure_decode
+from fastfeed.bench.measure import Measurement
+from fastfeed.bench.run import DECODE_CEILING, BenchConfig, Report, demo, measure_decode
 from fastfeed.decode import Decoder, decode_value
 from fastfeed.errors import ConfigError, DecodeError, FastfeedError
 from fastfeed.testing.shards import sample_key, write_synthetic_shards

@@ -19,10 +19,10 @@ from torch.utils.data import Dataset, default_collate
 
 from batch_compare import assert_same_batch
 from fastfeed import CorruptShardError, DataLoader, RaggedBytes, StreamingDataset, TruncatedShardError
-from fastfeed.batch import tree_map_tensors
-from fastfeed.device import DeviceFeeder
-from fastfeed.loader import _SlotFlags, _SlotTable
-from fastfeed.ring import HostRing
+from fastfeed.batch.assemble import tree_map_tensors
+from fastfeed.batch.device import DeviceFeeder
+from fastfeed.batch.ring import HostRing
+from fastfeed.loader.dataloader import _SlotFlags, _SlotTable
 from fastfeed.testing.shards import write_synthetic_shards
 
 
@@ -150,7 +150,7 @@ def test_device_feeder_holds_host_slots_until_copies_complete() -> None:
     ring = HostRing(2)
     ops = FakeOps()
     feeder = DeviceFeeder(ops)
-    from fastfeed.collate import collate_into
+    from fastfeed.batch.collate import collate_into
 
     for i in range(2):
         slot = ring.acquire()
@@ -239,7 +239,7 @@ def test_a_worker_never_waits_for_a_slot() -> None:
     None at once (the batch goes to a fresh region): a held batch costs memory, never a wait.
     A new epoch of a persistent pool takes back the slots that are neither free nor held (their
     batches were dropped unseen when the previous epoch ended early)."""
-    from fastfeed.loader import _WorkerSlots
+    from fastfeed.loader.dataloader import _WorkerSlots
 
     flags = _SlotFlags(1, 3)
     slots = _WorkerSlots(flags, 0)
@@ -454,7 +454,7 @@ class RegionOps(FakeOps):
         self.regions: list[int] = []
 
     def copy_region(self, region: torch.Tensor, layout: Any) -> tuple[Any, Any]:
-        from fastfeed.batch import from_layout
+        from fastfeed.batch.assemble import from_layout
 
         self.events += 1
         self.regions.append(region.numel())
@@ -462,8 +462,8 @@ class RegionOps(FakeOps):
 
 
 def test_collated_batches_cross_to_the_device_as_one_region() -> None:
-    from fastfeed.collate import collate_into
-    from fastfeed.device import region_layout
+    from fastfeed.batch.collate import collate_into
+    from fastfeed.batch.device import region_layout
 
     ring = HostRing(1)
     slot = ring.acquire()

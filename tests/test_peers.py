@@ -1,4 +1,4 @@
-"""fastfeed.peers: each peer adapter reads the same shards from the real local S3 server and
+"""fastfeed.bench.peers: each peer adapter reads the same shards from the real local S3 server and
 must deliver every sample. torch and webdataset run in the project venv; litdata, MosaicML
 Streaming and s3torchconnector only where installed (benchmarks/cache/README_peers.md)."""
 
@@ -13,8 +13,7 @@ from typing import Any
 import pytest
 import torch.utils.data
 
-from fastfeed.config import S3Config
-from fastfeed.peers import (
+from fastfeed.bench.peers import (
     PEERS,
     Expected,
     Peer,
@@ -32,6 +31,7 @@ from fastfeed.peers import (
     streaming_shm_names,
     streaming_shm_owner,
 )
+from fastfeed.config import S3Config
 from fastfeed.testing.shards import upload_dir, write_synthetic_shards
 
 SHARDS = 3

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What filling the node cache costs a cold epoch: fastfeed.DataLoader, same run, same store.
 
-Starts SeaweedFS on 127.0.0.1 with a synthetic dataset (``fastfeed.benchmark.demo_dataset``)
+Starts SeaweedFS on 127.0.0.1 with a synthetic dataset (``fastfeed.bench.run.demo_dataset``)
 behind the delaying proxy of ``fastfeed bench`` (``--latency-ms``), then for each repeat (order
 rotated) times one cold epoch of ``fastfeed.DataLoader(num_workers=W)`` in each mode:
 
@@ -12,9 +12,9 @@ rotated) times one cold epoch of ``fastfeed.DataLoader(num_workers=W)`` in each 
 * ``sparse`` (diagnostic, ``--sparse``): as ``cache``, but the fill extends the part file with
   ``ftruncate`` instead of writing the bytes (and skips the fsync). The entries are then holes,
   so this mode only measures what the rest of the cache machinery costs. It replaces a private
-  function of ``fastfeed.cache`` in this process and its forked workers.
+  function of ``fastfeed.cache.node`` in this process and its forked workers.
 
-Also measured per repeat: the raw GET ceiling (``fastfeed.bench.measure_raw_get``). Reports the
+Also measured per repeat: the raw GET ceiling (``fastfeed.bench.measure.measure_raw_get``). Reports the
 medians of MB/s and of client CPU seconds per GiB (workers included).
 
     python benchmarks/cache/bench_cold_fill.py --size 1GiB --latency-ms 20 --repeats 3 --sparse
@@ -33,10 +33,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import fastfeed.cache as ff_cache
+import fastfeed.cache.node as ff_cache
 from fastfeed import DataLoader, StreamingDataset
-from fastfeed.bench import measure_batches, measure_raw_get
-from fastfeed.benchmark import _batch_bytes, _batch_count, _emulated, demo_dataset
+from fastfeed.bench.measure import measure_batches, measure_raw_get
+from fastfeed.bench.run import _batch_bytes, _batch_count, _emulated, demo_dataset
 from fastfeed.config import PrefetchConfig, parse_size
 
 _REAL_PWRITE = ff_cache._pwrite_all
@@ -116,7 +116,7 @@ def main() -> int:
 
 @contextlib.contextmanager
 def _no_fsync() -> Any:
-    """The sparse mode skips the fill's fsync too (``fastfeed.cache`` looks ``os.fsync`` up when
+    """The sparse mode skips the fill's fsync too (``fastfeed.cache.node`` looks ``os.fsync`` up when
     it calls it)."""
 
     class _Os:

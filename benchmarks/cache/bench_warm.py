@@ -58,9 +58,7 @@ from typing import Any
 import torch
 
 import fastfeed
-from fastfeed.cache import entry_files
-from fastfeed.config import S3Config, format_size, parse_size
-from fastfeed.peers import (
+from fastfeed.bench.peers import (
     Expected,
     LitdataCollate,
     cache_snapshot,
@@ -75,6 +73,8 @@ from fastfeed.peers import (
     snapshot_diff,
     tempdir_redirect,
 )
+from fastfeed.cache.node import entry_files
+from fastfeed.config import S3Config, format_size, parse_size
 from fastfeed.testing.servers import SeaweedServer
 from fastfeed.testing.shards import upload_dir, write_synthetic_shards
 
@@ -86,7 +86,7 @@ PAGE = 4096
 LOADER_TIMEOUT_S = 300  # a peer loader's batch not ready in this long fails the run instead of hanging
 PEERS = ("mosaic", "litdata")
 SETTINGS = ("loop", "loader")
-FIELDS = {"bin": "bytes", "cls": "int"}  # what the peers' copies hold (fastfeed.peers field kinds)
+FIELDS = {"bin": "bytes", "cls": "int"}  # what the peers' copies hold (fastfeed.bench.peers field kinds)
 
 
 @dataclass

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import fastfeed
-from fastfeed.loader import _StatsSink
+from fastfeed.loader.dataloader import _StatsSink
 from fastfeed.testing.shards import write_synthetic_shards
 
 #: perf_counter calls per batch: producer (source timing 2, fetch snapshot 2, collate 2, copy 2)

@@ -10,9 +10,9 @@ See the README for the data flow and :mod:`fastfeed.errors` for the error tree.
 
 from typing import TYPE_CHECKING, Any
 
-from fastfeed.batch import RaggedBytes
+from fastfeed.batch.assemble import RaggedBytes
 from fastfeed.callbacks import CheckpointCallback
-from fastfeed.checkpoint import Checkpointer, CheckpointInfo, CheckpointStats, SaveHandle
+from fastfeed.checkpoint.checkpointer import Checkpointer, CheckpointInfo, CheckpointStats, SaveHandle
 from fastfeed.config import PrefetchConfig, RetryConfig, S3Config, parse_size
 from fastfeed.dataset import StreamingDataset
 from fastfeed.errors import (
@@ -38,10 +38,10 @@ from fastfeed.errors import (
     TransientStoreError,
     TruncatedShardError,
 )
-from fastfeed.loader import DataLoader, LoaderStats
+from fastfeed.loader.dataloader import DataLoader, LoaderStats
 
 if TYPE_CHECKING:
-    from fastfeed.dcp import FastfeedStorageReader, FastfeedStorageWriter
+    from fastfeed.checkpoint.dcp import FastfeedStorageReader, FastfeedStorageWriter
 
 __version__ = "0.1.0"
 
@@ -89,7 +89,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # The DCP storage classes import torch.distributed.checkpoint (about a second): only on use.
     if name in ("FastfeedStorageReader", "FastfeedStorageWriter"):
-        from fastfeed import dcp
+        from fastfeed.checkpoint import dcp
 
         return getattr(dcp, name)
     raise AttributeError(f"module 'fastfeed' has no attribute {name!r}")

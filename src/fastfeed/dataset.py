@@ -24,15 +24,15 @@ from typing import Any, TypeVar
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from fastfeed.cache import CacheConfig, Planner, ShardCache, check_cache_dir, entry_key, url_hash_of
+from fastfeed.cache.node import CacheConfig, Planner, ShardCache, check_cache_dir, entry_key, url_hash_of
 from fastfeed.config import PrefetchConfig, S3Config
 from fastfeed.errors import ConfigError
-from fastfeed.plan import Piece, rank_pieces, rank_sample_count, shard_order, worker_pieces
-from fastfeed.prefetch import FetchStats, Prefetcher
-from fastfeed.reader import Sample, iter_samples
-from fastfeed.reshard import Segment, segment_rank_pieces
-from fastfeed.sources import count_shard_samples, resolve_source
-from fastfeed.store import ObjectInfo, StoreSet
+from fastfeed.order.plan import Piece, rank_pieces, rank_sample_count, shard_order, worker_pieces
+from fastfeed.order.reshard import Segment, segment_rank_pieces
+from fastfeed.read.prefetch import FetchStats, Prefetcher
+from fastfeed.read.reader import Sample, iter_samples
+from fastfeed.read.sources import count_shard_samples, resolve_source
+from fastfeed.store.base import ObjectInfo, StoreSet
 
 __all__ = ["StreamingDataset"]
 
@@ -72,7 +72,7 @@ class StreamingDataset(IterableDataset[Sample]):
         cache_dir, cache_limit: cache shards on this node's local disk, bounded by
             ``cache_limit`` bytes (``"500GB"``): each shard is fetched from the store once per
             node and shared by every worker, rank and job of the user there (see
-            :mod:`fastfeed.cache`). A limit that cannot hold ``shards_in_flight`` of the largest
+            :mod:`fastfeed.cache.node`). A limit that cannot hold ``shards_in_flight`` of the largest
             shard is an error, and so is a ``cache_dir`` owned by another user or writable by
             group or others (use a private directory, e.g. ``/scratch/$USER/fastfeed``).
         cache_on_error: ``"warn"`` (default) or ``"raise"`` when the cache directory is not
@@ -97,7 +97,7 @@ class StreamingDataset(IterableDataset[Sample]):
     Each sample is a dict: ``"__key__"``, ``"__url__"`` and one ``bytes`` value per file
     extension, exactly as WebDataset yields them (``memoryview`` with ``zero_copy=True``).
 
-    Splitting: samples are divided between ranks (see :mod:`fastfeed.plan`), then shard pieces
+    Splitting: samples are divided between ranks (see :mod:`fastfeed.order.plan`), then shard pieces
     round-robin between DataLoader workers. Call :meth:`set_epoch` before each epoch to get a
     new shuffle order (in ``fastfeed.DataLoader`` also with ``persistent_workers=True``; in
     torch's DataLoader persistent workers keep the epoch they started with, as for any iterable
@@ -157,7 +157,7 @@ class StreamingDataset(IterableDataset[Sample]):
         self.rank, self.world_size = _distributed_place(rank, world_size)
         self.epoch = 0
         # After a resume on another world size: the closed segments of epoch _segments_epoch
-        # (see fastfeed.reshard) and, cached, this rank's pieces of the segment after them.
+        # (see fastfeed.order.reshard) and, cached, this rank's pieces of the segment after them.
         self._segments: tuple[Segment, ...] = ()
         self._segments_epoch = -1
         # This rank's pieces of the segment after some closed segments of an epoch, by key.
@@ -226,7 +226,7 @@ class StreamingDataset(IterableDataset[Sample]):
         counters, ``bytes_copied`` (bytes the reader copied to join samples that straddle
         parts), and the largest bytes any one prefetcher held at once (``held_peak``), of which
         the copy of a straddling sample (``copy_peak``), and by how much the rest ever exceeded
-        the byte budget (``over_budget``; see :mod:`fastfeed.prefetch`)."""
+        the byte budget (``over_budget``; see :mod:`fastfeed.read.prefetch`)."""
         totals = {
             "fetch_wait_s": self._io_done.wait_s,
             "bytes_fetched": float(self._io_done.bytes_fetched),
@@ -254,7 +254,7 @@ class StreamingDataset(IterableDataset[Sample]):
     ) -> list[Piece]:
         """The shard pieces a worker of this rank reads in ``epoch`` (default: the current one).
 
-        ``segments``: the epoch's closed segments (see :mod:`fastfeed.reshard`); default: the
+        ``segments``: the epoch's closed segments (see :mod:`fastfeed.order.reshard`); default: the
         current epoch's when ``epoch`` is the current one, else none.
         """
         if epoch is None:
@@ -296,7 +296,7 @@ class StreamingDataset(IterableDataset[Sample]):
 
     @property
     def segments(self) -> tuple[Segment, ...]:
-        """The current epoch's closed segments (see :mod:`fastfeed.reshard`)."""
+        """The current epoch's closed segments (see :mod:`fastfeed.order.reshard`)."""
         return self._segments if self.segment else ()
 
     def _resume_segments(self, epoch: int, segments: tuple[Segment, ...]) -> None:
@@ -397,7 +397,7 @@ class StreamingDataset(IterableDataset[Sample]):
         return config
 
     def _cache_planner(self, epoch: int | None = None) -> Planner:
-        """The cache's view of the future (see :mod:`fastfeed.cache`): when each shard is read
+        """The cache's view of the future (see :mod:`fastfeed.cache.node`): when each shard is read
         next, in epochs from the start of ``epoch`` (default: the current one). All ranks and
         streams of a node advance together, so a shard's time in an epoch is its offset along
         the stream that reads it, over that stream's length."""

@@ -196,7 +196,7 @@ class DecodeError(FastfeedError):
 
 
 class CheckpointError(FastfeedError):
-    """A checkpoint cannot be saved or loaded (see :mod:`fastfeed.checkpoint`)."""
+    """A checkpoint cannot be saved or loaded (see :mod:`fastfeed.checkpoint.checkpointer`)."""
 
 
 class CorruptCheckpointError(CheckpointError):

@@ -11,7 +11,7 @@ can store next to its checkpoints to pin exactly which data it read::
     manifest = write_shards(({"__key__": f"{i:08d}", "txt": f"sample {i}", "cls": i % 10}
                              for i in range(1000)), "out/")
 
-Conventions (WebDataset's, and exactly what :mod:`fastfeed.reader` reads back):
+Conventions (WebDataset's, and exactly what :mod:`fastfeed.read.reader` reads back):
 
 * a sample is a dict with a ``"__key__"`` (a string) and one value per extension; each value
   becomes the member ``<key>.<ext>``. Other ``__dunder__`` keys (``__url__`` ...) are skipped,
@@ -40,7 +40,7 @@ finished shard is uploaded from a temporary file (one ``PutObject``, or a multip
 written, so at most two shards are on local temporary disk and at most ``max_concurrency``
 parts in memory. The manifest is written last, only when every shard is complete: a dataset
 with a ``manifest.json`` is whole. Uploads go through the checkpoint store's one upload path
-(:mod:`fastfeed.ckpt_store`): without ``overwrite`` every shard and the manifest are created with
+(:mod:`fastfeed.store.upload`): without ``overwrite`` every shard and the manifest are created with
 a conditional write (``If-None-Match: *``), so a second writer racing on the same prefix fails
 instead of mixing its shards into the first one's; a failed or aborted upload is aborted (again
 at close if that failed), and incomplete uploads of ``*.tar`` keys left by a killed writer are
@@ -55,7 +55,7 @@ their headers are counted through ``mmap``.
 
 ETags: as fastfeed's stores report them, so manifests are comparable with
 :func:`dataset_manifest` and ``StreamingDataset(...).shards``: the S3 ETag (quotes stripped)
-for objects in a bucket, ``None`` for local files (:class:`~fastfeed.store.LocalStore` reports
+for objects in a bucket, ``None`` for local files (:class:`~fastfeed.store.base.LocalStore` reports
 none).
 """
 
@@ -81,7 +81,6 @@ from types import TracebackType
 from typing import IO, Any, TypeVar
 
 from fastfeed import _loop
-from fastfeed.ckpt_store import CkptStore, check_age, open_ckpt_store
 from fastfeed.config import PrefetchConfig, S3Config, format_size, parse_size
 from fastfeed.errors import (
     ConditionFailedError,
@@ -91,8 +90,9 @@ from fastfeed.errors import (
     NotFoundError,
     StoreError,
 )
-from fastfeed.reader import split_key
-from fastfeed.store import ObjectInfo, StoreSet
+from fastfeed.read.reader import split_key
+from fastfeed.store.base import ObjectInfo, StoreSet
+from fastfeed.store.upload import CkptStore, check_age, open_ckpt_store
 from fastfeed.urls import Location, parse_url
 
 __all__ = [
@@ -557,7 +557,7 @@ class ShardWriter:
     def _record_counts(self, shards: list[ShardInfo]) -> None:
         if self._index_dir is None:
             return
-        from fastfeed.sources import _CountCache
+        from fastfeed.read.sources import _CountCache
 
         cache = _CountCache(self._index_dir)
         for shard in shards:
@@ -913,7 +913,7 @@ class _LocalSink(_Sink):
 
 
 class _S3Sink(_Sink):
-    """Uploads through the checkpoint store's one upload path (:class:`~fastfeed.ckpt_store.S3CkptStore`
+    """Uploads through the checkpoint store's one upload path (:class:`~fastfeed.store.upload.S3CkptStore`
     on fastfeed's IO loop): multipart with parts in parallel, conditional writes (``If-None-Match``)
     unless ``overwrite``, failed uploads aborted (again at close if that failed) and incomplete
     uploads of ``*.tar`` keys older than ``orphan_age`` (a writer killed mid-upload) aborted here at
@@ -1121,7 +1121,7 @@ def dataset_manifest(
         NotFoundError / BucketNotFoundError / EmptyDatasetError / AccessDeniedError: as
         :class:`~fastfeed.StreamingDataset` does for the same source.
     """
-    from fastfeed.sources import count_shard_samples, resolve_source
+    from fastfeed.read.sources import count_shard_samples, resolve_source
 
     config = dataclasses.replace(_s3_config(s3, endpoint_url), engine="aiobotocore")
     source = os.fspath(url)

@@ -1,14 +1,14 @@
 """Resuming an epoch on a different world size.
 
-An epoch is read in *segments*. The first is the plan of :mod:`fastfeed.plan` and
-:mod:`fastfeed.streams` for the world size the run started with. When a checkpoint taken with
+An epoch is read in *segments*. The first is the plan of :mod:`fastfeed.order.plan` and
+:mod:`fastfeed.order.streams` for the world size the run started with. When a checkpoint taken with
 ``world_size = W`` is loaded by ``W' != W`` ranks, that segment is closed: what each of its
 ``W x num_streams`` streams had delivered is known from any one rank's state (every rank's stream
 ``v`` has the same length and, in lockstep DDP, delivered the same batches), so the samples not
 yet delivered are computable without reading data: per stream, the undelivered rest of the
 shuffle block it was in (a permutation seeded like the reader's) and everything after it. Those
 samples, laid end to end in (old rank, stream) order, are split across the ``W'`` ranks exactly
-as an epoch is (:func:`fastfeed.plan.rank_share`, same ``remainder`` rule), and each rank reads
+as an epoch is (:func:`fastfeed.order.plan.rank_share`, same ``remainder`` rule), and each rank reads
 its share as fresh streams: the next segment.
 
 Guarantee: no sample of the epoch is delivered twice, and none is lost except the fewer than
@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fastfeed.plan import Piece, cut, rank_pieces, rank_share, shard_order, worker_pieces
-from fastfeed.streams import StreamPos, block_order, block_size_for
+from fastfeed.order.plan import Piece, cut, rank_pieces, rank_share, shard_order, worker_pieces
+from fastfeed.order.streams import StreamPos, block_order, block_size_for
 
 if TYPE_CHECKING:
     from fastfeed.dataset import StreamingDataset

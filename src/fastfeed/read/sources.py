@@ -2,7 +2,7 @@
 
 A source is an ``s3://bucket/prefix/`` or local directory (every ``*.tar`` under it, sorted), a
 brace pattern (``s3://b/p/shard-{000000..000099}.tar``), a single shard, or a list of any of
-these. Every shard is resolved to an :class:`~fastfeed.store.ObjectInfo` (size and ETag) up
+these. Every shard is resolved to an :class:`~fastfeed.store.base.ObjectInfo` (size and ETag) up
 front, concurrently, so a missing object, a missing bucket or bad credentials fail at
 construction within seconds, naming the object, instead of midway through an epoch.
 """
@@ -21,10 +21,10 @@ from collections.abc import Sequence
 from fastfeed import _loop
 from fastfeed.config import PrefetchConfig
 from fastfeed.errors import EmptyDatasetError, InvalidURLError, NotFoundError
-from fastfeed.prefetch import Prefetcher
-from fastfeed.reader import count_samples, iter_members
-from fastfeed.store import ObjectInfo, StoreSet, gather_limited
-from fastfeed.tario import scan
+from fastfeed.read.prefetch import Prefetcher
+from fastfeed.read.reader import count_samples, iter_members
+from fastfeed.read.tario import scan
+from fastfeed.store.base import ObjectInfo, StoreSet, gather_limited
 from fastfeed.urls import Location, expand_braces, has_braces, parse_url
 
 __all__ = ["count_shard_samples", "resolve_source"]

@@ -15,7 +15,7 @@ Back-pressure comes only from bounded resources, all configured in
 Parts are issued strictly in (shard, offset) order, so the shard being parsed always has priority
 and its first part arrives first: samples flow as soon as their bytes have landed, not after the
 whole shard. The budget admits any single sample: the reader's copy of a sample that straddles
-parts (see :mod:`fastfeed.reader`) is counted but never blocks the parts that complete it, and a
+parts (see :mod:`fastfeed.read.reader`) is counted but never blocks the parts that complete it, and a
 part the consumer is waiting for is never refused (everything held then is the consumer's, so
 refusing it could only deadlock). So the bytes held stay within ``byte_budget`` plus that one
 copy, the largest sample, for a consumer that holds no more than the budget itself.
@@ -41,14 +41,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fastfeed import _loop
-from fastfeed.buffers import pool_for
 from fastfeed.config import PrefetchConfig
 from fastfeed.errors import FastfeedError, PipelineError
-from fastfeed.store import ObjectInfo, Store, StoreSet
+from fastfeed.store.base import ObjectInfo, Store, StoreSet
+from fastfeed.store.buffers import pool_for
 from fastfeed.urls import Location, parse_url
 
 if TYPE_CHECKING:
-    from fastfeed.cache import Planner, ShardCache
+    from fastfeed.cache.node import Planner, ShardCache
 
 __all__ = ["FetchStats", "Prefetcher", "ShardChunks", "ShardFetch"]
 
@@ -69,7 +69,7 @@ class FetchStats:
     #: Seconds the consumer spent blocked waiting for bytes.
     wait_s: float = 0.0
     shards_opened: int = 0
-    #: With a cache (fastfeed.cache): shards found complete on local disk, shards not (filled
+    #: With a cache (fastfeed.cache.node): shards found complete on local disk, shards not (filled
     #: by this or another process, or read from the store when they do not fit), and bytes
     #: read from local disk. ``bytes_fetched`` counts bytes from the store only.
     cache_hits: int = 0
@@ -81,7 +81,7 @@ class FetchStats:
     #: Largest copy of a straddling sample held at once.
     copy_peak: int = 0
     #: Bytes of the shards copied by the reader (samples that straddle parts) and by a consumer
-    #: that copies samples out to let parts go (fastfeed.streams); written by the consumer.
+    #: that copies samples out to let parts go (fastfeed.order.streams); written by the consumer.
     bytes_copied: int = 0
     #: Most bytes held at once apart from that copy beyond ``byte_budget``: nonzero only when
     #: the consumer itself held that much and waited for one more part.
@@ -183,7 +183,7 @@ class ShardFetch:
 
     def chunks(self, *, hold: bool = False) -> ShardChunks:
         """The parts in order as ``(bytes, is_last)``, each as soon as it has landed (a
-        :class:`fastfeed.reader.ChunkSource`: pass it to the reader).
+        :class:`fastfeed.read.reader.ChunkSource`: pass it to the reader).
 
         A part's buffer goes back to the pool (and its budget is returned) when the consumer
         asks for the next part or closes the shard: it is overwritten after that, so release
@@ -254,7 +254,7 @@ class ShardFetch:
 
 class ShardChunks:
     """:meth:`ShardFetch.chunks`: the parts of a shard as the reader consumes them (see
-    :class:`fastfeed.reader.ChunkSource`), with the object's size, so that a header claiming
+    :class:`fastfeed.read.reader.ChunkSource`), with the object's size, so that a header claiming
     more bytes than the object has is an error at once."""
 
     def __init__(self, fetch: ShardFetch, parts: Iterator[tuple[memoryview, bool]]) -> None:

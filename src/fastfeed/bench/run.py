@@ -7,7 +7,7 @@
   bandwidth when a GPU is used;
 * ``fastfeed.DataLoader`` epochs: the first reads the store and fills the cache (cold), the
   next ones read the cache (warm);
-* each installed peer in ``compare`` (:mod:`fastfeed.peers`), cold and, where it has a local
+* each installed peer in ``compare`` (:mod:`fastfeed.bench.peers`), cold and, where it has a local
   cache, warm;
 * with ``decode``: the loader decodes every sample (:class:`fastfeed.decode.Decoder` as its
   ``collate_fn``), and a decode ceiling is measured: the first samples of the dataset decoded in
@@ -15,7 +15,7 @@
 * optionally an async checkpoint round: :meth:`fastfeed.Checkpointer.save` stall vs a plain
   ``clone()`` of the same tensors, and the background upload.
 
-The :class:`Report` holds every :class:`~fastfeed.bench.Measurement`, renders the table, the
+The :class:`Report` holds every :class:`~fastfeed.bench.measure.Measurement`, renders the table, the
 JSON and the plot, and checks fastfeed's performance targets, saying plainly which were missed.
 :func:`demo` runs all of this against a local S3 server (SeaweedFS) with a synthetic dataset.
 """
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fastfeed.bench import (
+from fastfeed.bench.measure import (
     Measurement,
     measure_batches,
     measure_h2d,
@@ -47,7 +47,7 @@ from fastfeed.bench import (
     measure_raw_read,
     peak_rss_bytes,
 )
-from fastfeed.cache import entry_files
+from fastfeed.cache.node import entry_files
 from fastfeed.config import PrefetchConfig, S3Config, format_size
 from fastfeed.errors import ConfigError
 
@@ -95,7 +95,7 @@ class BenchConfig:
     device: str = "cpu"
     #: Synthetic training step per batch, in milliseconds (``time.sleep``).
     step_ms: float = 0.0
-    #: Peers to read the same data (:data:`fastfeed.peers.PEERS`).
+    #: Peers to read the same data (:data:`fastfeed.bench.peers.PEERS`).
     compare: tuple[str, ...] = ()
     #: Emulated store latency (ms, each response head) and bandwidth (bytes/s), via a proxy.
     latency_ms: float = 0.0
@@ -395,7 +395,7 @@ def machine() -> dict[str, Any]:
 
 
 def _batch_bytes(batch: Any) -> int:
-    from fastfeed.batch import RaggedBytes
+    from fastfeed.batch.assemble import RaggedBytes
     from fastfeed.decode import NBYTES_KEY
 
     if NBYTES_KEY in batch:  # a Decoder batch: the stored bytes it decoded
@@ -467,7 +467,7 @@ def run(
 ) -> Report:
     """Measure ``url`` as described in the module docstring."""
     from fastfeed.dataset import StreamingDataset
-    from fastfeed.loader import DataLoader
+    from fastfeed.loader.dataloader import DataLoader
 
     _check_device(cfg.device)
     decoder = _decoder(cfg)
@@ -590,7 +590,7 @@ def first_samples(
     The dataset is iterated in one :class:`fastfeed.DataLoader` worker process, so the reads
     still in flight when it stops end with that process (a read stopped early in this process
     made the demo's SeaweedFS wait for them at shutdown)."""
-    from fastfeed.loader import DataLoader
+    from fastfeed.loader.dataloader import DataLoader
 
     samples: list[dict[str, Any]] = []
     nbytes = 0
@@ -686,7 +686,7 @@ def _bucket_root(url: str) -> str:
 def _run_peers(
     report: Report, url: str, s3: S3Config, cfg: BenchConfig, progress: Progress | None, stack: contextlib.ExitStack
 ) -> None:
-    from fastfeed import peers
+    from fastfeed.bench import peers
 
     work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fastfeed-bench-peers-")))
     ctx = peers.PeerContext.from_url(url, s3=s3, work_dir=work, batch_size=cfg.batch_size, num_workers=cfg.workers)
@@ -726,7 +726,7 @@ def checkpoint_round(url: str, s3: S3Config, nbytes: int, repeats: int = 5) -> d
     of ``repeats`` rounds after one warm-up round, clone and save alternating."""
     import torch
 
-    from fastfeed.checkpoint import Checkpointer
+    from fastfeed.checkpoint.checkpointer import Checkpointer
 
     n = 8
     state = {f"w{i}": torch.rand(max(1, nbytes // 4 // n)) for i in range(n)}

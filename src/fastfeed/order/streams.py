@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from fastfeed.batch import ColumnBatch, ColumnRun, materialize_run
-from fastfeed.reader import iter_sample_runs
+from fastfeed.batch.assemble import ColumnBatch, ColumnRun, materialize_run
+from fastfeed.read.reader import iter_sample_runs
 
 if TYPE_CHECKING:
     from fastfeed.dataset import StreamingDataset
-    from fastfeed.prefetch import FetchStats, ShardFetch
-    from fastfeed.reshard import Segment
+    from fastfeed.order.reshard import Segment
+    from fastfeed.read.prefetch import FetchStats, ShardFetch
 
 __all__ = ["StreamPos", "block_size_for", "epoch_batches", "stream_batches"]
 
@@ -64,7 +64,7 @@ def block_order(
 ) -> np.ndarray:
     """The order in which a block's ``n`` samples are delivered: a permutation seeded by
     ``(seed, epoch, rank, stream, block)`` with shuffling (and the resume segment, after a
-    resume on another world size, see :mod:`fastfeed.reshard`), else ``arange(n)``.
+    resume on another world size, see :mod:`fastfeed.order.reshard`), else ``arange(n)``.
     ``epoch`` defaults to the dataset's current one."""
     if not (dataset.shuffle and dataset.shuffle_buffer > 1):
         return np.arange(n)
@@ -88,9 +88,9 @@ def stream_batches(
 ) -> Generator[tuple[T, StreamPos], None, None]:
     """Stream ``stream``'s batches from ``start``: ``(collate(batch), position after it)``.
 
-    ``batch`` is a :class:`~fastfeed.batch.ColumnBatch` valid only during ``collate``. ``share``
+    ``batch`` is a :class:`~fastfeed.batch.assemble.ColumnBatch` valid only during ``collate``. ``share``
     is the number of streams this process runs at once: they split the prefetch budget.
-    ``epoch`` and ``segments`` (its closed segments, see :mod:`fastfeed.reshard`) default to the
+    ``epoch`` and ``segments`` (its closed segments, see :mod:`fastfeed.order.reshard`) default to the
     dataset's current ones, read once here: changing them later does not affect this stream.
     """
     if epoch is None:

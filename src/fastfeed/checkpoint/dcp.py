@@ -23,7 +23,7 @@ under ``url`` is accepted too; ``None`` or ``""``: ``url`` itself is the checkpo
 Commit protocol. Each rank writes its own object (a multipart upload with parts in parallel and
 a CRC32C per part, :meth:`CkptStore.put_large`); the coordinator (rank 0) writes the manifest in
 ``finish()``, which DCP calls only after every rank's writes succeeded, as a conditional write
-(``If-None-Match: *``; probed per store, see :mod:`fastfeed.ckpt_store`). A checkpoint exists if
+(``If-None-Match: *``; probed per store, see :mod:`fastfeed.store.upload`). A checkpoint exists if
 and only if its manifest does: a failed rank leaves no manifest, and data objects without one are
 invisible (the reader refuses them with a :class:`~fastfeed.errors.CheckpointError` naming the
 URL). Saving to a checkpoint_id that is already committed fails in DCP's planning step, before
@@ -72,7 +72,7 @@ Non-tensor values (``WriteItemType.BYTE_IO``). DCP's default save planner turns 
 never stored here: the writer takes the value itself from the planner (``lookup_object`` of
 DCP's ``DefaultSavePlanner``; for other planners it reads the planner's stream back with
 ``torch.load(weights_only=True)``) and stores it with fastfeed's pickle-free codec
-(:mod:`fastfeed.ckpt_codec`: a JSON tree plus raw array leaves; values the codec cannot represent
+(:mod:`fastfeed.checkpoint.codec`: a JSON tree plus raw array leaves; values the codec cannot represent
 are refused at save time, naming the key). The reader decodes that (validating everything,
 executing nothing), and only then re-serializes the *decoded* value with ``torch.save`` in
 memory for ``planner.load_bytes``: the one pickle stream DCP unpickles is produced locally from
@@ -134,14 +134,7 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from torch.futures import Future
 
 from fastfeed import _loop
-from fastfeed.ckpt_codec import _LEAF_DTYPES, _TORCH_DTYPES, decode, encode, spec_from_json, spec_to_json
-from fastfeed.ckpt_store import (
-    CkptStore,
-    check_age,
-    checksum,
-    open_ckpt_store,
-    transfer_settings,
-)
+from fastfeed.checkpoint.codec import _LEAF_DTYPES, _TORCH_DTYPES, decode, encode, spec_from_json, spec_to_json
 from fastfeed.config import S3Config
 from fastfeed.errors import (
     CheckpointError,
@@ -150,6 +143,13 @@ from fastfeed.errors import (
     CorruptCheckpointError,
     FastfeedError,
     NotFoundError,
+)
+from fastfeed.store.upload import (
+    CkptStore,
+    check_age,
+    checksum,
+    open_ckpt_store,
+    transfer_settings,
 )
 from fastfeed.urls import parse_url
 

@@ -20,7 +20,7 @@ import weakref
 
 import torch
 
-from fastfeed.batch import Arena
+from fastfeed.batch.assemble import Arena
 
 __all__ = ["HostRing", "Slot"]
 

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch.utils.data._utils import collate as _torch_collate
 
-from fastfeed.batch import ALIGN, Arena, round_up
-from fastfeed.gather import gather
+from fastfeed.batch.assemble import ALIGN, Arena, round_up
+from fastfeed.batch.gather import gather
 
 __all__ = ["collate_into", "numpy_to_torch_dtype"]
 

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
-from fastfeed.batch import from_layout, layout_extent, to_layout, tree_map_tensors
+from fastfeed.batch.assemble import from_layout, layout_extent, to_layout, tree_map_tensors
 
 __all__ = ["CudaOps", "DeviceFeeder", "DeviceOps", "HostPinner", "RegionCopy", "region_layout"]
 

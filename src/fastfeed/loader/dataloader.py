@@ -15,12 +15,12 @@ Map-style and iterable datasets (any ``torch.utils.data`` dataset)::
                     a batch crosses as a slot number, and a producer thread "fastfeed-batch"
                     turns it into views of the slot (and starts its device copy).
 
-:class:`~fastfeed.StreamingDataset` (its resumable streams, :mod:`fastfeed.streams`)::
+:class:`~fastfeed.StreamingDataset` (its resumable streams, :mod:`fastfeed.order.streams`)::
 
     samples -> columnar spans -> native gather into a ring slot (in-process) or a worker's
     shared-memory slot -> producer thread "fastfeed-batch" -> bounded queue -> training loop
 
-With ``device=...`` every batch is copied on a side CUDA stream (:mod:`fastfeed.device`); the
+With ``device=...`` every batch is copied on a side CUDA stream (:mod:`fastfeed.batch.device`); the
 training stream waits on the copy's event. ``stats()`` reports how long the training loop
 waited in ``next()`` (``wait_s``) and where the time went.
 """
@@ -60,7 +60,7 @@ except ImportError:  # pragma: no cover
         """Stands for torch's IterDataPipe where this torch has none."""
 
 
-from fastfeed.batch import (
+from fastfeed.batch.assemble import (
     Arena,
     ColumnBatch,
     collate_columns_into,
@@ -69,13 +69,13 @@ from fastfeed.batch import (
     to_layout,
     tree_leaves,
 )
-from fastfeed.collate import collate_into
-from fastfeed.device import DeviceFeeder, HostPinner
+from fastfeed.batch.collate import collate_into
+from fastfeed.batch.device import DeviceFeeder, HostPinner
+from fastfeed.batch.gather import gather
+from fastfeed.batch.ring import HostRing
 from fastfeed.errors import ConfigError
-from fastfeed.gather import gather
-from fastfeed.reshard import Segment, close_segment
-from fastfeed.ring import HostRing
-from fastfeed.streams import StreamPos, epoch_batches, stream_batches
+from fastfeed.order.reshard import Segment, close_segment
+from fastfeed.order.streams import StreamPos, epoch_batches, stream_batches
 
 __all__ = ["DataLoader", "LoaderStats"]
 
@@ -300,7 +300,7 @@ def _io_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
 
 
 def _is_streaming(dataset: Any) -> bool:
-    """Whether the loader reads ``dataset`` as resumable streams (see :mod:`fastfeed.streams`)."""
+    """Whether the loader reads ``dataset`` as resumable streams (see :mod:`fastfeed.order.streams`)."""
     from fastfeed.dataset import StreamingDataset
 
     return isinstance(dataset, StreamingDataset)
@@ -820,7 +820,7 @@ class DataLoader(_TorchDataLoader[_T_co]):
             worker processes).
         ring_slots: host arenas in the ring (default ``prefetch_batches + 3``).
         num_streams: with a :class:`~fastfeed.StreamingDataset`, the epoch is read as this many
-            streams whose batches are interleaved round-robin (see :mod:`fastfeed.streams`): the
+            streams whose batches are interleaved round-robin (see :mod:`fastfeed.order.streams`): the
             batch order depends on it and not on ``num_workers``, so a run resumed from
             :meth:`state_dict` with any number of workers continues exactly. Keep it fixed
             across restarts (and >= ``num_workers``, or some workers idle).
@@ -937,7 +937,7 @@ class DataLoader(_TorchDataLoader[_T_co]):
         most ``shuffle_buffer`` samples, rounded up to whole batches), never earlier shards. On
         a different world size, any one rank's state resumes every new rank (batch size and
         ``num_streams`` may change too): the samples not yet delivered are split evenly across
-        the new ranks, none repeated (see :mod:`fastfeed.reshard`).
+        the new ranks, none repeated (see :mod:`fastfeed.order.reshard`).
 
         Map-style datasets: the number of batches consumed this epoch and the random states
         the epoch's order and seeds were drawn from (the sampler's generators and torch's
@@ -2107,7 +2107,7 @@ class _Progress:
             positions, next_stream = {}, 0
             log.info(
                 "resuming epoch %d on %d ranks from a state saved on %d: the samples not yet delivered are "
-                "split across the ranks (none repeated; see fastfeed.reshard)",
+                "split across the ranks (none repeated; see fastfeed.order.reshard)",
                 epoch,
                 ds.world_size,
                 closed.world_size,

@@ -3,7 +3,7 @@
 ``save()`` stalls the training loop only for a snapshot: every tensor and array of the state is
 copied into one reused staging buffer of exactly the state's size (page-locked, and filled on a
 side CUDA stream, when tensors live on a GPU); plain values are captured by the codec
-(:mod:`fastfeed.ckpt_codec`, no pickle). A background thread then uploads it as one object
+(:mod:`fastfeed.checkpoint.codec`, no pickle). A background thread then uploads it as one object
 (multipart, parts in parallel, a CRC32C of each part computed on the way) and writes the
 manifest last::
 
@@ -19,7 +19,7 @@ writers saving the same step exactly one commits: the other's save raises
 :class:`~fastfeed.errors.CheckpointError`, deletes only its own data and leaves the committed
 checkpoint as it was. Whether the store enforces conditional writes is probed once
 (:attr:`Checkpointer.conditional_writes`); one that does not gets check-write-verify, which
-detects most races but cannot prevent all of them (see :mod:`fastfeed.ckpt_store`). A crash at
+detects most races but cannot prevent all of them (see :mod:`fastfeed.store.upload`). A crash at
 any moment leaves either the previous state of the prefix or a new committed checkpoint: a
 partial upload has no manifest (and an aborted multipart upload leaves no object).
 
@@ -66,16 +66,7 @@ import numpy as np
 import torch
 
 from fastfeed import _loop
-from fastfeed.ckpt_codec import LeafSpec, decode, encode, spec_from_json, spec_to_json
-from fastfeed.ckpt_store import (
-    CHECKSUM,
-    CkptStore,
-    StoredObject,
-    check_age,
-    checksum,
-    open_ckpt_store,
-    transfer_settings,
-)
+from fastfeed.checkpoint.codec import LeafSpec, decode, encode, spec_from_json, spec_to_json
 from fastfeed.config import S3Config
 from fastfeed.errors import (
     CheckpointError,
@@ -84,6 +75,15 @@ from fastfeed.errors import (
     CorruptCheckpointError,
     FastfeedError,
     NotFoundError,
+)
+from fastfeed.store.upload import (
+    CHECKSUM,
+    CkptStore,
+    StoredObject,
+    check_age,
+    checksum,
+    open_ckpt_store,
+    transfer_settings,
 )
 
 __all__ = ["CheckpointInfo", "CheckpointStats", "Checkpointer", "SaveHandle"]
@@ -389,7 +389,7 @@ class Checkpointer:
     def conditional_writes(self) -> bool:
         """Whether the store enforces "create only if absent" for manifests (probed at
         construction). Without it, two writers racing to commit the same step are detected
-        in most interleavings but not all (see :mod:`fastfeed.ckpt_store`)."""
+        in most interleavings but not all (see :mod:`fastfeed.store.upload`)."""
         return self._store.conditional_writes
 
     # ------------------------------------------------------------------ saving
@@ -399,7 +399,7 @@ class Checkpointer:
         taken (the training loop may change the model right after).
 
         ``state``: nested dicts / lists / tuples of tensors, numpy arrays and plain values
-        (see :mod:`fastfeed.ckpt_codec`). ``metadata``: JSON-serializable, kept in the
+        (see :mod:`fastfeed.checkpoint.codec`). ``metadata``: JSON-serializable, kept in the
         manifest (visible to :meth:`list` without loading the data).
         """
         if self._closed:

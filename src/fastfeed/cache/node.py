@@ -131,10 +131,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from fastfeed import _native
-from fastfeed.buffers import pool_for
 from fastfeed.config import parse_size
 from fastfeed.errors import ConfigError, FastfeedError
-from fastfeed.store import ObjectInfo, RangeReader
+from fastfeed.store.base import ObjectInfo, RangeReader
+from fastfeed.store.buffers import pool_for
 from fastfeed.urls import Location
 
 __all__ = [
@@ -191,7 +191,7 @@ class CacheConfig:
     Args:
         dir: the cache directory (created 0700 if missing); shared by every process of the user
             on the node. It must be the user's own and not writable by group or others (see the
-            trust model in :mod:`fastfeed.cache`).
+            trust model in :mod:`fastfeed.cache.node`).
         limit: bytes the cache may use (int or ``"500GB"``); entries and fills in progress.
         on_error: ``"warn"`` (default): a full disk or unwritable directory logs a warning and
             reading continues from the store; ``"raise"``: raise :class:`CacheError`. (A
@@ -1036,7 +1036,7 @@ class ShardCache:
         tasks: set[asyncio.Task[Any]] | None = None,
         part_size: int = _FILL_PART,
     ) -> Any:
-        """Something with ``read_range`` (as :class:`~fastfeed.store.Store`) and ``aclose``
+        """Something with ``read_range`` (as :class:`~fastfeed.store.base.Store`) and ``aclose``
         reading ``info``'s object through the cache (a hit, a fill, or a wait on another
         process's fill), or ``store`` itself (bypass: not cached).
 

@@ -13,12 +13,12 @@ arena in one call::
 
 :func:`scan_samples` and :func:`gather_spans` are native (``csrc/samples.cpp``, ``csrc/gather.cpp``);
 :func:`scan_samples_py` and :func:`gather_spans_py` are pure-Python references with the same
-results, exception classes and messages (built on :func:`fastfeed.tario.scan_py` and
-:func:`fastfeed.reader.split_key`). The two are tested against each other and against
-:func:`fastfeed.reader.iter_samples`, so change them together.
+results, exception classes and messages (built on :func:`fastfeed.read.tario.scan_py` and
+:func:`fastfeed.read.reader.split_key`). The two are tested against each other and against
+:func:`fastfeed.read.reader.iter_samples`, so change them together.
 
-Sample rules (those of :mod:`fastfeed.reader`): regular members only, names decoded as UTF-8
-with ``surrogateescape``, split by :func:`~fastfeed.reader.split_key` (names it rejects belong to
+Sample rules (those of :mod:`fastfeed.read.reader`): regular members only, names decoded as UTF-8
+with ``surrogateescape``, split by :func:`~fastfeed.read.reader.split_key` (names it rejects belong to
 no sample and are skipped); consecutive members with the same key form a sample; a repeated
 extension in a sample raises :class:`~fastfeed.errors.CorruptShardError`. The native code splits
 names on their bytes (exact: every rule splits at ASCII characters, which UTF-8 with
@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from fastfeed import _native
+from fastfeed.batch.gather import _as_bytes, _export, _export_writable, _index_arg, _is_int64_format
 from fastfeed.errors import CorruptShardError
-from fastfeed.gather import _as_bytes, _export, _export_writable, _index_arg, _is_int64_format
-from fastfeed.reader import split_key
-from fastfeed.tario import _check_object_end, _object_end, _RawScan, _scan_raw, _shard_error
+from fastfeed.read.reader import split_key
+from fastfeed.read.tario import _check_object_end, _object_end, _RawScan, _scan_raw, _shard_error
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from numpy.typing import NDArray
     from typing_extensions import Buffer
 
-    from fastfeed.gather import BufferLike
+    from fastfeed.batch.gather import BufferLike
 
 __all__ = ["SampleScan", "gather_spans", "gather_spans_py", "scan_samples", "scan_samples_py"]
 
@@ -70,7 +70,7 @@ class SampleScan(NamedTuple):
     next_pos: int
     #: The end-of-archive marker was reached (it is at ``next_pos``).
     end: bool
-    #: The tar scan's ``need`` (see :class:`fastfeed.tario.ScanResult`): the buffer length a
+    #: The tar scan's ``need`` (see :class:`fastfeed.read.tario.ScanResult`): the buffer length a
     #: scan resumed at ``next_pos`` needs to get further than this one; ``next_pos`` when it
     #: did not stop for lack of bytes.
     need: int
@@ -111,13 +111,13 @@ def scan_samples(
         final: ``buf`` holds everything up to the end of the object.
         url: the shard, for error messages.
         max_samples: at most this many samples (``>= 0``); ``None``: no limit.
-        base, size: as :func:`fastfeed.tario.scan` (offsets in error messages, and a header
+        base, size: as :func:`fastfeed.read.tario.scan` (offsets in error messages, and a header
             that claims more bytes than the object has raising at once).
 
     Raises:
-        CorruptShardError: as :func:`fastfeed.tario.scan`, or a repeated extension in a sample
+        CorruptShardError: as :func:`fastfeed.read.tario.scan`, or a repeated extension in a sample
             (also in the incomplete last one). Tar errors in the bytes scanned win.
-        TruncatedShardError: as :func:`fastfeed.tario.scan` (``final``, or from ``size``).
+        TruncatedShardError: as :func:`fastfeed.read.tario.scan` (``final``, or from ``size``).
         ValueError: ``pos`` is outside the buffer, ``max_samples`` is negative or ``size``
             ends before the buffer.
         TypeError: ``pos`` or ``max_samples`` is not an integer.
@@ -293,7 +293,7 @@ def gather_spans(
     if not int64, ValueError if not ``[n, 2]``); ``offsets`` (as ``dst``, then not int64 ->
     TypeError, too short -> ValueError); each row in order (ValueError: outside ``src``);
     the total (ValueError: more than ``sys.maxsize``, or ``dst`` too small). The GIL is released
-    for copies of 64 KiB and more (as :func:`fastfeed.gather.gather`); a ``src`` that overlaps
+    for copies of 64 KiB and more (as :func:`fastfeed.batch.gather.gather`); a ``src`` that overlaps
     ``dst`` is copied span after span.
     """
     return _native.gather_spans(dst, src, spans, dst_offset, offsets)

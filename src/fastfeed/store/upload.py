@@ -59,8 +59,8 @@ from fastfeed.errors import (
     NotSupportedError,
     StoreError,
 )
-from fastfeed.retry import retry_async
-from fastfeed.store import S3Store, bucket_missing, client_settings, map_s3_error
+from fastfeed.store.base import S3Store, bucket_missing, client_settings, map_s3_error
+from fastfeed.store.retry import retry_async
 from fastfeed.urls import Location, parse_url
 
 __all__ = [

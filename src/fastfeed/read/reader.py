@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 import numpy as np
 
 from fastfeed.errors import CorruptShardError, ShardError, TruncatedShardError
-from fastfeed.tario import ScanResult, scan
+from fastfeed.read.tario import ScanResult, scan
 
 if TYPE_CHECKING:
-    from fastfeed.columnar import SampleScan
+    from fastfeed.read.columnar import SampleScan
 
 __all__ = ["ChunkSource", "Sample", "iter_members", "iter_sample_runs", "iter_samples", "split_key"]
 
@@ -56,7 +56,7 @@ _GROWTH = 1.5
 class ChunkSource(Protocol):
     """What the reader uses besides the ``(buffer, is_last)`` chunks themselves (in byte order).
 
-    :meth:`fastfeed.prefetch.ShardFetch.chunks` returns one. Any other iterable of chunks works
+    :meth:`fastfeed.read.prefetch.ShardFetch.chunks` returns one. Any other iterable of chunks works
     too; then the object's size is unknown (a lying header is found at the end of the object)
     and the copies are nobody's business.
     """
@@ -173,8 +173,8 @@ def _scan_stream(
     """Scan a tar object streamed as ``chunks``: ``(buffer, result, copied)`` for each scan
     that ``found`` something in ``buffer`` (a chunk, or with ``copied`` a private copy).
 
-    ``scan_fn(buf, pos, final, base, size)`` is a tar scan (:func:`fastfeed.tario.scan` or
-    :func:`fastfeed.columnar.scan_samples`): it returns what is complete in ``buf[pos:]``,
+    ``scan_fn(buf, pos, final, base, size)`` is a tar scan (:func:`fastfeed.read.tario.scan` or
+    :func:`fastfeed.read.columnar.scan_samples`): it returns what is complete in ``buf[pos:]``,
     ``next_pos`` (where the first incomplete item begins) and ``need`` (the buffer length that
     gets it further). What lies in one chunk is scanned in place. An item that straddles chunks
     is copied from ``next_pos`` up to exactly ``need`` (headers say how long a member is) and
@@ -416,14 +416,14 @@ def iter_sample_runs(url: str, chunks: Iterable[tuple[Any, bool]]) -> Iterator[t
     """Yield ``(buffer, scan, copied)`` runs of whole samples for a tar archive streamed as ``chunks``.
 
     The columnar counterpart of :func:`iter_samples`: each ``scan`` (a
-    :class:`~fastfeed.columnar.SampleScan`) holds the keys of consecutive complete samples and,
+    :class:`~fastfeed.read.columnar.SampleScan`) holds the keys of consecutive complete samples and,
     per extension, their ``(offset, size)`` spans in ``buffer``. ``buffer`` is the chunk itself
     (valid while the caller holds the chunk) or, with ``copied``, a read-only view of the
     reader's private copy of samples that straddled chunks, which is never written again and
     holds no chunk. No Python object is created per member. ``chunks`` as in
     :func:`iter_members`.
     """
-    from fastfeed.columnar import scan_samples  # columnar imports this module
+    from fastfeed.read.columnar import scan_samples  # columnar imports this module
 
     def scan_runs(buf: memoryview, pos: int, final: bool, base: int, size: int | None) -> SampleScan:
         return scan_samples(buf, pos, final=final, url=url, base=base, size=size)

@@ -3,7 +3,7 @@
 One adapter per peer reads the same samples, in the same run, each in the configuration its
 documentation recommends and in its own format where it needs one::
 
-    from fastfeed.peers import PEERS, PeerContext, make_peer
+    from fastfeed.bench.peers import PEERS, PeerContext, make_peer
 
     ctx = PeerContext.from_url("s3://bucket/train/", s3=S3Config(endpoint_url=...), work_dir=tmp)
     for name in PEERS:
@@ -86,7 +86,7 @@ from typing import IO, Any, ClassVar
 
 import torch.utils.data
 
-from fastfeed.bench import Measurement, measure_batches
+from fastfeed.bench.measure import Measurement, measure_batches
 from fastfeed.config import S3Config
 
 __all__ = [
@@ -710,7 +710,7 @@ class Peer(abc.ABC):
         return m
 
     def _time(self, ctx: PeerContext, epoch: int) -> Measurement:
-        """One epoch through :func:`fastfeed.bench.measure_batches`, as fastfeed's own runs are
+        """One epoch through :func:`fastfeed.bench.measure.measure_batches`, as fastfeed's own runs are
         timed: the same latency percentiles, wait fraction, timeline, CPU (workers included)."""
         gen = self._epoch(ctx, epoch)
         try:
@@ -805,7 +805,7 @@ class TorchPeer(Peer):
 # webdataset ---------------------------------------------------------------------------------
 
 _S3CAT = '''\
-"""Write one S3 object to stdout: fastfeed.peers' WebDataset ``pipe:`` opener.
+"""Write one S3 object to stdout: fastfeed.bench.peers' WebDataset ``pipe:`` opener.
 
 Usage: python s3cat.py CONFIG.json BUCKET KEY (CONFIG: endpoint, credentials, region, style).
 """

@@ -9,7 +9,7 @@ Two implementations:
 * :class:`S3Store`: any S3-compatible endpoint through aiobotocore, plain S3 calls only
   (ListObjectsV2, HeadObject, ranged GetObject) with path-style addressing by default, so it
   works unchanged against MinIO, SeaweedFS, Ceph and AWS. botocore's own retries are off;
-  :mod:`fastfeed.retry` retries with backoff and jitter, and a transfer broken mid-body resumes
+  :mod:`fastfeed.store.retry` retries with backoff and jitter, and a transfer broken mid-body resumes
   from the byte already received.
 * :class:`LocalStore`: ``file://`` URLs and plain paths, read with ``os.pread`` in a thread.
 
@@ -46,7 +46,7 @@ from fastfeed.errors import (
     ThrottledError,
     TransientStoreError,
 )
-from fastfeed.retry import RetryState, retry_async
+from fastfeed.store.retry import RetryState, retry_async
 from fastfeed.urls import Location, parse_url
 
 __all__ = ["LocalStore", "ObjectInfo", "S3Store", "Store", "client_settings", "create_s3_store", "open_store"]
@@ -288,7 +288,7 @@ def map_s3_error(exc: BaseException, url: str, *, bucket_url: str | None = None)
 def client_settings(config: S3Config, pool_size: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(config options, create_client keyword arguments)`` for a botocore-family S3 client of
     ``config``: the async data-plane client here, and the sync client that uploads checkpoint
-    parts from threads (:mod:`fastfeed.ckpt_store`)."""
+    parts from threads (:mod:`fastfeed.store.upload`)."""
     options: dict[str, Any] = {
         "connect_timeout": config.connect_timeout,
         "read_timeout": config.read_timeout,
@@ -576,7 +576,7 @@ _shared_s3 = _SharedS3Stores()
 async def create_s3_store(config: S3Config) -> Store:
     """The S3 store of ``config.engine``: :class:`S3Store` or the obstore engine."""
     if config.engine == "obstore":
-        from fastfeed.store_obstore import ObstoreS3Store
+        from fastfeed.store.obstore import ObstoreS3Store
 
         return await ObstoreS3Store.create(config)
     return await S3Store.create(config)

@@ -1,7 +1,7 @@
 """Batches in host memory: arenas, ragged byte fields, batch trees and their layouts.
 
 * :class:`Arena`: a growable byte region (pinned or shared) that batches are written into;
-  :func:`fastfeed.collate.collate_into` writes ``default_collate``'s batch into one.
+  :func:`fastfeed.batch.collate.collate_into` writes ``default_collate``'s batch into one.
 * :class:`RaggedBytes`: ``B`` variable-size byte strings as one flat ``uint8`` tensor plus
   ``int64`` offsets (a :class:`~fastfeed.StreamingDataset`'s byte fields, ready for GPU decode).
 * :func:`tree_map` walks a batch (dicts, sequences, namedtuples, custom containers) and rebuilds
@@ -341,7 +341,7 @@ def collate_columns_into(
     """Collate a :class:`ColumnBatch` into ``arena``: the same batch :func:`collate_into` makes
     from the equivalent sample dicts (``__key__``/``__url__`` lists, a :class:`RaggedBytes` per
     extension), with one native span gather per field and run."""
-    from fastfeed.columnar import gather_spans
+    from fastfeed.read.columnar import gather_spans
 
     n = len(batch)
     if n == 0:
@@ -391,7 +391,7 @@ def collate_columns_into(
 def materialize_run(run: ColumnRun) -> ColumnRun:
     """A copy of ``run`` whose bytes live in a new compact buffer (to let its source go); an
     ``owned`` run is returned as it is, so a run is copied out at most once."""
-    from fastfeed.columnar import gather_spans
+    from fastfeed.read.columnar import gather_spans
 
     if run.owned:
         return run
