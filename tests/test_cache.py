@@ -439,14 +439,14 @@ def test_a_cache_dir_removed_under_a_running_job_is_made_again(data: dict[str, A
 
 
 def test_an_all_hit_epoch_builds_no_s3_client(data: dict[str, Any]) -> None:
-    from fastfeed.store.base import _shared_s3
+    from fastfeed.store.pool import shared_s3_clients_created
 
     ds = dataset(data)
     first = keys(ds)  # cold: fills the cache through a client
-    before = _shared_s3.created
+    before = shared_s3_clients_created()
     ds.set_epoch(1)
     assert keys(ds) == first
-    assert _shared_s3.created == before, "every shard was a hit: no client was needed"
+    assert shared_s3_clients_created() == before, "every shard was a hit: no client was needed"
 
 
 def test_a_cold_read_takes_its_fills_bytes_in_place_never_reading_them_back(data: dict[str, Any]) -> None:

@@ -12,7 +12,8 @@ import pytest
 from fastfeed import StreamingDataset
 from fastfeed.config import PrefetchConfig, S3Config
 from fastfeed.read.prefetch import Prefetcher
-from fastfeed.store.base import ObjectInfo, StoreSet
+from fastfeed.store.base import ObjectInfo
+from fastfeed.store.pool import StoreSet
 from fastfeed.testing.shards import upload_dir, write_synthetic_shards
 
 

@@ -46,8 +46,9 @@ from fastfeed.errors import (
 from fastfeed.read.prefetch import Prefetcher
 from fastfeed.read.reader import iter_samples
 from fastfeed.store import obstore as store_obstore
-from fastfeed.store.base import Store, StoreSet
+from fastfeed.store.base import Store
 from fastfeed.store.obstore import ObstoreS3Store, map_obstore_error
+from fastfeed.store.pool import StoreSet
 from fastfeed.testing.shards import upload_dir, write_synthetic_shards
 from fastfeed.urls import Location, parse_url
 from test_store import (
@@ -462,7 +463,7 @@ _FORK_SCRIPT = textwrap.dedent(
     from fastfeed.config import S3Config
     from fastfeed.read.prefetch import Prefetcher
     from fastfeed.read.reader import iter_samples
-    from fastfeed.store.base import StoreSet
+    from fastfeed.store.pool import StoreSet
     from fastfeed.store.obstore import ObstoreS3Store
 
     class ObstoreSet(StoreSet):

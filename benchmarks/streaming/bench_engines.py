@@ -48,8 +48,10 @@ from fastfeed.bench.measure import Measurement, measure_iterable
 from fastfeed.config import PrefetchConfig, S3Config, format_size, parse_size
 from fastfeed.read.prefetch import Prefetcher
 from fastfeed.read.reader import Sample, iter_samples
-from fastfeed.store.base import ObjectInfo, S3Store, Store, StoreSet
+from fastfeed.store.base import ObjectInfo, Store
 from fastfeed.store.obstore import DEFAULT_CHUNK, DEFAULT_WHOLE_BODY_MAX, ObstoreS3Store
+from fastfeed.store.pool import StoreSet
+from fastfeed.store.s3 import S3Store
 from fastfeed.testing.servers import SeaweedServer
 from fastfeed.testing.shards import upload_dir
 from fastfeed.urls import Location, parse_url

@@ -32,7 +32,8 @@ from fastfeed.order.reshard import Segment, segment_rank_pieces
 from fastfeed.read.prefetch import FetchStats, Prefetcher
 from fastfeed.read.reader import Sample, iter_samples
 from fastfeed.read.sources import count_shard_samples, resolve_source
-from fastfeed.store.base import ObjectInfo, StoreSet
+from fastfeed.store.base import ObjectInfo
+from fastfeed.store.pool import StoreSet
 
 __all__ = ["StreamingDataset"]
 

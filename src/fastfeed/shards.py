@@ -55,7 +55,7 @@ their headers are counted through ``mmap``.
 
 ETags: as fastfeed's stores report them, so manifests are comparable with
 :func:`dataset_manifest` and ``StreamingDataset(...).shards``: the S3 ETag (quotes stripped)
-for objects in a bucket, ``None`` for local files (:class:`~fastfeed.store.base.LocalStore` reports
+for objects in a bucket, ``None`` for local files (:class:`~fastfeed.store.local.LocalStore` reports
 none).
 """
 
@@ -91,7 +91,8 @@ from fastfeed.errors import (
     StoreError,
 )
 from fastfeed.read.reader import split_key
-from fastfeed.store.base import ObjectInfo, StoreSet
+from fastfeed.store.base import ObjectInfo
+from fastfeed.store.pool import StoreSet
 from fastfeed.store.upload import CkptStore, check_age, open_ckpt_store
 from fastfeed.urls import Location, parse_url
 

@@ -27,7 +27,8 @@ from typing import Any
 
 from fastfeed import _loop
 from fastfeed.config import PrefetchConfig, S3Config
-from fastfeed.store.base import ObjectInfo, StoreSet
+from fastfeed.store.base import ObjectInfo
+from fastfeed.store.pool import StoreSet
 from fastfeed.urls import parse_url
 
 __all__ = [

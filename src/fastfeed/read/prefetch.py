@@ -43,8 +43,9 @@ from typing import TYPE_CHECKING, Any
 from fastfeed import _loop
 from fastfeed.config import PrefetchConfig
 from fastfeed.errors import FastfeedError, PipelineError
-from fastfeed.store.base import ObjectInfo, Store, StoreSet
+from fastfeed.store.base import ObjectInfo, Store
 from fastfeed.store.buffers import pool_for
+from fastfeed.store.pool import StoreSet
 from fastfeed.urls import Location, parse_url
 
 if TYPE_CHECKING:

@@ -24,7 +24,8 @@ from fastfeed.errors import EmptyDatasetError, InvalidURLError, NotFoundError
 from fastfeed.read.prefetch import Prefetcher
 from fastfeed.read.reader import count_samples, iter_members
 from fastfeed.read.tario import scan
-from fastfeed.store.base import ObjectInfo, StoreSet, gather_limited
+from fastfeed.store.base import ObjectInfo, gather_limited
+from fastfeed.store.pool import StoreSet
 from fastfeed.urls import Location, expand_braces, has_braces, parse_url
 
 __all__ = ["count_shard_samples", "resolve_source"]

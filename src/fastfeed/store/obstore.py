@@ -1,7 +1,7 @@
 """An S3 data-plane engine on ``obstore`` (Python bindings of Rust's ``object_store``).
 
 :class:`ObstoreS3Store` implements the same :class:`~fastfeed.store.base.Store` contract as the
-aiobotocore :class:`~fastfeed.store.base.S3Store`: sorted, suffix-filtered listing; HEAD with size
+aiobotocore :class:`~fastfeed.store.s3.S3Store`: sorted, suffix-filtered listing; HEAD with size
 and ETag; ranged reads into a caller's buffer, conditional on the ETag; fastfeed's error types;
 fastfeed's own retries (obstore's are off), and a transfer broken mid-body, once streaming,
 resumes from the byte already received (see below for the first attempt).
@@ -61,7 +61,7 @@ from fastfeed.errors import (
     ThrottledError,
     TransientStoreError,
 )
-from fastfeed.store.base import CREDENTIAL_HINT, ObjectInfo, Store, _target, bucket_missing, sorted_listing
+from fastfeed.store.base import CREDENTIAL_HINT, ObjectInfo, Store, bucket_missing, sorted_listing, target_view
 from fastfeed.store.retry import RetryState, retry_async
 from fastfeed.urls import Location
 
@@ -442,7 +442,7 @@ class ObstoreS3Store(Store):
         import obstore
 
         length = end - start
-        view = _target(out, length)
+        view = target_view(out, length)
         if length == 0:
             return view
         store = await self._store(loc)

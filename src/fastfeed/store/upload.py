@@ -59,8 +59,9 @@ from fastfeed.errors import (
     NotSupportedError,
     StoreError,
 )
-from fastfeed.store.base import S3Store, bucket_missing, client_settings, map_s3_error
+from fastfeed.store.base import bucket_missing
 from fastfeed.store.retry import retry_async
+from fastfeed.store.s3 import S3Store, client_settings, map_s3_error
 from fastfeed.urls import Location, parse_url
 
 __all__ = [
