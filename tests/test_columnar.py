@@ -439,7 +439,7 @@ def test_argument_errors() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Names: the split of reader.split_key, on bytes
+# Names: the split of keys.split_key, on bytes
 
 
 _NAME_CHARS = "ab._/\nAZΣKİé日"

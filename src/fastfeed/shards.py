@@ -90,7 +90,7 @@ from fastfeed.errors import (
     NotFoundError,
     StoreError,
 )
-from fastfeed.read.reader import split_key
+from fastfeed.read.keys import split_key
 from fastfeed.store.base import ObjectInfo
 from fastfeed.store.pool import StoreSet
 from fastfeed.store.upload import CkptStore, check_age, open_ckpt_store

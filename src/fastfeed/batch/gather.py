@@ -101,14 +101,14 @@ def gather(
 # The reference. Mirrors csrc/bindings.cpp gather() check by check.
 
 
-def _index_arg(value: object, name: str, lo: int, hi: int) -> int:
+def index_arg(value: object, name: str, lo: int, hi: int) -> int:
     v = operator.index(value)  # type: ignore[arg-type]
     if not lo <= v <= hi:
         raise ValueError(f"{name} must be in {lo}..{hi}, got {v!r}")
     return v
 
 
-def _export(obj: object) -> memoryview | None:
+def export_buffer(obj: object) -> memoryview | None:
     """``memoryview(obj)``, or ``None`` if ``obj`` has no buffer (other exporter errors pass)."""
     try:
         return memoryview(obj)  # type: ignore[arg-type]
@@ -136,8 +136,8 @@ def _export_source(obj: object) -> memoryview | None:
         return memoryview(data)
 
 
-def _export_writable(obj: object, what: str, kind: str, views: list[memoryview]) -> memoryview:
-    mv = _export(obj)
+def export_writable(obj: object, what: str, kind: str, views: list[memoryview]) -> memoryview:
+    mv = export_buffer(obj)
     if mv is None:
         raise TypeError(f"{what} must be a writable C-contiguous {kind}buffer, not {type(obj).__name__!r}")
     views.append(mv)
@@ -148,7 +148,7 @@ def _export_writable(obj: object, what: str, kind: str, views: list[memoryview])
     return mv
 
 
-def _as_bytes(mv: memoryview) -> memoryview:
+def as_bytes(mv: memoryview) -> memoryview:
     """A flat unsigned-byte view of a C-contiguous memoryview (which may have zeros in shape)."""
     if mv.nbytes == 0:
         return memoryview(b"")
@@ -159,7 +159,7 @@ _INT64_CODES = frozenset("qln")
 _NATIVE_ORDER = "<" if sys.byteorder == "little" else ">"
 
 
-def _is_int64_format(fmt: str, itemsize: int) -> bool:
+def is_int64_format(fmt: str, itemsize: int) -> bool:
     if itemsize != 8:
         return False
     if fmt[:1] in ("@", "=", _NATIVE_ORDER) or (fmt[:1] == "!" and sys.byteorder == "big"):
@@ -177,14 +177,14 @@ def gather_py(
     threads: int = 1,
 ) -> int:
     """Pure-Python reference for :func:`gather`: same arguments, results and errors, but slow."""
-    dst_offset = _index_arg(dst_offset, "dst_offset", 0, sys.maxsize)
+    dst_offset = index_arg(dst_offset, "dst_offset", 0, sys.maxsize)
     if item_size is not None:
-        item_size = _index_arg(item_size, "item_size", 0, sys.maxsize)
-    _index_arg(threads, "threads", 1, MAX_THREADS)  # validated; the reference copies serially
+        item_size = index_arg(item_size, "item_size", 0, sys.maxsize)
+    index_arg(threads, "threads", 1, MAX_THREADS)  # validated; the reference copies serially
     items = tuple(srcs)
     views: list[memoryview] = []
     try:
-        dmv = _export_writable(dst, "dst", "", views)
+        dmv = export_writable(dst, "dst", "", views)
         pieces: list[memoryview] = []
         for i, obj in enumerate(items):
             smv = _export_source(obj)
@@ -199,8 +199,8 @@ def gather_py(
 
         omv: memoryview | None = None
         if offsets is not None:
-            omv = _export_writable(offsets, "offsets", "int64 ", views)
-            if not _is_int64_format(omv.format, omv.itemsize):
+            omv = export_writable(offsets, "offsets", "int64 ", views)
+            if not is_int64_format(omv.format, omv.itemsize):
                 raise TypeError(
                     f"offsets must hold int64 values, got format {omv.format!r} with itemsize {omv.itemsize}"
                 )
@@ -217,20 +217,20 @@ def gather_py(
                 f"from {len(items)} sources), has {dmv.nbytes}"
             )
 
-        out = _as_bytes(dmv)
+        out = as_bytes(dmv)
         views.append(out)
         pos = dst_offset
         ends = array("q", [0])
         for p in pieces:
             n = p.nbytes
             if n:
-                src = _as_bytes(p)
+                src = as_bytes(p)
                 views.append(src)
                 out[pos : pos + n] = src
             pos += n
             ends.append(pos - dst_offset)
         if omv is not None:
-            obytes = _as_bytes(omv)
+            obytes = as_bytes(omv)
             views.append(obytes)
             ends_view = memoryview(ends).cast("B")
             views.append(ends_view)

@@ -14,11 +14,11 @@ arena in one call::
 :func:`scan_samples` and :func:`gather_spans` are native (``csrc/samples.cpp``, ``csrc/gather.cpp``);
 :func:`scan_samples_py` and :func:`gather_spans_py` are pure-Python references with the same
 results, exception classes and messages (built on :func:`fastfeed.read.tario.scan_py` and
-:func:`fastfeed.read.reader.split_key`). The two are tested against each other and against
+:func:`fastfeed.read.keys.split_key`). The two are tested against each other and against
 :func:`fastfeed.read.reader.iter_samples`, so change them together.
 
 Sample rules (those of :mod:`fastfeed.read.reader`): regular members only, names decoded as UTF-8
-with ``surrogateescape``, split by :func:`~fastfeed.read.reader.split_key` (names it rejects belong to
+with ``surrogateescape``, split by :func:`~fastfeed.read.keys.split_key` (names it rejects belong to
 no sample and are skipped); consecutive members with the same key form a sample; a repeated
 extension in a sample raises :class:`~fastfeed.errors.CorruptShardError`. The native code splits
 names on their bytes (exact: every rule splits at ASCII characters, which UTF-8 with
@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from fastfeed import _native
-from fastfeed.batch.gather import _as_bytes, _export, _export_writable, _index_arg, _is_int64_format
+from fastfeed.batch.gather import as_bytes, export_buffer, export_writable, index_arg, is_int64_format
 from fastfeed.errors import CorruptShardError
-from fastfeed.read.reader import split_key
-from fastfeed.read.tario import _check_object_end, _object_end, _RawScan, _scan_raw, _shard_error
+from fastfeed.read.keys import split_key
+from fastfeed.read.tario import RawScan, check_object_end, object_end_of, scan_raw, shard_error
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -124,12 +124,12 @@ def scan_samples(
     """
     pos = operator.index(pos)
     limit = _limit(max_samples)
-    end_at = _object_end(base, size)
+    end_at = object_end_of(base, size)
     keys, raw_fields, next_pos, end, err, dup, need = _native.scan_samples(
         buf, pos, bool(final), -1 if limit is None else min(limit, sys.maxsize), end_at
     )
     if err is not None:
-        raise _shard_error(err, url, base)
+        raise shard_error(err, url, base)
     if dup is not None:
         raise _duplicate_error(dup[0], dup[1], url)
     fields = {ext: np.frombuffer(rows, dtype=np.int64).reshape(-1, 2) for ext, rows in raw_fields.items()}
@@ -147,7 +147,7 @@ def scan_samples_py(
     size: int | None = None,
 ) -> SampleScan:
     """Pure-Python reference for :func:`scan_samples`: same arguments, results and errors."""
-    return _scan_samples_ref(buf, pos, final, url, max_samples, _scan_raw, base, size)
+    return _scan_samples_ref(buf, pos, final, url, max_samples, scan_raw, base, size)
 
 
 def _limit(max_samples: int | None) -> int | None:
@@ -169,7 +169,7 @@ def _duplicate_error(name: str, key: str, url: str | None) -> CorruptShardError:
 
 
 # --------------------------------------------------------------------------------------------
-# The reference: the members of a tar scan, grouped with reader.split_key.
+# The reference: the members of a tar scan, grouped with keys.split_key.
 
 
 def _scan_samples_ref(
@@ -178,21 +178,21 @@ def _scan_samples_ref(
     final: bool,
     url: str | None,
     max_samples: int | None,
-    raw_scan: Callable[[memoryview, int, bool, int], _RawScan],
+    raw_scan: Callable[[memoryview, int, bool, int], RawScan],
     base: int = 0,
     size: int | None = None,
 ) -> SampleScan:
     """scan_samples_py over ``raw_scan(view, pos, final, object_end) -> (members, next_pos,
-    end, error, need, partial)``: ``tario._scan_raw`` (pure Python), or ``_native.scan`` to
+    end, error, need, partial)``: ``tario.scan_raw`` (pure Python), or ``_native.scan`` to
     time the member-by-member path."""
     pos = operator.index(pos)
     limit = _limit(max_samples)
     final = bool(final)
-    end_at = _object_end(base, size)
+    end_at = object_end_of(base, size)
     with memoryview(buf) as view, view.cast("B") as mv:
         if not 0 <= pos <= len(mv):
             raise ValueError(f"pos={pos} is outside the buffer (0..{len(mv)})")
-        _check_object_end(end_at, len(mv))
+        check_object_end(end_at, len(mv))
         members, tar_next, tar_end, err, need, partial = raw_scan(mv, pos, final, end_at)
         if err is not None and limit is not None:
             # A limited scan stops at the first member of sample limit + 1 and reads nothing
@@ -224,7 +224,7 @@ def _scan_samples_ref(
             complete, next_pos, end = len(samples), _chain(raw_scan, mv, pos, members[stop][1]), False
             need = next_pos
         elif err is not None:
-            raise _shard_error(err, url, base)
+            raise shard_error(err, url, base)
         elif tar_end or final or not samples or _starts_sample(partial, samples[-1][0]):
             # (out of bytes inside a member of another sample: the last one is complete)
             complete, next_pos, end = len(samples), tar_next, tar_end
@@ -252,7 +252,7 @@ def _starts_sample(partial: bytes | None, last_key: str) -> bool:
     return parts is not None and parts[0] != last_key
 
 
-def _chain(raw_scan: Callable[[memoryview, int, bool, int], _RawScan], mv: memoryview, pos: int, data_off: int) -> int:
+def _chain(raw_scan: Callable[[memoryview, int, bool, int], RawScan], mv: memoryview, pos: int, data_off: int) -> int:
     """The first header (extension headers included) of the member whose data is at ``data_off``.
 
     A non-final scan of the bytes before the last byte of that member's own header stops exactly
@@ -308,13 +308,13 @@ def gather_spans_py(
     offsets: BufferLike | None = None,
 ) -> int:
     """Pure-Python reference for :func:`gather_spans`: same arguments, results and errors."""
-    dst_offset = _index_arg(dst_offset, "dst_offset", 0, sys.maxsize)
+    dst_offset = index_arg(dst_offset, "dst_offset", 0, sys.maxsize)
     views: list[memoryview] = []
     try:
-        dmv = _export_writable(dst, "dst", "", views)
+        dmv = export_writable(dst, "dst", "", views)
         smv = _export_readable(src, "src", "", views)
         pmv = _export_readable(spans, "spans", "int64 ", views)
-        if not _is_int64_format(pmv.format, pmv.itemsize):
+        if not is_int64_format(pmv.format, pmv.itemsize):
             raise TypeError(f"spans must hold int64 values, got format {pmv.format!r} with itemsize {pmv.itemsize}")
         shape = pmv.shape or ()  # None only for a released view
         if len(shape) != 2 or shape[1] != 2:
@@ -323,8 +323,8 @@ def gather_spans_py(
 
         omv: memoryview | None = None
         if offsets is not None:
-            omv = _export_writable(offsets, "offsets", "int64 ", views)
-            if not _is_int64_format(omv.format, omv.itemsize):
+            omv = export_writable(offsets, "offsets", "int64 ", views)
+            if not is_int64_format(omv.format, omv.itemsize):
                 raise TypeError(
                     f"offsets must hold int64 values, got format {omv.format!r} with itemsize {omv.itemsize}"
                 )
@@ -349,9 +349,9 @@ def gather_spans_py(
                 f"from {n} spans), has {dmv.nbytes}"
             )
 
-        out = _as_bytes(dmv)
+        out = as_bytes(dmv)
         views.append(out)
-        sbytes = _as_bytes(smv)
+        sbytes = as_bytes(smv)
         views.append(sbytes)
         pos = dst_offset
         ends = [0]
@@ -361,7 +361,7 @@ def gather_spans_py(
             pos += size
             ends.append(pos - dst_offset)
         if omv is not None:
-            obytes = _as_bytes(omv)
+            obytes = as_bytes(omv)
             views.append(obytes)
             obytes[: 8 * len(ends)] = array("q", ends).tobytes()
         return total
@@ -371,7 +371,7 @@ def gather_spans_py(
 
 
 def _export_readable(obj: object, what: str, kind: str, views: list[memoryview]) -> memoryview:
-    mv = _export(obj)
+    mv = export_buffer(obj)
     if mv is None:
         raise TypeError(f"{what} must be a C-contiguous {kind}buffer, not {type(obj).__name__!r}")
     views.append(mv)

@@ -25,24 +25,20 @@ bytes than the object has raises :class:`~fastfeed.errors.TruncatedShardError` a
 from __future__ import annotations
 
 import mmap
-import re
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
 from fastfeed.errors import CorruptShardError, ShardError, TruncatedShardError
+from fastfeed.read.columnar import SampleScan, scan_samples
+from fastfeed.read.keys import split_key
 from fastfeed.read.tario import ScanResult, scan
 
-if TYPE_CHECKING:
-    from fastfeed.read.columnar import SampleScan
-
-__all__ = ["ChunkSource", "Sample", "iter_members", "iter_sample_runs", "iter_samples", "split_key"]
+__all__ = ["ChunkSource", "Sample", "iter_members", "iter_sample_runs", "iter_samples"]
 
 Sample = dict[str, Any]
 
-_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-_SKIP_META_RE = re.compile(r"__[^/]*__($|/)")
 #: Bytes allocated past what the headers say a straddling item needs: room for the headers and
 #: small members (labels, metadata) that usually follow a large one, so that they do not make
 #: the copy grow again.
@@ -283,18 +279,6 @@ def _scan(
         raise error from None
 
 
-def split_key(name: str) -> tuple[str, str] | None:
-    """``"dir/abc.seg.JPG"`` -> ``("dir/abc", "seg.jpg")``; ``None`` for names WebDataset skips."""
-    if "/" not in name and name.startswith("__") and name.endswith("__"):
-        return None
-    if _SKIP_META_RE.match(name):
-        return None
-    match = _KEY_RE.match(name)
-    if match is None:
-        return None
-    return match.group(1), match.group(2).lower()
-
-
 def iter_members(
     url: str, chunks: Iterable[tuple[Any, bool]], *, data: str = "copy"
 ) -> Iterator[tuple[str, bytes | memoryview]]:
@@ -423,7 +407,6 @@ def iter_sample_runs(url: str, chunks: Iterable[tuple[Any, bool]]) -> Iterator[t
     holds no chunk. No Python object is created per member. ``chunks`` as in
     :func:`iter_members`.
     """
-    from fastfeed.read.columnar import scan_samples  # columnar imports this module
 
     def scan_runs(buf: memoryview, pos: int, final: bool, base: int, size: int | None) -> SampleScan:
         return scan_samples(buf, pos, final=final, url=url, base=base, size=size)

@@ -88,10 +88,10 @@ _TRUNCATED_EXTENSION = ERROR_KINDS["TRUNCATED_EXTENSION"]
 _TRUNCATED_DATA = ERROR_KINDS["TRUNCATED_DATA"]
 
 # (kind, offset, raw member name or None, a, b): an error as both implementations report it.
-_RawError = tuple[int, int, bytes | None, int, int]
+RawError = tuple[int, int, bytes | None, int, int]
 # (members, next_pos, end, error, need, partial): a scan as both implementations report it;
 # partial is the raw name of the regular member a scan that ran out of bytes stopped inside.
-_RawScan = tuple[list[tuple[str, int, int]], int, bool, _RawError | None, int, bytes | None]
+RawScan = tuple[list[tuple[str, int, int]], int, bool, RawError | None, int, bytes | None]
 
 _CORRUPT_HINT = "the object is not a valid tar archive; re-create the shard"
 _SPARSE_HINT = "fastfeed cannot read GNU sparse members; re-create the shard without sparse files"
@@ -125,10 +125,10 @@ def scan(
             ``final``, or from ``size``).
         ValueError: ``pos`` is outside the buffer, or ``size`` ends before it.
     """
-    end_at = _object_end(base, size)
+    end_at = object_end_of(base, size)
     members, next_pos, end, err, need, _ = _native.scan(buf, operator.index(pos), bool(final), end_at)
     if err is not None:
-        raise _shard_error(err, url, base)
+        raise shard_error(err, url, base)
     return ScanResult(members, next_pos, end, need)
 
 
@@ -143,18 +143,18 @@ def scan_py(
 ) -> ScanResult:
     """Pure-Python reference for :func:`scan`: same arguments, results and errors, but slow."""
     pos = operator.index(pos)
-    end_at = _object_end(base, size)
+    end_at = object_end_of(base, size)
     with memoryview(buf) as view, view.cast("B") as mv:
         if not 0 <= pos <= len(mv):
             raise ValueError(f"pos={pos} is outside the buffer (0..{len(mv)})")
-        _check_object_end(end_at, len(mv))
-        members, next_pos, end, err, need, _ = _scan_raw(mv, pos, bool(final), end_at)
+        check_object_end(end_at, len(mv))
+        members, next_pos, end, err, need, _ = scan_raw(mv, pos, bool(final), end_at)
     if err is not None:
-        raise _shard_error(err, url, base)
+        raise shard_error(err, url, base)
     return ScanResult(members, next_pos, end, need)
 
 
-def _object_end(base: int, size: int | None) -> int:
+def object_end_of(base: int, size: int | None) -> int:
     """The object's end in the coordinates of a buffer that starts at ``base``; -1: unknown."""
     if size is None:
         return -1
@@ -164,7 +164,7 @@ def _object_end(base: int, size: int | None) -> int:
     return end
 
 
-def _check_object_end(object_end: int, length: int) -> None:
+def check_object_end(object_end: int, length: int) -> None:
     """The native scans' check of ``object_end`` (-1: unknown) against a buffer's length."""
     if object_end != -1 and not object_end >= length:
         raise ValueError(f"object_end={object_end} is before the end of the buffer ({length} bytes)")
@@ -261,7 +261,7 @@ def _all_zero(mv: memoryview, start: int) -> bool:
     return True
 
 
-def _fail(kind: int, offset: int, a: int = 0, b: int = 0, name: bytes | None = None) -> _RawScan:
+def _fail(kind: int, offset: int, a: int = 0, b: int = 0, name: bytes | None = None) -> RawScan:
     return [], offset, False, (kind, offset, name, a, b), offset, None
 
 
@@ -277,7 +277,7 @@ def _stop(
     name: bytes | None,
     need: int,
     partial: bytes | None = None,
-) -> _RawScan:
+) -> RawScan:
     """Out of bytes inside the member chain starting at ``chain``: wait, or (final) truncated.
 
     ``need``: the buffer length that gets a resumed scan past it; ``partial``: the name of the
@@ -289,7 +289,7 @@ def _stop(
     return members, chain, False, None, need, partial
 
 
-def _scan_raw(mv: memoryview, pos: int, final: bool, object_end: int = -1) -> _RawScan:
+def scan_raw(mv: memoryview, pos: int, final: bool, object_end: int = -1) -> RawScan:
     n = len(mv)
     if object_end == -1:
         object_end = 2**64 - 1  # the native kUnknownEnd
@@ -413,7 +413,7 @@ def _scan_raw(mv: memoryview, pos: int, final: bool, object_end: int = -1) -> _R
 # --------------------------------------------------------------------------------------------
 
 
-def _shard_error(err: _RawError, url: str | None, base: int = 0) -> ShardError:
+def shard_error(err: RawError, url: str | None, base: int = 0) -> ShardError:
     """The fastfeed error for an error tuple from either implementation, its buffer offsets
     shifted by ``base`` (the offset of the buffer in the object)."""
     kind, offset, raw_name, a, b = err
