@@ -28,7 +28,8 @@ from fastfeed.cache.node import CacheConfig, Planner, ShardCache, check_cache_di
 from fastfeed.config import PrefetchConfig, S3Config
 from fastfeed.errors import ConfigError
 from fastfeed.order.plan import Piece, rank_pieces, rank_sample_count, shard_order, worker_pieces
-from fastfeed.order.reshard import Segment, segment_rank_pieces
+from fastfeed.order.reshard import segment_rank_pieces
+from fastfeed.order.source import Segment
 from fastfeed.read.prefetch import FetchStats, Prefetcher
 from fastfeed.read.reader import Sample, iter_samples
 from fastfeed.read.sources import count_shard_samples, resolve_source
@@ -300,7 +301,7 @@ class StreamingDataset(IterableDataset[Sample]):
         """The current epoch's closed segments (see :mod:`fastfeed.order.reshard`)."""
         return self._segments if self.segment else ()
 
-    def _resume_segments(self, epoch: int, segments: tuple[Segment, ...]) -> None:
+    def resume_segments(self, epoch: int, segments: tuple[Segment, ...]) -> None:
         """Read the rest of ``epoch`` after ``segments`` (called by the loader's resume)."""
         self.epoch = int(epoch)
         self._segments, self._segments_epoch = tuple(segments), int(epoch)
@@ -319,7 +320,7 @@ class StreamingDataset(IterableDataset[Sample]):
     # ------------------------------------------------------------------ internals
 
     @contextlib.contextmanager
-    def _prefetching(self, pieces: list[Piece], share: int = 1, epoch: int | None = None) -> Iterator[Prefetcher]:
+    def prefetching(self, pieces: list[Piece], share: int = 1, epoch: int | None = None) -> Iterator[Prefetcher]:
         """A prefetcher over ``pieces``' shards whose I/O counters feed :meth:`io_stats`.
 
         ``share``: how many prefetchers of this dataset run at once in this process (one per
@@ -446,7 +447,7 @@ class StreamingDataset(IterableDataset[Sample]):
     def _read(self, pieces: list[Piece], epoch: int | None = None) -> Iterator[Sample]:
         if not pieces:
             return
-        with self._prefetching(pieces, epoch=epoch) as prefetcher:
+        with self.prefetching(pieces, epoch=epoch) as prefetcher:
             for piece, fetch in zip(pieces, prefetcher, strict=False):
                 try:
                     samples = iter_samples(

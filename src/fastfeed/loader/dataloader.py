@@ -74,7 +74,8 @@ from fastfeed.batch.device import DeviceFeeder, HostPinner
 from fastfeed.batch.gather import gather
 from fastfeed.batch.ring import HostRing
 from fastfeed.errors import ConfigError
-from fastfeed.order.reshard import Segment, close_segment
+from fastfeed.order.reshard import close_segment
+from fastfeed.order.source import Segment
 from fastfeed.order.streams import StreamPos, epoch_batches, stream_batches
 
 __all__ = ["DataLoader", "LoaderStats"]
@@ -2112,7 +2113,7 @@ class _Progress:
                 ds.world_size,
                 closed.world_size,
             )
-        ds._resume_segments(epoch, segments)
+        ds.resume_segments(epoch, segments)
         with self._lock:
             self.resume = _Resume(epoch, positions, next_stream, base_seed)
 

@@ -21,46 +21,19 @@ again (same or another world size) replays the chain of segments.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from fastfeed.order.plan import Piece, cut, rank_pieces, rank_share, shard_order, worker_pieces
+from fastfeed.order.source import PlannedDataset, Segment
 from fastfeed.order.streams import StreamPos, block_order, block_size_for
 
-if TYPE_CHECKING:
-    from fastfeed.dataset import StreamingDataset
-
-__all__ = ["Segment", "close_segment", "segment_rank_pieces"]
-
-
-@dataclass(frozen=True)
-class Segment:
-    """A closed part of an epoch: its layout and how many samples each stream had consumed."""
-
-    world_size: int
-    num_streams: int
-    batch_size: int
-    consumed: tuple[int, ...]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "world_size": self.world_size,
-            "num_streams": self.num_streams,
-            "batch_size": self.batch_size,
-            "consumed": list(self.consumed),
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Segment:
-        return cls(
-            int(d["world_size"]), int(d["num_streams"]), int(d["batch_size"]), tuple(int(c) for c in d["consumed"])
-        )
+__all__ = ["close_segment", "segment_rank_pieces"]
 
 
 def close_segment(
-    dataset: StreamingDataset,
+    dataset: PlannedDataset,
     *,
     world_size: int,
     num_streams: int,
@@ -76,7 +49,7 @@ def close_segment(
 
 
 def segment_rank_pieces(
-    dataset: StreamingDataset, segments: Sequence[Segment], rank: int, world_size: int
+    dataset: PlannedDataset, segments: Sequence[Segment], rank: int, world_size: int
 ) -> list[Piece]:
     """The pieces ``rank`` of ``world_size`` reads in the segment after ``segments`` (of the
     dataset's current epoch)."""
@@ -91,7 +64,7 @@ def segment_rank_pieces(
 
     share = first_share
     for j, seg in enumerate(segments):
-        # The stream split each segment used (see StreamingDataset.plan): sample-equal with counts,
+        # The stream split each segment used (see PlannedDataset.plan): sample-equal with counts,
         # except in a first segment of one rank, which deals whole pieces round-robin.
         split_counts = counts if (j > 0 or seg.world_size > 1) else None
         remaining: list[Piece] = []
@@ -113,7 +86,7 @@ def _sharer(pieces: list[Piece], counts: Sequence[int], world_size: int, remaind
 
 
 def _undelivered(
-    dataset: StreamingDataset,
+    dataset: PlannedDataset,
     stream: Sequence[Piece],
     counts: Sequence[int],
     seg: Segment,

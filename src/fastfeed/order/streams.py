@@ -27,8 +27,7 @@ from fastfeed.batch.assemble import ColumnBatch, ColumnRun, materialize_run
 from fastfeed.read.reader import iter_sample_runs
 
 if TYPE_CHECKING:
-    from fastfeed.dataset import StreamingDataset
-    from fastfeed.order.reshard import Segment
+    from fastfeed.order.source import PlannedDataset, Segment
     from fastfeed.read.prefetch import FetchStats, ShardFetch
 
 __all__ = ["StreamPos", "block_size_for", "epoch_batches", "stream_batches"]
@@ -60,7 +59,7 @@ def block_size_for(batch_size: int, shuffle: bool, shuffle_buffer: int, num_stre
 
 
 def block_order(
-    dataset: StreamingDataset, segment: int, rank: int, stream: int, block: int, n: int, epoch: int | None = None
+    dataset: PlannedDataset, segment: int, rank: int, stream: int, block: int, n: int, epoch: int | None = None
 ) -> np.ndarray:
     """The order in which a block's ``n`` samples are delivered: a permutation seeded by
     ``(seed, epoch, rank, stream, block)`` with shuffling (and the resume segment, after a
@@ -74,7 +73,7 @@ def block_order(
 
 
 def stream_batches(
-    dataset: StreamingDataset,
+    dataset: PlannedDataset,
     stream: int,
     num_streams: int,
     batch_size: int,
@@ -147,7 +146,7 @@ def stream_batches(
             )
             yield collate(ColumnBatch(runs)), after
 
-    with dataset._prefetching(todo, share, epoch) as prefetcher:
+    with dataset.prefetching(todo, share, epoch) as prefetcher:
         fetches = iter(prefetcher)
         try:
             for k, piece in enumerate(todo):
@@ -223,7 +222,7 @@ def copy_out(block: list[ColumnRun], stats: FetchStats) -> list[ColumnRun]:
 
 
 def epoch_batches(
-    dataset: StreamingDataset,
+    dataset: PlannedDataset,
     num_streams: int,
     batch_size: int,
     *,
