@@ -11,6 +11,7 @@ See the README for the data flow and :mod:`fastfeed.errors` for the error tree.
 from typing import TYPE_CHECKING, Any
 
 from fastfeed.batch.assemble import RaggedBytes
+from fastfeed.cache.node import CacheConfig
 from fastfeed.callbacks import CheckpointCallback
 from fastfeed.checkpoint.checkpointer import Checkpointer, CheckpointInfo, CheckpointStats, SaveHandle
 from fastfeed.config import PrefetchConfig, RetryConfig, S3Config, parse_size
@@ -48,6 +49,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AccessDeniedError",
     "BucketNotFoundError",
+    "CacheConfig",
     "CheckpointCallback",
     "CheckpointError",
     "CheckpointInfo",

@@ -59,6 +59,8 @@ class StreamingDataset(IterableDataset[Sample]):
         endpoint_url: S3 endpoint (MinIO, SeaweedFS, ...). Default: ``AWS_ENDPOINT_URL`` or AWS.
         s3: full S3 options (credentials, region, addressing style, timeouts, retries);
             ``endpoint_url`` overrides its endpoint.
+        prefetch: the prefetch settings whole (a :class:`~fastfeed.PrefetchConfig`), instead of
+            the four keywords below (giving both is an error).
         part_size: bytes per ranged GET (``"8MiB"``).
         max_requests: concurrent GETs per process.
         shards_in_flight: shards fetched ahead, including the one being read.
@@ -77,6 +79,8 @@ class StreamingDataset(IterableDataset[Sample]):
             :mod:`fastfeed.cache.node`). A limit that cannot hold ``shards_in_flight`` of the largest
             shard is an error, and so is a ``cache_dir`` owned by another user or writable by
             group or others (use a private directory, e.g. ``/scratch/$USER/fastfeed``).
+        cache: the node cache's settings whole (a :class:`~fastfeed.CacheConfig`), instead of
+            the ``cache_*`` keywords (giving both is an error); its ``io`` may be ``"auto"``.
         cache_on_error: ``"warn"`` (default) or ``"raise"`` when the cache directory is not
             writable or its disk is full; with ``"warn"`` reading continues from the store.
         cache_policy: ``"belady"`` (default; evicts the shard this dataset needs again
@@ -119,6 +123,7 @@ class StreamingDataset(IterableDataset[Sample]):
         shuffle_buffer: int = 1000,
         endpoint_url: str | None = None,
         s3: S3Config | None = None,
+        prefetch: PrefetchConfig | None = None,
         part_size: int | str | None = None,
         max_requests: int | None = None,
         shards_in_flight: int | None = None,
@@ -127,11 +132,12 @@ class StreamingDataset(IterableDataset[Sample]):
         world_size: int | None = None,
         remainder: str = "drop",
         index_cache: str | os.PathLike[str] | None = "~/.cache/fastfeed/counts",
+        cache: CacheConfig | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         cache_limit: int | str | None = None,
-        cache_on_error: str = "warn",
-        cache_policy: str = "belady",
-        cache_io: str = "auto",
+        cache_on_error: str | None = None,
+        cache_policy: str | None = None,
+        cache_io: str | None = None,
         zero_copy: bool = False,
     ) -> None:
         super().__init__()
@@ -142,12 +148,22 @@ class StreamingDataset(IterableDataset[Sample]):
             self.s3_config = S3Config(**{**s3.__dict__, "endpoint_url": endpoint_url})
         else:
             self.s3_config = s3
-        self.prefetch_config = PrefetchConfig.from_args(
-            part_size=part_size,
-            max_requests=max_requests,
-            shards_in_flight=shards_in_flight,
-            byte_budget=byte_budget,
-        )
+        fields = {
+            "part_size": part_size,
+            "max_requests": max_requests,
+            "shards_in_flight": shards_in_flight,
+            "byte_budget": byte_budget,
+        }
+        if prefetch is not None:
+            _not_both("prefetch", fields)
+            self.prefetch_config = prefetch
+        else:
+            self.prefetch_config = PrefetchConfig.from_args(
+                part_size=part_size,
+                max_requests=max_requests,
+                shards_in_flight=shards_in_flight,
+                byte_budget=byte_budget,
+            )
         if shuffle_buffer < 0:
             raise ConfigError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
         rank_sample_count(1, 1, remainder)  # validates `remainder`
@@ -167,7 +183,22 @@ class StreamingDataset(IterableDataset[Sample]):
         self._io_done = FetchStats()  # finished iterations of this process
         self._io_live: list[FetchStats] = []  # iterations (streams) in progress
         self.shards: list[ObjectInfo] = resolve_source(source, StoreSet(self._control_plane))
-        self.cache_config = self._check_cache(cache_dir, cache_limit, cache_on_error, cache_policy, cache_io)
+        cache_fields = {
+            "cache_dir": cache_dir,
+            "cache_limit": cache_limit,
+            "cache_on_error": cache_on_error,
+            "cache_policy": cache_policy,
+            "cache_io": cache_io,
+        }
+        if cache is not None:
+            _not_both("cache", cache_fields)
+            self.cache_config: CacheConfig | None = self._check_cache(
+                cache.dir, cache.limit, cache.on_error, cache.policy, cache.io
+            )
+        else:
+            self.cache_config = self._check_cache(
+                cache_dir, cache_limit, cache_on_error or "warn", cache_policy or "belady", cache_io or "auto"
+            )
         #: Streams the epoch is read as (set by fastfeed.DataLoader); the cache's plan uses it.
         self.read_streams = 1
         self._planners: dict[tuple[int, int], Planner] = {}
@@ -524,3 +555,13 @@ def _shuffle(samples: Iterator[Sample], size: int, rng: random.Random) -> Iterat
     finally:
         if isinstance(samples, Generator):
             samples.close()  # stop the prefetcher now, not at garbage collection
+
+
+def _not_both(whole: str, fields: dict[str, Any]) -> None:
+    """A config object given whole together with any of its fields as keywords is an error."""
+    given = sorted(k for k, v in fields.items() if v is not None)
+    if given:
+        raise ConfigError(
+            f"StreamingDataset got {whole}= and also {', '.join(given)}",
+            hint=f"set those fields in the {whole} object, or leave {whole}= out",
+        )
