@@ -48,7 +48,7 @@ by hand.
   whose lock is free (their filler died) are deleted.
 * *Errors*: a full disk (ENOSPC, EDQUOT, EFBIG) or an unwritable directory logs one warning
   and the shard (and, for an unwritable directory, the cache) is read from the store instead,
-  or raises :class:`CacheError` with ``on_error="raise"``. Readers never lose data: a failed
+  or raises :class:`~fastfeed.errors.CacheError` with ``on_error="raise"``. Readers never lose data: a failed
   fill only means the bytes come from the store.
 
 **Trust model.** The node is shared with other local users; the cache must not let one of
@@ -132,7 +132,7 @@ from typing import Any, NamedTuple
 
 from fastfeed import _native
 from fastfeed.config import parse_size
-from fastfeed.errors import ConfigError, FastfeedError
+from fastfeed.errors import CacheError, ConfigError
 from fastfeed.store.base import ObjectInfo, RangeReader
 from fastfeed.store.buffers import pool_for
 from fastfeed.urls import Location
@@ -178,10 +178,6 @@ _FOOTER = struct.Struct("<8sQIII")  # magic, object size, chunk, CRC count, CRC3
 #: Check each chunk of a hit against its CRC32C (off only to measure what the check costs:
 #: benchmarks/cache/bench_hit_path.py).
 _VERIFY = True
-
-
-class CacheError(FastfeedError):
-    """The cache directory cannot be used (with ``on_error="raise"``)."""
 
 
 @dataclass(frozen=True)
