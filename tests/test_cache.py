@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from fastfeed import ConfigError, DataLoader, StreamingDataset
-from fastfeed.cache.node import cache_info, clear_cache, entry_files, trailer_size
+from fastfeed.cache.admin import cache_info, clear_cache, entry_files
+from fastfeed.cache.entries import trailer_size
 from fastfeed.config import S3Config
 from fastfeed.testing.servers import free_port
 from fastfeed.testing.shards import upload_dir, write_synthetic_shards
@@ -337,7 +338,8 @@ def test_half_size_cache_belady_fetches_half_per_epoch_lru_more(data: dict[str, 
 def test_a_shard_being_read_is_never_evicted_and_live_fills_survive_cleanup(data: dict[str, Any]) -> None:
     import fcntl
 
-    from fastfeed.cache.node import CacheConfig, ShardCache
+    from fastfeed.cache.config import CacheConfig
+    from fastfeed.cache.node import ShardCache
 
     list(dataset(data))
     cache = ShardCache(CacheConfig.of(data["cache"], "1GB"))

@@ -12,7 +12,7 @@ rotated) times one cold epoch of ``fastfeed.DataLoader(num_workers=W)`` in each 
 * ``sparse`` (diagnostic, ``--sparse``): as ``cache``, but the fill extends the part file with
   ``ftruncate`` instead of writing the bytes (and skips the fsync). The entries are then holes,
   so this mode only measures what the rest of the cache machinery costs. It replaces a private
-  function of ``fastfeed.cache.node`` in this process and its forked workers.
+  function of ``fastfeed.cache.entries`` in this process and its forked workers.
 
 Also measured per repeat: the raw GET ceiling (``fastfeed.bench.measure.measure_raw_get``). Reports the
 medians of MB/s and of client CPU seconds per GiB (workers included).
@@ -33,13 +33,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import fastfeed.cache.node as ff_cache
+import fastfeed.cache.entries as ff_entries
 from fastfeed import DataLoader, StreamingDataset
 from fastfeed.bench.measure import measure_batches, measure_raw_get
 from fastfeed.bench.run import _batch_bytes, _batch_count, _emulated, demo_dataset
 from fastfeed.config import PrefetchConfig, parse_size
 
-_REAL_PWRITE = ff_cache._pwrite_all
+_REAL_PWRITE = ff_entries._pwrite_all
 
 
 def _extend_only(fd: int, data: memoryview, offset: int) -> None:
@@ -70,7 +70,7 @@ def main() -> int:
             raw = measure_raw_get(StreamingDataset(url, s3=s3_run).shards, s3_run, prefetch)
             runs["raw GET"].append({"mb_per_s": raw.mb_per_s, "cpu_s_per_gib": raw.cpu_s_per_gib})
             for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:
-                ff_cache._pwrite_all = _extend_only if mode == "sparse" else _REAL_PWRITE
+                ff_entries._pwrite_all = _extend_only if mode == "sparse" else _REAL_PWRITE
                 with contextlib.ExitStack() as stack:
                     if mode == "sparse":
                         stack.enter_context(_no_fsync())
@@ -91,7 +91,7 @@ def main() -> int:
                     )
                 runs[mode].append({"mb_per_s": m.mb_per_s, "cpu_s_per_gib": m.cpu_s_per_gib})
                 print(f"repeat {r} {mode:<8} {m.mb_per_s:7.0f} MB/s {m.cpu_s_per_gib:5.2f} CPU s/GiB", file=sys.stderr)
-    ff_cache._pwrite_all = _REAL_PWRITE
+    ff_entries._pwrite_all = _REAL_PWRITE
 
     def med(mode: str, key: str) -> float:
         return statistics.median(x[key] for x in runs[mode])
@@ -116,18 +116,18 @@ def main() -> int:
 
 @contextlib.contextmanager
 def _no_fsync() -> Any:
-    """The sparse mode skips the fill's fsync too (``fastfeed.cache.node`` looks ``os.fsync`` up when
+    """The sparse mode skips the fill's fsync too (``fastfeed.cache.entries`` looks ``os.fsync`` up when
     it calls it)."""
 
     class _Os:
         def __getattr__(self, name: str) -> Any:
             return (lambda fd: None) if name == "fsync" else getattr(os, name)
 
-    ff_cache.os = _Os()  # type: ignore[assignment]
+    ff_entries.os = _Os()  # type: ignore[assignment]
     try:
         yield
     finally:
-        ff_cache.os = os
+        ff_entries.os = os
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ from fastfeed.bench.peers import (
     snapshot_diff,
     tempdir_redirect,
 )
-from fastfeed.cache.node import entry_files
+from fastfeed.cache.admin import entry_files
 from fastfeed.config import S3Config, format_size, parse_size
 from fastfeed.testing.servers import SeaweedServer
 from fastfeed.testing.shards import upload_dir, write_synthetic_shards

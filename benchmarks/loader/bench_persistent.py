@@ -31,7 +31,7 @@ from typing import Any
 from fastfeed import DataLoader, StreamingDataset
 from fastfeed.bench.measure import measure_raw_read
 from fastfeed.bench.run import demo_dataset
-from fastfeed.cache.node import entry_files
+from fastfeed.cache.admin import entry_files
 from fastfeed.config import parse_size
 
 

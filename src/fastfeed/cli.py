@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from fastfeed.cache.node import cache_info, clear_cache
+    from fastfeed.cache.admin import cache_info, clear_cache
 
     if args.cache_command == "info":
         info = cache_info(args.dir)

@@ -24,7 +24,10 @@ from typing import Any, TypeVar
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from fastfeed.cache.node import CacheConfig, Planner, ShardCache, check_cache_dir, entry_key, url_hash_of
+from fastfeed.cache.config import CacheConfig
+from fastfeed.cache.entries import entry_key, url_hash_of
+from fastfeed.cache.files import check_cache_dir
+from fastfeed.cache.node import Planner, ShardCache
 from fastfeed.config import PrefetchConfig, S3Config
 from fastfeed.errors import ConfigError
 from fastfeed.order.plan import Piece, rank_pieces, rank_sample_count, shard_order, worker_pieces

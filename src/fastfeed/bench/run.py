@@ -47,7 +47,7 @@ from fastfeed.bench.measure import (
     measure_raw_read,
     peak_rss_bytes,
 )
-from fastfeed.cache.node import entry_files
+from fastfeed.cache.admin import entry_files
 from fastfeed.config import PrefetchConfig, S3Config, format_size
 from fastfeed.errors import ConfigError
 
