@@ -11,7 +11,7 @@ See the README for the data flow and :mod:`fastfeed.errors` for the error tree.
 from typing import TYPE_CHECKING, Any
 
 from fastfeed.batch.assemble import RaggedBytes
-from fastfeed.cache.node import CacheConfig
+from fastfeed.cache.config import CacheConfig
 from fastfeed.callbacks import CheckpointCallback
 from fastfeed.checkpoint.checkpointer import Checkpointer, CheckpointInfo, CheckpointStats, SaveHandle
 from fastfeed.config import PrefetchConfig, RetryConfig, S3Config, parse_size
@@ -19,6 +19,7 @@ from fastfeed.dataset import StreamingDataset
 from fastfeed.errors import (
     AccessDeniedError,
     BucketNotFoundError,
+    CacheError,
     CheckpointError,
     ConditionFailedError,
     ConfigError,
@@ -50,6 +51,7 @@ __all__ = [
     "AccessDeniedError",
     "BucketNotFoundError",
     "CacheConfig",
+    "CacheError",
     "CheckpointCallback",
     "CheckpointError",
     "CheckpointInfo",
