@@ -4,9 +4,11 @@ Streaming and s3torchconnector only where installed (benchmarks/cache/README_pee
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -404,3 +406,22 @@ def test_s3torchconnector_reads_every_sample(ctx: PeerContext, workers: int) -> 
     for m in (cold, warm):
         check(m, "s3torchconnector")
         assert m.extra["num_workers"] == workers and m.extra["from_cache"] is False
+
+
+@pytest.mark.parametrize("name", ["torch", "s3torchconnector"])
+def test_a_peer_leaves_this_process_environment_and_tempdir_alone(ctx: PeerContext, name: str) -> None:
+    """A peer runs in a process of its own, started with the environment it needs (the AWS
+    credentials for s3torchconnector's CRT client) and a TMPDIR of its own: this process's
+    os.environ and tempfile.tempdir are the same during and after the run, and the peer's
+    temporary directory is gone after cleanup."""
+    peer = make_peer(name) if name == "torch" else require(name)
+    environ, tempdir = dict(os.environ), tempfile.tempdir
+    try:
+        check(peer.run(ctx), name)
+        assert dict(os.environ) == environ, "os.environ changed by the run"
+        assert tempfile.tempdir == tempdir, "tempfile.tempdir changed by the run"
+    finally:
+        peer.cleanup()
+    assert dict(os.environ) == environ
+    assert tempfile.tempdir == tempdir
+    assert not list(Path(tempfile.gettempdir()).glob(f"fastfeed-peer-{name}-*")), "the peer's TMPDIR is left"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What filling the node cache costs a cold epoch: fastfeed.DataLoader, same run, same store.
 
-Starts SeaweedFS on 127.0.0.1 with a synthetic dataset (``fastfeed.bench.run.demo_dataset``)
+Starts SeaweedFS on 127.0.0.1 with a synthetic dataset (``fastfeed.bench.demo.demo_dataset``)
 behind the delaying proxy of ``fastfeed bench`` (``--latency-ms``), then for each repeat (order
 rotated) times one cold epoch of ``fastfeed.DataLoader(num_workers=W)`` in each mode:
 
@@ -35,8 +35,9 @@ from typing import Any
 
 import fastfeed.cache.entries as ff_entries
 from fastfeed import DataLoader, StreamingDataset
+from fastfeed.bench.demo import demo_dataset
 from fastfeed.bench.measure import measure_batches, measure_raw_get
-from fastfeed.bench.run import _batch_bytes, _batch_count, _emulated, demo_dataset
+from fastfeed.bench.run import batch_bytes, batch_count, emulated
 from fastfeed.config import PrefetchConfig, parse_size
 
 _REAL_PWRITE = ff_entries._pwrite_all
@@ -64,7 +65,7 @@ def main() -> int:
     prefetch = PrefetchConfig()
     with (
         demo_dataset(parse_size(args.size), 100 << 10, 16 << 20) as (url, s3, setup),
-        _emulated(s3, args.latency_ms, None) as s3_run,
+        emulated(s3, args.latency_ms, None) as s3_run,
     ):
         for r in range(args.repeats):
             raw = measure_raw_get(StreamingDataset(url, s3=s3_run).shards, s3_run, prefetch)
@@ -87,7 +88,7 @@ def main() -> int:
                         contextlib.closing(DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers))
                     )
                     m = measure_batches(
-                        mode, lambda loader=loader: loader, size_of=_batch_bytes, count_of=_batch_count, close=False
+                        mode, lambda loader=loader: loader, size_of=batch_bytes, count_of=batch_count, close=False
                     )
                 runs[mode].append({"mb_per_s": m.mb_per_s, "cpu_s_per_gib": m.cpu_s_per_gib})
                 print(f"repeat {r} {mode:<8} {m.mb_per_s:7.0f} MB/s {m.cpu_s_per_gib:5.2f} CPU s/GiB", file=sys.stderr)

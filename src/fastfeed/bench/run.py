@@ -15,9 +15,9 @@
 * optionally an async checkpoint round: :meth:`fastfeed.Checkpointer.save` stall vs a plain
   ``clone()`` of the same tensors, and the background upload.
 
-The :class:`Report` holds every :class:`~fastfeed.bench.measure.Measurement`, renders the table, the
-JSON and the plot, and checks fastfeed's performance targets, saying plainly which were missed.
-:func:`demo` runs all of this against a local S3 server (SeaweedFS) with a synthetic dataset.
+Every figure goes into a :class:`~fastfeed.bench.report.Report` (the table, the JSON, the plot and
+fastfeed's performance targets). :func:`fastfeed.bench.demo.demo` runs all of this against a
+local S3 server (SeaweedFS) with a synthetic dataset.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,24 +45,36 @@ from fastfeed.bench.measure import (
     measure_h2d,
     measure_raw_get,
     measure_raw_read,
-    peak_rss_bytes,
 )
+from fastfeed.bench.report import DECODE_CEILING, Report, Target
 from fastfeed.cache.admin import entry_files
-from fastfeed.config import PrefetchConfig, S3Config, format_size
+from fastfeed.config import PrefetchConfig, S3Config
 from fastfeed.errors import ConfigError
 
 if TYPE_CHECKING:
     from fastfeed.decode import Decoder
 
-__all__ = ["BenchConfig", "Report", "Target", "demo", "first_samples", "measure_decode", "run"]
+__all__ = [
+    "DECODE_CEILING",
+    "BenchConfig",
+    "Progress",
+    "Report",
+    "Target",
+    "batch_bytes",
+    "batch_count",
+    "check_device",
+    "emulated",
+    "first_samples",
+    "make_decoder",
+    "measure_decode",
+    "run",
+]
 
 log = logging.getLogger(__name__)
 
 #: Progress callback: ``(run name, total bytes or None)`` starts a run; then ``(bytes, samples)``.
 Progress = Callable[[str, int | None], Callable[[int, int], None]]
 
-#: Key of the decode ceiling in :attr:`Report.ceilings` (its name says the workers it assumes).
-DECODE_CEILING = "decode"
 #: The decode ceiling decodes at most this many samples (and at most this many stored bytes).
 DECODE_CEILING_SAMPLES = 256
 DECODE_CEILING_BYTES = 256 << 20
@@ -111,260 +123,6 @@ class BenchConfig:
     image_size: tuple[int, int] | None = None
 
 
-@dataclass
-class Target:
-    """One of fastfeed's performance targets, checked against this run's figures."""
-
-    name: str
-    value: float | None
-    threshold: float
-    #: ``">="`` or ``"<="``.
-    op: str
-    detail: str = ""
-
-    @property
-    def met(self) -> bool | None:
-        if self.value is None:
-            return None
-        return self.value >= self.threshold if self.op == ">=" else self.value <= self.threshold
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "met": self.met}
-
-
-@dataclass
-class Report:
-    """Every figure of one ``fastfeed bench`` run."""
-
-    url: str
-    config: dict[str, Any]
-    setup: dict[str, Any] = field(default_factory=dict)
-    ceilings: dict[str, Measurement] = field(default_factory=dict)
-    runs: list[Measurement] = field(default_factory=list)
-    checkpoint: dict[str, float] = field(default_factory=dict)
-    skipped: dict[str, str] = field(default_factory=dict)
-    machine: dict[str, Any] = field(default_factory=dict)
-
-    # ------------------------------------------------------------------ figures
-
-    def run_named(self, name: str) -> Measurement | None:
-        return next((r for r in self.runs if r.name == name), None)
-
-    def ceiling_of(self, run: Measurement) -> Measurement | None:
-        """The ceiling a run is compared with: the raw read for warm runs, else the raw GET; for a
-        decoding run, the lower of that and the decode ceiling (in samples/s, the I/O ceiling
-        taken at the run's mean stored bytes per sample)."""
-        key = "raw read" if run.extra.get("phase") == "warm" else "raw GET"
-        io = self.ceilings.get(key)
-        decode = self.ceilings.get(DECODE_CEILING) if run.extra.get("decode") else None
-        if decode is None or io is None:
-            return decode or io
-        return min((io, decode), key=lambda c: _ceiling_samples_per_s(c, run))
-
-    def best_peer(self, phase: str) -> Measurement | None:
-        peers = [r for r in self.runs if r.extra.get("peer") and r.extra.get("phase") == phase]
-        return max(peers, key=lambda r: r.mb_per_s, default=None)
-
-    def _fastfeed(self, phase: str) -> Measurement | None:
-        runs = [r for r in self.runs if not r.extra.get("peer") and r.extra.get("phase") == phase]
-        if not runs:
-            return None
-        return runs[0] if phase == "cold" else max(runs, key=lambda r: r.mb_per_s)
-
-    def targets(self) -> list[Target]:
-        """fastfeed's performance targets, from this run's ratios."""
-        out: list[Target] = []
-        latency = float(self.config.get("latency_ms") or 0.0)
-        where = (
-            f" at {latency:g} ms emulated latency" if latency else " (no emulated latency: the target is set at 20 ms)"
-        )
-        per_connection = self.config.get("connection_bandwidth")
-        if per_connection:
-            where += f", {float(per_connection) / 1e6:g} MB/s per connection"
-        # The targets bound the feeding of stored bytes: a decoding run is bound by its decoding.
-        phases = () if self.config.get("decode") else (("cold", "raw GET", 0.9, 2.0), ("warm", "raw read", 0.8, 1.5))
-        for phase, ceiling, ratio_min, peer_min in phases:
-            run, top = self._fastfeed(phase), self.ceilings.get(ceiling)
-            if run is not None and top is not None:
-                out.append(Target(f"{phase} epoch / {ceiling} ceiling", _ratio(run, top), ratio_min, ">="))
-            peer = self.best_peer(phase)
-            if run is not None and peer is not None:
-                detail = f"best peer: {peer.name}" + (where if phase == "cold" else "")
-                out.append(Target(f"{phase} epoch / best peer", _ratio(run, peer), peer_min, ">=", detail))
-        if self.checkpoint:
-            out.append(
-                Target(
-                    "checkpoint save() stall / clone()",
-                    self.checkpoint["stall_s"] / self.checkpoint["clone_s"],
-                    1.5,
-                    "<=",
-                )
-            )
-        return out
-
-    # ------------------------------------------------------------------ output
-
-    def table(self) -> str:
-        """The results as a plain-text table (MB = 10**6 bytes of payload)."""
-        labels = [_ceiling_label(name, c) for name, c in self.ceilings.items()] + [r.name for r in self.runs]
-        w = max([30, *map(len, labels)])  # names such as "fastfeed epoch 0 (cold, decode)" fit
-        head = (
-            f"{'run':<{w}} {'samples/s':>10} {'MB/s':>7} {'x ceil':>7} {'x peer':>7} {'1st batch':>9} "
-            f"{'p50 ms':>7} {'p99 ms':>7} {'wait':>6} {'hit':>5} {'CPU s/GiB':>9} {'RSS':>9}"
-        )
-        lines = [head, "-" * len(head)]
-        for name, c in self.ceilings.items():
-            label = _ceiling_label(name, c)
-            # An I/O ceiling counts bytes only; the decode ceiling counts samples (and their stored bytes).
-            per_s = f"{c.samples_per_s:>10,.0f}" if c.samples else f"{'-':>10}"
-            lines.append(f"{label:<{w}} {per_s} {c.mb_per_s:>7.0f} {'1.00':>7} {'':>7}")
-        for r in self.runs:
-            ceiling = self.ceiling_of(r)
-            x_ceil = f"{_ceiling_ratio(r, ceiling):.2f}" if ceiling is not None else "-"
-            x_peer = "-"
-            if not r.extra.get("peer"):
-                peer = self.best_peer(str(r.extra.get("phase")))
-                x_peer = f"{_ratio(r, peer):.2f}" if peer is not None else "-"
-            hit = f"{r.cache_hit_rate:.0%}" if r.cache_hit_rate is not None else "-"
-            rss = format_size(max(r.peak_rss_bytes, r.peak_child_rss_bytes)) if r.peak_rss_bytes else "-"
-            lines.append(
-                f"{r.name:<{w}} {r.samples_per_s:>10,.0f} {r.mb_per_s:>7.0f} {x_ceil:>7} {x_peer:>7} "
-                f"{r.first_sample_s * 1000:>7.0f}ms {r.batch_p50_ms:>7.1f} {r.batch_p99_ms:>7.1f} "
-                f"{r.wait_fraction:>6.1%} {hit:>5} {r.cpu_s_per_gib:>9.2f} {rss:>9}"
-            )
-        if self.checkpoint:
-            ck = self.checkpoint
-            lines.append("")
-            lines.append(
-                f"checkpoint {format_size(int(ck['bytes']))}: save() stall {ck['stall_s'] * 1000:.0f} ms vs clone() "
-                f"{ck['clone_s'] * 1000:.0f} ms ({ck['stall_s'] / ck['clone_s']:.2f}x); background commit "
-                f"{ck['commit_s']:.2f} s ({ck['bytes'] / 1e6 / ck['commit_s']:.0f} MB/s)"
-            )
-        lines.extend(self._decode_notes())
-        for name, reason in self.skipped.items():
-            lines.append(f"skipped {name}: {reason}")
-        targets = self.targets()
-        if targets:
-            lines.append("")
-            lines.append("targets (fastfeed vs the ceilings and the best peer):")
-            for t in targets:
-                verdict = {True: "met", False: "MISSED", None: "n/a"}[t.met]
-                value = f"{t.value:.2f}" if t.value is not None else "-"
-                extra = f"  [{t.detail}]" if t.detail else ""
-                lines.append(f"  {t.name:<40} {value:>6} (target {t.op} {t.threshold:g}): {verdict}{extra}")
-        return "\n".join(lines)
-
-    def _decode_notes(self) -> list[str]:
-        """For decoding runs: what bounds them, decoding or I/O (each ceiling in samples/s)."""
-        runs = [r for r in self.runs if r.extra.get("decode") and not r.extra.get("peer") and r.samples]
-        decode = self.ceilings.get(DECODE_CEILING)
-        if not runs or decode is None:
-            return []
-        lines = [""]
-        label = _ceiling_label(DECODE_CEILING, decode)
-        for r in runs:
-            io = self.ceiling_of(dataclasses.replace(r, extra={**r.extra, "decode": False}))
-            if io is None:
-                lines.append(f"{r.name}: {label} {decode.samples_per_s:,.0f} samples/s; no I/O ceiling (local files)")
-                continue
-            io_per_s = _ceiling_samples_per_s(io, r)
-            bound = "decoding" if decode.samples_per_s < io_per_s else "I/O"
-            lines.append(
-                f"{r.name}: bound by {bound}: {label} {decode.samples_per_s:,.0f} samples/s vs "
-                f"{_ceiling_label(io.name, io)} {io_per_s:,.0f} samples/s at {format_size(r.bytes // r.samples)}/sample"
-            )
-        if self.config.get("decode"):
-            lines.append("the epoch targets are not checked with --decode: they bound feeding stored bytes")
-        return lines
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "url": self.url,
-            "config": self.config,
-            "setup": self.setup,
-            "machine": self.machine,
-            "ceilings": {k: v.as_dict() for k, v in self.ceilings.items()},
-            "runs": [r.as_dict() for r in self.runs],
-            "checkpoint": self.checkpoint,
-            "skipped": self.skipped,
-            "targets": [t.as_dict() for t in self.targets()],
-        }
-
-    def plot(self, path: str | os.PathLike[str]) -> None:
-        """Throughput over time of every run and ceiling, as a PNG (needs matplotlib)."""
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError as err:
-            raise ConfigError("--plot needs matplotlib", hint="pip install matplotlib (or fastfeed[bench])") from err
-        fig, ax = plt.subplots(figsize=(10, 5.5))
-        for name, c in self.ceilings.items():
-            ax.axhline(c.mb_per_s, linestyle="--", linewidth=1, color="grey")
-            ax.annotate(_ceiling_label(name, c), (0, c.mb_per_s), fontsize=8, color="grey", va="bottom")
-        for r in self.runs:
-            t, mb = _rate_series(r.timeline)
-            if t:
-                ax.plot(
-                    t, mb, label=f"{r.name} ({r.mb_per_s:.0f} MB/s)", linewidth=1.5 if not r.extra.get("peer") else 1
-                )
-        ax.set_xlabel("seconds since the start of the epoch")
-        ax.set_ylabel("MB/s (payload, moving window)")
-        ax.set_title(f"fastfeed bench: {self.url}")
-        ax.set_ylim(bottom=0)
-        ax.legend(fontsize=8, loc="best")
-        fig.tight_layout()
-        fig.savefig(os.fspath(path), dpi=110)
-        plt.close(fig)
-
-
-def _ratio(a: Measurement, b: Measurement | None) -> float:
-    if b is None or b.mb_per_s <= 0:
-        return 0.0
-    return a.mb_per_s / b.mb_per_s
-
-
-def _ceiling_label(key: str, ceiling: Measurement) -> str:
-    """``"raw GET ceiling"``; the decode ceiling's own name says its workers."""
-    return ceiling.name if "ceiling" in ceiling.name else f"{key} ceiling"
-
-
-def _ceiling_samples_per_s(ceiling: Measurement, run: Measurement) -> float:
-    """A ceiling in samples/s: its own count, or its bytes at ``run``'s mean stored sample size."""
-    if ceiling.samples:
-        return ceiling.samples_per_s
-    if not run.samples or not run.bytes:
-        return 0.0
-    return ceiling.mb_per_s * 1e6 / (run.bytes / run.samples)
-
-
-def _ceiling_ratio(run: Measurement, ceiling: Measurement) -> float:
-    """``run`` as a fraction of ``ceiling``: in samples/s against a ceiling that counts samples
-    (decoding), else in MB/s."""
-    if ceiling.samples:
-        return run.samples_per_s / ceiling.samples_per_s if ceiling.samples_per_s > 0 else 0.0
-    return _ratio(run, ceiling)
-
-
-def _rate_series(timeline: Sequence[Sequence[float]], points: int = 60) -> tuple[list[float], list[float]]:
-    """Throughput over a moving time window of 1/``points`` of the run (at least 50 ms)."""
-    pts = [(float(t), float(b)) for t, b in timeline]
-    if len(pts) < 2 or pts[-1][0] <= 0:
-        return [], []
-    window = max(0.05, pts[-1][0] / points)
-    ts, rates = [], []
-    j = 0
-    for t, b in pts:
-        while pts[j][0] < t - window:
-            j += 1
-        dt = t - pts[j][0]
-        if dt >= window / 2:
-            ts.append(t)
-            rates.append((b - pts[j][1]) / 1e6 / dt)
-    return ts, rates
-
-
 def machine() -> dict[str, Any]:
     """The machine and commit, for the JSON report."""
     commit = ""
@@ -394,7 +152,8 @@ def machine() -> dict[str, Any]:
 # ---------------------------------------------------------------------- running
 
 
-def _batch_bytes(batch: Any) -> int:
+def batch_bytes(batch: Any) -> int:
+    """Stored payload bytes of one fastfeed loader batch (what a decoding batch decoded)."""
     from fastfeed.batch.assemble import RaggedBytes
     from fastfeed.decode import NBYTES_KEY
 
@@ -403,7 +162,8 @@ def _batch_bytes(batch: Any) -> int:
     return sum(v.data.numel() for v in batch.values() if isinstance(v, RaggedBytes))
 
 
-def _batch_count(batch: Any) -> int:
+def batch_count(batch: Any) -> int:
+    """Samples in one fastfeed loader batch."""
     return len(batch["__key__"])
 
 
@@ -418,7 +178,7 @@ def _hit_rate(before: tuple[int, int], after: tuple[int, int]) -> float | None:
 
 
 @contextlib.contextmanager
-def _emulated(
+def emulated(
     s3: S3Config, latency_ms: float, bandwidth: float | None, connection_bandwidth: float | None = None
 ) -> Iterator[S3Config]:
     """``s3`` itself, or ``s3`` through a delaying proxy when latency or a bandwidth is set. The
@@ -469,8 +229,8 @@ def run(
     from fastfeed.dataset import StreamingDataset
     from fastfeed.loader.dataloader import DataLoader
 
-    _check_device(cfg.device)
-    decoder = _decoder(cfg)
+    check_device(cfg.device)
+    decoder = make_decoder(cfg)
     prefetch = PrefetchConfig.from_args(
         part_size=cfg.part_size, max_requests=cfg.max_requests, byte_budget=cfg.byte_budget
     )
@@ -483,7 +243,7 @@ def run(
         cache_dir = cfg.cache_dir
         if cache_dir is None and not cfg.no_cache:
             cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="fastfeed-bench-cache-"))
-        s3_run = stack.enter_context(_emulated(s3, cfg.latency_ms, cfg.bandwidth, cfg.connection_bandwidth))
+        s3_run = stack.enter_context(emulated(s3, cfg.latency_ms, cfg.bandwidth, cfg.connection_bandwidth))
 
         # As a training loop does: one dataset and one loader, set_epoch before each epoch.
         ds = StreamingDataset(
@@ -532,8 +292,8 @@ def run(
             result = measure_batches(
                 name,
                 lambda: loader,
-                size_of=_batch_bytes,
-                count_of=_batch_count,
+                size_of=batch_bytes,
+                count_of=batch_count,
                 step_s=cfg.step_ms / 1000,
                 progress=progress(name, total) if progress else None,
                 close=False,
@@ -560,7 +320,7 @@ def run(
     return report
 
 
-def _decoder(cfg: BenchConfig) -> Decoder | None:
+def make_decoder(cfg: BenchConfig) -> Decoder | None:
     """The loader's ``collate_fn`` for ``cfg.decode`` (``None`` without)."""
     from fastfeed.decode import Decoder
 
@@ -664,7 +424,8 @@ def measure_decode(
     )
 
 
-def _check_device(device: str) -> None:
+def check_device(device: str) -> None:
+    """Raise :class:`~fastfeed.errors.ConfigError` unless ``device`` is ``cpu`` or a usable CUDA device."""
     import torch
 
     try:
@@ -771,95 +532,3 @@ def _delete_prefix(url: str, s3: S3Config) -> None:
                 client.delete_object(Bucket=bucket, Key=item["Key"])
     finally:
         client.close()
-
-
-# ---------------------------------------------------------------------- demo
-
-#: The members of each synthetic sample: random bytes, or (``--decode``) a noise JPEG.
-DEMO_EXTENSIONS = ("bin", "cls", "json")
-DEMO_DECODE_EXTENSIONS = ("jpg", "cls", "json")
-
-
-@contextlib.contextmanager
-def demo_dataset(
-    size: int,
-    sample_size: int,
-    shard_size: int,
-    *,
-    extensions: Sequence[str] = DEMO_EXTENSIONS,
-    say: Callable[[str], None] = lambda _: None,
-) -> Iterator[tuple[str, S3Config, dict[str, Any]]]:
-    """A local SeaweedFS on 127.0.0.1 with a synthetic dataset; yields ``(url, s3, setup)`` and
-    stops the server (by PID) and removes everything on exit, also on errors.
-
-    ``extensions``: the members of each sample (:func:`fastfeed.testing.shards.write_synthetic_shards`);
-    with ``"jpg"``, each sample has a noise JPEG of about ``sample_size`` bytes."""
-    from fastfeed.testing.servers import SeaweedServer
-    from fastfeed.testing.shards import upload_dir, write_synthetic_shards
-
-    per_shard = max(1, shard_size // sample_size)
-    num_shards = max(1, size // (per_shard * sample_size))
-    with (
-        tempfile.TemporaryDirectory(prefix="fastfeed-demo-") as tmp,
-        # Its data is thrown away: no point in waiting long for a clean stop (SeaweedFS
-        # sometimes takes over 10 s to act on SIGTERM; then it is killed).
-        SeaweedServer(Path(tmp) / "store", stop_timeout=3.0) as server,
-    ):
-        say(f"local S3 endpoint (SeaweedFS): {server.endpoint_url}  [started in {server.start_seconds or 0:.1f}s]")
-        t0 = time.perf_counter()
-        paths = write_synthetic_shards(
-            Path(tmp) / "shards",
-            num_shards=num_shards,
-            samples_per_shard=per_shard,
-            sample_bytes=sample_size,
-            extensions=tuple(extensions),
-        )
-        written = time.perf_counter() - t0
-        client = server.client()
-        client.create_bucket(Bucket="demo")
-        t0 = time.perf_counter()
-        upload_dir(client, "demo", Path(tmp) / "shards", prefix="train/")
-        uploaded = time.perf_counter() - t0
-        total = sum(p.stat().st_size for p in paths)
-        members = "" if tuple(extensions) == DEMO_EXTENSIONS else f" ({', '.join(extensions)})"
-        say(
-            f"synthetic dataset: {num_shards} shards x {per_shard} samples x {format_size(sample_size)}{members}"
-            f" = {format_size(total)} (written in {written:.1f}s, uploaded in {uploaded:.1f}s)"
-        )
-        for path in paths:
-            path.unlink()
-        client.close()  # an idle keep-alive connection makes the store's shutdown wait
-        s3 = S3Config(
-            endpoint_url=server.endpoint_url,
-            access_key_id=server.access_key,
-            secret_access_key=server.secret_key,
-            region="us-east-1",
-        )
-        setup = {
-            "store": "SeaweedFS (weed mini) on 127.0.0.1",
-            "num_shards": num_shards,
-            "samples_per_shard": per_shard,
-            "sample_bytes": sample_size,
-            "dataset_bytes": total,
-            "extensions": list(extensions),
-        }
-        yield "s3://demo/train/", s3, setup
-
-
-def demo(
-    cfg: BenchConfig,
-    *,
-    size: int,
-    sample_size: int,
-    shard_size: int,
-    progress: Progress | None = None,
-    say: Callable[[str], None] = lambda _: None,
-) -> Report:
-    """:func:`run` on a synthetic dataset in a local S3 server started (and stopped) here."""
-    _check_device(cfg.device)  # before anything is started
-    _decoder(cfg)  # --image-size without --decode fails here too
-    extensions = DEMO_DECODE_EXTENSIONS if cfg.decode else DEMO_EXTENSIONS
-    with demo_dataset(size, sample_size, shard_size, extensions=extensions, say=say) as (url, s3, setup):
-        report = run(url, s3, cfg, progress=progress, setup=setup)
-    report.setup["peak_rss_bytes"] = peak_rss_bytes()
-    return report
