@@ -353,6 +353,10 @@ def test_streaming_workers_do_not_share_the_index_download_connection(
             super().__init__(dataset, *args, **kwargs)
 
     monkeypatch.setattr(torch.utils.data, "DataLoader", RecordingLoader)
+    # The peer runs here, not in a process of its own (its *_here methods, which its process
+    # runs), so that the recorder sees its loaders; its environment and temporary directory are
+    # set as its process would get them, and restored after the test.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     for run, peer in enumerate([peer0, require("streaming")]):  # two peers in a row, one process
         assert isinstance(peer, StreamingPeer)
         ctx = PeerContext.from_url(
@@ -364,14 +368,19 @@ def test_streaming_workers_do_not_share_the_index_download_connection(
             local_shards=paths,
             loader_timeout_s=30,  # a worker waiting on a stolen response fails in 30 s, not 60
         )
+        for name, value in peer.environment(ctx).items():
+            monkeypatch.setenv(name, value)
         cache = peer.cache_dir(ctx)
         try:
+            peer.setup_here(ctx)
+            peer.prepare_here(ctx)
             for warm in (False, True, False):  # a cold run after a warm one, too
-                m = peer.run(ctx, warm=warm)
+                m = peer.run_here(ctx, 0, warm)
                 assert (m.samples, m.bytes) == (16 * 163, 16 * 163 * 1024)
                 assert {p.name: p.read_bytes() for p in cache.iterdir()} == expected_files, "a shard got wrong bytes"
                 assert_no_streaming_shm(peer, cache)  # after each epoch, not only at cleanup
         finally:
+            peer.cleanup_here(ctx)
             peer.cleanup()
         assert len(peer.shm_prefixes) == 3
         assert_no_streaming_shm(peer, cache)
