@@ -134,7 +134,8 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from torch.futures import Future
 
 from fastfeed import _loop
-from fastfeed.checkpoint.codec import _LEAF_DTYPES, _TORCH_DTYPES, decode, encode, spec_from_json, spec_to_json
+from fastfeed.checkpoint.codec import decode, encode, spec_from_json, spec_to_json
+from fastfeed.checkpoint.codec_format import LEAF_DTYPES, TORCH_DTYPES
 from fastfeed.config import S3Config
 from fastfeed.errors import (
     CheckpointError,
@@ -654,7 +655,7 @@ def _copy_tensor(tensor: torch.Tensor, region: torch.Tensor, entry: _Entry, url:
     if tensor.layout != torch.strided:
         raise CheckpointError(f"{fqn!r} is a {tensor.layout} tensor; only dense tensors can be stored", url=url)
     name = _dtype_name(tensor.dtype)
-    if name not in _LEAF_DTYPES:
+    if name not in LEAF_DTYPES:
         raise CheckpointError(f"{fqn!r} has dtype {tensor.dtype}, which cannot be stored as raw bytes", url=url)
     nbytes = tensor.numel() * tensor.element_size()
     if tuple(tensor.shape) != entry.shape or nbytes != entry.nbytes:
@@ -804,7 +805,7 @@ def _storage_md_from_json(fqn: str, d: Any) -> TensorStorageMetadata | BytesStor
     _check(d["type"] == "tensor", f"{what}.type must be 'tensor' or 'bytes'")
     d = _obj(d, what, tensor_fields)
     props = TensorProperties(
-        dtype=_lookup(_TORCH_DTYPES, d["dtype"], "dtype"),
+        dtype=_lookup(TORCH_DTYPES, d["dtype"], "dtype"),
         layout=_lookup(_LAYOUTS, d["layout"], "layout"),
         requires_grad=_bool(d["requires_grad"], f"{what}.requires_grad"),
         memory_format=_lookup(_MEMORY_FORMATS, d["memory_format"], "memory_format"),
@@ -861,7 +862,7 @@ def _item_from_json(d: Any, objects: dict[str, int]) -> tuple[MetadataIndex, _It
         d = _obj(d, what, [*_ITEM_FIELDS, "dtype", "shape"])
         dtype = _str(d["dtype"], f"{what} dtype")
         shape = _ints(d["shape"], f"{what} shape")
-        tdtype = _lookup(_LEAF_DTYPES, dtype, "tensor dtype")
+        tdtype = _lookup(LEAF_DTYPES, dtype, "tensor dtype")
         itemsize = torch.empty((), dtype=tdtype).element_size()
         _check(math.prod(shape) * itemsize == length, f"{what}: {length} bytes do not hold {dtype} {list(shape)}")
         item = _Item(name, start, length, crc, kind, objects[name], dtype=dtype, shape=shape)
@@ -1101,7 +1102,7 @@ class FastfeedStorageReader(_StoreClient, StorageReader):
         return buffers
 
     def _tensor(self, req: ReadItem, item: _Item, data: memoryview) -> torch.Tensor:
-        dtype = _LEAF_DTYPES[str(item.dtype)]
+        dtype = LEAF_DTYPES[str(item.dtype)]
         shape = tuple(item.shape or ())
         if not item.length:
             return torch.empty(shape, dtype=dtype)
