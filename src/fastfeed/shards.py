@@ -558,9 +558,9 @@ class ShardWriter:
     def _record_counts(self, shards: list[ShardInfo]) -> None:
         if self._index_dir is None:
             return
-        from fastfeed.read.sources import _CountCache
+        from fastfeed.read.sources import CountCache
 
-        cache = _CountCache(self._index_dir)
+        cache = CountCache(self._index_dir)
         for shard in shards:
             if shard.etag and shard.samples is not None:
                 cache.put(ObjectInfo(shard.url, shard.size, shard.etag), shard.samples)
