@@ -324,7 +324,7 @@ def test_a_store_that_ignores_if_none_match_is_found_out_by_the_probe(
     fault_proxy.inject(
         status=200, code="OK", count=2, method="PUT", path_regex=r"fastfeed-probe-", header="If-None-Match"
     )
-    from fastfeed.store import upload as ckpt_store
+    from fastfeed.store import upload_s3 as ckpt_store
 
     ckpt_store._conditional.pop((fault_proxy.endpoint_url, bucket.name), None)
     with (

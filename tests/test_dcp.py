@@ -24,7 +24,8 @@ import torch.multiprocessing as mp
 from torch.distributed.checkpoint.api import CheckpointException
 
 import fastfeed
-from fastfeed.checkpoint.dcp import MANIFEST, FastfeedStorageReader, FastfeedStorageWriter, _checkpoint_dir
+from fastfeed.checkpoint.dcp import MANIFEST, FastfeedStorageReader, FastfeedStorageWriter
+from fastfeed.checkpoint.dcp import checkpoint_dir as _checkpoint_dir
 from fastfeed.config import RetryConfig, S3Config
 from fastfeed.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from fastfeed.store.upload import checksum

@@ -49,24 +49,35 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
-import math
 import os
 import queue
-import re
 import secrets
 import threading
 import time
 import weakref
-import zlib
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
-import numpy as np
 import torch
 
 from fastfeed import _loop
-from fastfeed.checkpoint.codec import LeafSpec, decode, encode, spec_from_json, spec_to_json
+from fastfeed.checkpoint.codec import LeafSpec, encode
+from fastfeed.checkpoint.manifest import (
+    MANIFEST,
+    MAX_MANIFEST,
+    TAMPERED,
+    CheckpointInfo,
+    Manifest,
+    check_parts,
+    decode_state,
+    layout,
+    manifest_body,
+    parse_manifest,
+    step_dir,
+    step_of,
+)
+from fastfeed.checkpoint.retention import Retention
+from fastfeed.checkpoint.staging import StagingBuffers
 from fastfeed.config import S3Config
 from fastfeed.errors import (
     CheckpointError,
@@ -77,11 +88,9 @@ from fastfeed.errors import (
     NotFoundError,
 )
 from fastfeed.store.upload import (
-    CHECKSUM,
     CkptStore,
     StoredObject,
     check_age,
-    checksum,
     open_ckpt_store,
     transfer_settings,
 )
@@ -90,35 +99,9 @@ __all__ = ["CheckpointInfo", "CheckpointStats", "Checkpointer", "SaveHandle"]
 
 log = logging.getLogger(__name__)
 
-FORMAT = "fastfeed-checkpoint/1"
-_ALIGN = 64
-_MANIFEST = "MANIFEST.json"
 _POLICIES = ("wait", "skip", "replace")
-#: The largest manifest read (about 200 bytes a leaf: real ones are kilobytes to megabytes).
-_MAX_MANIFEST = 64 << 20
 #: Default ``orphan_age``: abandoned uploads and unreferenced data older than this are removed.
 DEFAULT_ORPHAN_AGE = 24 * 3600.0
-_STEP_DIR = re.compile(r"step-([0-9]{12,20})")
-#: Data object names: fresh ones are ``data-`` + 32 hex digits (12 in earlier versions).
-_BLOB_NAME = re.compile(r"data-[0-9a-f]{8,64}\.bin")
-_DATA_KEY = re.compile(r"step-[0-9]{12,20}/data-[0-9a-f]{8,64}\.bin")
-_MANIFEST_FIELDS = frozenset({"format", "step", "time", "metadata", "tree", "leaves", "blob"})
-_BLOB_FIELDS = frozenset({"name", "size", "part_size"})
-_CHECKSUMS = (CHECKSUM, "crc32")  # checkpoints written before the switch to CRC32C carry zlib CRC32s
-_TAMPERED = "the checkpoint was damaged or tampered with; load() falls back to the previous one"
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """A committed checkpoint."""
-
-    step: int
-    time: float
-    #: Bytes of tensor and array data.
-    size: int
-    metadata: dict[str, Any]
-    #: The checkpoint's own prefix (``<url>/step-.../``).
-    url: str
 
 
 @dataclass
@@ -171,137 +154,6 @@ class _Job:
     arena: torch.Tensor
     event: Any
     started: float = field(default_factory=time.perf_counter)
-
-
-def _layout(specs: Sequence[LeafSpec]) -> tuple[list[int], int]:
-    offsets, total = [], 0
-    for spec in specs:
-        offsets.append(total)
-        total += -(-spec.nbytes // _ALIGN) * _ALIGN
-    return offsets, total
-
-
-def _step_dir(step: int) -> str:
-    return f"step-{step:012d}/"
-
-
-def _step_of(key: str) -> int | None:
-    """The step of a key under a step directory (``step-000000000042/...``, canonical only)."""
-    head = key.split("/", 1)[0]
-    match = _STEP_DIR.fullmatch(head)
-    if match is None:
-        return None
-    step = int(match.group(1))
-    return step if _step_dir(step) == head + "/" else None
-
-
-@dataclass(frozen=True)
-class _Manifest:
-    """A parsed, validated manifest (see :func:`_parse_manifest`)."""
-
-    key: str
-    step: int
-    time: float
-    metadata: dict[str, Any]
-    tree: dict[str, Any]
-    specs: list[LeafSpec]
-    offsets: list[int]
-    blob: str  # the data object's name in the step directory
-    size: int
-    part_size: int
-    algorithm: str
-    crcs: list[int]
-
-    @property
-    def blob_key(self) -> str:
-        return _step_dir(self.step) + self.blob
-
-
-def _parse_manifest(raw: bytes, key: str, url: str) -> _Manifest:
-    """Validate a manifest against the schema; :class:`CorruptCheckpointError` naming ``url``."""
-
-    def bad(what: str) -> NoReturn:
-        raise CorruptCheckpointError(f"malformed checkpoint manifest {url}: {what}", url=url, hint=_TAMPERED)
-
-    def integer(value: Any, what: str, low: int = 0, high: int = 2**63 - 1) -> int:
-        if type(value) is not int or not low <= value <= high:
-            bad(f"{what} must be an integer in [{low}, {high}], got {_short(value)}")
-        return int(value)
-
-    def fields(obj: Any, what: str, required: frozenset[str], optional: frozenset[str] = frozenset()) -> None:
-        if type(obj) is not dict:
-            bad(f"{what} must be a JSON object, got {type(obj).__name__}")
-        missing = sorted(required - obj.keys())
-        extra = sorted(str(k) for k in obj.keys() - required - optional)
-        if missing or extra:
-            bad(f"{what}: missing fields {missing}, unknown fields {_short(extra)}")
-
-    try:
-        doc = json.loads(raw)
-    except RecursionError:
-        bad("it is nested too deeply")
-    except (ValueError, UnicodeDecodeError) as exc:
-        bad(f"not valid JSON ({exc})")
-    if type(doc) is not dict:
-        bad(f"expected a JSON object, got {type(doc).__name__}")
-    if doc.get("format") != FORMAT:
-        raise CorruptCheckpointError(
-            f"checkpoint manifest {url} has format {_short(doc.get('format'))}, expected {FORMAT!r}",
-            url=url,
-            hint="it was written by another version of fastfeed, or is not a fastfeed checkpoint",
-        )
-    fields(doc, "the manifest", _MANIFEST_FIELDS)
-    step = integer(doc["step"], "step")
-    if step != _step_of(key):
-        bad(f"it says step {step} but is stored under {key.split('/', 1)[0]}/")
-    created = doc["time"]
-    if type(created) not in (int, float) or not math.isfinite(created):
-        bad(f"time must be a number, got {_short(created)}")
-    if type(doc["metadata"]) is not dict:
-        bad(f"metadata must be a JSON object, got {type(doc['metadata']).__name__}")
-    if type(doc["tree"]) is not dict:
-        bad(f"tree must be a JSON object, got {type(doc['tree']).__name__}")
-    blob = doc["blob"]
-    present = [a for a in _CHECKSUMS if type(blob) is dict and a in blob]
-    fields(blob, "blob", _BLOB_FIELDS | frozenset(present[:1]))
-    if not present:
-        bad(f"blob has no checksums ({' or '.join(_CHECKSUMS)})")
-    name = blob["name"]
-    if type(name) is not str or not _BLOB_NAME.fullmatch(name):
-        bad(f"the data object name {_short(name)} is not of the form data-<hex>.bin (never a path)")
-    size = integer(blob["size"], "blob size")
-    part_size = integer(blob["part_size"], "blob part_size", low=1)
-    algorithm = present[0]
-    crcs = blob[algorithm]
-    if type(crcs) is not list:
-        bad(f"blob {algorithm} must be a list, got {type(crcs).__name__}")
-    parts = -(-size // part_size)
-    if len(crcs) != parts and not (size == 0 and len(crcs) <= 1):
-        bad(f"blob {algorithm} has {len(crcs)} checksums for {parts} part(s) of {size} bytes")
-    crcs = [integer(c, f"a {algorithm} checksum", high=2**32 - 1) for c in crcs]
-    leaves = doc["leaves"]
-    if type(leaves) is not list:
-        bad(f"leaves must be a list, got {type(leaves).__name__}")
-    specs, offsets = [], []
-    for i, leaf in enumerate(leaves):
-        fields(leaf, f"leaf {i}", frozenset({"spec", "offset"}))
-        try:
-            spec = spec_from_json(leaf["spec"])
-        except ConfigError as exc:
-            bad(f"leaf {i}: {exc.message}")
-        offset = integer(leaf["offset"], f"leaf {i} offset")
-        if offset + spec.nbytes > size:
-            bad(f"leaf {i} ({spec.path!r}) ends at byte {offset + spec.nbytes}, past the {size} bytes of data")
-        specs.append(spec)
-        offsets.append(offset)
-    return _Manifest(
-        key, step, float(created), doc["metadata"], doc["tree"], specs, offsets, name, size, part_size, algorithm, crcs
-    )
-
-
-def _short(x: object) -> str:
-    text = repr(x)
-    return text if len(text) <= 120 else text[:120] + "..."
 
 
 class Checkpointer:
@@ -370,17 +222,21 @@ class Checkpointer:
         self._pending: list[_Job] = []  # queued, not started (at most one with "replace")
         self._busy = threading.Event()  # a job is being uploaded
         self._idle = threading.Condition(self._lock)
-        self._free_arenas: list[torch.Tensor] = []
         #: Steps load() found corrupt and skipped -> the ETag of the manifest it read: a later
         #: save of the same step replaces that manifest (and only that one).
         self._unusable: dict[int, str | None] = {}
-        #: Manifest key -> (its ETag, the data key it names or None if unreadable), for retention.
-        self._names: dict[str, tuple[str | None, str | None]] = {}
+        self._staging = StagingBuffers()
         self._error: BaseException | None = None
         self._closed = False
-        self._side_stream: Any = None
-        self._sweep_failed = False
-        self._sweep_orphans()
+        self._retention = Retention(
+            self._io,
+            self._store,
+            self.url,
+            keep_last=keep_last,
+            orphan_age=self.orphan_age,
+            read_manifest=self._read_manifest,
+        )
+        self._retention.sweep_orphans()
         self._thread = threading.Thread(target=self._work, name="fastfeed-ckpt", daemon=True)
         self._thread.start()
         _register_exit(self)
@@ -423,61 +279,20 @@ class Checkpointer:
             with self._lock:
                 self._stats.wait_s += time.perf_counter() - waited
         tree, leaves, specs = encode(state)
-        offsets, total = _layout(specs)
-        arena, event = self._snapshot(leaves, specs, offsets, total)
+        offsets, total = layout(specs)
+        arena, event = self._staging.snapshot(leaves, specs, offsets, total)
         job = _Job(handle, int(step), meta, tree, specs, offsets, total, arena, event)
         with self._lock:
             if self.on_busy == "replace":
                 for old in self._pending:
                     old.handle._future.set_result(None)
-                    self._free_arenas.append(old.arena)
+                    self._staging.recycle(old.arena)
                     self._stats.replaced += 1
                 self._pending = []
             self._pending.append(job)
             self._stats.stall_s += time.perf_counter() - start
         self._queue.put(job)
         return handle
-
-    def _snapshot(
-        self, leaves: list[Any], specs: list[LeafSpec], offsets: list[int], total: int
-    ) -> tuple[torch.Tensor, Any]:
-        on_gpu = any(isinstance(x, torch.Tensor) and x.is_cuda for x in leaves)
-        arena = self._arena(total, pinned=on_gpu)
-        event = None
-        stream: Any = None
-        current: Any = None
-        if on_gpu:
-            if self._side_stream is None:
-                self._side_stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-            stream, current = self._side_stream, torch.cuda.current_stream()
-            stream.wait_stream(current)  # the copies see every update queued so far
-        for leaf, spec, offset in zip(leaves, specs, offsets, strict=True):
-            if spec.nbytes == 0:
-                continue
-            region = arena[offset : offset + spec.nbytes]
-            if isinstance(leaf, np.ndarray):
-                np.copyto(region.numpy().view(leaf.dtype).reshape(leaf.shape), leaf)
-                continue
-            tensor = leaf.detach()
-            dst = region.view(tensor.dtype).view(tensor.shape)
-            if tensor.is_cuda:
-                with torch.cuda.stream(stream):
-                    dst.copy_(tensor, non_blocking=True)
-            else:
-                dst.copy_(tensor)
-        if on_gpu:
-            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            event.record(stream)
-            current.wait_stream(stream)  # later updates wait for the copies, not the host
-        return arena, event
-
-    def _arena(self, total: int, *, pinned: bool) -> torch.Tensor:
-        with self._lock:
-            for i, arena in enumerate(self._free_arenas):
-                if arena.numel() == total and arena.is_pinned() == pinned:
-                    return self._free_arenas.pop(i)
-            self._free_arenas.clear()  # another size: let those go
-        return torch.empty(total, dtype=torch.uint8, pin_memory=pinned)
 
     def _work(self) -> None:
         while True:
@@ -504,12 +319,12 @@ class Checkpointer:
                     self._stats.bytes_uploaded += job.total
                 job.handle._future.set_result(info)
                 try:
-                    self._retain()  # only now that the newer checkpoint is committed
+                    self._retention.retain()  # only now that the newer checkpoint is committed
                 except Exception as exc:  # the save itself succeeded; retry at the next one
                     log.warning("checkpoint retention under %s failed: %s", self.url, exc)
             finally:
                 with self._lock:
-                    self._free_arenas.append(job.arena)
+                    self._staging.recycle(job.arena)
                     self._busy.clear()
                     self._idle.notify_all()
 
@@ -517,15 +332,15 @@ class Checkpointer:
         if job.event is not None:
             job.event.synchronize()
         blob = memoryview(job.arena.numpy().data).cast("B")[: job.total]
-        prefix = _step_dir(job.step)
+        prefix = step_dir(job.step)
         existing = self._io.run(self._store.list_objects(prefix))
-        committed = next((o for o in existing if o.key == prefix + _MANIFEST), None)
+        committed = next((o for o in existing if o.key == prefix + MANIFEST), None)
         if committed is not None:
             if job.step in self._unusable and committed.etag == self._unusable[job.step]:
                 # load() skipped this step as corrupt and training went on from an older one: the
                 # new save of the same step replaces exactly the manifest load() rejected.
                 log.warning("replacing the unusable checkpoint of step %d under %s", job.step, self.url)
-                self._delete_checkpoint(committed)
+                self._retention.delete_checkpoint(committed)
                 self._unusable.pop(job.step, None)
             else:
                 raise CheckpointError(
@@ -549,16 +364,9 @@ class Checkpointer:
                     url=self.url + prefix,
                     hint="pass a larger orphan_age to Checkpointer",
                 )
-            manifest = {
-                "format": FORMAT,
-                "step": job.step,
-                "time": created,
-                "metadata": job.metadata,
-                "tree": job.tree,
-                "leaves": [{"spec": spec_to_json(s), "offset": o} for s, o in zip(job.specs, job.offsets, strict=True)],
-                "blob": {"name": name, "size": job.total, "part_size": uploaded.part_size, CHECKSUM: uploaded.crcs},
-            }
-            body = json.dumps(manifest, separators=(",", ":")).encode()
+            body = manifest_body(
+                job.step, created, job.metadata, job.tree, job.specs, job.offsets, name, job.total, uploaded
+            )
         except BaseException:
             self._discard(prefix + name)
             raise
@@ -576,7 +384,7 @@ class Checkpointer:
     def _write_manifest(self, step: int, prefix: str, name: str, body: bytes) -> None:
         """Commit: create the manifest only if the step has none. The data is deleted only when
         the manifest is certainly not this save's (a lost answer is checked, never guessed)."""
-        key = prefix + _MANIFEST
+        key = prefix + MANIFEST
         try:
             self._io.run(self._store.put(key, memoryview(body), if_absent=True))
         except ConditionFailedError as err:
@@ -611,7 +419,7 @@ class Checkpointer:
         try:
             self._io.run(self._store.head(prefix + name))
         except NotFoundError as err:
-            self._io.run(self._store.delete([prefix + _MANIFEST]))  # our own manifest: uncommit
+            self._io.run(self._store.delete([prefix + MANIFEST]))  # our own manifest: uncommit
             raise CheckpointError(
                 f"the data of step {step} disappeared before its commit completed, so it was uncommitted",
                 url=self.url + prefix,
@@ -619,71 +427,6 @@ class Checkpointer:
             ) from err
         except FastfeedError as err:  # committed; the check itself could not be made
             log.warning("could not check the data of step %d under %s after its commit: %s", step, self.url, err)
-
-    def _delete_checkpoint(self, manifest: StoredObject) -> None:
-        """Delete a committed checkpoint: its manifest first (uncommit), then the data object
-        that manifest names (none if it is unreadable: unreferenced data is removed by age)."""
-        blob = self._named_data(manifest)
-        self._io.run(self._store.delete([manifest.key]))
-        self._names.pop(manifest.key, None)
-        if blob is not None:
-            self._io.run(self._store.delete([blob]))
-
-    def _named_data(self, manifest: StoredObject) -> str | None:
-        """The data key ``manifest`` names (cached by ETag); None if it cannot be read."""
-        cached = self._names.get(manifest.key)
-        if cached is not None and cached[0] == manifest.etag and manifest.etag is not None:
-            return cached[1]
-        try:
-            parsed = self._read_manifest(manifest.key)
-        except (CheckpointError, NotFoundError) as err:
-            log.debug("cannot tell which data %s%s names: %s", self.url, manifest.key, err)
-            return None
-        self._names[manifest.key] = (manifest.etag, parsed.blob_key)
-        return parsed.blob_key
-
-    def _retain(self) -> None:
-        objects = self._io.run(self._store.list_objects())
-        by_step: dict[int, list[StoredObject]] = {}
-        for obj in objects:
-            step = _step_of(obj.key)
-            if step is not None:
-                by_step.setdefault(step, []).append(obj)
-        manifests = {
-            step: next(o for o in objs if o.key == _step_dir(step) + _MANIFEST)
-            for step, objs in by_step.items()
-            if any(o.key == _step_dir(step) + _MANIFEST for o in objs)
-        }
-        committed = sorted(manifests)
-        doomed = committed[: -self.keep_last] if self.keep_last else []
-        for step in doomed:  # oldest first; each after keep_last newer commits
-            self._delete_checkpoint(manifests[step])
-        # Data objects no manifest names (a writer died between upload and commit), once old:
-        # never another writer's in-flight data, which is younger than orphan_age / 2.
-        for step, objs in by_step.items():
-            if step in doomed:
-                continue
-            old = [o for o in objs if _DATA_KEY.fullmatch(o.key) and o.age is not None and o.age >= self.orphan_age]
-            if not old:
-                continue
-            named = self._named_data(manifests[step]) if step in manifests else ""
-            if named is None:
-                continue  # a manifest we cannot read: keep everything of that step
-            stale = [o.key for o in old if o.key != named]
-            if stale:
-                log.info("removing %d abandoned data object(s) of step %d under %s", len(stale), step, self.url)
-                self._io.run(self._store.delete(stale))
-        self._sweep_orphans()
-
-    def _sweep_orphans(self) -> None:
-        """Abort multipart uploads of checkpoint data older than ``orphan_age`` (their writer
-        died); a store that cannot list them only gets a warning."""
-        try:
-            self._io.run(self._store.abort_orphaned_uploads("", older_than=self.orphan_age, match=_DATA_KEY.fullmatch))
-        except FastfeedError as err:
-            if not self._sweep_failed:  # once: it would fail the same way after every commit
-                log.warning("could not look for abandoned uploads under %s: %s", self.url, err)
-            self._sweep_failed = True
 
     def wait(self) -> None:
         """Block until every save so far has committed (or failed: then raise its error)."""
@@ -708,17 +451,17 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ reading
 
-    def _scan(self) -> list[tuple[int, StoredObject, _Manifest | CorruptCheckpointError]]:
+    def _scan(self) -> list[tuple[int, StoredObject, Manifest | CorruptCheckpointError]]:
         """Every committed checkpoint, oldest first: its step, manifest object and the parsed
         manifest (or why it is unusable)."""
         objects = self._io.run(self._store.list_objects())
         found = []
         for obj in objects:
-            step = _step_of(obj.key)
-            if step is None or obj.key != _step_dir(step) + _MANIFEST:
+            step = step_of(obj.key)
+            if step is None or obj.key != step_dir(step) + MANIFEST:
                 continue
             try:
-                parsed: _Manifest | CorruptCheckpointError = self._read_manifest(obj.key)
+                parsed: Manifest | CorruptCheckpointError = self._read_manifest(obj.key)
             except NotFoundError:
                 continue  # deleted since the listing (retention of another writer)
             except CorruptCheckpointError as err:
@@ -733,7 +476,7 @@ class Checkpointer:
             if isinstance(parsed, CorruptCheckpointError):
                 log.warning("ignoring unreadable checkpoint manifest %s%s: %s", self.url, obj.key, parsed)
                 continue
-            infos.append(self._info(parsed))
+            infos.append(parsed.info(self.url))
         return infos
 
     def latest(self) -> CheckpointInfo | None:
@@ -768,21 +511,17 @@ class Checkpointer:
                 log.warning("checkpoint of step %d is unusable (%s); falling back to the previous one", found, err)
                 self._unusable[found] = obj.etag
                 continue
-            self.loaded = self._info(parsed)
+            self.loaded = parsed.info(self.url)
             return state
         raise CorruptCheckpointError(f"no checkpoint under {self.url} verifies", url=self.url)
 
     loaded: CheckpointInfo | None = None
 
-    def _read_manifest(self, key: str) -> _Manifest:
-        raw = self._io.run(self._store.get(key, limit=_MAX_MANIFEST))
-        return _parse_manifest(raw, key, self.url + key)
+    def _read_manifest(self, key: str) -> Manifest:
+        raw = self._io.run(self._store.get(key, limit=MAX_MANIFEST))
+        return parse_manifest(raw, key, self.url + key)
 
-    def _info(self, manifest: _Manifest) -> CheckpointInfo:
-        prefix = _step_dir(manifest.step)
-        return CheckpointInfo(manifest.step, manifest.time, manifest.size, dict(manifest.metadata), self.url + prefix)
-
-    def _load(self, manifest: _Manifest, map_location: str | torch.device | None) -> Any:
+    def _load(self, manifest: Manifest, map_location: str | torch.device | None) -> Any:
         step, key = manifest.step, manifest.blob_key
         url = self.url + key
         try:
@@ -796,7 +535,7 @@ class Checkpointer:
             raise CorruptCheckpointError(
                 f"the data of step {step} has {stored.size} bytes where its manifest says {manifest.size}: {url}",
                 url=url,
-                hint=_TAMPERED,
+                hint=TAMPERED,
             )
         data = bytearray(manifest.size)
         view = memoryview(data)
@@ -810,34 +549,8 @@ class Checkpointer:
             raise CorruptCheckpointError(
                 f"the data of step {step} was deleted or replaced while it was read: {url}", url=url
             ) from err
-        part = manifest.part_size
-        compute = checksum if manifest.algorithm == CHECKSUM else zlib.crc32
-        for i, expected in enumerate(manifest.crcs):
-            if compute(view[i * part : (i + 1) * part]) != expected:
-                raise CorruptCheckpointError(
-                    f"the data of step {step} fails its {manifest.algorithm.upper()} checksum"
-                    f" (bytes {i * part}-{min((i + 1) * part, manifest.size) - 1}): {url}",
-                    url=url,
-                )
-        buffers = [view[o : o + s.nbytes] for s, o in zip(manifest.specs, manifest.offsets, strict=True)]
-        try:
-            return decode(manifest.tree, manifest.specs, buffers, map_location=map_location)
-        except ConfigError as exc:
-            if map_location is not None and self._decodes(manifest, buffers):
-                raise  # the checkpoint is fine: map_location cannot be used here
-            raise CorruptCheckpointError(
-                f"the state of step {step} cannot be decoded: {exc.message}",
-                url=self.url + manifest.key,
-                hint=_TAMPERED,
-            ) from exc
-
-    @staticmethod
-    def _decodes(manifest: _Manifest, buffers: Sequence[memoryview]) -> bool:
-        try:
-            decode(manifest.tree, manifest.specs, buffers)
-        except ConfigError:
-            return False
-        return True
+        check_parts(manifest, view, url)
+        return decode_state(manifest, view, self.url + manifest.key, map_location)
 
     # ------------------------------------------------------------------ lifetime
 

@@ -28,7 +28,7 @@ from fastfeed.store.base import ObjectInfo, gather_limited
 from fastfeed.store.pool import StoreSet
 from fastfeed.urls import Location, expand_braces, has_braces, parse_url
 
-__all__ = ["count_shard_samples", "resolve_source"]
+__all__ = ["CountCache", "count_shard_samples", "resolve_source"]
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def count_shard_samples(
     """
     counts = [-1] * len(shards)
     remote: list[int] = []
-    cache = _CountCache(cache_dir) if cache_dir else None
+    cache = CountCache(cache_dir) if cache_dir else None
     for i, info in enumerate(shards):
         loc = parse_url(info.url)
         if loc.scheme == "file":
@@ -134,8 +134,9 @@ def count_shard_samples(
     return counts
 
 
-class _CountCache:
-    """Sample counts of store objects, one small JSON file per (URL, ETag, size).
+class CountCache:
+    """Sample counts of store objects, one small JSON file per (URL, ETag, size) (also written by
+    :class:`fastfeed.shards.ShardWriter` for the shards it wrote).
 
     Written atomically (temp file + rename); unreadable entries are ignored and recounted, and
     a cache directory that cannot be written only costs a warning.

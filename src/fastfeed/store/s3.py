@@ -176,6 +176,12 @@ class S3Store(Store):
             raise map_s3_error(exc, config.endpoint_url or "s3://") from exc
         return cls(config, client, client_cm)
 
+    @property
+    def client(self) -> Any:
+        """The aiobotocore S3 client (owned by this store: :meth:`aclose` closes it), for the
+        requests that :class:`~fastfeed.store.upload_s3.S3CkptStore` sends on top of reads."""
+        return self._client
+
     async def aclose(self) -> None:
         await self._client_cm.__aexit__(None, None, None)
 
