@@ -54,7 +54,7 @@ class WorkerPool:
     persistent workers, which keep their seeds and their dataset replica across epochs as in
     torch; each epoch's indices are drawn by the training thread (:class:`_EpochIndices`), and
     a new epoch takes back the slots of batches an early-ended epoch left behind
-    (:class:`SlotFlags`)."""
+    (:class:`~fastfeed.loader.slots.SlotFlags`)."""
 
     def __init__(self, settings: IterationSettings, mailbox_size: int = 0) -> None:
         self.key = settings.pool_key()

@@ -108,7 +108,7 @@ def produce(
             if isinstance(item, Failure):
                 if not put(item):
                     return
-                del item  # the training loop raises it: hold no reference (see _next_queued)
+                del item  # the training loop raises it: hold no reference (see LoaderIterator._next_queued)
                 continue
             batch, event, nbytes, n, times = _assemble(settings, feeder, item)
             settings.stats.add(batches=1, samples=n, bytes=nbytes, **times)
