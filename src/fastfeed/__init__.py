@@ -40,7 +40,8 @@ from fastfeed.errors import (
     TransientStoreError,
     TruncatedShardError,
 )
-from fastfeed.loader.dataloader import DataLoader, LoaderStats
+from fastfeed.loader.dataloader import DataLoader
+from fastfeed.loader.stats import LoaderStats
 
 if TYPE_CHECKING:
     from fastfeed.checkpoint.dcp import FastfeedStorageReader, FastfeedStorageWriter
