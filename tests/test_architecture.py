@@ -16,11 +16,6 @@ import fastfeed
 
 SRC = Path(fastfeed.__file__).resolve().parent
 MAX_LINES = 600
-#: Modules still over MAX_LINES, each with its size when this list was made: being split, and
-#: only allowed to shrink. (An entry that is no longer needed fails the test: remove it.)
-STILL_LARGE = {
-    "fastfeed.loader.dataloader": 2130,
-}
 #: Underscore modules meant to be shared inside the package.
 SHARED_PRIVATE = {"_native", "_loop"}
 
@@ -132,10 +127,7 @@ def test_no_module_imports_another_modules_underscore_names() -> None:
 
 def test_modules_stay_small() -> None:
     sizes = {name: len(path.read_text().splitlines()) for name, path in MODULES.items()}
-    too_large = {n: s for n, s in sizes.items() if s > MAX_LINES and s > STILL_LARGE.get(n, 0)}
-    assert too_large == {}, f"over {MAX_LINES} lines (or grown since they were listed as still large)"
-    stale = sorted(n for n in STILL_LARGE if sizes.get(n, 0) <= MAX_LINES)
-    assert stale == [], "split now: remove from STILL_LARGE"
+    assert {n: s for n, s in sizes.items() if s > MAX_LINES} == {}, f"split modules over {MAX_LINES} lines"
 
 
 def test_import_fastfeed_loads_no_tools() -> None:
