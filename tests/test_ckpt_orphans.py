@@ -31,8 +31,11 @@ from fastfeed.shards import write_shards
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
-AGE = 1.0  # orphan_age of the cleaning writer, seconds
-PAST_AGE = 2.5  # how long a test waits so that what it planted is older than AGE (clocks in 1 s steps)
+# orphan_age of the cleaning writer, seconds: its own saves must finish within half of it (or
+# they do not commit), and what a test plants "young" must stay younger than it while that
+# writer saves; 4 s leaves room on a loaded 2-core machine (1 s did not).
+AGE = 4.0
+PAST_AGE = 5.5  # how long a test waits so that what it planted is older than AGE (clocks in 1 s steps)
 
 
 def seaweed_target(bucket: Any) -> Target:
