@@ -2,7 +2,7 @@
 // gather in gather.{h,cpp} (gather() below; its errors are plain Python exceptions, see there).
 //
 // The only file that sees Python. It never raises for a bad archive: scan() returns an error
-// tuple (a numeric kind, see tar::ErrorKind) and src/fastfeed/tario.py turns it into
+// tuple (a numeric kind, see tar::ErrorKind) and src/fastfeed/read/tario.py turns it into
 // CorruptShardError / TruncatedShardError, so no caller ever has to match message strings.
 // Plain Python exceptions are raised only for caller bugs: TypeError / BufferError for an
 // object without a contiguous buffer, ValueError for a `pos` outside the buffer.
@@ -171,7 +171,7 @@ nb::tuple scan(nb::handle buf, nb::handle pos_obj, bool final, std::int64_t obje
 
 // ---------------------------------------------------------------------------------------------
 // scan_samples(): the binding of samples.{h,cpp}; the reference is scan_samples_py() in
-// src/fastfeed/columnar.py.
+// src/fastfeed/read/columnar.py.
 
 // New reference to the text of raw name bytes, or nullptr with a Python error set.
 PyObject* decode(const std::uint8_t* base, const tar::Span& prefix, const tar::Span& name,
@@ -288,7 +288,7 @@ nb::tuple scan_samples(nb::handle buf, nb::handle pos_obj, bool final, std::int6
 
 // ---------------------------------------------------------------------------------------------
 // gather(): the binding of gather.{h,cpp}. Every check below has a twin, in the same order and
-// with the same exception class and message, in gather_py() in src/fastfeed/gather.py.
+// with the same exception class and message, in gather_py() in src/fastfeed/batch/gather.py.
 
 // Copies of at least this many bytes run with the GIL released. Below it the copy takes less
 // than ~5 us, and giving the GIL away would only add a wait to get it back when other Python
@@ -498,7 +498,7 @@ nb::object gather(nb::handle dst, nb::handle srcs, nb::handle dst_offset_obj,
 // ---------------------------------------------------------------------------------------------
 // gather_spans(): the columnar gather, on the same core as gather(). Every check below has a
 // twin, in the same order and with the same exception class and message, in gather_spans_py()
-// in src/fastfeed/columnar.py.
+// in src/fastfeed/read/columnar.py.
 
 // The C-contiguous export of src or spans (`what`), read-only allowed.
 Py_buffer* export_readable(Exports& ex, PyObject* obj, const char* what, const char* kind) {
@@ -613,7 +613,7 @@ nb::object gather_spans(nb::handle dst, nb::handle src, nb::handle spans_obj,
 
 // ---------------------------------------------------------------------------------------------
 // parse_ints(): WebDataset's small ASCII integer fields (.cls, .idx, ...) of a whole batch at
-// once. Twin: RaggedBytes._to_ints_py() in src/fastfeed/batch.py (the tests compare them).
+// once. Twin: RaggedBytes._to_ints_py() in src/fastfeed/batch/assemble.py (the tests compare them).
 
 bool is_space(std::uint8_t c) { return c == ' ' || (c >= 9 && c <= 13); }
 
@@ -711,7 +711,7 @@ nb::object crc32c_chunks(nb::handle buf, Py_ssize_t chunk) {
 }  // namespace
 
 NB_MODULE(_native, m) {
-  m.doc() = "Native tar member indexing for fastfeed; use fastfeed.tario, not this module.";
+  m.doc() = "Native tar member indexing for fastfeed; use fastfeed.read.tario, not this module.";
   m.def("scan", &scan, nb::arg("buf"), nb::arg("pos"), nb::arg("final"), nb::arg("object_end") = -1,
         "scan(buf, pos, final, object_end=-1) -> (members, next_pos, end, error, need, partial)\n\n"
         "Index the tar members in buf[pos:] (any contiguous buffer) with the GIL released.\n"
@@ -736,7 +736,7 @@ NB_MODULE(_native, m) {
         nb::arg("offsets").none(), nb::arg("item_size").none(), nb::arg("threads").none(),
         "gather(dst, srcs, dst_offset, offsets, item_size, threads) -> bytes written\n\n"
         "Copy the C-contiguous buffers srcs back to back into the writable buffer dst at\n"
-        "byte dst_offset (GIL released for large copies); use fastfeed.gather.gather.");
+        "byte dst_offset (GIL released for large copies); use fastfeed.batch.gather.gather.");
   m.attr("GATHER_MAX_THREADS") = gth::kMaxThreads;
 
   m.def("scan_samples", &scan_samples, nb::arg("buf"), nb::arg("pos"), nb::arg("final"),
@@ -744,17 +744,17 @@ NB_MODULE(_native, m) {
         "scan_samples(buf, pos, final, max_samples, object_end=-1) -> (keys, fields, next_pos,\n"
         "end, error, duplicate, need)\n\n"
         "Group the tar members in buf[pos:] into WebDataset samples (the tar scan runs with the\n"
-        "GIL released); max_samples < 0: no limit. Use fastfeed.columnar.scan_samples.");
+        "GIL released); max_samples < 0: no limit. Use fastfeed.read.columnar.scan_samples.");
   m.def("parse_ints", &parse_ints, nb::arg("data").none(), nb::arg("offsets").none(),
         nb::arg("out").none(),
         "parse_ints(data, offsets, out) -> index of the first non-integer item, or -1\n\n"
         "Parse each data[offsets[i]:offsets[i + 1]] as an ASCII integer into int64 out[i]\n"
-        "(GIL released); use fastfeed.batch.RaggedBytes.to_ints.");
+        "(GIL released); use fastfeed.batch.assemble.RaggedBytes.to_ints.");
   m.def("gather_spans", &gather_spans, nb::arg("dst").none(), nb::arg("src").none(),
         nb::arg("spans").none(), nb::arg("dst_offset").none(), nb::arg("offsets").none(),
         "gather_spans(dst, src, spans, dst_offset, offsets) -> bytes written\n\n"
         "Copy src[off:off + size] for each int64 row (off, size) of spans back to back into\n"
-        "dst at byte dst_offset; use fastfeed.columnar.gather_spans.");
+        "dst at byte dst_offset; use fastfeed.read.columnar.gather_spans.");
   m.def("crc32c", &crc32c, nb::arg("buf"), nb::arg("value") = 0, nb::arg("portable") = false,
         "crc32c(buf, value=0, portable=False) -> int\n\n"
         "The CRC32C (Castagnoli) of buf, continuing from value (GIL released; the CPU's CRC32\n"

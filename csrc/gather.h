@@ -3,7 +3,7 @@
 // fields flattened into one buffer plus offsets).
 //
 // Plain C++17, no Python and no torch: the Python binding lives in bindings.cpp. The reference
-// implementation with the same semantics is gather_py() in src/fastfeed/gather.py; the two are
+// implementation with the same semantics is gather_py() in src/fastfeed/batch/gather.py; the two are
 // tested against each other, so change them together.
 //
 // Safety contract: gather() checks every size before it writes anything, writes only inside

@@ -1,4 +1,4 @@
-// WebDataset sample grouping; see samples.h for the contract and src/fastfeed/columnar.py
+// WebDataset sample grouping; see samples.h for the contract and src/fastfeed/read/columnar.py
 // (scan_samples_py) for the pure-Python twin.
 #include "samples.h"
 

@@ -2,7 +2,7 @@
 // into samples (consecutive members with the same key) without creating any Python object.
 //
 // Plain C++17, no Python and no torch: the Python binding lives in bindings.cpp. The reference
-// implementation with the same semantics is scan_samples_py() in src/fastfeed/columnar.py
+// implementation with the same semantics is scan_samples_py() in src/fastfeed/read/columnar.py
 // (built on tario.scan_py and reader.split_key); the two are tested against each other and
 // against reader.iter_samples, so change them together.
 //

@@ -1,4 +1,4 @@
-// Tar member indexing; see tar_index.h for the contract and src/fastfeed/tario.py (scan_py) for
+// Tar member indexing; see tar_index.h for the contract and src/fastfeed/read/tario.py (scan_py) for
 // the pure-Python twin. Every read below is preceded by a check that the bytes are inside the
 // buffer: header reads happen only after `len - p >= kBlockSize`, payload reads only after the
 // payload size has been compared with the bytes available.

@@ -2,7 +2,7 @@
 // archive without copying anything.
 //
 // Plain C++17, no Python and no torch: the Python binding lives in bindings.cpp. The reference
-// implementation with exactly the same semantics is scan_py() in src/fastfeed/tario.py; the
+// implementation with exactly the same semantics is scan_py() in src/fastfeed/read/tario.py; the
 // two are tested against each other, so change them together.
 //
 // Safety contract: scan() reads only bytes inside [data, data + len), for every input, and
@@ -22,7 +22,7 @@ inline constexpr std::size_t kBlockSize = 512;
 inline constexpr std::uint64_t kUnknownEnd = static_cast<std::uint64_t>(-1);
 
 // Why a scan failed (or would fail if the buffer were final). The numeric values cross the
-// Python binding: src/fastfeed/tario.py has the same table and the tests check that the two
+// Python binding: src/fastfeed/read/tario.py has the same table and the tests check that the two
 // agree. Values below 20 are corrupt archives, 20 and above truncated ones.
 enum class ErrorKind : int {
   kNone = 0,

@@ -1,4 +1,4 @@
-"""The node-local shard cache (fastfeed.cache) against the real S3 server, through a counting
+"""The node-local shard cache (fastfeed.cache.node) against the real S3 server, through a counting
 proxy: every GET the store sees is counted there, across processes."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from fastfeed import ConfigError, DataLoader, StreamingDataset
-from fastfeed.cache import cache_info, clear_cache, entry_files, trailer_size
+from fastfeed.cache.admin import cache_info, clear_cache, entry_files
+from fastfeed.cache.entries import trailer_size
 from fastfeed.config import S3Config
 from fastfeed.testing.servers import free_port
 from fastfeed.testing.shards import upload_dir, write_synthetic_shards
@@ -337,7 +338,8 @@ def test_half_size_cache_belady_fetches_half_per_epoch_lru_more(data: dict[str, 
 def test_a_shard_being_read_is_never_evicted_and_live_fills_survive_cleanup(data: dict[str, Any]) -> None:
     import fcntl
 
-    from fastfeed.cache import CacheConfig, ShardCache
+    from fastfeed.cache.config import CacheConfig
+    from fastfeed.cache.node import ShardCache
 
     list(dataset(data))
     cache = ShardCache(CacheConfig.of(data["cache"], "1GB"))
@@ -439,14 +441,14 @@ def test_a_cache_dir_removed_under_a_running_job_is_made_again(data: dict[str, A
 
 
 def test_an_all_hit_epoch_builds_no_s3_client(data: dict[str, Any]) -> None:
-    from fastfeed.store import _shared_s3
+    from fastfeed.store.pool import shared_s3_clients_created
 
     ds = dataset(data)
     first = keys(ds)  # cold: fills the cache through a client
-    before = _shared_s3.created
+    before = shared_s3_clients_created()
     ds.set_epoch(1)
     assert keys(ds) == first
-    assert _shared_s3.created == before, "every shard was a hit: no client was needed"
+    assert shared_s3_clients_created() == before, "every shard was a hit: no client was needed"
 
 
 def test_a_cold_read_takes_its_fills_bytes_in_place_never_reading_them_back(data: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""The node cache on a machine shared with other users (fastfeed.cache's trust model), and
+"""The node cache on a machine shared with other users (fastfeed.cache.files's trust model), and
 entries that are damaged on disk: against the real S3 server, with real files, and with a
 second local user (``nobody``, through ``setpriv``) in real processes where one is needed.
 
@@ -29,7 +29,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastfeed import ConfigError, StreamingDataset
-from fastfeed.cache import _LOCK_S, _Checksums, cache_info, clear_cache, entry_files, trailer_size
+from fastfeed.cache.admin import cache_info, clear_cache, entry_files
+from fastfeed.cache.entries import Checksums, trailer_size
+from fastfeed.cache.node import _LOCK_S
 from fastfeed.config import S3Config
 from fastfeed.testing.shards import upload_dir, write_synthetic_shards
 
@@ -107,7 +109,7 @@ def read(data: dict[str, Any], cache: Path | str, **kw: Any) -> tuple[dict[str, 
 
 def as_entry(payload: bytes) -> bytes:
     """``payload`` as a valid-looking cache entry (the shard, then its checksums)."""
-    sums = _Checksums()
+    sums = Checksums()
     sums.update(memoryview(payload))
     return payload + sums.trailer()
 

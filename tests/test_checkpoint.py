@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastfeed.checkpoint import Checkpointer
+from fastfeed.checkpoint.checkpointer import Checkpointer
 from fastfeed.config import S3Config
 from fastfeed.errors import AccessDeniedError, BucketNotFoundError, CheckpointError, CorruptCheckpointError
 
@@ -176,7 +176,7 @@ def test_saves_while_busy_follow_the_policy(bucket: Any, fault_proxy: Any, polic
 
 _SAVER = """
 import sys, torch
-from fastfeed.checkpoint import Checkpointer
+from fastfeed.checkpoint.checkpointer import Checkpointer
 from fastfeed.config import S3Config
 url, endpoint, key, secret = sys.argv[1:5]
 ckpt = Checkpointer(url, s3=S3Config(endpoint_url=endpoint, access_key_id=key, secret_access_key=secret),

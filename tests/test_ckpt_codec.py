@@ -1,4 +1,4 @@
-"""Pickle-free checkpoint codec: fastfeed.ckpt_codec.encode / decode and the leaf specs.
+"""Pickle-free checkpoint codec: fastfeed.checkpoint.codec.encode / decode and the leaf specs.
 
 Every round trip goes through JSON (the tree and the specs are dumped with ``allow_nan=False``
 and loaded back) and through raw bytes (each leaf is snapshotted the way a caller would), then
@@ -28,7 +28,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastfeed.ckpt_codec import FORMAT, LeafSpec, decode, encode, spec_from_json, spec_to_json
+from fastfeed.checkpoint.codec import FORMAT, LeafSpec, decode, encode, spec_from_json, spec_to_json
 from fastfeed.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------

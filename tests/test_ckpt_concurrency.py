@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ckpt_targets import Target, make_target
-from fastfeed.checkpoint import Checkpointer
+from fastfeed.checkpoint.checkpointer import Checkpointer
 from fastfeed.errors import CheckpointError
 
 STEP_DIR = "step-{:012d}/"
@@ -158,7 +158,7 @@ def test_the_loser_of_the_commit_itself_raises_and_deletes_only_its_own_data(
 
 _RACER = """
 import json, sys, time, torch
-from fastfeed.checkpoint import Checkpointer
+from fastfeed.checkpoint.checkpointer import Checkpointer
 from fastfeed.config import S3Config
 url, endpoint, key, secret, step, value, start = sys.argv[1:8]
 s3 = S3Config(endpoint_url=endpoint, access_key_id=key, secret_access_key=secret) if endpoint != "-" else None
@@ -324,7 +324,7 @@ def test_a_store_that_ignores_if_none_match_is_found_out_by_the_probe(
     fault_proxy.inject(
         status=200, code="OK", count=2, method="PUT", path_regex=r"fastfeed-probe-", header="If-None-Match"
     )
-    from fastfeed import ckpt_store
+    from fastfeed.store import upload_s3 as ckpt_store
 
     ckpt_store._conditional.pop((fault_proxy.endpoint_url, bucket.name), None)
     with (

@@ -23,16 +23,19 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from ckpt_targets import Target, make_target
-from fastfeed.checkpoint import Checkpointer
+from fastfeed.checkpoint.checkpointer import Checkpointer
+from fastfeed.checkpoint.dcp import FastfeedStorageReader, FastfeedStorageWriter
 from fastfeed.config import RetryConfig, S3Config
-from fastfeed.dcp import FastfeedStorageReader, FastfeedStorageWriter
 from fastfeed.errors import CheckpointError
 from fastfeed.shards import write_shards
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
-AGE = 1.0  # orphan_age of the cleaning writer, seconds
-PAST_AGE = 2.5  # how long a test waits so that what it planted is older than AGE (clocks in 1 s steps)
+# orphan_age of the cleaning writer, seconds: its own saves must finish within half of it (or
+# they do not commit), and what a test plants "young" must stay younger than it while that
+# writer saves; 4 s leaves room on a loaded 2-core machine (1 s did not).
+AGE = 4.0
+PAST_AGE = 5.5  # how long a test waits so that what it planted is older than AGE (clocks in 1 s steps)
 
 
 def seaweed_target(bucket: Any) -> Target:
@@ -48,7 +51,7 @@ def wait_for(predicate: Any, what: str, timeout: float = 60.0) -> None:
 
 _SAVER = """
 import sys, torch
-from fastfeed.checkpoint import Checkpointer
+from fastfeed.checkpoint.checkpointer import Checkpointer
 from fastfeed.config import S3Config
 url, endpoint, key, secret = sys.argv[1:5]
 s3 = S3Config(endpoint_url=endpoint, access_key_id=key, secret_access_key=secret)

@@ -25,8 +25,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ckpt_targets import Target, make_target
-from fastfeed.checkpoint import Checkpointer
-from fastfeed.dcp import FastfeedStorageReader, FastfeedStorageWriter
+from fastfeed.checkpoint.checkpointer import Checkpointer
+from fastfeed.checkpoint.dcp import FastfeedStorageReader, FastfeedStorageWriter
 from fastfeed.errors import CorruptCheckpointError, FastfeedError
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from fastfeed.bench import Measurement
-from fastfeed.benchmark import Report
+from fastfeed.bench.measure import Measurement
+from fastfeed.bench.report import Report
 
 SMALL_DEMO = ("--demo-size", "8MiB", "--demo-shard-size", "2MiB", "--demo-sample-size", "16KiB", "--batch-size", "16")
 
@@ -132,7 +132,8 @@ def test_targets_compare_the_runs_of_the_same_phase() -> None:
 
 
 def test_bench_calls_an_epoch_from_a_cache_already_warm_warm(tmp_path: Path) -> None:
-    from fastfeed.benchmark import BenchConfig, demo
+    from fastfeed.bench.demo import demo
+    from fastfeed.bench.run import BenchConfig
 
     cfg = BenchConfig(batch_size=16, workers=0, epochs=1, cache_dir=str(tmp_path / "cache"), progress=False)
     size = {"size": 4 << 20, "sample_size": 16 << 10, "shard_size": 1 << 20}
@@ -196,7 +197,7 @@ def _burn_then_wait(seconds: float, done: object) -> None:
 def test_bench_counts_the_cpu_of_live_forked_workers_not_of_servers() -> None:
     import multiprocessing
 
-    from fastfeed.bench import live_forked_children_cpu
+    from fastfeed.bench.measure import live_forked_children_cpu
 
     ctx = multiprocessing.get_context("fork")
     done = ctx.Event()

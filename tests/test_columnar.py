@@ -1,4 +1,4 @@
-"""Columnar samples: fastfeed.columnar.scan_samples / gather_spans (native) and their references.
+"""Columnar samples: fastfeed.read.columnar.scan_samples / gather_spans (native) and their references.
 
 scan_samples is checked against reader.iter_samples (the grouping, the bytes of every field and
 the error classes) on archives written by tarfile, fed whole, in chunks with carry-over, cut and
@@ -19,10 +19,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastfeed import _native, tario
-from fastfeed.columnar import SampleScan, gather_spans, gather_spans_py, scan_samples, scan_samples_py
+from fastfeed import _native
 from fastfeed.errors import CorruptShardError, ShardError, TruncatedShardError
-from fastfeed.reader import iter_samples
+from fastfeed.read import tario
+from fastfeed.read.columnar import SampleScan, gather_spans, gather_spans_py, scan_samples, scan_samples_py
+from fastfeed.read.reader import iter_samples
 
 ScanFn = Callable[..., SampleScan]
 IMPLS = [pytest.param(scan_samples, id="native"), pytest.param(scan_samples_py, id="python")]
@@ -438,7 +439,7 @@ def test_argument_errors() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Names: the split of reader.split_key, on bytes
+# Names: the split of keys.split_key, on bytes
 
 
 _NAME_CHARS = "ab._/\nAZΣKİé日"

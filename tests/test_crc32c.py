@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fastfeed import _native
-from fastfeed.ckpt_store import checksum
+from fastfeed.store.upload import checksum
 
 
 def reference(data: bytes) -> int:

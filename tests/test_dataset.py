@@ -271,3 +271,47 @@ def test_a_dataset_with_a_cache_pickles_after_an_iteration(tmp_path: Path, s3_sh
     copy = pickle.loads(pickle.dumps(ds))  # what a spawned or persistent worker receives
     assert [s["__key__"] for s in copy] == first
     assert copy.io_stats()["cache_hits"] == len(ds.shards), "the copy reads the same cache"
+
+
+def test_config_objects_are_accepted_whole(tmp_path: Path, s3_shards: Any, seaweed: Any) -> None:
+    """``prefetch=PrefetchConfig(...)`` and ``cache=CacheConfig(...)`` configure the dataset as
+    their fields given as keywords do: the same settings, the same samples, and the second read
+    comes from the cache either way."""
+    from fastfeed import CacheConfig, PrefetchConfig
+
+    bucket, prefix, paths = s3_shards
+    url = f"s3://{bucket}/{prefix}"
+    flat = StreamingDataset(
+        url, s3=s3cfg(seaweed), part_size="64KiB", max_requests=3, shards_in_flight=2, byte_budget="256KiB",
+        cache_dir=tmp_path / "flat", cache_limit="1GB", cache_policy="lru", cache_io="buffered",
+    )  # fmt: skip
+    whole = StreamingDataset(
+        url, s3=s3cfg(seaweed),
+        prefetch=PrefetchConfig.from_args(part_size="64KiB", max_requests=3, shards_in_flight=2, byte_budget="256KiB"),
+        cache=CacheConfig.of(tmp_path / "whole", "1GB", policy="lru", io="buffered"),
+    )  # fmt: skip
+    assert whole.prefetch_config == flat.prefetch_config
+    assert flat.cache_config is not None and whole.cache_config is not None
+    assert whole.cache_config == CacheConfig.of(tmp_path / "whole", "1GB", policy="lru", io="buffered")
+    assert (whole.cache_config.limit, whole.cache_config.policy) == (flat.cache_config.limit, "lru")
+    expected = wds_samples(paths, {str(p): f"{url}{p.name}" for p in paths})
+    for ds in (flat, whole):
+        assert list(ds) == expected
+        assert list(ds) == expected
+        assert ds.io_stats()["cache_hits"] == len(paths), "the second pass read the cache"
+
+
+@pytest.mark.parametrize(
+    ("whole", "field"),
+    [("prefetch", {"byte_budget": "1MiB"}), ("cache", {"cache_limit": "1GB"}), ("cache", {"cache_policy": "lru"})],
+)
+def test_a_config_object_and_its_fields_together_are_refused(
+    tmp_path: Path, s3_shards: Any, seaweed: Any, whole: str, field: dict[str, Any]
+) -> None:
+    from fastfeed import CacheConfig, ConfigError, PrefetchConfig
+
+    bucket, prefix, _ = s3_shards
+    obj = PrefetchConfig() if whole == "prefetch" else CacheConfig.of(tmp_path / "c", "1GB")
+    with pytest.raises(ConfigError, match=f"{whole}= and also {next(iter(field))}") as info:
+        StreamingDataset(f"s3://{bucket}/{prefix}", s3=s3cfg(seaweed), **{whole: obj}, **field)
+    assert info.value.hint and whole in info.value.hint

@@ -24,10 +24,11 @@ import torch.multiprocessing as mp
 from torch.distributed.checkpoint.api import CheckpointException
 
 import fastfeed
-from fastfeed.ckpt_store import checksum
+from fastfeed.checkpoint.dcp import MANIFEST, FastfeedStorageReader, FastfeedStorageWriter
+from fastfeed.checkpoint.dcp import checkpoint_dir as _checkpoint_dir
 from fastfeed.config import RetryConfig, S3Config
-from fastfeed.dcp import MANIFEST, FastfeedStorageReader, FastfeedStorageWriter, _checkpoint_dir
 from fastfeed.errors import CheckpointError, ConfigError, CorruptCheckpointError
+from fastfeed.store.upload import checksum
 from fastfeed.testing.servers import free_port
 
 # dcp.save / dcp.load without a process group say so with a UserWarning (pytest makes it an error).

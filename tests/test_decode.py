@@ -19,8 +19,10 @@ import torch
 from PIL import Image
 
 import fastfeed
-from fastfeed.bench import Measurement
-from fastfeed.benchmark import DECODE_CEILING, BenchConfig, Report, demo, measure_decode
+from fastfeed.bench.demo import demo
+from fastfeed.bench.measure import Measurement
+from fastfeed.bench.report import DECODE_CEILING, Report
+from fastfeed.bench.run import BenchConfig, measure_decode
 from fastfeed.decode import Decoder, decode_value
 from fastfeed.errors import ConfigError, DecodeError, FastfeedError
 from fastfeed.testing.shards import sample_key, write_synthetic_shards

@@ -1,4 +1,4 @@
-"""Batch gather: fastfeed.gather.gather (native) and gather_py (reference).
+"""Batch gather: fastfeed.batch.gather.gather (native) and gather_py (reference).
 
 The two are checked against each other (results, bytes written, offsets, exception classes and
 messages) on random sources of many buffer types, against the obvious concatenation, and on
@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastfeed import _native
-from fastfeed.gather import MAX_THREADS, gather, gather_py
+from fastfeed.batch.gather import MAX_THREADS, gather, gather_py
 
 GatherFn = Callable[..., int]
 IMPLS = [pytest.param(gather, id="native"), pytest.param(gather_py, id="python")]

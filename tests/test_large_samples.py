@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from fastfeed import DataLoader, StreamingDataset, TruncatedShardError
 from fastfeed.config import S3Config
-from fastfeed.reader import iter_members, iter_sample_runs, iter_samples
+from fastfeed.read.reader import iter_members, iter_sample_runs, iter_samples
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -20,7 +20,7 @@ pytest.importorskip("lightning")
 import lightning.pytorch as pl
 
 import fastfeed
-from fastfeed.checkpoint import Checkpointer
+from fastfeed.checkpoint.checkpointer import Checkpointer
 from fastfeed.config import S3Config
 from fastfeed.errors import CheckpointError, ConfigError
 from fastfeed.lightning import FastfeedCheckpoint, _sharded_reason, load_checkpoint

@@ -19,10 +19,10 @@ from torch.utils.data import Dataset, default_collate
 
 from batch_compare import assert_same_batch
 from fastfeed import CorruptShardError, DataLoader, RaggedBytes, StreamingDataset, TruncatedShardError
-from fastfeed.batch import tree_map_tensors
-from fastfeed.device import DeviceFeeder
-from fastfeed.loader import _SlotFlags, _SlotTable
-from fastfeed.ring import HostRing
+from fastfeed.batch.assemble import tree_map_tensors
+from fastfeed.batch.device import DeviceFeeder
+from fastfeed.batch.ring import HostRing
+from fastfeed.loader.slots import SlotFlags, SlotTable
 from fastfeed.testing.shards import write_synthetic_shards
 
 
@@ -150,7 +150,7 @@ def test_device_feeder_holds_host_slots_until_copies_complete() -> None:
     ring = HostRing(2)
     ops = FakeOps()
     feeder = DeviceFeeder(ops)
-    from fastfeed.collate import collate_into
+    from fastfeed.batch.collate import collate_into
 
     for i in range(2):
         slot = ring.acquire()
@@ -205,11 +205,11 @@ class RecordingPinner:
 
 
 def test_worker_slots_are_pinned_once_per_generation_and_unpinned_on_close() -> None:
-    flags = _SlotFlags(1, 2)
+    flags = SlotFlags(1, 2)
     free = flags.free
     free[0, 0] = 0
     pinner = RecordingPinner()
-    table = _SlotTable(flags, pinner)
+    table = SlotTable(flags, pinner)
     first = torch.arange(16, dtype=torch.uint8)
     view = table.base(0, 0, 1, first)
     assert torch.equal(view, first) and list(pinner.live) == [first.data_ptr()]
@@ -239,10 +239,10 @@ def test_a_worker_never_waits_for_a_slot() -> None:
     None at once (the batch goes to a fresh region): a held batch costs memory, never a wait.
     A new epoch of a persistent pool takes back the slots that are neither free nor held (their
     batches were dropped unseen when the previous epoch ended early)."""
-    from fastfeed.loader import _WorkerSlots
+    from fastfeed.loader.slots import WorkerSlots
 
-    flags = _SlotFlags(1, 3)
-    slots = _WorkerSlots(flags, 0)
+    flags = SlotFlags(1, 3)
+    slots = WorkerSlots(flags, 0)
     assert [slots.claim() for _ in range(4)] == [0, 1, 2, None]
     assert len(slots.arenas) == 3 and flags.free[0].tolist() == [0, 0, 0]
     flags.free[0, 1] = 1  # the main process released slot 1
@@ -256,7 +256,7 @@ def test_a_worker_never_waits_for_a_slot() -> None:
 
 def test_a_slot_that_cannot_be_pinned_still_works_and_is_not_unpinned() -> None:
     pinner = RecordingPinner(accept=False)
-    table = _SlotTable(_SlotFlags(1, 1), pinner)
+    table = SlotTable(SlotFlags(1, 1), pinner)
     assert table.base(0, 0, 1, torch.ones(8, dtype=torch.uint8)).sum() == 8
     table.close()
     assert pinner.calls == [("register", pinner.calls[0][1])]
@@ -454,7 +454,7 @@ class RegionOps(FakeOps):
         self.regions: list[int] = []
 
     def copy_region(self, region: torch.Tensor, layout: Any) -> tuple[Any, Any]:
-        from fastfeed.batch import from_layout
+        from fastfeed.batch.assemble import from_layout
 
         self.events += 1
         self.regions.append(region.numel())
@@ -462,8 +462,8 @@ class RegionOps(FakeOps):
 
 
 def test_collated_batches_cross_to_the_device_as_one_region() -> None:
-    from fastfeed.collate import collate_into
-    from fastfeed.device import region_layout
+    from fastfeed.batch.collate import collate_into
+    from fastfeed.batch.device import region_layout
 
     ring = HostRing(1)
     slot = ring.acquire()

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastfeed.batch import RaggedBytes
+from fastfeed.batch.assemble import RaggedBytes
 
 
 def ragged(items: list[bytes]) -> RaggedBytes:

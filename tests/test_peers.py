@@ -1,20 +1,21 @@
-"""fastfeed.peers: each peer adapter reads the same shards from the real local S3 server and
+"""fastfeed.bench.peers: each peer adapter reads the same shards from the real local S3 server and
 must deliver every sample. torch and webdataset run in the project venv; litdata, MosaicML
 Streaming and s3torchconnector only where installed (benchmarks/cache/README_peers.md)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch.utils.data
 
-from fastfeed.config import S3Config
-from fastfeed.peers import (
+from fastfeed.bench.peers import (
     PEERS,
     Expected,
     Peer,
@@ -32,6 +33,7 @@ from fastfeed.peers import (
     streaming_shm_names,
     streaming_shm_owner,
 )
+from fastfeed.config import S3Config
 from fastfeed.testing.shards import upload_dir, write_synthetic_shards
 
 SHARDS = 3
@@ -351,6 +353,10 @@ def test_streaming_workers_do_not_share_the_index_download_connection(
             super().__init__(dataset, *args, **kwargs)
 
     monkeypatch.setattr(torch.utils.data, "DataLoader", RecordingLoader)
+    # The peer runs here, not in a process of its own (its *_here methods, which its process
+    # runs), so that the recorder sees its loaders; its environment and temporary directory are
+    # set as its process would get them, and restored after the test.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     for run, peer in enumerate([peer0, require("streaming")]):  # two peers in a row, one process
         assert isinstance(peer, StreamingPeer)
         ctx = PeerContext.from_url(
@@ -362,14 +368,19 @@ def test_streaming_workers_do_not_share_the_index_download_connection(
             local_shards=paths,
             loader_timeout_s=30,  # a worker waiting on a stolen response fails in 30 s, not 60
         )
+        for name, value in peer.environment(ctx).items():
+            monkeypatch.setenv(name, value)
         cache = peer.cache_dir(ctx)
         try:
+            peer.setup_here(ctx)
+            peer.prepare_here(ctx)
             for warm in (False, True, False):  # a cold run after a warm one, too
-                m = peer.run(ctx, warm=warm)
+                m = peer.run_here(ctx, 0, warm)
                 assert (m.samples, m.bytes) == (16 * 163, 16 * 163 * 1024)
                 assert {p.name: p.read_bytes() for p in cache.iterdir()} == expected_files, "a shard got wrong bytes"
                 assert_no_streaming_shm(peer, cache)  # after each epoch, not only at cleanup
         finally:
+            peer.cleanup_here(ctx)
             peer.cleanup()
         assert len(peer.shm_prefixes) == 3
         assert_no_streaming_shm(peer, cache)
@@ -404,3 +415,22 @@ def test_s3torchconnector_reads_every_sample(ctx: PeerContext, workers: int) -> 
     for m in (cold, warm):
         check(m, "s3torchconnector")
         assert m.extra["num_workers"] == workers and m.extra["from_cache"] is False
+
+
+@pytest.mark.parametrize("name", ["torch", "s3torchconnector"])
+def test_a_peer_leaves_this_process_environment_and_tempdir_alone(ctx: PeerContext, name: str) -> None:
+    """A peer runs in a process of its own, started with the environment it needs (the AWS
+    credentials for s3torchconnector's CRT client) and a TMPDIR of its own: this process's
+    os.environ and tempfile.tempdir are the same during and after the run, and the peer's
+    temporary directory is gone after cleanup."""
+    peer = make_peer(name) if name == "torch" else require(name)
+    environ, tempdir = dict(os.environ), tempfile.tempdir
+    try:
+        check(peer.run(ctx), name)
+        assert dict(os.environ) == environ, "os.environ changed by the run"
+        assert tempfile.tempdir == tempdir, "tempfile.tempdir changed by the run"
+    finally:
+        peer.cleanup()
+    assert dict(os.environ) == environ
+    assert tempfile.tempdir == tempdir
+    assert not list(Path(tempfile.gettempdir()).glob(f"fastfeed-peer-{name}-*")), "the peer's TMPDIR is left"

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastfeed.errors import ConfigError
-from fastfeed.plan import Piece, rank_pieces, shard_order, worker_pieces
+from fastfeed.order.plan import Piece, rank_pieces, shard_order, worker_pieces
 
 
 def expand(pieces: list[Piece], counts: list[int]) -> list[tuple[int, int]]:

@@ -11,8 +11,9 @@ import pytest
 
 from fastfeed import StreamingDataset
 from fastfeed.config import PrefetchConfig, S3Config
-from fastfeed.prefetch import Prefetcher
-from fastfeed.store import ObjectInfo, StoreSet
+from fastfeed.read.prefetch import Prefetcher
+from fastfeed.store.base import ObjectInfo
+from fastfeed.store.pool import StoreSet
 from fastfeed.testing.shards import upload_dir, write_synthetic_shards
 
 

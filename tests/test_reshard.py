@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastfeed import DataLoader, StreamingDataset
-from fastfeed.plan import Piece, cut, rank_share
+from fastfeed.order.plan import Piece, cut, rank_share
 from fastfeed.testing.servers import free_port
 from fastfeed.testing.shards import write_synthetic_shards
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastfeed.errors import CorruptShardError, TruncatedShardError
-from fastfeed.reader import iter_sample_runs, iter_samples
+from fastfeed.read.reader import iter_sample_runs, iter_samples
 
 
 def make_tar(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:

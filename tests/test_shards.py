@@ -330,7 +330,7 @@ def test_uploaded_counts_seed_fastfeeds_sample_count_cache(
         def __init__(self, *args: Any, **kw: Any) -> None:
             raise AssertionError("the shards were scanned")
 
-    monkeypatch.setattr("fastfeed.sources.Prefetcher", NoScanning)
+    monkeypatch.setattr("fastfeed.read.sources.Prefetcher", NoScanning)
     ds = StreamingDataset(url, s3=s3, index_cache=tmp_path / "counts")
     assert ds.shard_sample_counts == [s.samples for s in manifest.shards]
     with pytest.raises(AssertionError, match="scanned"):  # without the entries, counting scans

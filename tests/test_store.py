@@ -16,7 +16,9 @@ import pytest
 from fastfeed import _loop
 from fastfeed.config import S3Config
 from fastfeed.errors import BucketNotFoundError, EmptyDatasetError, NotFoundError, StoreError
-from fastfeed.store import LocalStore, S3Store, Store
+from fastfeed.store.base import Store
+from fastfeed.store.local import LocalStore
+from fastfeed.store.s3 import S3Store
 from fastfeed.urls import parse_url
 
 T = TypeVar("T")
@@ -193,7 +195,7 @@ def test_missing_bucket_is_named(request: pytest.FixtureRequest, server_name: st
 
 
 def test_store_sets_of_one_config_share_one_client_until_the_last_closes(seaweed: Any) -> None:
-    from fastfeed.store import StoreSet
+    from fastfeed.store.pool import StoreSet
 
     cfg = S3Config(
         endpoint_url=seaweed.endpoint_url,
@@ -226,7 +228,7 @@ def test_store_sets_of_one_config_share_one_client_until_the_last_closes(seaweed
 
 
 def _child_session_state(parent_loader_id: int, queue: Any) -> None:
-    from fastfeed.store import _session
+    from fastfeed.store.s3 import _session
 
     session = _session(None)
     loader = session.get_component("data_loader")
@@ -236,7 +238,7 @@ def _child_session_state(parent_loader_id: int, queue: Any) -> None:
 def test_a_forked_worker_reuses_the_parsed_service_model(seaweed: Any) -> None:
     import multiprocessing
 
-    from fastfeed.store import S3Store, _session
+    from fastfeed.store.s3 import S3Store, _session
 
     cfg = S3Config(
         endpoint_url=seaweed.endpoint_url,

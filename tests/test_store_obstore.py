@@ -1,7 +1,7 @@
 """The store contract and the retry behaviour, run against the obstore engine.
 
 The contract tests of ``test_store.py`` are imported and run again here with an ``env`` fixture
-that builds :class:`~fastfeed.store_obstore.ObstoreS3Store` on SeaweedFS and moto. The fault
+that builds :class:`~fastfeed.store.obstore.ObstoreS3Store` on SeaweedFS and moto. The fault
 cases of ``test_retry.py`` that concern the store (503 SlowDown and 5xx retried, a reset or a
 stall mid-body resumed from the byte received, persistent throttling reported) run through the
 real :class:`~fastfeed.testing.FaultProxy`, at the store level and once end to end through the
@@ -29,7 +29,7 @@ pytest.importorskip("obstore")
 
 from obstore import exceptions as ox
 
-from fastfeed import StreamingDataset, store_obstore
+from fastfeed import StreamingDataset
 from fastfeed.config import RetryConfig, S3Config
 from fastfeed.errors import (
     AccessDeniedError,
@@ -43,10 +43,12 @@ from fastfeed.errors import (
     ThrottledError,
     TransientStoreError,
 )
-from fastfeed.prefetch import Prefetcher
-from fastfeed.reader import iter_samples
-from fastfeed.store import Store, StoreSet
-from fastfeed.store_obstore import ObstoreS3Store, map_obstore_error
+from fastfeed.read.prefetch import Prefetcher
+from fastfeed.read.reader import iter_samples
+from fastfeed.store import obstore as store_obstore
+from fastfeed.store.base import Store
+from fastfeed.store.obstore import ObstoreS3Store, map_obstore_error
+from fastfeed.store.pool import StoreSet
 from fastfeed.testing.shards import upload_dir, write_synthetic_shards
 from fastfeed.urls import Location, parse_url
 from test_store import (
@@ -459,10 +461,10 @@ _FORK_SCRIPT = textwrap.dedent(
     from torch.utils.data import DataLoader
     from fastfeed import StreamingDataset
     from fastfeed.config import S3Config
-    from fastfeed.prefetch import Prefetcher
-    from fastfeed.reader import iter_samples
-    from fastfeed.store import StoreSet
-    from fastfeed.store_obstore import ObstoreS3Store
+    from fastfeed.read.prefetch import Prefetcher
+    from fastfeed.read.reader import iter_samples
+    from fastfeed.store.pool import StoreSet
+    from fastfeed.store.obstore import ObstoreS3Store
 
     class ObstoreSet(StoreSet):
         async def get(self, loc):

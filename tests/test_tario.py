@@ -1,4 +1,4 @@
-"""Tar member indexing: fastfeed.tario.scan (native) and scan_py (reference).
+"""Tar member indexing: fastfeed.read.tario.scan (native) and scan_py (reference).
 
 Both implementations are checked against Python's tarfile and GNU tar on valid archives, and
 against each other (results, error classes and messages) on truncated, corrupted and fuzzed
@@ -22,9 +22,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastfeed import _native, tario
+from fastfeed import _native
 from fastfeed.errors import CorruptShardError, ShardError, TruncatedShardError
-from fastfeed.tario import ScanResult, scan, scan_py
+from fastfeed.read import tario
+from fastfeed.read.tario import ScanResult, scan, scan_py
 
 ScanFn = Callable[..., ScanResult]
 IMPLS = [pytest.param(scan, id="native"), pytest.param(scan_py, id="python")]

@@ -28,8 +28,8 @@ from torch.utils.data import Dataset, IterableDataset, default_collate
 
 import fastfeed
 from batch_compare import assert_same_batch
-from fastfeed.batch import Arena
-from fastfeed.collate import collate_into
+from fastfeed.batch.assemble import Arena
+from fastfeed.batch.collate import collate_into
 
 # ------------------------------------------------------------------------------ sample structures
 
@@ -251,7 +251,7 @@ def test_collate_into_is_default_collate(schema: Any, batch: int, seed: int, fau
 
 
 def _tensors(batch: Any) -> list[torch.Tensor]:
-    from fastfeed.batch import tree_leaves
+    from fastfeed.batch.assemble import tree_leaves
 
     return tree_leaves(batch)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What filling the node cache costs a cold epoch: fastfeed.DataLoader, same run, same store.
 
-Starts SeaweedFS on 127.0.0.1 with a synthetic dataset (``fastfeed.benchmark.demo_dataset``)
+Starts SeaweedFS on 127.0.0.1 with a synthetic dataset (``fastfeed.bench.demo.demo_dataset``)
 behind the delaying proxy of ``fastfeed bench`` (``--latency-ms``), then for each repeat (order
 rotated) times one cold epoch of ``fastfeed.DataLoader(num_workers=W)`` in each mode:
 
@@ -12,9 +12,9 @@ rotated) times one cold epoch of ``fastfeed.DataLoader(num_workers=W)`` in each 
 * ``sparse`` (diagnostic, ``--sparse``): as ``cache``, but the fill extends the part file with
   ``ftruncate`` instead of writing the bytes (and skips the fsync). The entries are then holes,
   so this mode only measures what the rest of the cache machinery costs. It replaces a private
-  function of ``fastfeed.cache`` in this process and its forked workers.
+  function of ``fastfeed.cache.entries`` in this process and its forked workers.
 
-Also measured per repeat: the raw GET ceiling (``fastfeed.bench.measure_raw_get``). Reports the
+Also measured per repeat: the raw GET ceiling (``fastfeed.bench.measure.measure_raw_get``). Reports the
 medians of MB/s and of client CPU seconds per GiB (workers included).
 
     python benchmarks/cache/bench_cold_fill.py --size 1GiB --latency-ms 20 --repeats 3 --sparse
@@ -33,13 +33,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import fastfeed.cache as ff_cache
+import fastfeed.cache.entries as ff_entries
 from fastfeed import DataLoader, StreamingDataset
-from fastfeed.bench import measure_batches, measure_raw_get
-from fastfeed.benchmark import _batch_bytes, _batch_count, _emulated, demo_dataset
+from fastfeed.bench.demo import demo_dataset
+from fastfeed.bench.measure import measure_batches, measure_raw_get
+from fastfeed.bench.run import batch_bytes, batch_count, emulated
 from fastfeed.config import PrefetchConfig, parse_size
 
-_REAL_PWRITE = ff_cache._pwrite_all
+_REAL_PWRITE = ff_entries._pwrite_all
 
 
 def _extend_only(fd: int, data: memoryview, offset: int) -> None:
@@ -64,13 +65,13 @@ def main() -> int:
     prefetch = PrefetchConfig()
     with (
         demo_dataset(parse_size(args.size), 100 << 10, 16 << 20) as (url, s3, setup),
-        _emulated(s3, args.latency_ms, None) as s3_run,
+        emulated(s3, args.latency_ms, None) as s3_run,
     ):
         for r in range(args.repeats):
             raw = measure_raw_get(StreamingDataset(url, s3=s3_run).shards, s3_run, prefetch)
             runs["raw GET"].append({"mb_per_s": raw.mb_per_s, "cpu_s_per_gib": raw.cpu_s_per_gib})
             for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:
-                ff_cache._pwrite_all = _extend_only if mode == "sparse" else _REAL_PWRITE
+                ff_entries._pwrite_all = _extend_only if mode == "sparse" else _REAL_PWRITE
                 with contextlib.ExitStack() as stack:
                     if mode == "sparse":
                         stack.enter_context(_no_fsync())
@@ -87,11 +88,11 @@ def main() -> int:
                         contextlib.closing(DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers))
                     )
                     m = measure_batches(
-                        mode, lambda loader=loader: loader, size_of=_batch_bytes, count_of=_batch_count, close=False
+                        mode, lambda loader=loader: loader, size_of=batch_bytes, count_of=batch_count, close=False
                     )
                 runs[mode].append({"mb_per_s": m.mb_per_s, "cpu_s_per_gib": m.cpu_s_per_gib})
                 print(f"repeat {r} {mode:<8} {m.mb_per_s:7.0f} MB/s {m.cpu_s_per_gib:5.2f} CPU s/GiB", file=sys.stderr)
-    ff_cache._pwrite_all = _REAL_PWRITE
+    ff_entries._pwrite_all = _REAL_PWRITE
 
     def med(mode: str, key: str) -> float:
         return statistics.median(x[key] for x in runs[mode])
@@ -116,18 +117,18 @@ def main() -> int:
 
 @contextlib.contextmanager
 def _no_fsync() -> Any:
-    """The sparse mode skips the fill's fsync too (``fastfeed.cache`` looks ``os.fsync`` up when
+    """The sparse mode skips the fill's fsync too (``fastfeed.cache.entries`` looks ``os.fsync`` up when
     it calls it)."""
 
     class _Os:
         def __getattr__(self, name: str) -> Any:
             return (lambda fd: None) if name == "fsync" else getattr(os, name)
 
-    ff_cache.os = _Os()  # type: ignore[assignment]
+    ff_entries.os = _Os()  # type: ignore[assignment]
     try:
         yield
     finally:
-        ff_cache.os = os
+        ff_entries.os = os
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ order that rotates each repeat:
   one thread (what the check adds per byte, at most);
 * ``bytes`` / ``bytes-nocheck``: a plain ``for s in ds`` loop with the default ``bytes`` values,
   with the check (the default: every chunk of a hit is checked against its CRC32C before it is
-  served) and with it switched off (``fastfeed.cache._VERIFY = False``, for this measurement
+  served) and with it switched off (``fastfeed.cache.reading._VERIFY = False``, for this measurement
   only);
 * ``zero_copy`` / ``zero_copy-nocheck``: the same with ``zero_copy=True`` (memoryviews of the
   mapped entries).
@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import Any
 
 import fastfeed
-import fastfeed.cache
+import fastfeed.cache.reading
 from fastfeed import _native
-from fastfeed.cache import entry_files
+from fastfeed.cache.admin import entry_files
 from fastfeed.config import S3Config
 from fastfeed.testing.servers import SeaweedServer
 from fastfeed.testing.shards import upload_dir, write_synthetic_shards
@@ -89,7 +89,7 @@ def crc_pass(files: list[Path]) -> tuple[float, float]:
 
 
 def loop(dataset: fastfeed.StreamingDataset, check: bool) -> tuple[float, float]:
-    fastfeed.cache._VERIFY = check  # read when a hit serves a part: the whole pass runs with it
+    fastfeed.cache.reading._VERIFY = check  # read when a hit serves a part: the whole pass runs with it
     fetched = dataset.io_stats()["bytes_fetched"]
     timer = Pass()
     payload = 0
@@ -99,7 +99,7 @@ def loop(dataset: fastfeed.StreamingDataset, check: bool) -> tuple[float, float]
         for page in range(0, len(value), PAGE):
             _ = value[page]
     result = timer.done(payload)
-    fastfeed.cache._VERIFY = True
+    fastfeed.cache.reading._VERIFY = True
     assert dataset.io_stats()["bytes_fetched"] == fetched, "a warm pass fetches nothing"
     return result
 

@@ -51,6 +51,7 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,23 +59,21 @@ from typing import Any
 import torch
 
 import fastfeed
-from fastfeed.cache import entry_files
-from fastfeed.config import S3Config, format_size, parse_size
-from fastfeed.peers import (
+from fastfeed.bench.peers import (
     Expected,
     LitdataCollate,
     cache_snapshot,
     convert_litdata,
     convert_mds,
-    env_vars,
     import_streaming,
     litdata_allow_http,
     open_litdata_dataset,
     open_streaming_dataset,
     shutdown_loader_iter,
     snapshot_diff,
-    tempdir_redirect,
 )
+from fastfeed.cache.admin import entry_files
+from fastfeed.config import S3Config, format_size, parse_size
 from fastfeed.testing.servers import SeaweedServer
 from fastfeed.testing.shards import upload_dir, write_synthetic_shards
 
@@ -86,7 +85,7 @@ PAGE = 4096
 LOADER_TIMEOUT_S = 300  # a peer loader's batch not ready in this long fails the run instead of hanging
 PEERS = ("mosaic", "litdata")
 SETTINGS = ("loop", "loader")
-FIELDS = {"bin": "bytes", "cls": "int"}  # what the peers' copies hold (fastfeed.peers field kinds)
+FIELDS = {"bin": "bytes", "cls": "int"}  # what the peers' copies hold (fastfeed.bench.peers field kinds)
 
 
 @dataclass
@@ -411,6 +410,48 @@ class LitdataContender(PeerContender):
 
     def close(self) -> None:
         self.ds = self.ds_loader = None
+
+
+# -- this script's own process ------------------------------------------------------------------
+# The peers run in this process here (fastfeed bench runs each in a process of its own): the
+# environment and temporary directory they need are set for the whole run.
+
+
+@contextlib.contextmanager
+def env_vars(values: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables for the block (children forked in it inherit them), then
+    restore the previous values."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def tempdir_redirect(path: Path) -> Iterator[None]:
+    """Point :func:`tempfile.gettempdir` (and ``TMPDIR`` for child processes) at ``path`` for
+    the block: MosaicML Streaming puts its file locks and ``litdata.optimize`` its working
+    folders there, so they stay in (and are removed with) the work dir."""
+    import multiprocessing.util
+
+    # multiprocessing makes its own temporary directory (for the sockets that pass tensors
+    # between loader workers) once per process, on first use: make it now, in the real temp
+    # dir, not in ``path`` (deleted later, and maybe too long for an AF_UNIX socket path).
+    multiprocessing.util.get_temp_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    old = tempfile.tempdir
+    tempfile.tempdir = str(path)
+    try:
+        with env_vars({"TMPDIR": str(path)}):
+            yield
+    finally:
+        tempfile.tempdir = old
 
 
 def _rmtree(path: Path) -> None:

@@ -31,9 +31,9 @@ import torch
 from torch.utils.data import Dataset
 
 import fastfeed
-from fastfeed.batch import RaggedBytes
-from fastfeed.device import CudaOps, DeviceFeeder, HostPinner
-from fastfeed.ring import HostRing
+from fastfeed.batch.assemble import RaggedBytes
+from fastfeed.batch.device import CudaOps, DeviceFeeder, HostPinner
+from fastfeed.batch.ring import HostRing
 from fastfeed.testing.shards import write_synthetic_shards
 
 

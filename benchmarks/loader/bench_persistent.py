@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Warm epochs with and without ``persistent_workers``: fastfeed.DataLoader, same run, same cache.
 
-Starts SeaweedFS on 127.0.0.1 with a synthetic dataset (``fastfeed.benchmark.demo_dataset``),
+Starts SeaweedFS on 127.0.0.1 with a synthetic dataset (``fastfeed.bench.demo.demo_dataset``),
 fills a node cache once (untimed), then for each repeat (order rotated) runs ``--epochs`` warm
 epochs (``set_epoch`` each) of one ``fastfeed.DataLoader(num_workers=W)``:
 
@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from fastfeed import DataLoader, StreamingDataset
-from fastfeed.bench import measure_raw_read
-from fastfeed.benchmark import demo_dataset
-from fastfeed.cache import entry_files
+from fastfeed.bench.demo import demo_dataset
+from fastfeed.bench.measure import measure_raw_read
+from fastfeed.cache.admin import entry_files
 from fastfeed.config import parse_size
 
 

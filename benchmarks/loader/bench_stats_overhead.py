@@ -5,7 +5,7 @@ The loader always records its stage times. This measures (1) the time per batch 
 ``fastfeed.DataLoader`` pass over a local shard of small records (the cheapest batches there
 are: 4 KiB records, in-process, columnar fast path), and (2) the bookkeeping one batch costs:
 the ``time.perf_counter()`` calls the producer and the training loop make per batch, the two
-``StreamingDataset.io_stats()`` snapshots and the two ``_StatsSink.add`` calls (the real class
+``StreamingDataset.io_stats()`` snapshots and the two ``StatsSink.add`` calls (the real class
 and dataset, with the real keyword sets), timed over many iterations. Reports (2) / (1) as the
 overhead fraction, median of repeats.
 
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import fastfeed
-from fastfeed.loader import _StatsSink
+from fastfeed.loader.stats import StatsSink
 from fastfeed.testing.shards import write_synthetic_shards
 
 #: perf_counter calls per batch: producer (source timing 2, fetch snapshot 2, collate 2, copy 2)
@@ -31,7 +31,7 @@ _CLOCK_READS = 10
 
 
 def bookkeeping_per_batch(ds: fastfeed.StreamingDataset, iterations: int = 100_000) -> float:
-    sink = _StatsSink()
+    sink = StatsSink()
     start = time.perf_counter()
     for _ in range(iterations):
         for _ in range(_CLOCK_READS):

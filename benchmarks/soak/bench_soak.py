@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Soak: many epochs through a faulty store; resources must stay flat, samples exactly once.
 
-Starts SeaweedFS on 127.0.0.1 with a synthetic dataset (``fastfeed.benchmark.demo_dataset``)
+Starts SeaweedFS on 127.0.0.1 with a synthetic dataset (``fastfeed.bench.demo.demo_dataset``)
 and a :class:`~fastfeed.testing.FaultProxy` in front of it that faults about ``--fault-rate`` of
 the requests for good, spread evenly: GETs get a ``503 SlowDown``, a connection cut mid-body or
 a short stall (in turn), PUTs (checkpoint parts and manifests) a ``503``. Then, for each mode, a
@@ -201,7 +201,7 @@ def main() -> int:
     if args.job:
         return _job(args)
 
-    from fastfeed.benchmark import demo_dataset
+    from fastfeed.bench.demo import demo_dataset
     from fastfeed.config import parse_size
     from fastfeed.testing.proxy import FaultProxy
 

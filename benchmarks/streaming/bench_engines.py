@@ -44,12 +44,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_stream import make_dataset
 
 from fastfeed import StreamingDataset, _loop
-from fastfeed.bench import Measurement, measure_iterable
+from fastfeed.bench.measure import Measurement, measure_iterable
 from fastfeed.config import PrefetchConfig, S3Config, format_size, parse_size
-from fastfeed.prefetch import Prefetcher
-from fastfeed.reader import Sample, iter_samples
-from fastfeed.store import ObjectInfo, S3Store, Store, StoreSet
-from fastfeed.store_obstore import DEFAULT_CHUNK, DEFAULT_WHOLE_BODY_MAX, ObstoreS3Store
+from fastfeed.read.prefetch import Prefetcher
+from fastfeed.read.reader import Sample, iter_samples
+from fastfeed.store.base import ObjectInfo, Store
+from fastfeed.store.obstore import DEFAULT_CHUNK, DEFAULT_WHOLE_BODY_MAX, ObstoreS3Store
+from fastfeed.store.pool import StoreSet
+from fastfeed.store.s3 import S3Store
 from fastfeed.testing.servers import SeaweedServer
 from fastfeed.testing.shards import upload_dir
 from fastfeed.urls import Location, parse_url
@@ -297,7 +299,7 @@ def child_rss(engine: str, url: str, s3: S3Config, prefetch: PrefetchConfig, chu
 
 
 def _child_rss_main(arg: str) -> None:
-    from fastfeed.bench import peak_rss_bytes
+    from fastfeed.bench.measure import peak_rss_bytes
 
     a = json.loads(arg)
     ds = EngineDataset(

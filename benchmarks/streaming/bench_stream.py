@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from fastfeed import StreamingDataset
-from fastfeed.bench import Measurement, measure_iterable, measure_raw_get
+from fastfeed.bench.measure import Measurement, measure_iterable, measure_raw_get
 from fastfeed.config import PrefetchConfig, S3Config, format_size, parse_size
 from fastfeed.testing.servers import SeaweedServer
 from fastfeed.testing.shards import upload_dir, write_synthetic_shards
@@ -64,7 +64,7 @@ def child_rss(url: str, s3: S3Config, prefetch: PrefetchConfig) -> dict[str, Any
     """Run in a fresh process: stream the dataset once, report peak RSS."""
     code = (
         "import json,sys;from fastfeed import StreamingDataset;from fastfeed.config import S3Config;"
-        "from fastfeed.bench import peak_rss_bytes;"
+        "from fastfeed.bench.measure import peak_rss_bytes;"
         "a=json.loads(sys.argv[1]);ds=StreamingDataset(a['url'],s3=S3Config(**a['s3']),part_size=a['part'],"
         "max_requests=a['req'],byte_budget=a['budget']);n=sum(len(s['bin']) for s in ds);"
         "print(json.dumps({'bytes':n,'peak_rss':peak_rss_bytes()}))"

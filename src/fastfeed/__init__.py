@@ -10,14 +10,16 @@ See the README for the data flow and :mod:`fastfeed.errors` for the error tree.
 
 from typing import TYPE_CHECKING, Any
 
-from fastfeed.batch import RaggedBytes
+from fastfeed.batch.assemble import RaggedBytes
+from fastfeed.cache.config import CacheConfig
 from fastfeed.callbacks import CheckpointCallback
-from fastfeed.checkpoint import Checkpointer, CheckpointInfo, CheckpointStats, SaveHandle
+from fastfeed.checkpoint.checkpointer import Checkpointer, CheckpointInfo, CheckpointStats, SaveHandle
 from fastfeed.config import PrefetchConfig, RetryConfig, S3Config, parse_size
 from fastfeed.dataset import StreamingDataset
 from fastfeed.errors import (
     AccessDeniedError,
     BucketNotFoundError,
+    CacheError,
     CheckpointError,
     ConditionFailedError,
     ConfigError,
@@ -38,16 +40,19 @@ from fastfeed.errors import (
     TransientStoreError,
     TruncatedShardError,
 )
-from fastfeed.loader import DataLoader, LoaderStats
+from fastfeed.loader.dataloader import DataLoader
+from fastfeed.loader.stats import LoaderStats
 
 if TYPE_CHECKING:
-    from fastfeed.dcp import FastfeedStorageReader, FastfeedStorageWriter
+    from fastfeed.checkpoint.dcp import FastfeedStorageReader, FastfeedStorageWriter
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AccessDeniedError",
     "BucketNotFoundError",
+    "CacheConfig",
+    "CacheError",
     "CheckpointCallback",
     "CheckpointError",
     "CheckpointInfo",
@@ -89,7 +94,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # The DCP storage classes import torch.distributed.checkpoint (about a second): only on use.
     if name in ("FastfeedStorageReader", "FastfeedStorageWriter"):
-        from fastfeed import dcp
+        from fastfeed.checkpoint import dcp
 
         return getattr(dcp, name)
     raise AttributeError(f"module 'fastfeed' has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """Native tar member indexing and batch gather (csrc/bindings.cpp).
 
-Use :mod:`fastfeed.tario` and :mod:`fastfeed.gather`, not this module.
+Use :mod:`fastfeed.read.tario` and :mod:`fastfeed.batch.gather`, not this module.
 """
 
 from collections.abc import Iterable
@@ -19,10 +19,10 @@ def scan(
 
     Returns ``(members, next_pos, end, error, need, partial)``; ``error`` is ``None`` or
     ``(kind, offset, name_bytes_or_None, a, b)`` with ``kind`` from :data:`ERROR_KINDS`;
-    ``need`` is :attr:`fastfeed.tario.ScanResult.need`; ``partial`` is ``None`` or the raw
+    ``need`` is :attr:`fastfeed.read.tario.ScanResult.need`; ``partial`` is ``None`` or the raw
     name of the regular member a scan that ran out of bytes stopped inside. ``object_end``:
     where the object ends in the buffer's coordinates (``-1``: unknown), see
-    :func:`fastfeed.tario.scan`. Raises TypeError/BufferError for a non-contiguous or
+    :func:`fastfeed.read.tario.scan`. Raises TypeError/BufferError for a non-contiguous or
     non-buffer ``buf`` and ValueError for a ``pos`` outside it or an ``object_end`` before its
     end.
     """
@@ -41,7 +41,7 @@ def gather(
     """Copy the C-contiguous buffers ``srcs`` back to back into ``dst`` at byte ``dst_offset``.
 
     Returns the number of bytes written; the GIL is released for copies of 64 KiB and more.
-    Semantics, checks and errors as :func:`fastfeed.gather.gather`.
+    Semantics, checks and errors as :func:`fastfeed.batch.gather.gather`.
     """
 
 def scan_samples(
@@ -61,7 +61,7 @@ def scan_samples(
     extension to a bytearray of native int64 ``(data_offset, size)`` rows, one per key;
     ``error`` is a tar error as in :func:`scan`; ``duplicate`` is ``None`` or ``(member name,
     key)`` of a repeated extension; ``need`` as in :func:`scan`. ``object_end`` as in
-    :func:`scan`. Semantics as :func:`fastfeed.columnar.scan_samples`.
+    :func:`scan`. Semantics as :func:`fastfeed.read.columnar.scan_samples`.
     """
 
 def gather_spans(
@@ -74,14 +74,14 @@ def gather_spans(
     """Copy ``src[off:off + size]`` for each int64 row ``(off, size)`` of ``spans`` into ``dst``.
 
     Returns the number of bytes written; semantics, checks and errors as
-    :func:`fastfeed.columnar.gather_spans`.
+    :func:`fastfeed.read.columnar.gather_spans`.
     """
 
 def parse_ints(data: Buffer | NDArray[Any], offsets: Buffer | NDArray[Any], out: Buffer | NDArray[Any]) -> int:
     """Parse each ``data[offsets[i]:offsets[i + 1]]`` as an ASCII integer into ``out[i]``.
 
     Returns the index of the first item that is not an integer, or -1. Semantics as
-    :meth:`fastfeed.batch.RaggedBytes.to_ints`.
+    :meth:`fastfeed.batch.assemble.RaggedBytes.to_ints`.
     """
 
 CRC32C_HARDWARE: bool

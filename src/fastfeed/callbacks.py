@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastfeed.checkpoint import Checkpointer, SaveHandle
+from fastfeed.checkpoint.checkpointer import Checkpointer, SaveHandle
 from fastfeed.errors import ConfigError, NotFoundError
 
 __all__ = ["CheckpointCallback", "capture_rng", "restore_rng"]

@@ -1,8 +1,8 @@
 """The ``fastfeed`` command line.
 
 * ``fastfeed bench --demo``: start a local S3 server (SeaweedFS), write a synthetic WebDataset,
-  and run :mod:`fastfeed.benchmark` on it (cold and warm epochs, ceilings, peers, a checkpoint
-  round); ``fastfeed bench URL`` measures an existing dataset.
+  and run :mod:`fastfeed.bench.run` on it (:mod:`fastfeed.bench.demo`): cold and warm epochs,
+  ceilings, peers, a checkpoint round; ``fastfeed bench URL`` measures an existing dataset.
 * ``fastfeed shards write|manifest``: write WebDataset shards, list a dataset's shards.
 * ``fastfeed cache info|clear``: a node's shard cache.
 """
@@ -25,7 +25,7 @@ from fastfeed.errors import FastfeedError
 
 __all__ = ["main"]
 
-#: The peers ``fastfeed bench --compare`` knows (:data:`fastfeed.peers.PEERS`; not imported here,
+#: The peers ``fastfeed bench --compare`` knows (:data:`fastfeed.bench.peers.PEERS`; not imported here,
 #: so that ``fastfeed --help`` stays fast).
 _PEERS = ("torch", "webdataset", "litdata", "streaming", "s3torchconnector")
 
@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from fastfeed.cache import cache_info, clear_cache
+    from fastfeed.cache.admin import cache_info, clear_cache
 
     if args.cache_command == "info":
         info = cache_info(args.dir)
@@ -264,7 +264,8 @@ class _ShardProgress:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from fastfeed import benchmark
+    from fastfeed.bench import demo as bench_demo
+    from fastfeed.bench import run as benchmark
 
     if args.demo == (args.url is not None):
         print("fastfeed bench: give either a dataset URL or --demo", file=sys.stderr)
@@ -327,7 +328,7 @@ def _bench(args: argparse.Namespace) -> int:
     progress = _BenchProgress() if cfg.progress else None
     try:
         if args.demo:
-            report = benchmark.demo(
+            report = bench_demo.demo(
                 cfg,
                 size=parse_size(args.demo_size, name="--demo-size"),
                 sample_size=parse_size(args.demo_sample_size, name="--demo-sample-size"),

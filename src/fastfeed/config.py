@@ -196,7 +196,7 @@ class PrefetchConfig:
 
     Memory held by fetched-but-not-yet-parsed bytes never exceeds ``byte_budget``, plus the
     reader's copy of the one sample that straddles parts: a sample larger than the whole budget
-    is read like any other (see :mod:`fastfeed.prefetch`).
+    is read like any other (see :mod:`fastfeed.read.prefetch`).
     """
 
     #: Size of one ranged GET. 8-16 MiB balances per-request overhead against parallelism.

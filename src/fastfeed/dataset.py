@@ -24,15 +24,20 @@ from typing import Any, TypeVar
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from fastfeed.cache import CacheConfig, Planner, ShardCache, check_cache_dir, entry_key, url_hash_of
+from fastfeed.cache.config import CacheConfig
+from fastfeed.cache.entries import entry_key, url_hash_of
+from fastfeed.cache.files import check_cache_dir
+from fastfeed.cache.node import Planner, ShardCache
 from fastfeed.config import PrefetchConfig, S3Config
 from fastfeed.errors import ConfigError
-from fastfeed.plan import Piece, rank_pieces, rank_sample_count, shard_order, worker_pieces
-from fastfeed.prefetch import FetchStats, Prefetcher
-from fastfeed.reader import Sample, iter_samples
-from fastfeed.reshard import Segment, segment_rank_pieces
-from fastfeed.sources import count_shard_samples, resolve_source
-from fastfeed.store import ObjectInfo, StoreSet
+from fastfeed.order.plan import Piece, rank_pieces, rank_sample_count, shard_order, worker_pieces
+from fastfeed.order.reshard import segment_rank_pieces
+from fastfeed.order.source import Segment
+from fastfeed.read.prefetch import FetchStats, Prefetcher
+from fastfeed.read.reader import Sample, iter_samples
+from fastfeed.read.sources import count_shard_samples, resolve_source
+from fastfeed.store.base import ObjectInfo
+from fastfeed.store.pool import StoreSet
 
 __all__ = ["StreamingDataset"]
 
@@ -57,6 +62,8 @@ class StreamingDataset(IterableDataset[Sample]):
         endpoint_url: S3 endpoint (MinIO, SeaweedFS, ...). Default: ``AWS_ENDPOINT_URL`` or AWS.
         s3: full S3 options (credentials, region, addressing style, timeouts, retries);
             ``endpoint_url`` overrides its endpoint.
+        prefetch: the prefetch settings whole (a :class:`~fastfeed.PrefetchConfig`), instead of
+            the four keywords below (giving both is an error).
         part_size: bytes per ranged GET (``"8MiB"``).
         max_requests: concurrent GETs per process.
         shards_in_flight: shards fetched ahead, including the one being read.
@@ -72,9 +79,11 @@ class StreamingDataset(IterableDataset[Sample]):
         cache_dir, cache_limit: cache shards on this node's local disk, bounded by
             ``cache_limit`` bytes (``"500GB"``): each shard is fetched from the store once per
             node and shared by every worker, rank and job of the user there (see
-            :mod:`fastfeed.cache`). A limit that cannot hold ``shards_in_flight`` of the largest
+            :mod:`fastfeed.cache.node`). A limit that cannot hold ``shards_in_flight`` of the largest
             shard is an error, and so is a ``cache_dir`` owned by another user or writable by
             group or others (use a private directory, e.g. ``/scratch/$USER/fastfeed``).
+        cache: the node cache's settings whole (a :class:`~fastfeed.CacheConfig`), instead of
+            the ``cache_*`` keywords (giving both is an error); its ``io`` may be ``"auto"``.
         cache_on_error: ``"warn"`` (default) or ``"raise"`` when the cache directory is not
             writable or its disk is full; with ``"warn"`` reading continues from the store.
         cache_policy: ``"belady"`` (default; evicts the shard this dataset needs again
@@ -97,7 +106,7 @@ class StreamingDataset(IterableDataset[Sample]):
     Each sample is a dict: ``"__key__"``, ``"__url__"`` and one ``bytes`` value per file
     extension, exactly as WebDataset yields them (``memoryview`` with ``zero_copy=True``).
 
-    Splitting: samples are divided between ranks (see :mod:`fastfeed.plan`), then shard pieces
+    Splitting: samples are divided between ranks (see :mod:`fastfeed.order.plan`), then shard pieces
     round-robin between DataLoader workers. Call :meth:`set_epoch` before each epoch to get a
     new shuffle order (in ``fastfeed.DataLoader`` also with ``persistent_workers=True``; in
     torch's DataLoader persistent workers keep the epoch they started with, as for any iterable
@@ -117,6 +126,7 @@ class StreamingDataset(IterableDataset[Sample]):
         shuffle_buffer: int = 1000,
         endpoint_url: str | None = None,
         s3: S3Config | None = None,
+        prefetch: PrefetchConfig | None = None,
         part_size: int | str | None = None,
         max_requests: int | None = None,
         shards_in_flight: int | None = None,
@@ -125,11 +135,12 @@ class StreamingDataset(IterableDataset[Sample]):
         world_size: int | None = None,
         remainder: str = "drop",
         index_cache: str | os.PathLike[str] | None = "~/.cache/fastfeed/counts",
+        cache: CacheConfig | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         cache_limit: int | str | None = None,
-        cache_on_error: str = "warn",
-        cache_policy: str = "belady",
-        cache_io: str = "auto",
+        cache_on_error: str | None = None,
+        cache_policy: str | None = None,
+        cache_io: str | None = None,
         zero_copy: bool = False,
     ) -> None:
         super().__init__()
@@ -140,12 +151,22 @@ class StreamingDataset(IterableDataset[Sample]):
             self.s3_config = S3Config(**{**s3.__dict__, "endpoint_url": endpoint_url})
         else:
             self.s3_config = s3
-        self.prefetch_config = PrefetchConfig.from_args(
-            part_size=part_size,
-            max_requests=max_requests,
-            shards_in_flight=shards_in_flight,
-            byte_budget=byte_budget,
-        )
+        fields = {
+            "part_size": part_size,
+            "max_requests": max_requests,
+            "shards_in_flight": shards_in_flight,
+            "byte_budget": byte_budget,
+        }
+        if prefetch is not None:
+            _not_both("prefetch", fields)
+            self.prefetch_config = prefetch
+        else:
+            self.prefetch_config = PrefetchConfig.from_args(
+                part_size=part_size,
+                max_requests=max_requests,
+                shards_in_flight=shards_in_flight,
+                byte_budget=byte_budget,
+            )
         if shuffle_buffer < 0:
             raise ConfigError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
         rank_sample_count(1, 1, remainder)  # validates `remainder`
@@ -157,7 +178,7 @@ class StreamingDataset(IterableDataset[Sample]):
         self.rank, self.world_size = _distributed_place(rank, world_size)
         self.epoch = 0
         # After a resume on another world size: the closed segments of epoch _segments_epoch
-        # (see fastfeed.reshard) and, cached, this rank's pieces of the segment after them.
+        # (see fastfeed.order.reshard) and, cached, this rank's pieces of the segment after them.
         self._segments: tuple[Segment, ...] = ()
         self._segments_epoch = -1
         # This rank's pieces of the segment after some closed segments of an epoch, by key.
@@ -165,7 +186,22 @@ class StreamingDataset(IterableDataset[Sample]):
         self._io_done = FetchStats()  # finished iterations of this process
         self._io_live: list[FetchStats] = []  # iterations (streams) in progress
         self.shards: list[ObjectInfo] = resolve_source(source, StoreSet(self._control_plane))
-        self.cache_config = self._check_cache(cache_dir, cache_limit, cache_on_error, cache_policy, cache_io)
+        cache_fields = {
+            "cache_dir": cache_dir,
+            "cache_limit": cache_limit,
+            "cache_on_error": cache_on_error,
+            "cache_policy": cache_policy,
+            "cache_io": cache_io,
+        }
+        if cache is not None:
+            _not_both("cache", cache_fields)
+            self.cache_config: CacheConfig | None = self._check_cache(
+                cache.dir, cache.limit, cache.on_error, cache.policy, cache.io
+            )
+        else:
+            self.cache_config = self._check_cache(
+                cache_dir, cache_limit, cache_on_error or "warn", cache_policy or "belady", cache_io or "auto"
+            )
         #: Streams the epoch is read as (set by fastfeed.DataLoader); the cache's plan uses it.
         self.read_streams = 1
         self._planners: dict[tuple[int, int], Planner] = {}
@@ -226,7 +262,7 @@ class StreamingDataset(IterableDataset[Sample]):
         counters, ``bytes_copied`` (bytes the reader copied to join samples that straddle
         parts), and the largest bytes any one prefetcher held at once (``held_peak``), of which
         the copy of a straddling sample (``copy_peak``), and by how much the rest ever exceeded
-        the byte budget (``over_budget``; see :mod:`fastfeed.prefetch`)."""
+        the byte budget (``over_budget``; see :mod:`fastfeed.read.prefetch`)."""
         totals = {
             "fetch_wait_s": self._io_done.wait_s,
             "bytes_fetched": float(self._io_done.bytes_fetched),
@@ -254,7 +290,7 @@ class StreamingDataset(IterableDataset[Sample]):
     ) -> list[Piece]:
         """The shard pieces a worker of this rank reads in ``epoch`` (default: the current one).
 
-        ``segments``: the epoch's closed segments (see :mod:`fastfeed.reshard`); default: the
+        ``segments``: the epoch's closed segments (see :mod:`fastfeed.order.reshard`); default: the
         current epoch's when ``epoch`` is the current one, else none.
         """
         if epoch is None:
@@ -296,10 +332,10 @@ class StreamingDataset(IterableDataset[Sample]):
 
     @property
     def segments(self) -> tuple[Segment, ...]:
-        """The current epoch's closed segments (see :mod:`fastfeed.reshard`)."""
+        """The current epoch's closed segments (see :mod:`fastfeed.order.reshard`)."""
         return self._segments if self.segment else ()
 
-    def _resume_segments(self, epoch: int, segments: tuple[Segment, ...]) -> None:
+    def resume_segments(self, epoch: int, segments: tuple[Segment, ...]) -> None:
         """Read the rest of ``epoch`` after ``segments`` (called by the loader's resume)."""
         self.epoch = int(epoch)
         self._segments, self._segments_epoch = tuple(segments), int(epoch)
@@ -318,7 +354,7 @@ class StreamingDataset(IterableDataset[Sample]):
     # ------------------------------------------------------------------ internals
 
     @contextlib.contextmanager
-    def _prefetching(self, pieces: list[Piece], share: int = 1, epoch: int | None = None) -> Iterator[Prefetcher]:
+    def prefetching(self, pieces: list[Piece], share: int = 1, epoch: int | None = None) -> Iterator[Prefetcher]:
         """A prefetcher over ``pieces``' shards whose I/O counters feed :meth:`io_stats`.
 
         ``share``: how many prefetchers of this dataset run at once in this process (one per
@@ -397,7 +433,7 @@ class StreamingDataset(IterableDataset[Sample]):
         return config
 
     def _cache_planner(self, epoch: int | None = None) -> Planner:
-        """The cache's view of the future (see :mod:`fastfeed.cache`): when each shard is read
+        """The cache's view of the future (see :mod:`fastfeed.cache.node`): when each shard is read
         next, in epochs from the start of ``epoch`` (default: the current one). All ranks and
         streams of a node advance together, so a shard's time in an epoch is its offset along
         the stream that reads it, over that stream's length."""
@@ -445,7 +481,7 @@ class StreamingDataset(IterableDataset[Sample]):
     def _read(self, pieces: list[Piece], epoch: int | None = None) -> Iterator[Sample]:
         if not pieces:
             return
-        with self._prefetching(pieces, epoch=epoch) as prefetcher:
+        with self.prefetching(pieces, epoch=epoch) as prefetcher:
             for piece, fetch in zip(pieces, prefetcher, strict=False):
                 try:
                     samples = iter_samples(
@@ -522,3 +558,13 @@ def _shuffle(samples: Iterator[Sample], size: int, rng: random.Random) -> Iterat
     finally:
         if isinstance(samples, Generator):
             samples.close()  # stop the prefetcher now, not at garbage collection
+
+
+def _not_both(whole: str, fields: dict[str, Any]) -> None:
+    """A config object given whole together with any of its fields as keywords is an error."""
+    given = sorted(k for k, v in fields.items() if v is not None)
+    if given:
+        raise ConfigError(
+            f"StreamingDataset got {whole}= and also {', '.join(given)}",
+            hint=f"set those fields in the {whole} object, or leave {whole}= out",
+        )

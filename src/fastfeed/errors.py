@@ -19,6 +19,8 @@ specific type with ``raise ... from exc``; nothing in fastfeed matches on ``str(
     │   ├── ConditionFailedError    a conditional request's condition did not hold (412):
     │   │                           the object exists already, or changed while read
     │   └── NotSupportedError       the store does not implement a request (501)
+    ├── CacheError                  the node cache directory cannot be used (with
+    │                               cache_on_error="raise"; else a warning, read the store)
     ├── ShardError                  the bytes of a shard are not a valid tar archive
     │   ├── CorruptShardError       bad header checksum, bad field, not a tar at all
     │   └── TruncatedShardError     the object ends inside a header or a member
@@ -38,6 +40,7 @@ from __future__ import annotations
 __all__ = [
     "AccessDeniedError",
     "BucketNotFoundError",
+    "CacheError",
     "CheckpointError",
     "ConditionFailedError",
     "ConfigError",
@@ -163,6 +166,10 @@ class NotSupportedError(StoreError):
     Not retryable: asking again gives the same answer."""
 
 
+class CacheError(FastfeedError):
+    """The cache directory cannot be used (with ``on_error="raise"``)."""
+
+
 class ShardError(FastfeedError):
     """The bytes of a shard are not a valid tar archive."""
 
@@ -196,7 +203,7 @@ class DecodeError(FastfeedError):
 
 
 class CheckpointError(FastfeedError):
-    """A checkpoint cannot be saved or loaded (see :mod:`fastfeed.checkpoint`)."""
+    """A checkpoint cannot be saved or loaded (see :mod:`fastfeed.checkpoint.checkpointer`)."""
 
 
 class CorruptCheckpointError(CheckpointError):

@@ -73,10 +73,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fastfeed.callbacks import capture_rng, restore_rng
-from fastfeed.checkpoint import Checkpointer, CheckpointInfo, SaveHandle
+from fastfeed.checkpoint.checkpointer import Checkpointer, CheckpointInfo, SaveHandle
 from fastfeed.config import S3Config
 from fastfeed.errors import CheckpointError, ConfigError, NotFoundError
-from fastfeed.loader import DataLoader
+from fastfeed.loader.dataloader import DataLoader
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

@@ -1,9 +1,12 @@
 """Test and benchmark helpers, shipped so ``fastfeed bench --demo`` can use them too.
 
 * :mod:`fastfeed.testing.servers`: local S3 servers (:class:`SeaweedServer`, :class:`MotoServer`)
-  run as child processes on 127.0.0.1 with free ports, plus :func:`make_s3_client`.
+  run as child processes on 127.0.0.1 with free ports, plus :func:`make_s3_client`;
+  :mod:`fastfeed.testing.processes` holds their process plumbing (ports, stopping a group).
 * :mod:`fastfeed.testing.proxy`: :class:`FaultProxy`, an HTTP/1.1 proxy that adds latency,
-  throttling, S3 error responses, connection resets and stalls, and counts requests.
+  throttling, S3 error responses, connection resets and stalls, and counts requests; its
+  HTTP/1.1 framing is in :mod:`fastfeed.testing.http1`, its rules and request record
+  (:class:`FaultRule`, :class:`ProxyRequest`) in :mod:`fastfeed.testing.faults`.
 * :mod:`fastfeed.testing.shards`: :func:`write_synthetic_shards` (deterministic WebDataset tar
   shards written with :mod:`tarfile`) and :func:`upload_dir`.
 

@@ -21,6 +21,10 @@ address verify upstream. What it can do, while traffic flows (all methods are th
   the clients asked for, including each ``Range`` header, to prove what was (re)fetched;
   :meth:`FaultProxy.connections` counts accepted client connections.
 
+The HTTP/1.1 framing lives in :mod:`fastfeed.testing.http1`; the fault rules, the record of
+requests and the made-up S3 error responses in :mod:`fastfeed.testing.faults`. This module owns
+the server: the loop thread, the connections and the knobs.
+
 Threads: the proxy runs its own asyncio loop in one named daemon thread
 (``fastfeed-fault-proxy``); :meth:`FaultProxy.stop` closes every connection and joins it.
 Throughput is bounded by Python; measure the ceiling on the machine before trusting figures
@@ -31,258 +35,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http
 import itertools
 import logging
-import re
 import socket
 import struct
 import threading
-import time
 import urllib.parse
-from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass, field
-from email.utils import formatdate
 from types import TracebackType
-from xml.sax.saxutils import escape
+
+from fastfeed.testing.faults import (
+    DEFAULT_MESSAGES,
+    FaultBook,
+    FaultRule,
+    ProxyRequest,
+    compile_pattern,
+    error_response,
+)
+from fastfeed.testing.http1 import (
+    STREAM_LIMIT,
+    Framing,
+    Head,
+    ProtocolError,
+    TokenBucket,
+    body_framing,
+    body_pieces,
+    pipe_body,
+    read_head,
+)
 
 __all__ = ["FaultProxy", "FaultRule", "ProxyRequest"]
 
 log = logging.getLogger(__name__)
-
-_MAX_HEAD = 64 * 1024  # bytes; longer request/response heads are a protocol error
-_READ_CHUNK = 1024 * 1024  # bytes per body read from either side
-_STREAM_LIMIT = 4 * 1024 * 1024  # StreamReader buffer; also bounds readuntil()
-_NO_BODY_STATUSES = (204, 304)
-
-_DEFAULT_MESSAGES = {
-    "SlowDown": "Please reduce your request rate.",
-    "InternalError": "We encountered an internal error. Please try again.",
-    "ServiceUnavailable": "Service is unable to handle request.",
-}
-
-
-@dataclass(frozen=True)
-class ProxyRequest:
-    """One request as the proxy saw it.
-
-    Attributes:
-        method: HTTP method, upper case.
-        path: URL path, percent-decoded (``/bucket/key`` for path-style S3).
-        query: raw query string (without ``?``).
-        range: the ``Range`` header, or ``None``.
-        fault: ``"error"``, ``"reset"`` or ``"stall"`` if a fault rule was applied, else ``None``.
-        started: :func:`time.monotonic` when the request head arrived.
-    """
-
-    method: str
-    path: str
-    query: str
-    range: str | None
-    fault: str | None
-    started: float
-
-    @property
-    def has_range(self) -> bool:
-        """Whether the request carried a ``Range`` header."""
-        return self.range is not None
-
-
-@dataclass
-class FaultRule:
-    """A fault waiting for matching requests; returned by the ``inject*`` methods.
-
-    ``remaining`` counts down as requests match (``None`` means unlimited until
-    :meth:`FaultProxy.clear_faults`). ``every``: the rule takes every ``every``-th request that
-    matches it (1: each one), so ``every=10`` with ``count=None`` faults 10 % of the traffic,
-    spread evenly. Read it from any thread; do not modify it.
-    """
-
-    kind: str  # "error" | "reset" | "stall"
-    remaining: int | None
-    method: str | None
-    path_regex: re.Pattern[str] | None
-    status: int = 503
-    code: str = "SlowDown"
-    message: str = ""
-    after_bytes: int | None = None
-    seconds: float = 0.0
-    rst: bool = False
-    every: int = 1
-    #: Requests that matched so far (with ``every`` > 1, most of them pass untouched).
-    seen: int = 0
-    header: str | None = None  # lower case: only requests that carry this header match
-
-    def matches(self, method: str, path: str, headers: frozenset[str] = frozenset()) -> bool:
-        if self.remaining is not None and self.remaining <= 0:
-            return False
-        if self.method is not None and self.method != method:
-            return False
-        if self.header is not None and self.header not in headers:
-            return False
-        return self.path_regex is None or self.path_regex.search(path) is not None
-
-
-@dataclass
-class _Head:
-    """A parsed request or response head; ``raw`` is forwarded byte for byte."""
-
-    raw: bytes
-    first: tuple[str, str, str]  # request: method, target, version; response: version, status, reason
-    headers: list[tuple[str, str]] = field(default_factory=list)
-
-    def get(self, name: str) -> str | None:
-        name = name.lower()
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return None
-
-    def tokens(self, name: str) -> set[str]:
-        """Comma-separated tokens of every header called ``name``, lower case."""
-        name = name.lower()
-        return {
-            token.strip().lower()
-            for key, value in self.headers
-            if key.lower() == name
-            for token in value.split(",")
-            if token.strip()
-        }
-
-
-class _ProtocolError(Exception):
-    """Malformed HTTP from the client or the upstream."""
-
-
-class _Framing:
-    """How a message body is delimited: ``kind`` is "none", "length", "chunked" or "close"."""
-
-    __slots__ = ("kind", "length")
-
-    def __init__(self, kind: str, length: int = 0) -> None:
-        self.kind = kind
-        self.length = length
-
-
-def _parse_head(raw: bytes, *, response: bool) -> _Head:
-    try:
-        text = raw.decode("latin-1")
-        lines = text[:-4].split("\r\n")
-        parts = lines[0].split(" ", 2)
-        if response:
-            if len(parts) == 2:
-                parts.append("")
-            if len(parts) != 3 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
-                raise ValueError(lines[0])
-        elif len(parts) != 3 or not parts[2].startswith("HTTP/"):
-            raise ValueError(lines[0])
-        headers = []
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep or not name or name != name.strip():
-                raise ValueError(line)
-            headers.append((name, value.strip()))
-    except ValueError as exc:
-        raise _ProtocolError(f"malformed HTTP head: {exc}") from None
-    return _Head(raw, (parts[0], parts[1], parts[2]), headers)
-
-
-def _body_framing(head: _Head, *, response_to: str | None = None) -> _Framing:
-    """Body framing of a request (``response_to=None``) or of a response to ``response_to``."""
-    if response_to is not None:
-        status = int(head.first[1])
-        if response_to == "HEAD" or status < 200 or status in _NO_BODY_STATUSES:
-            return _Framing("none")
-    if "chunked" in head.tokens("transfer-encoding"):
-        return _Framing("chunked")
-    length = head.get("content-length")
-    if length is not None:
-        try:
-            value = int(length)
-        except ValueError:
-            raise _ProtocolError(f"bad Content-Length {length!r}") from None
-        if value < 0:
-            raise _ProtocolError(f"bad Content-Length {length!r}")
-        return _Framing("length", value) if value else _Framing("none")
-    return _Framing("close") if response_to is not None else _Framing("none")
-
-
-async def _read_head(reader: asyncio.StreamReader, *, response: bool) -> _Head | None:
-    """Read one head; ``None`` on a clean EOF before its first byte."""
-    try:
-        raw = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial:
-            return None
-        raise _ProtocolError("connection closed inside an HTTP head") from None
-    except asyncio.LimitOverrunError:
-        raise _ProtocolError("HTTP head too long") from None
-    if len(raw) > _MAX_HEAD:
-        raise _ProtocolError("HTTP head too long")
-    return _parse_head(raw, response=response)
-
-
-async def _body_pieces(reader: asyncio.StreamReader, framing: _Framing) -> AsyncGenerator[bytes, None]:
-    """Yield a body's raw bytes (chunked framing included) as they arrive."""
-    if framing.kind == "length":
-        remaining = framing.length
-        while remaining:
-            data = await reader.read(min(remaining, _READ_CHUNK))
-            if not data:
-                raise _ProtocolError(f"connection closed with {remaining} body bytes missing")
-            remaining -= len(data)
-            yield data
-    elif framing.kind == "chunked":
-        while True:
-            try:
-                line = await reader.readuntil(b"\r\n")
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-                raise _ProtocolError("bad chunk header") from None
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise _ProtocolError(f"bad chunk size {line[:40]!r}") from None
-            yield line
-            if size == 0:
-                break
-            remaining = size + 2  # chunk data and its CRLF
-            while remaining:
-                data = await reader.read(min(remaining, _READ_CHUNK))
-                if not data:
-                    raise _ProtocolError("connection closed inside a chunk")
-                remaining -= len(data)
-                yield data
-        while True:  # trailer fields, then the empty line
-            try:
-                line = await reader.readuntil(b"\r\n")
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-                raise _ProtocolError("bad chunked trailer") from None
-            yield line
-            if line == b"\r\n":
-                break
-    elif framing.kind == "close":
-        while data := await reader.read(_READ_CHUNK):
-            yield data
-
-
-class _TokenBucket:
-    """Shared response-body throttle; only the proxy's loop thread calls :meth:`consume`."""
-
-    def __init__(self) -> None:
-        self.rate: float | None = None  # bytes/s; written by any thread (an atomic store)
-        self._tokens = 0.0
-        self._stamp = time.monotonic()
-
-    async def consume(self, amount: int) -> None:
-        rate = self.rate
-        if not rate:
-            return
-        now = time.monotonic()
-        burst = max(rate * 0.05, 64 * 1024.0)
-        self._tokens = min(burst, self._tokens + (now - self._stamp) * rate) - amount
-        self._stamp = now
-        if self._tokens < 0:  # in debt: wait until the rate has paid for these bytes
-            await asyncio.sleep(-self._tokens / rate)
 
 
 class _Upstream:
@@ -292,7 +75,7 @@ class _Upstream:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         #: This client connection's own response-body throttle (``set_connection_bandwidth``).
-        self.bucket = _TokenBucket()
+        self.bucket = TokenBucket()
         self.bucket.rate = connection_rate
 
     def usable(self) -> bool:
@@ -334,12 +117,9 @@ class FaultProxy:
         self.upstream_url = upstream_url
         self._upstream_addr = (parsed.hostname, parsed.port)
         self._connect_timeout = connect_timeout
-        self._lock = threading.Lock()  # guards _rules, _log, _accepted
-        self._rules: list[FaultRule] = []
-        self._log: list[ProxyRequest] = []
-        self._accepted = 0
+        self._book = FaultBook()
         self._latency_s = 0.0
-        self._bucket = _TokenBucket()
+        self._bucket = TokenBucket()
         self._connection_rate: float | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -464,15 +244,15 @@ class FaultProxy:
             header: match only requests that carry this header (any value; case-insensitive),
                 e.g. ``"If-None-Match"`` to play a store that rejects conditional writes.
         """
-        return self._add(
+        return self._book.add(
             FaultRule(
                 "error",
                 count,
                 method,
-                _compile(path_regex),
+                compile_pattern(path_regex),
                 status=status,
                 code=code,
-                message=message or _DEFAULT_MESSAGES.get(code, f"Injected {code} (fastfeed FaultProxy)."),
+                message=message or DEFAULT_MESSAGES.get(code, f"Injected {code} (fastfeed FaultProxy)."),
                 every=every,
                 header=None if header is None else header.lower(),
             )
@@ -497,8 +277,9 @@ class FaultProxy:
         """
         if after_bytes < 0:
             raise ValueError(f"after_bytes must be >= 0, got {after_bytes}")
-        rule = FaultRule("reset", count, method, _compile(path_regex), after_bytes=after_bytes, rst=rst, every=every)
-        return self._add(rule)
+        pattern = compile_pattern(path_regex)
+        rule = FaultRule("reset", count, method, pattern, after_bytes=after_bytes, rst=rst, every=every)
+        return self._book.add(rule)
 
     def inject_stall(
         self,
@@ -518,82 +299,35 @@ class FaultProxy:
         if seconds < 0:
             raise ValueError(f"seconds must be >= 0, got {seconds}")
         rule = FaultRule(
-            "stall", count, method, _compile(path_regex), seconds=seconds, after_bytes=after_bytes, every=every
+            "stall", count, method, compile_pattern(path_regex), seconds=seconds, after_bytes=after_bytes, every=every
         )
-        return self._add(rule)
+        return self._book.add(rule)
 
     def clear_faults(self) -> None:
         """Drop every pending fault rule (latency and bandwidth settings stay)."""
-        with self._lock:
-            self._rules.clear()
+        self._book.clear()
 
     # -- counters (any thread) ----------------------------------------------------------------
 
     def requests(self) -> list[ProxyRequest]:
         """Every request seen since the last :meth:`reset_counters`, in arrival order."""
-        with self._lock:
-            return list(self._log)
+        return self._book.requests()
 
     def count(self, method: str | None = None, path_regex: str | None = None) -> int:
         """How many requests matched ``method`` (``None``: any) and ``path_regex``."""
-        return len(self._select(method, path_regex))
+        return len(self._book.select(method, path_regex))
 
     def ranges(self, path_regex: str | None = None, method: str | None = "GET") -> list[str | None]:
         """The ``Range`` header (or ``None``) of each matching request, in arrival order."""
-        return [r.range for r in self._select(method, path_regex)]
+        return [r.range for r in self._book.select(method, path_regex)]
 
     def connections(self) -> int:
         """How many client connections were accepted (keep-alive reuse keeps this low)."""
-        with self._lock:
-            return self._accepted
+        return self._book.connections()
 
     def reset_counters(self) -> None:
         """Forget the recorded requests and the connection count."""
-        with self._lock:
-            self._log.clear()
-            self._accepted = 0
-
-    # -- internals: bookkeeping -----------------------------------------------------------------
-
-    def _add(self, rule: FaultRule) -> FaultRule:
-        if rule.remaining is not None and rule.remaining < 1:
-            raise ValueError(f"count must be >= 1 or None, got {rule.remaining}")
-        if rule.every < 1:
-            raise ValueError(f"every must be >= 1, got {rule.every}")
-        if rule.method is not None:
-            rule.method = rule.method.upper()
-        with self._lock:
-            self._rules.append(rule)
-        return rule
-
-    def _select(self, method: str | None, path_regex: str | None) -> list[ProxyRequest]:
-        pattern = _compile(path_regex)
-        method = method.upper() if method is not None else None
-        return [
-            r
-            for r in self.requests()
-            if (method is None or r.method == method) and (pattern is None or pattern.search(r.path))
-        ]
-
-    def _admit(self, head: _Head) -> tuple[ProxyRequest, FaultRule | None]:
-        """Record a request and take the first fault rule that matches it."""
-        method, target, _ = head.first
-        raw_path, _, query = target.partition("?")
-        path = urllib.parse.unquote(raw_path)
-        headers = frozenset(key.lower() for key, _ in head.headers)
-        with self._lock:
-            rule = None
-            for candidate in self._rules:
-                if candidate.matches(method, path, headers):
-                    candidate.seen += 1
-                    if candidate.seen % candidate.every == 0:
-                        rule = candidate
-                        break
-            if rule is not None and rule.remaining is not None:
-                rule.remaining -= 1
-            record = ProxyRequest(method, path, query, head.get("range"), rule.kind if rule else None, time.monotonic())
-            self._log.append(record)
-        return record, rule
+        self._book.reset()
 
     # -- internals: the loop thread -------------------------------------------------------------
 
@@ -618,7 +352,7 @@ class FaultProxy:
 
     async def _main(self) -> None:
         self._stop_event = asyncio.Event()
-        server = await asyncio.start_server(self._serve_client, "127.0.0.1", 0, limit=_STREAM_LIMIT, reuse_address=True)
+        server = await asyncio.start_server(self._serve_client, "127.0.0.1", 0, limit=STREAM_LIMIT, reuse_address=True)
         try:
             self._port = server.sockets[0].getsockname()[1]
             self._ready.set()
@@ -635,8 +369,7 @@ class FaultProxy:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
-        with self._lock:
-            self._accepted += 1
+        self._book.connection_accepted()
         upstream = _Upstream(self._connection_rate)
         rst = False
         try:
@@ -644,7 +377,7 @@ class FaultProxy:
                 pass
         except _CloseClient as exc:
             rst = exc.rst
-        except (ConnectionError, _ProtocolError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
+        except (ConnectionError, ProtocolError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
             log.debug("FaultProxy connection ended: %r", exc)
         except asyncio.CancelledError:
             pass  # stop(): fall through to close the sockets
@@ -665,12 +398,14 @@ class FaultProxy:
         self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter, upstream: _Upstream
     ) -> bool:
         """Serve one request; return whether the client connection stays open."""
-        request = await _read_head(creader, response=False)
+        request = await read_head(creader, response=False)
         if request is None:
             return False
         method = request.first[0]
-        record, rule = self._admit(request)
-        req_framing = _body_framing(request)
+        raw_path, _, query = request.first[1].partition("?")
+        headers = frozenset(key.lower() for key, _ in request.headers)
+        record, rule = self._book.admit(method, urllib.parse.unquote(raw_path), query, headers, request.get("range"))
+        req_framing = body_framing(request)
         expects_continue = "100-continue" in request.tokens("expect")
         client_keep = "close" not in request.tokens("connection") and request.first[2] != "HTTP/1.0"
 
@@ -680,11 +415,11 @@ class FaultProxy:
                 # instead leaves the body unsent, so this connection cannot be reused (RFC 9110).
                 client_keep = False
             else:
-                async with contextlib.aclosing(_body_pieces(creader, req_framing)) as pieces:
+                async with contextlib.aclosing(body_pieces(creader, req_framing)) as pieces:
                     async for _ in pieces:
                         pass
             await self._delay(self._latency_s)
-            cwriter.write(self._error_response(rule, record, method, close=not client_keep))
+            cwriter.write(error_response(rule, record, method, self._request_id(), close=not client_keep))
             await cwriter.drain()
             return client_keep
 
@@ -692,18 +427,18 @@ class FaultProxy:
             upstream.close()
             try:
                 upstream.reader, upstream.writer = await asyncio.wait_for(
-                    asyncio.open_connection(*self._upstream_addr, limit=_STREAM_LIMIT), self._connect_timeout
+                    asyncio.open_connection(*self._upstream_addr, limit=STREAM_LIMIT), self._connect_timeout
                 )
             except (OSError, asyncio.TimeoutError) as exc:
                 log.debug("FaultProxy cannot reach %s: %r", self.upstream_url, exc)
                 bad = FaultRule("error", None, None, None, status=502, code="BadGateway")
                 bad.message = f"FaultProxy could not connect to {self.upstream_url}: {exc}"
-                cwriter.write(self._error_response(bad, record, method, close=True))
+                cwriter.write(error_response(bad, record, method, self._request_id(), close=True))
                 await cwriter.drain()
                 return False
         response, body_sent = await self._roundtrip(request, req_framing, creader, cwriter, upstream)
 
-        resp_framing = _body_framing(response, response_to=method)
+        resp_framing = body_framing(response, response_to=method)
         upstream_keep = resp_framing.kind != "close" and "close" not in response.tokens("connection")
         client_keep = client_keep and body_sent and "close" not in response.tokens("connection")
         client_keep = client_keep and resp_framing.kind != "close"
@@ -716,11 +451,10 @@ class FaultProxy:
         cut = rule.after_bytes if rule is not None and rule.kind == "reset" else None
         stall_at = rule.after_bytes if rule is not None and rule.kind == "stall" else None
         assert upstream.reader is not None
-        finished = await self._pipe(
-            _body_pieces(upstream.reader, resp_framing),
+        finished = await pipe_body(
+            body_pieces(upstream.reader, resp_framing),
             cwriter,
-            throttle=True,
-            connection_bucket=upstream.bucket,
+            buckets=(self._bucket, upstream.bucket),
             cut_at=cut,
             stall_at=stall_at,
             stall_s=rule.seconds if rule is not None else 0.0,
@@ -735,20 +469,20 @@ class FaultProxy:
             raise _CloseClient(rst=False)
         return client_keep
 
-    async def _next_response(self, ureader: asyncio.StreamReader) -> _Head:
-        response = await _read_head(ureader, response=True)
+    async def _next_response(self, ureader: asyncio.StreamReader) -> Head:
+        response = await read_head(ureader, response=True)
         if response is None:
-            raise _ProtocolError("upstream closed the connection before responding")
+            raise ProtocolError("upstream closed the connection before responding")
         return response
 
     async def _roundtrip(
         self,
-        request: _Head,
-        framing: _Framing,
+        request: Head,
+        framing: Framing,
         creader: asyncio.StreamReader,
         cwriter: asyncio.StreamWriter,
         upstream: _Upstream,
-    ) -> tuple[_Head, bool]:
+    ) -> tuple[Head, bool]:
         """Send a request upstream; return its final response head and whether the body went.
 
         The body is pumped while the response is awaited, so ``Expect: 100-continue`` works
@@ -761,7 +495,7 @@ class FaultProxy:
         uwriter.write(request.raw)
         if framing.kind == "none":
             return await self._next_final_response(ureader, cwriter), True
-        pump = asyncio.ensure_future(self._pipe(_body_pieces(creader, framing), uwriter))
+        pump = asyncio.ensure_future(pipe_body(body_pieces(creader, framing), uwriter))
         answer = asyncio.ensure_future(self._next_final_response(ureader, cwriter))
         try:
             await asyncio.wait({pump, answer}, return_when=asyncio.FIRST_COMPLETED)
@@ -787,7 +521,7 @@ class FaultProxy:
                 elif not task.cancelled():
                     task.exception()  # mark retrieved; the outcome was handled above
 
-    async def _next_final_response(self, ureader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> _Head:
+    async def _next_final_response(self, ureader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> Head:
         """Read the upstream's response, forwarding interim 1xx responses to the client."""
         while True:
             response = await self._next_response(ureader)
@@ -797,92 +531,14 @@ class FaultProxy:
             cwriter.write(response.raw)
             await cwriter.drain()
 
-    async def _pipe(
-        self,
-        pieces: AsyncGenerator[bytes, None],
-        writer: asyncio.StreamWriter,
-        *,
-        throttle: bool = False,
-        connection_bucket: _TokenBucket | None = None,
-        cut_at: int | None = None,
-        stall_at: int | None = None,
-        stall_s: float = 0.0,
-    ) -> bool:
-        """Copy a body; return ``False`` if it stopped at ``cut_at`` bytes (a reset fault)."""
-        sent = 0
-        async with contextlib.aclosing(pieces) as body:
-            async for data in body:
-                piece = data
-                if cut_at is not None and sent + len(piece) >= cut_at:
-                    writer.write(piece[: cut_at - sent])
-                    await self._flush(writer)
-                    return sent + len(piece) <= cut_at and await _at_end(body)
-                if stall_at is not None and sent + len(piece) > stall_at:
-                    head, piece = piece[: stall_at - sent], piece[stall_at - sent :]
-                    writer.write(head)
-                    await writer.drain()
-                    await asyncio.sleep(stall_s)
-                    stall_at = None
-                if throttle:
-                    await self._bucket.consume(len(piece))
-                    if connection_bucket is not None:
-                        await connection_bucket.consume(len(piece))
-                writer.write(piece)
-                await writer.drain()
-                sent += len(data)
-        return True
-
-    @staticmethod
-    async def _flush(writer: asyncio.StreamWriter) -> None:
-        """Wait until the transport's buffer is empty (not just below the high-water mark)."""
-        transport = writer.transport
-        transport.set_write_buffer_limits(high=0)
-        await writer.drain()
+    def _request_id(self) -> str:
+        """A fresh ``x-amz-request-id`` for a response the proxy makes up."""
+        return f"FFPROXY{next(self._request_ids):09d}"
 
     @staticmethod
     async def _delay(seconds: float) -> None:
         if seconds > 0:
             await asyncio.sleep(seconds)
-
-    def _error_response(self, rule: FaultRule, record: ProxyRequest, method: str, *, close: bool) -> bytes:
-        request_id = f"FFPROXY{next(self._request_ids):09d}"
-        body = (
-            '<?xml version="1.0" encoding="UTF-8"?>\n'
-            f"<Error><Code>{escape(rule.code)}</Code><Message>{escape(rule.message)}</Message>"
-            f"<Resource>{escape(record.path)}</Resource><RequestId>{request_id}</RequestId></Error>"
-        ).encode()
-        if rule.status < 300:  # a success the store never saw (e.g. a PUT a store would ignore)
-            body = b""
-        try:
-            reason = http.HTTPStatus(rule.status).phrase
-        except ValueError:
-            reason = "Error"
-        lines = [
-            f"HTTP/1.1 {rule.status} {reason}",
-            "Content-Type: application/xml",
-            f"Content-Length: {len(body)}",
-            f"x-amz-request-id: {request_id}",
-            f"Date: {formatdate(usegmt=True)}",
-            "Server: fastfeed-fault-proxy",
-        ]
-        if rule.status < 300:
-            lines.append(f'ETag: "{request_id.lower()}"')
-        if close:
-            lines.append("Connection: close")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        return head if method == "HEAD" else head + body
-
-
-async def _at_end(pieces: AsyncIterator[bytes]) -> bool:
-    """Whether an exhausted-looking body really has nothing more (consumes at most one piece)."""
-    async for piece in pieces:
-        if piece:
-            return False
-    return True
-
-
-def _compile(pattern: str | None) -> re.Pattern[str] | None:
-    return re.compile(pattern) if pattern is not None else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,31 +14,38 @@ file; readiness is a signed ``ListBuckets``; :meth:`~LocalS3Server.stop` sends S
 process group, then SIGKILL after a deadline; and a :func:`weakref.finalize` hook stops a server
 that was never stopped when it is garbage collected or when the interpreter exits.
 
-Nothing here is thread-safe: one owner starts and stops a server. The objects returned by
-:meth:`~LocalS3Server.client` are ordinary boto3 clients (thread-safe as boto3 documents).
+The process plumbing (ports, stopping a process group) is in :mod:`fastfeed.testing.processes`;
+:func:`free_port` is re-exported from there. Nothing here is thread-safe: one owner starts and
+stops a server. The objects returned by :meth:`~LocalS3Server.client` are ordinary boto3
+clients (thread-safe as boto3 documents).
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import logging
 import os
 import secrets
 import shutil
-import signal
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
+
+from fastfeed.testing.processes import (
+    clean_env,
+    die_with_parent,
+    free_port,
+    log_tail,
+    reserve_ports,
+    stop_process_group,
+)
 
 __all__ = ["LocalS3Server", "MotoServer", "SeaweedServer", "find_weed_binary", "free_port", "make_s3_client"]
 
@@ -55,31 +62,6 @@ _WEED_SOCKET_DIR = Path("/tmp")
 _WEED_GRPC_PORT_OFFSET = 10000
 # Log lines that mean a listener lost the race for a port between our probe and its bind.
 _PORT_RACE_MARKERS = ("address already in use", "port allocation failed", "bind: ")
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` asking Linux to SIGTERM the server when the process that started it dies,
-    even by ``kill -9`` (when no cleanup of ours can run); ``None`` elsewhere. The C function is
-    looked up here, before the fork, so the child only makes the call. Linux ties this to the
-    starting *thread*: start servers from a thread that outlives them (the main thread, as the
-    fixtures and the benchmarks do)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before the call: nobody will stop us
-            os._exit(1)
-
-    return preexec
 
 
 def find_weed_binary() -> Path:
@@ -161,135 +143,6 @@ def _reinit_after_fork() -> None:
 os.register_at_fork(after_in_child=_reinit_after_fork)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (for a ``torch.distributed`` rendezvous
-    the caller starts right away)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _reserve_ports(count: int, *, paired_offset: int | None = None) -> tuple[list[int], list[socket.socket]]:
-    """Bind ``count`` distinct free TCP ports on 127.0.0.1 and keep the sockets open.
-
-    With ``paired_offset``, the last two ports are ``p`` and ``p + paired_offset`` (both free).
-    The caller closes the returned sockets just before launching the process that binds them.
-    """
-    held: list[socket.socket] = []
-
-    def bind(port: int) -> socket.socket | None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            sock.close()
-            return None
-        held.append(sock)
-        return sock
-
-    try:
-        plain = count - (2 if paired_offset is not None else 0)
-        for _ in range(plain):
-            if bind(0) is None:  # pragma: no cover - port 0 always binds
-                raise OSError("could not bind an ephemeral port on 127.0.0.1")
-        if paired_offset is not None:
-            for _ in range(200):
-                first = bind(0)
-                assert first is not None
-                port = first.getsockname()[1]
-                if port + paired_offset <= 65535 and bind(port + paired_offset) is not None:
-                    break
-                held.remove(first)
-                first.close()
-            else:
-                raise OSError(f"no free pair of ports {paired_offset} apart on 127.0.0.1")
-    except BaseException:
-        for sock in held:
-            sock.close()
-        raise
-    return [s.getsockname()[1] for s in held], held
-
-
-def _clean_env(overrides: Mapping[str, str]) -> dict[str, str]:
-    """The current environment without any ``AWS_*`` variable, plus ``overrides``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(overrides)
-    return env
-
-
-def _log_tail(path: Path, limit: int = 4000) -> str:
-    try:
-        with path.open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - limit))
-            return fh.read().decode("utf-8", "replace")
-    except OSError as exc:
-        return f"<log {path} unreadable: {exc}>"
-
-
-def _remove_stale_sockets(paths: Sequence[Path]) -> list[Path]:
-    """Remove the Unix socket files in ``paths`` that nobody listens on; return those removed.
-
-    A socket file some live process still accepts on (a port number reused by another server
-    after ours exited) is left alone.
-    """
-    removed = []
-    for path in paths:
-        try:
-            if not stat.S_ISSOCK(path.lstat().st_mode):
-                continue
-        except FileNotFoundError:
-            continue
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.settimeout(0.5)
-            probe.connect(str(path))
-        except OSError as exc:
-            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                removed.append(path)
-        finally:
-            probe.close()
-    return removed
-
-
-def _shutdown(
-    proc: subprocess.Popen[bytes],
-    name: str,
-    stop_timeout: float,
-    sockets: Sequence[Path],
-    owned_dir: Path | None,
-) -> None:
-    """Stop ``proc`` (SIGTERM to its group, SIGKILL after ``stop_timeout``) and clean up.
-
-    A module-level function so the finalizer holds no reference to the server object.
-    """
-    if proc.poll() is None:
-        started = time.monotonic()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=stop_timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("%s (pid %d) ignored SIGTERM for %.1f s; sending SIGKILL", name, proc.pid, stop_timeout)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10.0)
-        log.info("%s (pid %d) stopped in %.2f s", name, proc.pid, time.monotonic() - started)
-    else:
-        # The leader is gone; make sure nothing else it started in its group survives it.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    removed = _remove_stale_sockets(sockets)
-    if removed:
-        log.debug("%s left socket files behind, removed: %s", name, ", ".join(map(str, removed)))
-    if owned_dir is not None:
-        shutil.rmtree(owned_dir, ignore_errors=True)
-
-
 _S = TypeVar("_S", bound="LocalS3Server")
 
 
@@ -350,7 +203,7 @@ class LocalS3Server:
         raise NotImplementedError  # pragma: no cover - abstract
 
     def _env(self) -> dict[str, str]:
-        return _clean_env({"AWS_ACCESS_KEY_ID": self._access_key, "AWS_SECRET_ACCESS_KEY": self._secret_key})
+        return clean_env({"AWS_ACCESS_KEY_ID": self._access_key, "AWS_SECRET_ACCESS_KEY": self._secret_key})
 
     def _socket_files(self, ports: list[int]) -> list[Path]:
         """Socket files the server may leave outside its data directory."""
@@ -451,7 +304,7 @@ class LocalS3Server:
                 except _PortRace:
                     if attempt == self._start_attempts:
                         raise RuntimeError(
-                            f"{self.name} lost a port race {attempt} times; log tail:\n{_log_tail(self.log_path)}"
+                            f"{self.name} lost a port race {attempt} times; log tail:\n{log_tail(self.log_path)}"
                         ) from None
                     log.info("%s lost a port race; retrying with new ports", self.name)
         except BaseException:
@@ -463,7 +316,7 @@ class LocalS3Server:
         """Stop the server and remove what it left behind; safe to call more than once."""
         started = time.monotonic()
         if self._finalizer is not None:
-            self._finalizer()  # runs _shutdown at most once
+            self._finalizer()  # runs stop_process_group at most once
             self._finalizer = None
             self.stop_seconds = time.monotonic() - started
         elif self._dir is not None and self._given_dir is None:
@@ -506,20 +359,20 @@ class LocalS3Server:
                 env=self._env(),
                 cwd=self._dir,
                 start_new_session=True,
-                preexec_fn=_die_with_parent(),
+                preexec_fn=die_with_parent(),
             )
         finally:
             log_file.close()  # the child holds its own descriptor
         self._proc, self._ports = proc, ports
         self._finalizer = weakref.finalize(
-            self, _shutdown, proc, self.name, self._stop_timeout, self._socket_files(ports), owned_dir
+            self, stop_process_group, proc, self.name, self._stop_timeout, self._socket_files(ports), owned_dir
         )
         log.debug("started %s pid %d: %s", self.name, proc.pid, " ".join(command))
         try:
             self._wait_ready(began)
         except _PortRace:
             self._finalizer.detach()
-            _shutdown(proc, self.name, self._stop_timeout, self._socket_files(ports), None)
+            stop_process_group(proc, self.name, self._stop_timeout, self._socket_files(ports), None)
             self._proc, self._ports, self._finalizer = None, [], None
             raise
         self.start_seconds = time.monotonic() - began
@@ -536,7 +389,7 @@ class LocalS3Server:
         while True:
             code = self._proc.poll()
             if code is not None:
-                tail = _log_tail(self.log_path)
+                tail = log_tail(self.log_path)
                 if any(marker in tail.lower() for marker in _PORT_RACE_MARKERS):
                     raise _PortRace()
                 raise RuntimeError(f"{self.name} exited with code {code} before it was ready; log tail:\n{tail}")
@@ -548,7 +401,7 @@ class LocalS3Server:
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"{self.name} not ready within {self._start_timeout:.0f} s (last error: {last_error}); "
-                    f"log {self.log_path} tail:\n{_log_tail(self.log_path)}"
+                    f"log {self.log_path} tail:\n{log_tail(self.log_path)}"
                 )
             time.sleep(delay)
             delay = min(delay * 2, 0.25)
@@ -576,7 +429,7 @@ class SeaweedServer(LocalS3Server):
 
     name = "seaweedfs"
 
-    # Order of the ports handed out by _reserve (the admin pair must be last, see _reserve_ports).
+    # Order of the ports handed out by _reserve (the admin pair must be last, see reserve_ports).
     _PORT_FLAGS = (
         "master.port",
         "master.port.grpc",
@@ -609,7 +462,7 @@ class SeaweedServer(LocalS3Server):
         self._extra_args = tuple(extra_args)
 
     def _reserve(self) -> tuple[list[int], list[socket.socket]]:
-        return _reserve_ports(len(self._PORT_FLAGS), paired_offset=_WEED_GRPC_PORT_OFFSET)
+        return reserve_ports(len(self._PORT_FLAGS), paired_offset=_WEED_GRPC_PORT_OFFSET)
 
     def _command(self, ports: list[int], data_dir: Path) -> list[str]:
         return [
@@ -647,7 +500,7 @@ class MotoServer(LocalS3Server):
     name = "moto"
 
     def _reserve(self) -> tuple[list[int], list[socket.socket]]:
-        return _reserve_ports(1)
+        return reserve_ports(1)
 
     def _command(self, ports: list[int], data_dir: Path) -> list[str]:
         return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(ports[0])]
