@@ -15,6 +15,8 @@ import collections
 import os
 import random
 import signal
+import threading
+import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -725,9 +727,16 @@ def test_a_worker_killed_by_a_signal_is_named_with_its_signal(attempt: int) -> N
     """torch's wording (its SIGCHLD handler's), every time. torch's own loader gives it only when
     its handler wins a race with its main thread (otherwise "exited unexpectedly", or the
     ConnectionResetError of a shared-memory handover cut short), so it is not run here."""
-    with pytest.raises(RuntimeError, match=r"^DataLoader worker \(pid \d+\) is killed by signal: Killed\. $"):
+    with pytest.raises(RuntimeError, match=r"^DataLoader worker \(pid \d+\) is killed by signal: Killed\. $") as info:
         for _ in fastfeed.DataLoader(Killer(), batch_size=2, num_workers=2):
             pass
+    # The traceback (kept here) holds the iterator, yet its producer thread has stopped: the
+    # error closed it, whichever thread saw the dead worker first (torch's SIGCHLD handler
+    # raises in this one).
+    deadline = time.monotonic() + 30
+    while any(t.name == "fastfeed-batch" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert info.value is not None and not any(t.name == "fastfeed-batch" for t in threading.enumerate())
 
 
 class PidDataset(Dataset[int]):

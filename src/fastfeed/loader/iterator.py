@@ -271,6 +271,13 @@ class LoaderIterator:
                 if not thread.is_alive() and self._queue.empty():
                     self._done = True
                     raise StopIteration from None
+            except Exception:
+                # Raised in this thread while it waited: torch's SIGCHLD handler (installed in
+                # the main thread by its worker iterator) reporting a dead worker. Stop the
+                # producer and the workers now, as a fatal failure does, not when the iterator
+                # is collected: the traceback the caller keeps holds this frame.
+                self.close()
+                raise
         settings = self._settings
         if item is END:
             self.close()
