@@ -14,6 +14,7 @@ import multiprocessing.connection
 import pickle
 import signal
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -257,7 +258,7 @@ def _each_batch(it: Iterator[Any]) -> Iterator[Any]:
         except Exception as exc:
             # A broken connection to a worker (its shared memory handed over as it died): give
             # its exit a moment to show, so the error names the cause.
-            dead = _dead_worker_error(it, wait=1.0 if isinstance(exc, ConnectionError | EOFError) else 0.0)
+            dead = _dead_worker_error(it, wait=5.0 if isinstance(exc, ConnectionError | EOFError) else 0.0)
             if dead is not None:
                 raise dead from exc
             yield Failure(exc)
@@ -270,8 +271,19 @@ def _dead_worker_error(it: Any, wait: float = 0.0) -> RuntimeError | None:
     only in the main thread: here the iterator runs in the producer thread), waiting up to
     ``wait`` seconds for one to end."""
     workers = list(getattr(it, "_workers", ()))
-    if wait and workers:
-        multiprocessing.connection.wait([w.sentinel for w in workers], timeout=wait)
+    deadline = time.monotonic() + wait
+    while True:
+        found = _exit_error(workers)
+        left = deadline - time.monotonic()
+        if found is not None or left <= 0 or not workers:
+            return found
+        # A worker's sentinel can be ready a moment before its exit status is: poll both.
+        multiprocessing.connection.wait([w.sentinel for w in workers], timeout=min(left, 0.05))
+        time.sleep(0.01)
+
+
+def _exit_error(workers: list[Any]) -> RuntimeError | None:
+    """torch's error for the first of ``workers`` that exited with a signal or an error code."""
     for worker in workers:
         code = worker.exitcode
         if code is None or code == 0:
