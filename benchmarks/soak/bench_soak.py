@@ -28,6 +28,7 @@ over the second half).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -65,13 +66,10 @@ def _tree_resources() -> dict[str, float]:
 def _rss_anon(pid: int) -> int:
     """Resident anonymous memory (heap, arenas, pinned buffers): what a leak grows. RSS also
     counts the pages of mapped cache entries, which come and go with the page cache."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except FileNotFoundError:
-        pass
+    with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/status") as f:  # gone: 0
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
     return 0
 
 

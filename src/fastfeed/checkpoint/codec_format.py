@@ -10,16 +10,12 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, NoReturn
+from typing import Any, Final, NoReturn
 
 import numpy as np
 import torch
 
 from fastfeed.errors import ConfigError
-
-if TYPE_CHECKING:
-    pass
-
 
 __all__ = [
     "FORMAT",

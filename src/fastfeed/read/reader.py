@@ -83,10 +83,10 @@ class _Plain:
         return iter(self._chunks)
 
     def hold_copy(self, held: int, copied: int) -> None:
-        pass
+        """Nobody to tell: a plain iterable keeps no budget."""
 
     def drop_last(self) -> None:
-        pass
+        """Nobody to tell: a plain iterable's chunks are the caller's."""
 
 
 class _Copy:
