@@ -315,3 +315,18 @@ def test_a_config_object_and_its_fields_together_are_refused(
     with pytest.raises(ConfigError, match=f"{whole}= and also {next(iter(field))}") as info:
         StreamingDataset(f"s3://{bucket}/{prefix}", s3=s3cfg(seaweed), **{whole: obj}, **field)
     assert info.value.hint and whole in info.value.hint
+
+
+def test_the_loader_tells_the_dataset_its_read_streams(tmp_path: Path) -> None:
+    """fastfeed.DataLoader sets the streams the cache plans by through the dataset's
+    documented ``set_read_streams``; a nonsensical count is refused with a ConfigError."""
+    from fastfeed import ConfigError, DataLoader
+
+    write_synthetic_shards(tmp_path / "shards", num_shards=4, samples_per_shard=3, sample_bytes=64)
+    ds = StreamingDataset(str(tmp_path / "shards"), cache_dir=tmp_path / "cache", cache_limit="1GB")
+    assert ds.read_streams == 1
+    DataLoader(ds, batch_size=2, num_workers=0, num_streams=3)
+    assert ds.read_streams == 3
+    with pytest.raises(ConfigError, match="at least 1"):
+        ds.set_read_streams(0)
+    assert ds.read_streams == 3, "a refused count changes nothing"

@@ -202,8 +202,7 @@ class StreamingDataset(IterableDataset[Sample]):
             self.cache_config = self._check_cache(
                 cache_dir, cache_limit, cache_on_error or "warn", cache_policy or "belady", cache_io or "auto"
             )
-        #: Streams the epoch is read as (set by fastfeed.DataLoader); the cache's plan uses it.
-        self.read_streams = 1
+        self._read_streams = 1
         self._planners: dict[tuple[int, int], Planner] = {}
         self._counts: list[int] | None = None
         if self.world_size > 1:
@@ -239,6 +238,21 @@ class StreamingDataset(IterableDataset[Sample]):
         if int(epoch) != self._segments_epoch:
             self._segments, self._segments_epoch = (), -1
         self.epoch = int(epoch)
+
+    def set_read_streams(self, streams: int) -> None:
+        """Tell the dataset how many streams an epoch is read as (:class:`fastfeed.DataLoader`
+        calls this with its ``num_streams``; with a plain torch DataLoader, call it with
+        ``num_workers`` or leave the default 1). Only the node cache uses it: its eviction
+        plans by when each stream reads each shard next. The samples read do not change."""
+        streams = int(streams)
+        if streams < 1:
+            raise ConfigError(f"read streams must be at least 1, got {streams}")
+        self._read_streams = streams
+
+    @property
+    def read_streams(self) -> int:
+        """Streams an epoch is read as, for the cache's plan (see :meth:`set_read_streams`)."""
+        return self._read_streams
 
     @property
     def shard_sample_counts(self) -> list[int]:
@@ -438,7 +452,7 @@ class StreamingDataset(IterableDataset[Sample]):
         streams of a node advance together, so a shard's time in an epoch is its offset along
         the stream that reads it, over that stream's length."""
         epoch = self.epoch if epoch is None else epoch
-        key = (epoch, self.read_streams)
+        key = (epoch, self._read_streams)
         planner = self._planners.get(key)
         if planner is None:
             times = [self._use_times(epoch), self._use_times(epoch + 1)]
@@ -459,7 +473,7 @@ class StreamingDataset(IterableDataset[Sample]):
         counts = self._counts
         out: dict[str, list[float]] = {}
         order = shard_order(len(self.shards), seed=self.seed, epoch=epoch, shuffle=self.shuffle)
-        streams = max(1, self.read_streams)
+        streams = self._read_streams
         for rank in range(self.world_size):
             if self.world_size > 1 and counts is not None:
                 base = rank_pieces(order, counts, rank=rank, world_size=self.world_size, remainder=self.remainder)

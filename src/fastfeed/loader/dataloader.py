@@ -193,7 +193,7 @@ class DataLoader(_TorchDataLoader[_T_co]):
         weakref.finalize(self, self._pool_holder.close)
         ds: Any = self.dataset
         if is_streaming(ds):
-            ds.read_streams = num_streams  # the cache plans by the streams actually read
+            ds.set_read_streams(num_streams)  # the cache plans by the streams actually read
 
     def __len__(self) -> int:
         """Batches in an epoch, as torch counts them. With a :class:`~fastfeed.StreamingDataset`:
