@@ -103,25 +103,28 @@ def test_bench_needs_a_url_or_demo() -> None:
     assert "--demo" in proc.stderr
 
 
-def _m(name: str, mb: float, **extra: object) -> Measurement:
-    return Measurement(name, 1000, int(mb * 1e6), 1.0, 0.1, 0.5, extra=dict(extra))
+def _m(name: str, mb: float, cpu_s: float = 0.5, **extra: object) -> Measurement:
+    return Measurement(name, 1000, int(mb * 1e6), 1.0, 0.1, cpu_s, extra=dict(extra))
 
 
 def test_targets_compare_the_runs_of_the_same_phase() -> None:
     report = Report("s3://b/d/", {"latency_ms": 20})
     report.ceilings = {"raw GET": _m("raw GET", 1000), "raw read": _m("raw read", 8000)}
     report.runs = [
-        _m("fastfeed epoch 0 (cold)", 950, phase="cold"),
+        _m("fastfeed epoch 0 (cold)", 950, cpu_s=0.76, phase="cold"),
         _m("fastfeed epoch 1 (warm)", 5000, phase="warm"),
         _m("fastfeed epoch 2 (warm)", 7000, phase="warm"),
         _m("torch (cold)", 300, phase="cold", peer="torch"),
-        _m("litdata (cold)", 500, phase="cold", peer="litdata"),
+        _m("litdata (cold)", 700, phase="cold", peer="litdata"),
         _m("litdata (warm)", 5000, phase="warm", peer="litdata"),
     ]
     report.checkpoint = {"bytes": 1e8, "clone_s": 0.04, "stall_s": 0.07, "commit_s": 1.0}
     got = {t.name: t for t in report.targets()}
     assert abs(got["cold epoch / raw GET ceiling"].value - 0.95) < 1e-9 and got["cold epoch / raw GET ceiling"].met
-    assert abs(got["cold epoch / best peer"].value - 1.9) < 1e-9 and got["cold epoch / best peer"].met is False
+    assert abs(got["cold epoch / best peer"].value - 950 / 700) < 1e-9 and got["cold epoch / best peer"].met is False
+    # CPU per GiB: 0.76 s for 950 MB against the raw GETs' 0.5 s for 1000 MB
+    cpu = got["cold epoch CPU per GiB / raw GET's"]
+    assert abs(cpu.value - (0.76 / 950) / (0.5 / 1000)) < 1e-9 and cpu.value > 1.5 and not cpu.met
     assert "litdata" in got["cold epoch / best peer"].detail and "20 ms" in got["cold epoch / best peer"].detail
     # the best warm fastfeed epoch counts: 7000 / 8000 and 7000 / 5000
     assert abs(got["warm epoch / raw read ceiling"].value - 0.875) < 1e-9 and got["warm epoch / raw read ceiling"].met

@@ -364,19 +364,20 @@ def test_dataset_error_reaches_the_loop_with_its_traceback(workers: int) -> None
     assert "__getitem__" in text
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_corrupt_shard_in_worker_names_the_shard(tmp_path: Path, shard_dir: Path, workers: int) -> None:
+@pytest.mark.parametrize(("workers", "mode"), [(0, "auto"), (2, "auto"), (2, "process")])
+def test_corrupt_shard_in_worker_names_the_shard(tmp_path: Path, shard_dir: Path, workers: int, mode: str) -> None:
     good = sorted(shard_dir.glob("*.tar"))[0]
     bad = tmp_path / "bad.tar"
     bad.write_bytes(good.read_bytes()[:5000])  # cut inside a member
-    loader = DataLoader(StreamingDataset([str(good), str(bad)]), batch_size=8, num_workers=workers)
+    ds = StreamingDataset([str(good), str(bad)])
+    loader = DataLoader(ds, batch_size=8, num_workers=workers, worker_mode=mode)
     with pytest.raises((CorruptShardError, TruncatedShardError)) as info:
         for _ in loader:  # not list(): its len() would scan the shards here, in this process
             pass
     assert "bad.tar" in str(info.value)
     # Its attributes cross from the worker, not only its text (torch's workers send text).
     assert info.value.url is not None and info.value.url.endswith("bad.tar")
-    if workers:
+    if mode == "process":
         where = str(info.value.__cause__)
         assert "in DataLoader worker process" in where and "Traceback" in where
 

@@ -48,7 +48,14 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     bench.add_argument("--epochs", type=int, default=2, help="epochs of fastfeed (the first is cold)")
     bench.add_argument("--batch-size", type=int, default=64)
-    bench.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    bench.add_argument("--workers", type=int, default=2, help="the DataLoader's num_workers")
+    bench.add_argument(
+        "--worker-mode",
+        choices=("auto", "thread", "process"),
+        default="auto",
+        help="where fastfeed reads the streams: in this process's threads or in worker processes "
+        "(auto: threads unless Python code must run in workers)",
+    )
     bench.add_argument(
         "--persistent-workers",
         action="store_true",
@@ -298,6 +305,7 @@ def _bench(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         workers=args.workers,
         persistent_workers=args.persistent_workers,
+        worker_mode=args.worker_mode,
         epochs=args.epochs,
         shuffle=args.shuffle,
         part_size=args.part_size,

@@ -96,11 +96,15 @@ class Report:
         if per_connection:
             where += f", {float(per_connection) / 1e6:g} MB/s per connection"
         # The targets bound the feeding of stored bytes: a decoding run is bound by its decoding.
-        phases = () if self.config.get("decode") else (("cold", "raw GET", 0.9, 2.0), ("warm", "raw read", 0.8, 1.5))
+        phases = () if self.config.get("decode") else (("cold", "raw GET", 0.8, 1.5), ("warm", "raw read", 0.8, 1.5))
         for phase, ceiling, ratio_min, peer_min in phases:
             run, top = self._fastfeed(phase), self.ceilings.get(ceiling)
             if run is not None and top is not None:
                 out.append(Target(f"{phase} epoch / {ceiling} ceiling", _ratio(run, top), ratio_min, ">="))
+                if phase == "cold" and top.cpu_s_per_gib > 0 and run.cpu_s_per_gib > 0:
+                    # The client CPU a GiB costs, next to the bare GETs' (the store shares the cores).
+                    cpu = run.cpu_s_per_gib / top.cpu_s_per_gib
+                    out.append(Target("cold epoch CPU per GiB / raw GET's", cpu, 1.5, "<="))
             peer = self.best_peer(phase)
             if run is not None and peer is not None:
                 detail = f"best peer: {peer.name}" + (where if phase == "cold" else "")

@@ -91,6 +91,8 @@ class BenchConfig:
     #: Keep fastfeed's worker processes from one epoch to the next. Off by default: every peer
     #: run starts its own workers, and so does each fastfeed epoch then.
     persistent_workers: bool = False
+    #: ``fastfeed.DataLoader(worker_mode=...)``: threads of this process or worker processes.
+    worker_mode: str = "auto"
     epochs: int = 2
     shuffle: bool = False
     part_size: int | str = "8MiB"
@@ -280,6 +282,7 @@ def run(
                     batch_size=cfg.batch_size,
                     num_workers=cfg.workers,
                     persistent_workers=cfg.persistent_workers and cfg.workers > 0,
+                    worker_mode=cfg.worker_mode,
                     device=device,
                     collate_fn=decoder,
                 )

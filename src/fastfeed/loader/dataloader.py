@@ -20,6 +20,9 @@ Map-style and iterable datasets (any ``torch.utils.data`` dataset)::
     samples -> columnar spans -> native gather into a ring slot (in-process) or a worker's
     shared-memory slot -> producer thread "fastfeed-batch" -> bounded queue -> training loop
 
+    In-process is the default also with ``num_workers > 0`` when no Python code has to run in
+    workers (``worker_mode="auto"``, see :func:`fastfeed.loader.settings.reads_in_threads`).
+
 With ``device=...`` every batch is copied on a side CUDA stream (:mod:`fastfeed.batch.device`); the
 training stream waits on the copy's event. ``stats()`` reports how long the training loop
 waited in ``next()`` (``wait_s``) and where the time went.
@@ -48,7 +51,7 @@ from fastfeed.batch.ring import HostRing
 from fastfeed.errors import ConfigError
 from fastfeed.loader.iterator import LoaderIterator
 from fastfeed.loader.resume import Progress, SamplerProgress
-from fastfeed.loader.settings import LoaderParts, PoolHolder
+from fastfeed.loader.settings import WORKER_MODES, LoaderParts, PoolHolder, reads_in_threads
 from fastfeed.loader.stats import LoaderStats, StatsSink
 from fastfeed.loader.streaming import is_streaming
 from fastfeed.order.streams import epoch_batches
@@ -116,6 +119,14 @@ class DataLoader(_TorchDataLoader[_T_co]):
             batch order depends on it and not on ``num_workers``, so a run resumed from
             :meth:`state_dict` with any number of workers continues exactly. Keep it fixed
             across restarts (and >= ``num_workers``, or some workers idle).
+        worker_mode: where a :class:`~fastfeed.StreamingDataset`'s streams are read when
+            ``num_workers > 0``. ``"auto"`` (default): in this process (an IO thread fetches,
+            the producer thread scans and gathers natively, both without the GIL) when no
+            Python code has to run in workers, that is with the default ``collate_fn``, batches
+            (not ``batch_size=None``), no ``worker_init_fn`` and no ``multiprocessing_context``;
+            otherwise in ``num_workers`` processes. ``"process"``: always in worker processes, as
+            torch's loader. ``"thread"``: always in this process (a ``collate_fn`` then runs in
+            the producer thread). The batches are the same in every mode.
 
     ``persistent_workers=True`` keeps the worker processes from one epoch to the next, as
     torch's. With a :class:`~fastfeed.StreamingDataset` each epoch still reads the dataset's
@@ -158,6 +169,7 @@ class DataLoader(_TorchDataLoader[_T_co]):
         prefetch_batches: int = 4,
         ring_slots: int | None = None,
         num_streams: int = 8,
+        worker_mode: str = "auto",
     ) -> None:
         checked = _check_device(device)
         if prefetch_batches < 1:
@@ -166,6 +178,16 @@ class DataLoader(_TorchDataLoader[_T_co]):
             raise ConfigError(f"ring_slots must be >= 1, got {ring_slots}")
         if num_streams < 1:
             raise ConfigError(f"num_streams must be >= 1, got {num_streams}")
+        if worker_mode not in WORKER_MODES:
+            raise ConfigError(
+                f"worker_mode must be one of {', '.join(map(repr, WORKER_MODES))}, got {worker_mode!r}",
+                hint="'auto' reads a StreamingDataset in threads unless Python code must run in workers",
+            )
+        if worker_mode == "thread" and worker_init_fn is not None:
+            raise ConfigError(
+                "worker_init_fn runs in worker processes, and worker_mode='thread' starts none",
+                hint="use worker_mode='process' (or 'auto') with a worker_init_fn",
+            )
         extra: dict[str, Any] = {"in_order": in_order} if _TORCH_HAS_IN_ORDER else {}
         super().__init__(
             dataset, batch_size, shuffle, sampler, batch_sampler, num_workers, collate_fn, pin_memory, drop_last,
@@ -178,6 +200,7 @@ class DataLoader(_TorchDataLoader[_T_co]):
         self.prefetch_batches = prefetch_batches
         self.ring_slots = ring_slots
         self.num_streams = num_streams
+        self.worker_mode = worker_mode
         self._ring = HostRing(ring_slots or prefetch_batches + 3, pin=torch.cuda.is_available())
         self._stats = StatsSink()
         self._progress = Progress(self.dataset)
@@ -207,7 +230,8 @@ class DataLoader(_TorchDataLoader[_T_co]):
         return super().__len__()
 
     def __iter__(self) -> LoaderIterator:  # type: ignore[override]
-        if self.num_workers > 0 and not (self.persistent_workers and self._pool_holder.idle()):
+        processes = self.num_workers > 0 and not reads_in_threads(self)
+        if processes and not (self.persistent_workers and self._pool_holder.idle()):
             self.check_worker_number_rationality()  # torch warns again when it starts workers
         if self.persistent_workers and self.num_workers > 0:
             # One iteration at a time over the same workers, as torch resets its one iterator.

@@ -263,14 +263,22 @@ class LoaderIterator:
     def _next_queued(self) -> Any:
         thread = self._thread
         assert thread is not None
+        settings = self._settings
+        # Worker processes apply torch's ``timeout`` themselves; streams read in threads here.
+        timeout = settings.timeout if settings is not None and settings.threads else 0
+        deadline = time.monotonic() + timeout
         while True:
             try:
-                item = self._queue.get_quietly(POLL)
+                wait = min(POLL, max(0.0, deadline - time.monotonic())) if timeout else POLL
+                item = self._queue.get_quietly(wait)
                 break
             except queue.Empty:
                 if not thread.is_alive() and self._queue.empty():
                     self._done = True
                     raise StopIteration from None
+                if timeout and time.monotonic() >= deadline:
+                    # As torch's: the iteration goes on, and a later next() may get the batch.
+                    raise RuntimeError(f"DataLoader timed out after {timeout} seconds") from None
             except Exception:
                 # Raised in this thread while it waited: torch's SIGCHLD handler (installed in
                 # the main thread by its worker iterator) reporting a dead worker. Stop the
@@ -278,7 +286,6 @@ class LoaderIterator:
                 # is collected: the traceback the caller keeps holds this frame.
                 self.close()
                 raise
-        settings = self._settings
         if item is END:
             self.close()
             raise StopIteration

@@ -35,7 +35,42 @@ from fastfeed.loader.slots import SlotFlags, SlotTable
 from fastfeed.loader.stats import StatsSink
 from fastfeed.loader.streaming import StreamConfig, is_streaming
 
-__all__ = ["IterationSettings", "KeptPool", "LoaderParts", "PoolHolder", "generator_from"]
+__all__ = [
+    "WORKER_MODES",
+    "IterationSettings",
+    "KeptPool",
+    "LoaderParts",
+    "PoolHolder",
+    "generator_from",
+    "reads_in_threads",
+]
+
+#: ``DataLoader(worker_mode=...)``: where a StreamingDataset's streams are read.
+WORKER_MODES = ("auto", "thread", "process")
+
+
+def reads_in_threads(loader: TorchDataLoader[Any]) -> bool:
+    """Whether an iteration of ``loader`` reads its StreamingDataset's streams in this process
+    (the IO thread and the producer thread) instead of in ``num_workers`` worker processes.
+
+    ``worker_mode="auto"`` reads in threads when no Python code runs per sample or per batch in
+    the workers: fastfeed's native collate, batches (not ``batch_size=None``), no
+    ``worker_init_fn`` and no ``multiprocessing_context``. Fetching, the tar scan and the
+    native gather release the GIL, so the workers' processes would only add their start-up
+    (an S3 client and an IO loop each, every epoch) and a hand-over per batch. The batches are
+    the same either way: they depend on ``num_streams``, not on where the streams are read.
+    """
+    mode = getattr(loader, "worker_mode", "process")
+    if loader.num_workers == 0 or not is_streaming(loader.dataset) or mode == "process":
+        return False
+    if mode == "thread":
+        return True
+    return (
+        loader.batch_sampler is not None
+        and loader.collate_fn is default_collate
+        and loader.worker_init_fn is None
+        and loader.multiprocessing_context is None
+    )
 
 
 class KeptPool(Protocol):
@@ -200,14 +235,18 @@ class IterationSettings:
         self.auto_collation = loader.batch_sampler is not None
         self.batch_size = loader.batch_size
         self.drop_last = loader.drop_last
-        self.num_workers = loader.num_workers
+        #: The streams are read in this process although ``num_workers > 0`` (see
+        #: :func:`reads_in_threads`); then the iteration has no worker processes.
+        self.threads = reads_in_threads(loader)
+        #: Worker processes this iteration starts (or keeps).
+        self.num_workers = 0 if self.threads else loader.num_workers
         fn = loader.collate_fn
         #: None: fastfeed's native default_collate (into a ring or worker slot).
         self.collate_fn: Callable[[Any], Any] | None = None if self.auto_collation and fn is default_collate else fn
         self.timeout = loader.timeout
         self.worker_init_fn = loader.worker_init_fn
         self.multiprocessing_context = loader.multiprocessing_context
-        self.persistent_workers = loader.persistent_workers and loader.num_workers > 0
+        self.persistent_workers = loader.persistent_workers and self.num_workers > 0
         self.prefetch_factor = loader.prefetch_factor
         self.generator = loader.generator
         self.ring = parts.ring
