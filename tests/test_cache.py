@@ -527,16 +527,42 @@ def test_direct_fills_fall_back_to_buffered_where_the_file_system_refuses(
     assert payloads(data["cache"]) == shard_bytes(data)
 
 
-def test_cache_io_auto_writes_direct_only_for_datasets_larger_than_half_the_memory(
-    data: dict[str, Any], monkeypatch: Any
+def test_cache_io_auto_writes_direct_where_the_file_system_takes_it_and_falls_back_silently(
+    data: dict[str, Any], caplog: Any, monkeypatch: Any
 ) -> None:
-    import fastfeed.dataset as ff_dataset
+    import errno
+    import logging
+    import shutil
 
-    assert ff_dataset._physical_memory() > 0
-    assert dataset(data).cache_config.io == "buffered"  # type: ignore[union-attr]  # ~2 MB: fits
-    # A machine with less than twice the dataset's bytes of memory (cannot be made otherwise).
-    monkeypatch.setattr(ff_dataset, "_physical_memory", lambda: 2 * data["bytes"] - 2)
-    assert dataset(data).cache_config.io == "direct"  # type: ignore[union-attr]
+    assert dataset(data).cache_config.io == "auto"  # type: ignore[union-attr]
+    real_open = os.open
+    direct_opens: list[str] = []
+
+    def watch(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        if flags & getattr(os, "O_DIRECT", 0):
+            direct_opens.append(str(path))
+        return real_open(path, flags, *args, **kw)
+
+    # A spy, not a fault: which opens ask for O_DIRECT.
+    monkeypatch.setattr(os, "open", watch)
+    with caplog.at_level(logging.WARNING, logger="fastfeed"):
+        assert len(keys(dataset(data))) == SHARDS * PER_SHARD
+    assert len(direct_opens) == SHARDS and all(p.endswith(".part") for p in direct_opens)
+    assert payloads(data["cache"]) == shard_bytes(data)
+    # Fault injection: a file system without O_DIRECT refuses it (EINVAL); auto falls back quietly.
+    shutil.rmtree(data["cache"])
+
+    def refuse_direct(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument", str(path))
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", refuse_direct)
+    with caplog.at_level(logging.WARNING, logger="fastfeed"):
+        assert len(keys(dataset(data))) == SHARDS * PER_SHARD
+    assert "fills are buffered" not in caplog.text, "auto chose direct I/O: falling back is not worth a warning"
+    assert cache_info(data["cache"]).entries == SHARDS
+    assert payloads(data["cache"]) == shard_bytes(data)
     assert dataset(data, cache_io="buffered").cache_config.io == "buffered"  # type: ignore[union-attr]
     with pytest.raises(ConfigError, match="cache io"):
         dataset(data, cache_io="mmap")

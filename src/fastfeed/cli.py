@@ -71,8 +71,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--cache-io",
         choices=("auto", "buffered", "direct"),
         default="auto",
-        help="how fills write to the cache: through the page cache, or O_DIRECT (auto: direct for datasets "
-        "larger than half the memory)",
+        help="how fills write to the cache: O_DIRECT, or through the page cache (auto: direct where the "
+        "file system takes it)",
     )
     bench.add_argument("--cache-limit", default="20GB")
     bench.add_argument("--device", default="cpu", help="cpu, or a CUDA device the batches are copied to")

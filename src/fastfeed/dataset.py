@@ -88,11 +88,11 @@ class StreamingDataset(IterableDataset[Sample]):
             writable or its disk is full; with ``"warn"`` reading continues from the store.
         cache_policy: ``"belady"`` (default; evicts the shard this dataset needs again
             farthest in the future, by its deterministic plan) or ``"lru"``.
-        cache_io: how fills write to the cache: ``"buffered"`` (through the page cache, so the
-            next epoch of a dataset that fits in memory reads it from memory), ``"direct"``
-            (``O_DIRECT``: no page cache, no copy into it; for datasets larger than memory, whose
-            fills would only push other data out of it), or ``"auto"`` (default): direct when
-            the dataset is larger than half of this machine's memory.
+        cache_io: how fills write to the cache: ``"auto"`` (default) writes with ``O_DIRECT``
+            where the file system takes it (no copy into the page cache: a fill costs little
+            CPU, and pushes nothing else out of memory), else buffered; ``"direct"`` does the
+            same but warns when it falls back; ``"buffered"`` writes through the page cache (the
+            next epoch of a dataset that fits in memory then reads it from memory).
         index_cache: where per-shard sample counts of objects in a store are remembered (keyed by
             URL, ETag and size), so a dataset is scanned once per machine when counts are needed
             (several ranks, ``len()``); ``None`` disables it.
@@ -430,10 +430,6 @@ class StreamingDataset(IterableDataset[Sample]):
         if cache_limit is None:
             raise ConfigError("cache_dir needs a cache_limit", hint='e.g. cache_limit="500GB"')
         cached = [s.size for s in self.shards if not s.url.startswith("file://")]
-        if io == "auto":
-            # Page-cache copies of fills pay off only if the next epoch can find them there.
-            memory = _physical_memory()
-            io = "direct" if memory and sum(cached) > memory // 2 else "buffered"
         config = CacheConfig.of(cache_dir, cache_limit, on_error, policy, io)
         check_cache_dir(config.dir)  # another user's, or open to others: refused here, not in a worker
         need = max(cached, default=0) * self.prefetch_config.shards_in_flight
@@ -525,14 +521,6 @@ class StreamingDataset(IterableDataset[Sample]):
                 merged.update(part)
             return [merged[i] for i in range(len(self.shards))]
         return count_shard_samples(self.shards, stores, self.prefetch_config, self.index_cache)
-
-
-def _physical_memory() -> int:
-    """Bytes of RAM on this machine (0 if unknown)."""
-    try:
-        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 0
 
 
 def _distributed_place(rank: int | None, world_size: int | None) -> tuple[int, int]:

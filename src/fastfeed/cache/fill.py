@@ -7,9 +7,9 @@ the readers of this process as they land, and its publication as an entry.
   landed), computing the chunks' CRC32Cs from the bytes it writes (in the same worker thread,
   while they are in memory), appends the trailer, fsyncs, checks the size, and renames it to
   ``entries/<key>.tar`` (atomic) before unlocking. The fill is the process's, not the reader's:
-  it completes even if the reader that started it stops early. With ``CacheConfig.io ==
-  "direct"`` the fill writes its aligned parts with ``O_DIRECT`` (no page cache: for datasets
-  larger than memory); a shard's last part is written buffered.
+  it completes even if the reader that started it stops early. Unless ``CacheConfig.io ==
+  "buffered"``, the fill writes its aligned parts with ``O_DIRECT`` where the file system takes
+  it (no copy into the page cache); a shard's last part is written buffered.
 * *Stream-and-tee*: a reader in the filling process gets each part straight from the fill's
   GET buffer once it is written (:meth:`Fills.claim`); a reader of a shard another process
   fills reads each byte range from the part file as soon as it has landed
@@ -162,7 +162,7 @@ class Fills:
         key, info, tree = src.key, src.info, self._tree()
         name = f"{key}{PART_SUFFIX}"
         pool = pool_for(src.part_size)
-        direct_fd = self._open_direct(tree, name, fd) if self.config.io == "direct" else None
+        direct_fd = self._open_direct(tree, name, fd) if self.config.io != "buffered" else None
         # (start, GET, the claim it serves or None, the pooled buffer it fills or None)
         pending: list[tuple[int, asyncio.Task[memoryview], _Claim | None, mmap.mmap | None]] = []
         # Bytes a dead filler left are valid: resume after them (a partial trailer goes).
@@ -258,21 +258,28 @@ class Fills:
 
     def _open_direct(self, tree: Tree, name: str, fd: int) -> int | None:
         """A second, ``O_DIRECT`` descriptor of the part file ``fd`` for its fill's writes; None
-        (buffered writes) where the file system or the platform has no direct I/O."""
+        (buffered writes) where the file system or the platform has no direct I/O: a warning
+        when ``io="direct"`` asked for it, a debug message when ``"auto"`` chose it."""
         flag = getattr(os, "O_DIRECT", 0)
         if not flag:
-            self._warn_once("direct", "fastfeed cache: O_DIRECT is not available here; fills are buffered")
+            self._fallback("fastfeed cache: O_DIRECT is not available here; fills are buffered")
             return None
         try:
             direct = os.open(name, os.O_WRONLY | flag | FILE_FLAGS, dir_fd=tree.tmp)
         except OSError as exc:
-            self._warn_once("direct", "fastfeed cache %s: no direct I/O (%s); fills are buffered", self.config.dir, exc)
+            self._fallback("fastfeed cache %s: no direct I/O (%s); fills are buffered", self.config.dir, exc)
             return None
         mine, theirs = os.fstat(direct), os.fstat(fd)
         if (mine.st_ino, mine.st_dev) != (theirs.st_ino, theirs.st_dev):
             os.close(direct)  # cannot happen while fd holds the part file's LOCK_EX
             return None
         return direct
+
+    def _fallback(self, message: str, *args: Any) -> None:
+        if self.config.io == "direct":
+            self._warn_once("direct", message, *args)
+        else:
+            log.debug(message, *args)
 
     def _signal_landed(self, key: str) -> None:
         event = self._landed.pop(key, None)
