@@ -250,3 +250,29 @@ def test_bench_never_writes_the_secret_key(s3_shards: Any, seaweed: Any, tmp_pat
     failed = subprocess.run(args, capture_output=True, text=True, env=env, timeout=240, check=False)
     assert failed.returncode != 0 and "fastfeed: error:" in failed.stderr
     assert wrong not in failed.stdout + failed.stderr and secret not in failed.stdout + failed.stderr
+
+
+def test_every_timed_pass_starts_after_a_full_garbage_collection() -> None:
+    """The set-up's garbage is collected before the clock starts, for every contender: a full
+    collection it triggered would otherwise land in whichever pass ran next."""
+    import gc
+
+    from fastfeed.bench.measure import measure_batches
+
+    events: list[str] = []
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and info["generation"] == 2:
+            events.append("full collection")
+
+    def make() -> list[tuple[int, int]]:
+        events.append("pass starts")
+        return [(1, 10), (2, 20)]
+
+    gc.callbacks.append(on_gc)
+    try:
+        m = measure_batches("x", make, size_of=lambda b: b[1], count_of=lambda b: b[0])
+    finally:
+        gc.callbacks.remove(on_gc)
+    assert (m.samples, m.bytes) == (3, 30)
+    assert events[:2] == ["full collection", "pass starts"], events

@@ -8,6 +8,7 @@ them to disk with ``O_DIRECT``.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import threading
@@ -34,7 +35,7 @@ class BufferPool:
         with self._lock:
             if self._free:
                 return self._free.pop()
-        return mmap.mmap(-1, self.size)
+        return _new_buffer(self.size)
 
     def give(self, buffer: mmap.mmap | None) -> None:
         """Return ``buffer`` for reuse (only once nothing writes into it any more)."""
@@ -44,6 +45,19 @@ class BufferPool:
             # Never pool a buffer twice: two parts sharing one buffer would corrupt data.
             if len(self._free) * self.size < _IDLE_LIMIT and all(b is not buffer for b in self._free):
                 self._free.append(buffer)
+
+
+#: Linux: a new buffer's pages are allocated by the mmap call itself, not one page fault at a
+#: time as the first GET writes into it: on the 2-core VM, 0.09 s instead of 0.15 s for the
+#: 256 MiB a first epoch's prefetchers take (a sixth of a 400 MB cold epoch).
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+def _new_buffer(size: int) -> mmap.mmap:
+    if _POPULATE:
+        with contextlib.suppress(OSError):
+            return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _POPULATE)
+    return mmap.mmap(-1, size)
 
 
 #: Idle pooled bytes kept per part size between prefetchers.
