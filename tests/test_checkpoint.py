@@ -258,3 +258,24 @@ def test_a_failed_upload_keeps_the_older_checkpoints_and_leaves_nothing_committe
         ckpt.save({"w": torch.full((10,), 3.0)}, step=3).result(timeout=60)  # and saving works again
         ckpt.wait()
         assert [i.step for i in ckpt.list()] == [3]
+
+
+def test_a_checkpointer_that_only_loads_writes_nothing(bucket: Any, fault_proxy: Any) -> None:
+    """Construction sends one listing (a missing bucket or wrong credentials still fail there);
+    the write probe and the clean-up of abandoned uploads wait for the first save, so a process
+    that only loads sends no PUT, POST or DELETE (and pays none of their round trips)."""
+    url = f"s3://{bucket.name}/runs/load-only/"
+    with Checkpointer(url, s3=s3_config(bucket)) as writer:
+        writer.save({"w": torch.arange(10.0)}, step=5).result(timeout=60)
+    fault_proxy.reset_counters()
+    with Checkpointer(url, s3=s3_config(bucket, fault_proxy.endpoint_url)) as reader:
+        assert fault_proxy.count() == 1 and fault_proxy.count("GET") == 1, [r.path for r in fault_proxy.requests()]
+        assert torch.equal(reader.load()["w"], torch.arange(10.0)) and reader.loaded.step == 5
+    writes = [r for r in fault_proxy.requests() if r.method in ("PUT", "POST", "DELETE")]
+    assert writes == [], [(r.method, r.path) for r in writes]
+    # The first save probes, then writes; the probe's object is gone again.
+    with Checkpointer(url, s3=s3_config(bucket, fault_proxy.endpoint_url)) as again:
+        again.save({"w": torch.ones(3)}, step=6).result(timeout=60)
+        assert again.conditional_writes
+    keys = [o["Key"] for o in bucket.client.list_objects_v2(Bucket=bucket.name, Prefix="runs/load-only/")["Contents"]]
+    assert all("step-" in k for k in keys), keys

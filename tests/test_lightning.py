@@ -407,6 +407,7 @@ class BlockStep(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         if trainer.global_step == self.step - 1:
+            self.url.mkdir(parents=True, exist_ok=True)  # the first save may still be on its way
             (self.url / f"step-{self.step:012d}").write_bytes(b"in the way")
 
 

@@ -208,7 +208,9 @@ class Checkpointer:
             self._io.release()
             raise
         try:
-            self._io.run(self._store.check_writable())
+            # Reading is checked now; writing (a probe, and aborting abandoned uploads) when
+            # this Checkpointer first saves: a process that only loads writes nothing.
+            self._io.run(self._store.check_readable())
         except BaseException:
             try:
                 self._io.run(self._store.aclose())
@@ -236,16 +238,19 @@ class Checkpointer:
             orphan_age=self.orphan_age,
             read_manifest=self._read_manifest,
         )
-        self._retention.sweep_orphans()
+        self._writable = False  # the write probe has passed
+        self._swept = False  # abandoned uploads were looked for
+        self._probe_lock = threading.Lock()
         self._thread = threading.Thread(target=self._work, name="fastfeed-ckpt", daemon=True)
         self._thread.start()
         _register_exit(self)
 
     @property
     def conditional_writes(self) -> bool:
-        """Whether the store enforces "create only if absent" for manifests (probed at
-        construction). Without it, two writers racing to commit the same step are detected
+        """Whether the store enforces "create only if absent" for manifests (probed once, by
+        the first save or by asking this). Without it, two writers racing to commit the same step are detected
         in most interleavings but not all (see :mod:`fastfeed.store.upload`)."""
+        self._probe_writes()
         return self._store.conditional_writes
 
     # ------------------------------------------------------------------ saving
@@ -294,6 +299,23 @@ class Checkpointer:
         self._queue.put(job)
         return handle
 
+    def _probe_writes(self) -> None:
+        """Once, before anything is written (the first save, or asking :attr:`conditional_writes`):
+        the write probe, a clear error if the prefix cannot be written, and whether the store
+        enforces conditional writes."""
+        with self._probe_lock:
+            if not self._writable:
+                self._io.run(self._store.check_writable())
+                self._writable = True
+
+    def _prepare_writes(self) -> None:
+        """[worker thread] Before each upload: the write probe (once), then, before the first
+        one, abort the multipart uploads that writers which died left under the prefix."""
+        self._probe_writes()
+        if not self._swept:
+            self._swept = True
+            self._retention.sweep_orphans()
+
     def _work(self) -> None:
         while True:
             job = self._queue.get()
@@ -305,6 +327,7 @@ class Checkpointer:
                 self._pending.remove(job)
                 self._busy.set()
             try:
+                self._prepare_writes()
                 info = self._commit(job)
             except BaseException as exc:
                 log.error("checkpoint of step %d to %s failed: %s", job.step, self.url, exc)

@@ -110,6 +110,11 @@ class CkptStore(abc.ABC):
     conditional_writes: bool = True
 
     @abc.abstractmethod
+    async def check_readable(self) -> None:
+        """Raise a clear error now if the prefix cannot be read (missing bucket, wrong
+        credentials, denied): one cheap request, and nothing written."""
+
+    @abc.abstractmethod
     async def check_writable(self) -> None:
         """Raise a clear error now if the prefix cannot be written (missing bucket, denied);
         probe conditional writes (cached per store)."""

@@ -118,6 +118,20 @@ class LocalCkptStore(CkptStore):
             return StoreError(f"permission denied for {url}", url=url, hint="check the permissions")
         return StoreError(f"cannot access {url}: {exc}", url=url, hint="check space and permissions")
 
+    async def check_readable(self) -> None:
+        def probe() -> None:
+            try:
+                st = os.stat(self.root)
+            except FileNotFoundError:
+                return  # nothing saved yet: the first save makes it
+            except OSError as exc:
+                raise StoreError(f"cannot read checkpoints in {self.root}: {exc}", url=self.url) from exc
+            if not stat.S_ISDIR(st.st_mode):
+                hint = "checkpoints go into a directory: pick another"
+                raise StoreError(f"{self.root} is not a directory", url=self.url, hint=hint)
+
+        await asyncio.to_thread(probe)
+
     async def check_writable(self) -> None:
         def probe() -> None:
             try:

@@ -103,13 +103,16 @@ class S3CkptStore(CkptStore):
         mapper = functools.partial(map_s3_error, url=url, bucket_url=f"s3://{self.bucket}")
         return await retry_async(op, self._retry, what, lambda exc: mapper(exc))
 
-    async def check_writable(self) -> None:
-        # The bucket first (some servers create a missing bucket on PUT), then a write probe.
+    async def check_readable(self) -> None:
         await self._call(
             f"listing {self.url}",
             self.url,
             functools.partial(self._client.list_objects_v2, Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1),
         )
+
+    async def check_writable(self) -> None:
+        # The bucket first (some servers create a missing bucket on PUT), then a write probe.
+        await self.check_readable()
         probe = f"{PROBE_PREFIX}{secrets.token_hex(8)}"
         where = (self._config.endpoint_url, self.bucket)
         try:
