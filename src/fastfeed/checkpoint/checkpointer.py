@@ -62,6 +62,7 @@ import torch
 
 from fastfeed import _loop
 from fastfeed.checkpoint.codec import LeafSpec, encode
+from fastfeed.checkpoint.handle import CheckpointStats, SaveHandle
 from fastfeed.checkpoint.manifest import (
     MANIFEST,
     MAX_MANIFEST,
@@ -105,46 +106,10 @@ DEFAULT_ORPHAN_AGE = 24 * 3600.0
 
 
 @dataclass
-class CheckpointStats:
-    """Counters of a :class:`Checkpointer` (cumulative)."""
-
-    saves: int = 0
-    committed: int = 0
-    skipped: int = 0
-    replaced: int = 0
-    failures: int = 0
-    #: Time ``save()`` held the training loop: snapshot plus any wait for an earlier save.
-    stall_s: float = 0.0
-    #: The part of ``stall_s`` spent waiting for an earlier save (policy ``"wait"``).
-    wait_s: float = 0.0
-    #: Background time from snapshot to commit, summed over saves.
-    upload_s: float = 0.0
-    bytes_uploaded: int = 0
-
-
-class SaveHandle:
-    """A pending save: :meth:`result` waits for its commit."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-        self._future: concurrent.futures.Future[CheckpointInfo | None] = concurrent.futures.Future()
-
-    def result(self, timeout: float | None = None) -> CheckpointInfo | None:
-        """The committed checkpoint (None if this save was skipped or replaced); raises the
-        save's error if it failed."""
-        return self._future.result(timeout)
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    @property
-    def skipped(self) -> bool:
-        return self.done() and self._future.exception() is None and self._future.result() is None
-
-
-@dataclass
 class _Job:
     handle: SaveHandle
+    #: The handle's future: the Checkpointer settles it.
+    future: concurrent.futures.Future[CheckpointInfo | None]
     step: int
     metadata: dict[str, Any]
     tree: dict[str, Any]
@@ -267,7 +232,8 @@ class Checkpointer:
             raise CheckpointError("this Checkpointer is closed", url=self.url)
         self._raise_background_error()
         start = time.perf_counter()
-        handle = SaveHandle(step)
+        future: concurrent.futures.Future[CheckpointInfo | None] = concurrent.futures.Future()
+        handle = SaveHandle(step, future)
         meta = dict(metadata or {})
         json.dumps(meta)  # fails now, in the caller, if it cannot be stored
         with self._lock:
@@ -276,7 +242,7 @@ class Checkpointer:
         if busy and self.on_busy == "skip":
             with self._lock:
                 self._stats.skipped += 1
-            handle._future.set_result(None)
+            future.set_result(None)
             return handle
         if busy and self.on_busy == "wait":
             waited = time.perf_counter()
@@ -286,11 +252,11 @@ class Checkpointer:
         tree, leaves, specs = encode(state)
         offsets, total = layout(specs)
         arena, event = self._staging.snapshot(leaves, specs, offsets, total)
-        job = _Job(handle, int(step), meta, tree, specs, offsets, total, arena, event)
+        job = _Job(handle, future, int(step), meta, tree, specs, offsets, total, arena, event)
         with self._lock:
             if self.on_busy == "replace":
                 for old in self._pending:
-                    old.handle._future.set_result(None)
+                    old.future.set_result(None)
                     self._staging.recycle(old.arena)
                     self._stats.replaced += 1
                 self._pending = []
@@ -334,13 +300,13 @@ class Checkpointer:
                 with self._lock:
                     self._stats.failures += 1
                     self._error = exc
-                job.handle._future.set_exception(exc)
+                job.future.set_exception(exc)
             else:
                 with self._lock:
                     self._stats.committed += 1
                     self._stats.upload_s += time.perf_counter() - job.started
                     self._stats.bytes_uploaded += job.total
-                job.handle._future.set_result(info)
+                job.future.set_result(info)
                 try:
                     self._retention.retain()  # only now that the newer checkpoint is committed
                 except Exception as exc:  # the save itself succeeded; retry at the next one
