@@ -276,3 +276,35 @@ def test_every_timed_pass_starts_after_a_full_garbage_collection() -> None:
         gc.callbacks.remove(on_gc)
     assert (m.samples, m.bytes) == (3, 30)
     assert events[:2] == ["full collection", "pass starts"], events
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="needs Linux's /proc/PID/smaps_rollup")
+def test_the_memory_of_a_loaders_workers_counts_in_its_peak_pss() -> None:
+    """``fastfeed bench``'s peak PSS is the process tree's: a child holding 96 MiB of its own
+    pages adds about that much (measured here, the pages really resident in the child)."""
+    from fastfeed.bench.measure import PeakTreePss, tree_pss_bytes
+
+    before = tree_pss_bytes()
+    assert before > 10 << 20, before  # this interpreter itself
+    code = (
+        "import sys; b = bytearray(96 << 20); b[::4096] = b'x' * (len(b) // 4096); "
+        "print('ready', flush=True); sys.stdin.read()"
+    )
+    argv = [sys.executable, "-c", code]
+    with (
+        PeakTreePss(interval=0.02) as peak,
+        subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as child,
+    ):
+        try:
+            assert child.stdout is not None and child.stdout.readline().strip() == b"ready"
+            during = tree_pss_bytes()
+            deadline = time.monotonic() + 10
+            while peak.peak < during - (8 << 20) and time.monotonic() < deadline:
+                time.sleep(0.02)  # the sampler's next reading sees the child
+        finally:
+            assert child.stdin is not None
+            child.stdin.close()
+            child.wait(timeout=30)
+    assert during - before > 80 << 20, (before, during)
+    assert peak.peak >= during - (8 << 20), (peak.peak, during)
+    assert tree_pss_bytes() - before < 40 << 20, "the child's pages are gone with it"

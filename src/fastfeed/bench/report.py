@@ -128,7 +128,7 @@ class Report:
         w = max([30, *map(len, labels)])  # names such as "fastfeed epoch 0 (cold, decode)" fit
         head = (
             f"{'run':<{w}} {'samples/s':>10} {'MB/s':>7} {'x ceil':>7} {'x peer':>7} {'1st batch':>9} "
-            f"{'p50 ms':>7} {'p99 ms':>7} {'wait':>6} {'hit':>5} {'CPU s/GiB':>9} {'RSS':>9}"
+            f"{'p50 ms':>7} {'p99 ms':>7} {'wait':>6} {'hit':>5} {'CPU s/GiB':>9} {'peak PSS':>9}"
         )
         lines = [head, "-" * len(head)]
         for name, c in self.ceilings.items():
@@ -144,7 +144,8 @@ class Report:
                 peer = self.best_peer(str(r.extra.get("phase")))
                 x_peer = f"{_ratio(r, peer):.2f}" if peer is not None else "-"
             hit = f"{r.cache_hit_rate:.0%}" if r.cache_hit_rate is not None else "-"
-            rss = format_size(max(r.peak_rss_bytes, r.peak_child_rss_bytes)) if r.peak_rss_bytes else "-"
+            # The loader's whole process tree (its workers too), shared pages counted once.
+            rss = format_size(r.peak_tree_pss_bytes) if r.peak_tree_pss_bytes else "-"
             lines.append(
                 f"{r.name:<{w}} {r.samples_per_s:>10,.0f} {r.mb_per_s:>7.0f} {x_ceil:>7} {x_peer:>7} "
                 f"{r.first_sample_s * 1000:>7.0f}ms {r.batch_p50_ms:>7.1f} {r.batch_p99_ms:>7.1f} "
