@@ -214,7 +214,10 @@ class PipelineError(FastfeedError):
     """An unexpected error in a background stage, re-raised in the consumer.
 
     ``stage`` names the stage (``"fetch"``, ``"parse"``, ...); the original exception is the
-    ``__cause__`` and its formatted traceback is kept in ``remote_traceback``.
+    ``__cause__``, and ``remote_traceback`` is its formatted traceback: given where the error
+    crossed from another process, else formatted when first read, in the reading thread (never
+    in the IO thread: CPython 3.11 before 3.11.8 can corrupt its AST state when two threads
+    format tracebacks at once).
     """
 
     def __init__(
@@ -227,5 +230,17 @@ class PipelineError(FastfeedError):
         remote_traceback: str = "",
     ) -> None:
         self.stage = stage
-        self.remote_traceback = remote_traceback
+        self._remote_traceback = remote_traceback
         super().__init__(message, url=url, hint=hint)
+
+    @property
+    def remote_traceback(self) -> str:
+        if not self._remote_traceback and self.__cause__ is not None:
+            import traceback
+
+            self._remote_traceback = "".join(traceback.format_exception(self.__cause__))
+        return self._remote_traceback
+
+    def __reduce__(self) -> tuple[object, ...]:
+        self.remote_traceback  # noqa: B018 - the cause does not cross processes: its text does
+        return super().__reduce__()

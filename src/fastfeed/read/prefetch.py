@@ -35,7 +35,6 @@ import mmap
 import queue
 import threading
 import time
-import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -422,8 +421,7 @@ class Prefetcher:
                 f"unexpected error fetching bytes {part.start}-{part.end - 1}: {type(exc).__name__}: {exc}",
                 url=info.url,
                 stage="fetch",
-                remote_traceback=traceback.format_exc(),
-            )
+            )  # its remote_traceback is formatted from __cause__ by whoever reads it
             err.__cause__ = exc
             if fut.set_running_or_notify_cancel():
                 fut.set_exception(err)
