@@ -11,7 +11,7 @@ import os
 import re
 import weakref
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import torch
 
@@ -164,6 +164,9 @@ def _shutdown(io_loop: _loop.IOLoop, store: CkptStore) -> None:
         io_loop.release()
 
 
+_Client = TypeVar("_Client", bound="StoreClient")
+
+
 class StoreClient:
     """Opens the :class:`CkptStore` of ``url`` on fastfeed's IO loop (lazily after unpickling)."""
 
@@ -205,6 +208,12 @@ class StoreClient:
             self._io, self._store = io_loop, store
             self._finalizer = weakref.finalize(self, _shutdown, io_loop, store)
         return self._io, self._store
+
+    def __enter__(self: _Client) -> _Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         """Release the store's connections and the IO thread reference (idempotent)."""

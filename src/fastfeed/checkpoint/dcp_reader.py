@@ -96,12 +96,6 @@ class FastfeedStorageReader(StoreClient, StorageReader):
         self.load_id = str(uuid.uuid4())
         self._items: dict[MetadataIndex, Item] = {}
 
-    def __enter__(self) -> FastfeedStorageReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # -- StorageReader ------------------------------------------------------------------
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:

@@ -131,12 +131,6 @@ class FastfeedStorageWriter(StoreClient, StorageWriter):
         self.is_coordinator = False
         self.rank = 0
 
-    def __enter__(self) -> FastfeedStorageWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # -- StorageWriter ------------------------------------------------------------------
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:

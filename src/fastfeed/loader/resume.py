@@ -120,8 +120,7 @@ class SamplerProgress:
         torch.set_rng_state(resume.global_state)
         try:
             it = iter(self.index_sampler)
-            for _ in itertools.islice(it, resume.skip):
-                pass
+            next(itertools.islice(it, resume.skip, resume.skip), None)  # draw (and drop) the skipped batches
             return list(it) if eager and _has_len(self.index_sampler) else it
         finally:
             torch.set_rng_state(outer)

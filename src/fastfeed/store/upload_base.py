@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import logging
 import math
 import re
@@ -145,12 +146,9 @@ class CkptStore(abc.ABC):
 
     async def _put_verified(self, key: str, data: memoryview) -> None:
         """``if_absent`` without conditional writes: check, write, read back."""
-        try:
+        with contextlib.suppress(NotFoundError):
             await self.head(key)
-        except NotFoundError:
-            pass
-        else:
-            raise self.exists_error(key)
+            raise self.exists_error(key)  # the key is taken
         await self._put_object(key, data, if_absent=False)
         if not await self._holds(key, data):
             raise self.exists_error(key)

@@ -56,7 +56,7 @@ def import_streaming() -> str | None:
         try:
             import torchvision  # noqa: F401
         except ModuleNotFoundError:
-            pass
+            pass  # no torchvision: nothing to work around here
         except Exception as exc:
             sys.modules["streaming.vision"] = types.ModuleType("streaming.vision")
             note = f"torchvision unusable ({type(exc).__name__}: {exc}); streaming.vision stubbed out (not used by MDS)"
