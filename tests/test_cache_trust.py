@@ -16,6 +16,7 @@ import logging
 import os
 import pwd
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -571,9 +572,12 @@ def test_a_fill_taken_over_from_a_killed_filler_gets_the_right_checksums(
                 break
             time.sleep(0.02)
         assert parts, "the filler never wrote its first part"
+        # Frozen in the middle of its fill (holding its lock) however slowly this reader starts,
+        # then killed once the reader has taken a sample from the part file.
+        os.kill(filler.pid, signal.SIGSTOP)
         it = iter(ds)
         first = next(it)  # from the filler's part file
-        os.kill(filler.pid, 9)
+        os.kill(filler.pid, signal.SIGKILL)
         filler.wait(timeout=30)
         left = [p.stat().st_size for p in tmp.glob("*.part")]
         data["proxy"].set_bandwidth(None)
