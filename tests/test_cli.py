@@ -35,6 +35,11 @@ def test_bench_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "raw GET ceiling" in proc.stdout and "fastfeed epoch 1 (warm)" in proc.stdout
     assert "targets (fastfeed vs the ceilings and the best peer):" in proc.stdout and "issue" not in proc.stdout.lower()
+    # The run says what it does before it does it: the scenario, with the same settings for all.
+    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("scenario:")]
+    assert "batches of 16 with 1 worker," in line and "epoch 0 cold" in line and "then 1 warm" in line
+    assert "the peers (torch, webdataset, litdata) read the same shards" in line
+    assert proc.stdout.index("scenario:") < proc.stdout.index("raw GET ceiling")
     report = json.loads(out.read_text())
     total = report["setup"]["num_shards"] * report["setup"]["samples_per_shard"]
     assert set(report["ceilings"]) == {"raw GET", "raw read"}

@@ -15,7 +15,7 @@ from typing import Any
 
 from fastfeed.bench.measure import peak_rss_bytes
 from fastfeed.bench.report import Report
-from fastfeed.bench.run import BenchConfig, Progress, check_device, make_decoder, run
+from fastfeed.bench.run import BenchConfig, Progress, check_device, make_decoder, run, scenario
 from fastfeed.config import S3Config, format_size
 
 __all__ = ["DEMO_DECODE_EXTENSIONS", "DEMO_EXTENSIONS", "demo", "demo_dataset"]
@@ -105,6 +105,7 @@ def demo(
     make_decoder(cfg)  # --image-size without --decode fails here too
     extensions = DEMO_DECODE_EXTENSIONS if cfg.decode else DEMO_EXTENSIONS
     with demo_dataset(size, sample_size, shard_size, extensions=extensions, say=say) as (url, s3, setup):
+        say(scenario(cfg))
         report = run(url, s3, cfg, progress=progress, setup=setup)
     report.setup["peak_rss_bytes"] = peak_rss_bytes()
     return report

@@ -68,6 +68,7 @@ __all__ = [
     "make_decoder",
     "measure_decode",
     "run",
+    "scenario",
 ]
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,29 @@ class BenchConfig:
     #: ``image_size`` (``(height, width)``) when given.
     decode: bool = False
     image_size: tuple[int, int] | None = None
+
+
+def scenario(cfg: BenchConfig) -> str:
+    """What a run does, in a user's words (the demo prints it before the table)."""
+    workers = f"{cfg.workers} worker{'s' if cfg.workers != 1 else ''}"
+    step = (
+        f"a {cfg.step_ms:g} ms training step per batch"
+        if cfg.step_ms
+        else "no training step (the loaders at full speed)"
+    )
+    store = "the local S3 server" + (f" with {cfg.latency_ms:g} ms added latency" if cfg.latency_ms else "")
+    if cfg.no_cache:
+        epochs = f"{cfg.epochs} epoch(s), each streamed from {store}"
+    else:
+        warm = f", then {cfg.epochs - 1} warm from the node cache" if cfg.epochs > 1 else ""
+        epochs = f"epoch 0 cold from {store} while filling fastfeed's node cache{warm}"
+    peers = (
+        f"; the peers ({', '.join(cfg.compare)}) read the same shards with the same batch size and workers, "
+        "each in its recommended setup"
+        if cfg.compare
+        else ""
+    )
+    return f"scenario: batches of {cfg.batch_size} with {workers}, {step}; {epochs}{peers}"
 
 
 def machine() -> dict[str, Any]:

@@ -76,15 +76,20 @@ class StreamConfig:
         live = set(streams)
         v = streams[0] if streams else 0
         try:
+            # One snapshot per batch: each item carries what was read since the previous one
+            # (while it was collated and handed over too), so no read goes uncounted.
+            io0 = io_stats()
             while live:
-                io0 = io_stats()
                 try:
                     value, after = next(gens[v])
                 except StopIteration:
                     live.discard(v)
-                    yield StreamEnd(v, io_delta(io0, io_stats()))  # what the stream read last
+                    io1 = io_stats()
+                    yield StreamEnd(v, io_delta(io0, io1))  # what the stream read last
                 else:
-                    yield (v, value, after, io_delta(io0, io_stats()))
+                    io1 = io_stats()
+                    yield (v, value, after, io_delta(io0, io1))
+                io0 = io1
                 v = _cyclic_next(v, live, self.num_streams)
         finally:
             for gen in gens.values():

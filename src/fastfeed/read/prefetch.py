@@ -89,12 +89,14 @@ class FetchStats:
 
 
 class _ByteBudget:
-    """A counting budget on the IO loop (see the module docstring).
+    """A counting budget (see the module docstring).
 
-    ``used`` counts parts issued and not given back plus ``copy``, the bytes the consumer holds
-    copied out of parts for a sample it has not finished. A part is admitted when the bytes
-    held apart from that copy leave room for it, when nothing else is held, or when the
-    consumer is waiting for exactly that part (``wanted``).
+    ``used`` counts parts issued and not given back (written on the IO loop); ``copy`` the bytes
+    the consumer holds copied out of parts for a sample it has not finished (written by the
+    consumer's thread, without a hop to the loop: the copy never blocks a part, so the loop
+    need not hear of it). A part is admitted when the parts held leave room for it, when
+    nothing else is held, or when the consumer is waiting for exactly that part (``wanted``).
+    The peaks count both, under a lock, from whichever thread changed one.
     """
 
     def __init__(self, limit: int, stats: FetchStats) -> None:
@@ -105,18 +107,21 @@ class _ByteBudget:
         self.wanted: _Part | None = None
         self._stats = stats
         self._changed = asyncio.Event()
+        self._lock = threading.Lock()
 
     async def acquire(self, n: int, part: _Part) -> None:
-        while self.used - self.copy + n > self.limit and self.used > self.copy and part is not self.wanted:
+        while self.used + n > self.limit and self.used > 0 and part is not self.wanted:
             self._changed.clear()
             await self._changed.wait()
-        self.used += n
-        stats = self._stats
-        stats.over_budget = max(stats.over_budget, self.used - self.copy - self.limit)
-        self._peaks()
+        with self._lock:
+            self.used += n
+            stats = self._stats
+            stats.over_budget = max(stats.over_budget, self.used - self.limit)
+            self._peaks()
 
     def release(self, n: int) -> None:
-        self.used -= n
+        with self._lock:
+            self.used -= n
         self._changed.set()
 
     def want(self, part: _Part) -> None:
@@ -125,14 +130,14 @@ class _ByteBudget:
         self._changed.set()
 
     def hold_copy(self, delta: int) -> None:
-        """The consumer's copy of a straddling sample grew (or shrank) by ``delta`` bytes."""
-        self.used += delta
-        self.copy += delta
-        self._stats.copy_peak = max(self._stats.copy_peak, self.copy)
-        self._peaks()
+        """[consumer thread] The copy of a straddling sample grew (or shrank) by ``delta`` bytes."""
+        with self._lock:
+            self.copy += delta
+            self._stats.copy_peak = max(self._stats.copy_peak, self.copy)
+            self._peaks()
 
     def _peaks(self) -> None:
-        self.peak = max(self.peak, self.used)
+        self.peak = max(self.peak, self.used + self.copy)
         self._stats.held_peak = self.peak
 
 
@@ -487,7 +492,7 @@ class Prefetcher:
         self._io.call_soon(on_loop)
 
     def _hold_copy(self, delta: int) -> None:
-        self._io.call_soon(self._budget.hold_copy, delta)
+        self._budget.hold_copy(delta)
 
     def _shard_done(self) -> None:
         self._io.call_soon(self._shard_slots.release)
