@@ -48,7 +48,13 @@ ALIGN = 64
 
 @dataclass
 class RaggedBytes:
-    """``B`` variable-size byte strings: ``data[offsets[i]:offsets[i+1]]`` is item ``i``."""
+    """``B`` variable-size byte strings: ``data[offsets[i]:offsets[i+1]]`` is item ``i``.
+
+    Per-item access copies nothing: on the host, ``ragged[i]`` and iteration give read-only
+    ``memoryview`` s of ``data`` (equal to the ``bytes`` they hold; ``bytes(v)`` copies one
+    out, as a dict key for instance), and :meth:`split` gives ``uint8`` tensor views on any device. The views keep
+    the batch's memory alive as long as they live. :meth:`tolist` gives ``bytes`` (copies).
+    """
 
     data: torch.Tensor
     offsets: torch.Tensor
@@ -56,22 +62,57 @@ class RaggedBytes:
     def __len__(self) -> int:
         return int(self.offsets.shape[0]) - 1
 
-    def __getitem__(self, index: int) -> bytes:
-        if not -len(self) <= index < len(self):
-            raise IndexError(index)
-        index %= len(self)
-        lo, hi = int(self.offsets[index]), int(self.offsets[index + 1])
-        return self.data[lo:hi].cpu().numpy().tobytes()
+    def _bounds(self) -> list[int]:
+        return [int(v) for v in self.offsets.cpu().tolist()]
 
-    def __iter__(self) -> Iterator[bytes]:
-        data = self.data.cpu().numpy()
-        offsets = self.offsets.cpu().tolist()
-        for lo, hi in itertools.pairwise(offsets):
-            yield data[lo:hi].tobytes()
+    def __getitem__(self, index: int) -> memoryview | torch.Tensor:
+        """Item ``index``: a read-only memoryview (host data) or a uint8 tensor view (device)."""
+        if not isinstance(index, int | np.integer) or isinstance(index, bool):
+            raise TypeError(f"RaggedBytes indices must be integers, not {type(index).__name__}")
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for a batch of {len(self)}")
+        index = int(index) % len(self)
+        lo, hi = int(self.offsets[index]), int(self.offsets[index + 1])
+        if self.data.device.type != "cpu":
+            return self.data[lo:hi]
+        return self._host_view()[lo:hi]
+
+    def _host_view(self) -> memoryview:
+        return memoryview(self.data.contiguous().numpy().view(np.uint8)).cast("B").toreadonly()  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[memoryview | torch.Tensor]:
+        return iter(self.views())
+
+    def views(self) -> list[memoryview] | list[torch.Tensor]:
+        """Every item without a copy: read-only memoryviews of host data, or uint8 tensor views
+        of device data."""
+        bounds = self._bounds()
+        if self.data.device.type != "cpu":
+            return [self.data[lo:hi] for lo, hi in itertools.pairwise(bounds)]
+        whole = self._host_view()
+        return [whole[lo:hi] for lo, hi in itertools.pairwise(bounds)]
+
+    def split(self) -> list[torch.Tensor]:
+        """Every item as a ``uint8`` tensor view of ``data`` (no copy, on ``data``'s device):
+        what ``torchvision.io.decode_jpeg`` or a DALI ``external_source`` takes per sample."""
+        bounds = self._bounds()
+        return [self.data[lo:hi] for lo, hi in itertools.pairwise(bounds)]
+
+    def select(self, indices: Sequence[int]) -> RaggedBytes:
+        """A new RaggedBytes of the items ``indices`` (copied, in that order)."""
+        bounds = self._bounds()
+        pieces = [self.data[bounds[i] : bounds[i + 1]] for i in indices]
+        lengths = [len(p) for p in pieces]
+        offsets = torch.zeros(len(pieces) + 1, dtype=self.offsets.dtype)
+        if pieces:
+            offsets[1:] = torch.tensor(lengths, dtype=self.offsets.dtype).cumsum(0)
+        data = torch.cat(pieces) if pieces else self.data[:0].clone()
+        return RaggedBytes(data, offsets.to(self.offsets.device))
 
     def tolist(self) -> list[bytes]:
         """The items as a list of ``bytes`` (what torch's ``default_collate`` would give)."""
-        return list(self)
+        data = self.data.cpu().contiguous().numpy()
+        return [data[lo:hi].tobytes() for lo, hi in itertools.pairwise(self._bounds())]
 
     def lengths(self) -> torch.Tensor:
         """Length of each item, ``int64 [B]``."""
@@ -92,13 +133,13 @@ class RaggedBytes:
         out = np.empty(max(len(offsets) - 1, 0), dtype=np.int64)
         bad = _native.parse_ints(data, offsets, out) if len(out) else -1
         if bad >= 0:
-            raise ValueError(f"item {bad} of the batch is not an integer: {self[bad]!r}")
+            raise ValueError(f"item {bad} of the batch is not an integer: {bytes(self[bad])!r}")
         return torch.from_numpy(out)
 
     def _to_ints_py(self) -> torch.Tensor:
         """Reference for :meth:`to_ints` (tests)."""
         values = []
-        for i, item in enumerate(self):
+        for i, item in enumerate(self.tolist()):
             text = item.decode("ascii", errors="replace").strip(" \t\n\r\x0b\x0c")
             digits = text[1:] if text[:1] in ("-", "+") else text
             if not (0 < len(digits) <= 18 and digits.isascii() and digits.isdigit()):

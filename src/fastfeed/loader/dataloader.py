@@ -55,6 +55,7 @@ from fastfeed.loader.settings import WORKER_MODES, LoaderParts, PoolHolder, read
 from fastfeed.loader.stats import LoaderStats, StatsSink
 from fastfeed.loader.streaming import is_streaming
 from fastfeed.order.streams import epoch_batches
+from fastfeed.vision import Decode
 
 __all__ = ["DataLoader"]
 
@@ -170,8 +171,14 @@ class DataLoader(_TorchDataLoader[_T_co]):
         ring_slots: int | None = None,
         num_streams: int = 8,
         worker_mode: str = "auto",
+        decode: Decode | None = None,
     ) -> None:
         checked = _check_device(device)
+        if decode is not None and not isinstance(decode, Decode):
+            raise ConfigError(
+                f"decode must be a fastfeed.vision.Decode, got {type(decode).__name__}",
+                hint="e.g. decode=fastfeed.vision.Decode(jpg='rgb', size=224)",
+            )
         if prefetch_batches < 1:
             raise ConfigError(f"prefetch_batches must be >= 1, got {prefetch_batches}")
         if ring_slots is not None and ring_slots < 1:
@@ -201,6 +208,7 @@ class DataLoader(_TorchDataLoader[_T_co]):
         self.ring_slots = ring_slots
         self.num_streams = num_streams
         self.worker_mode = worker_mode
+        self.decode = decode
         self._ring = HostRing(ring_slots or prefetch_batches + 3, pin=torch.cuda.is_available())
         self._stats = StatsSink()
         self._progress = Progress(self.dataset)
@@ -253,6 +261,7 @@ class DataLoader(_TorchDataLoader[_T_co]):
             self._sampler_progress,
             self._pool_holder,
             self._IterableDataset_len_called,
+            self.decode,
         )
 
     def stats(self) -> LoaderStats:

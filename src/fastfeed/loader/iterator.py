@@ -25,7 +25,7 @@ from fastfeed.batch.collate import collate_into
 from fastfeed.batch.device import DeviceFeeder
 from fastfeed.loader.items import END, Failure
 from fastfeed.loader.pool import Workers
-from fastfeed.loader.producer import POLL, collate_into_slot, produce
+from fastfeed.loader.producer import POLL, collate_into_slot, decode_batch, produce
 from fastfeed.loader.settings import IterationSettings, LoaderParts
 from fastfeed.loader.stats import count_samples, tensor_bytes
 
@@ -250,6 +250,8 @@ class LoaderIterator:
             if settings.ring.free_slots() == 0:
                 feeder.wait_oldest()  # a ring slot is free once its copy has completed
         batch = _collate(settings, data)
+        if settings.decode is not None:
+            batch = decode_batch(settings, feeder, batch)
         t2 = time.perf_counter()
         if feeder is not None:
             batch, event = feeder.copy(batch)

@@ -27,7 +27,7 @@ from fastfeed.loader.settings import IterationSettings
 from fastfeed.loader.stats import tensor_bytes
 from fastfeed.loader.streaming import rotated
 
-__all__ = ["POLL", "collate_into_slot", "produce"]
+__all__ = ["POLL", "collate_into_slot", "decode_batch", "produce"]
 
 #: Seconds between checks of the stop event while the producer (or the training loop) waits.
 POLL = 0.1
@@ -166,8 +166,25 @@ def _assemble(
 
             batch = pin_memory(batch)  # type: ignore[no-untyped-call]
         nbytes = tensor_bytes(batch)
+    if settings.decode is not None:
+        decode_start = time.perf_counter()
+        batch = decode_batch(settings, feeder, batch)
+        times["decode_s"] = times.get("decode_s", 0.0) + time.perf_counter() - decode_start
     event = None
     if feeder is not None:
         batch, event = feeder.copy(batch)
-    times["copy_s"] = times.get("copy_s", 0.0) + time.perf_counter() - start
+    times["copy_s"] = times.get("copy_s", 0.0) + time.perf_counter() - start - times.get("decode_s", 0.0)
     return batch, event, nbytes, n, times
+
+
+def decode_batch(settings: IterationSettings, feeder: DeviceFeeder | None, batch: Any) -> Any:
+    """The loader's decode stage over one host batch: on the host (before the device copy), or
+    on the feeder's device and stream for a GPU backend (the copy then leaves those fields)."""
+    decode = settings.decode
+    assert decode is not None
+    device = getattr(feeder, "device", None)
+    if decode.resolve_backend(device) == "cpu":
+        return decode(batch, epoch=settings.decode_epoch)
+    stream = getattr(feeder, "stream", None)
+    with torch.cuda.stream(stream):
+        return decode(batch, epoch=settings.decode_epoch, device=device)

@@ -34,6 +34,7 @@ from fastfeed.loader.resume import Progress, Resume, SamplerDraw, SamplerProgres
 from fastfeed.loader.slots import SlotFlags, SlotTable
 from fastfeed.loader.stats import StatsSink
 from fastfeed.loader.streaming import StreamConfig, is_streaming
+from fastfeed.vision import Decode
 
 __all__ = [
     "WORKER_MODES",
@@ -173,6 +174,8 @@ class LoaderParts:
     #: The length ``len(loader)`` reported for an iterable dataset (torch's
     #: ``_IterableDataset_len_called``), for torch's warning when an iteration yields more.
     iterable_len: int | None
+    #: The image decode stage (``DataLoader(decode=...)``), or None.
+    decode: Decode | None = None
 
 
 def _seed_generator(generator: torch.Generator | None, draws: int = 1) -> torch.Generator:
@@ -255,6 +258,10 @@ class IterationSettings:
         #: torch pins the batches of a user collate_fn when asked; fastfeed's own are pinned.
         self.pin_user = bool(loader.pin_memory) and torch.cuda.is_available() and parts.device is None
         self.slot_table: SlotTable | None = None
+        #: The decode stage, applied to each batch before its device copy (after it, on the
+        #: device, for a GPU backend), and the epoch its random crops are drawn for.
+        self.decode = parts.decode
+        self.decode_epoch = int(getattr(dataset, "epoch", 0) or 0)
         #: Whether the producer unpins the slot table when the iteration ends (a persistent
         #: pool's table lives, pinned, as long as the pool).
         self.owns_slot_table = True

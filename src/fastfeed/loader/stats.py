@@ -40,6 +40,8 @@ class LoaderStats:
     collate_s: float = 0.0
     #: Copying into the ring / issuing device copies.
     copy_s: float = 0.0
+    #: Decoding images (``DataLoader(decode=...)``).
+    decode_s: float = 0.0
     #: Bytes read from the store (S3 or local files), and from the node's cache (fastfeed
     #: datasets with ``cache_dir``).
     bytes_fetched: int = 0
