@@ -10,7 +10,8 @@
 # Steps: build + install fastfeed, benchmarks/gpu/gpu_check.py (bandwidth, overlap, bit-identity),
 # `fastfeed bench --demo --device cuda` (SeaweedFS from its wheel -> pinned ring -> GPU, next to the
 # raw GET and pinned-copy ceilings; then with a 10 ms synthetic step for the data wait), then the loader/resume/gather
-# tests with CUDA present (pinned arenas, the CUDA-only tests).
+# tests with CUDA present (pinned arenas, the CUDA-only tests); benchmarks/gpu/decode_check.py (nvJPEG
+# decode against Pillow's, images/s of each, the loader with decode= on the GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu_check_out}
@@ -43,6 +44,8 @@ rc=0
 timeout 240 python3 benchmarks/gpu/gpu_check.py "$out/gpu_check.json" || rc=$?
 echo "gpu_check.py: rc=$rc"
 demo || echo "bench demo: rc=$?"
+# Image decode on the GPU (torchvision's nvJPEG) against the CPU backend, and the loader end to end.
+timeout 200 python3 benchmarks/gpu/decode_check.py "$out/decode_check.json" 2>&1 | tail -14 || echo "decode_check: failed"
 timeout 200 python3 -m pytest -q -p no:cacheprovider -x --timeout 120 \
   tests/test_loader.py tests/test_resume.py tests/test_reshard.py tests/test_gather.py tests/test_columnar.py \
   tests/test_sample_runs.py \

@@ -289,7 +289,9 @@ class Decode:
             ids = [(keys[i] if i < len(keys) else str(i), urls[i] if i < len(urls) else "") for i in range(n)]
             if backend == "nvjpeg":
                 assert device is not None
-                images, failed = self._decode_nvjpeg(items, ids, name, mode, epoch, device)
+                value = batch[name]
+                tensors = value.split() if isinstance(value, RaggedBytes) else [_as_uint8_tensor(v) for v in items]
+                images, failed = self._decode_nvjpeg(items, tensors, ids, name, mode, epoch, device)
             else:
                 images, failed = self._decode_cpu(items, ids, name, mode, epoch)
             decoded[name] = (images, failed)
@@ -423,6 +425,7 @@ class Decode:
     def _decode_nvjpeg(
         self,
         items: list[Any],
+        tensors: list[torch.Tensor],
         ids: list[tuple[str, str]],
         name: str,
         mode: str,
@@ -432,7 +435,6 @@ class Decode:
         from torchvision.io import ImageReadMode, decode_jpeg
 
         read_mode = ImageReadMode.RGB if mode == "rgb" else ImageReadMode.GRAY
-        tensors = [_as_uint8_tensor(v) for v in items]
         jpeg = [i for i, t in enumerate(tensors) if len(t) >= 2 and int(t[0]) == 0xFF and int(t[1]) == 0xD8]
         images: list[torch.Tensor | None] = [None] * len(items)
         failed: list[int] = []
@@ -472,9 +474,7 @@ def _flip_draw(rng: np.random.Generator | None) -> bool:
 def _as_uint8_tensor(value: Any) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.reshape(-1).to(torch.uint8) if value.dtype != torch.uint8 else value.reshape(-1)
-    return torch.frombuffer(
-        bytearray(value) if not isinstance(value, bytearray | memoryview) else value, dtype=torch.uint8
-    )
+    return torch.frombuffer(bytearray(value), dtype=torch.uint8)  # a collate_fn's bytes: copied
 
 
 def _items(value: Any) -> list[Any]:
