@@ -21,11 +21,17 @@ from hypothesis import strategies as st
 import fastfeed
 from fastfeed import DataLoader, DecodeError, RaggedBytes, StreamingDataset
 from fastfeed.vision import Decode, crop_box
+from fastfeed.vision.dali import dali_available
 
 Image = pytest.importorskip("PIL.Image")
 matplotlib = pytest.importorskip("matplotlib")
 
 SAMPLES = Path(matplotlib.get_data_path()) / "sample_data"
+
+#: The host backends: Pillow, and DALI's CPU pipeline (the same pipeline code as on a GPU but
+#: for the decoder's device) where DALI is installed (x86-64 Linux: the test extra).
+NEEDS_DALI = pytest.mark.skipif(not dali_available(), reason="pip install nvidia-dali-cuda120")
+BACKENDS = ["cpu", pytest.param("dali", marks=NEEDS_DALI)]
 
 
 def _photo(name: str) -> Any:
@@ -137,8 +143,9 @@ def test_decode_without_resize_is_pillows_decode_bit_for_bit(photos: dict[str, b
     assert out["__key__"] == names
 
 
-def test_gray_mode_gives_one_channel(photos: dict[str, bytes]) -> None:
-    out = Decode(jpg="gray", size=32, backend="cpu")(_batch(photos, ["hopper-q90", "pack-png"]))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gray_mode_gives_one_channel(photos: dict[str, bytes], backend: str) -> None:
+    out = Decode(jpg="gray", size=32, backend=backend)(_batch(photos, ["hopper-q90", "pack-png"]))
     assert out["jpg"].shape == (2, 1, 32, 32)
     with Image.open(io.BytesIO(photos["pack-png"])) as img:
         gray = np.asarray(img.convert("L").resize((32, 32), Image.Resampling.BILINEAR))
@@ -146,9 +153,12 @@ def test_gray_mode_gives_one_channel(photos: dict[str, bytes]) -> None:
 
 
 @pytest.mark.parametrize("size", [224, 64, 31])
-def test_center_crop_matches_torchvisions_resize_and_center_crop(photos: dict[str, bytes], size: int) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_center_crop_matches_torchvisions_resize_and_center_crop(
+    photos: dict[str, bytes], size: int, backend: str
+) -> None:
     names = list(photos)
-    out = Decode(jpg="rgb", size=size, crop="center", backend="cpu")(_batch(photos, names))["jpg"]
+    out = Decode(jpg="rgb", size=size, crop="center", backend=backend)(_batch(photos, names))["jpg"]
     assert out.shape == (len(names), 3, size, size)
     for i, name in enumerate(names):
         got = out[i].permute(1, 2, 0).numpy().astype(np.int16)
@@ -158,26 +168,28 @@ def test_center_crop_matches_torchvisions_resize_and_center_crop(photos: dict[st
         assert np.abs(got - want).mean() < 1.5, (name, size)
 
 
-def test_normalize_is_imagenets(photos: dict[str, bytes]) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_normalize_is_imagenets(photos: dict[str, bytes], backend: str) -> None:
     batch = _batch(photos, ["hopper-q90", "pack-jpg"])
-    raw = Decode(jpg="rgb", size=48, backend="cpu")(batch)["jpg"]
-    norm = Decode(jpg="rgb", size=48, normalize="imagenet", backend="cpu")(batch)["jpg"]
+    raw = Decode(jpg="rgb", size=48, backend=backend)(batch)["jpg"]
+    norm = Decode(jpg="rgb", size=48, normalize="imagenet", backend=backend)(batch)["jpg"]
     assert norm.dtype == torch.float32
     mean = torch.tensor(fastfeed.vision.IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(fastfeed.vision.IMAGENET_STD).view(1, 3, 1, 1)
     torch.testing.assert_close(norm, (raw.float() / 255 - mean) / std)
 
 
-def test_random_crops_are_drawn_per_sample_and_epoch(photos: dict[str, bytes]) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_crops_are_drawn_per_sample_and_epoch(photos: dict[str, bytes], backend: str) -> None:
     names = ["hopper-q90", "hopper-progressive", "pack-jpg", "hopper-q90"]
     batch = _batch(photos, names)
     batch["__key__"] = ["a", "b", "c", "d"]
-    dec = Decode(jpg="rgb", size=40, crop="random", flip=True, backend="cpu")
+    dec = Decode(jpg="rgb", size=40, crop="random", flip=True, backend=backend)
     one, again, later = dec(batch, epoch=0)["jpg"], dec(batch, epoch=0)["jpg"], dec(batch, epoch=1)["jpg"]
     assert torch.equal(one, again)  # a function of (seed, epoch, shard, key): resumable
     assert not torch.equal(one, later)
     assert not torch.equal(one[0], one[3])  # the same image under two keys: two crops
-    other_seed = Decode(jpg="rgb", size=40, crop="random", flip=True, backend="cpu", seed=1)(batch)["jpg"]
+    other_seed = Decode(jpg="rgb", size=40, crop="random", flip=True, backend=backend, seed=1)(batch)["jpg"]
     assert not torch.equal(one, other_seed)
     # One sample alone gets the crop it gets in a batch: the draws do not depend on neighbours.
     alone = dec({k: (v.select([2]) if isinstance(v, RaggedBytes) else v[2:3]) for k, v in batch.items()})["jpg"]
@@ -213,6 +225,29 @@ def test_center_crop_box_keeps_the_output_aspect_and_the_center(h: int, w: int, 
     assert box.height >= h - 2 * px_y - 1e-9 or box.width >= w - 2 * px_x - 1e-9  # the shorter side fits whole
 
 
+@NEEDS_DALI
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"size": 224},
+        {"size": 56, "crop": "random", "flip": True},
+        {"size": 64, "crop": "none"},
+        {"size": 33, "normalize": "imagenet"},
+    ],
+)
+def test_dali_agrees_with_pillow(photos: dict[str, bytes], kwargs: dict[str, Any]) -> None:
+    # DALI's pipeline (its CPU decoder here; nvJPEG on a GPU, benchmarks/gpu/decode_check.py) is
+    # given the crops and flips the host draws, so it must give the Pillow path's images.
+    batch = _batch(photos, list(photos))
+    want = Decode(jpg="rgb", backend="cpu", **kwargs)(batch, epoch=2)["jpg"]
+    got = Decode(jpg="rgb", backend="dali", **kwargs)(batch, epoch=2)["jpg"]
+    assert got.shape == want.shape and got.dtype == want.dtype
+    diff = (got.float() - want.float()).abs()
+    if got.dtype != torch.uint8:
+        diff = diff * 0.226 * 255  # back to levels of 255
+    assert diff.mean() < 1.0, diff.mean()  # measured: 0.06-0.2 on these photographs
+
+
 # ---------------------------------------------------------------------------- the GPU path's tensor ops
 
 
@@ -235,23 +270,25 @@ def test_tensor_path_agrees_with_the_pillow_path(photos: dict[str, bytes], crop:
 # ---------------------------------------------------------------------------- bad input
 
 
-def test_a_corrupt_image_names_its_sample_and_shard(photos: dict[str, bytes]) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_corrupt_image_names_its_sample_and_shard(photos: dict[str, bytes], backend: str) -> None:
     batch = _batch(photos, ["hopper-q90", "hopper-half"])
     batch["jpg"] = _ragged([photos["hopper-q90"], photos["hopper-half"][:300]])
     batch["__key__"] = ["good", "broken"]
     with pytest.raises(DecodeError) as info:
-        Decode(jpg="rgb", size=32, backend="cpu")(batch)
+        Decode(jpg="rgb", size=32, backend=backend)(batch)
     err = info.value
     assert "broken" in str(err) and err.url == "file:///photos.tar" and err.key == "broken"
     assert "on_error='skip'" in (err.hint or "")
 
 
-def test_skip_drops_a_corrupt_sample_from_every_field_and_counts_it(photos: dict[str, bytes]) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skip_drops_a_corrupt_sample_from_every_field_and_counts_it(photos: dict[str, bytes], backend: str) -> None:
     batch = _batch(photos, ["hopper-q90", "hopper-q90", "pack-jpg"])
     batch["__key__"] = ["a", "b", "c"]
     batch["jpg"] = _ragged([photos["hopper-q90"], b"not an image", photos["pack-jpg"]])
     batch["txt"] = _ragged([b"x", b"y", b"z"])
-    dec = Decode(jpg="rgb", size=32, backend="cpu", on_error="skip")
+    dec = Decode(jpg="rgb", size=32, backend=backend, on_error="skip")
     out = dec(batch)
     assert out["jpg"].shape == (2, 3, 32, 32) and dec.skipped == 1
     assert out["__key__"] == ["a", "c"] and out["cls"].tolist() == [0, 2] and out["txt"].tolist() == [b"x", b"z"]
@@ -290,13 +327,23 @@ def _write_shard(path: Path, photos: dict[str, bytes], names: list[str]) -> None
                 tar.addfile(info, io.BytesIO(data))
 
 
-@pytest.mark.parametrize("workers,mode", [(0, "auto"), (2, "thread"), (2, "process")])
-def test_the_loader_decodes_each_batch(tmp_path: Path, photos: dict[str, bytes], workers: int, mode: str) -> None:
+@pytest.mark.parametrize(
+    "workers,mode,backend",
+    [
+        (0, "auto", "cpu"),
+        (2, "thread", "cpu"),
+        (2, "process", "cpu"),
+        pytest.param(2, "thread", "dali", marks=NEEDS_DALI),
+    ],
+)
+def test_the_loader_decodes_each_batch(
+    tmp_path: Path, photos: dict[str, bytes], workers: int, mode: str, backend: str
+) -> None:
     names = list(photos) * 2
     _write_shard(tmp_path / "photos-000.tar", photos, names[:11])
     _write_shard(tmp_path / "photos-001.tar", photos, names[11:])
     ds = StreamingDataset(str(tmp_path))
-    dec = Decode(jpg="rgb", size=40, crop="random", flip=True, normalize="imagenet", backend="cpu")
+    dec = Decode(jpg="rgb", size=40, crop="random", flip=True, normalize="imagenet", backend=backend)  # type: ignore[arg-type]
     loader = DataLoader(ds, batch_size=4, num_workers=workers, worker_mode=mode, decode=dec)
     seen: dict[str, torch.Tensor] = {}
     labels: dict[str, int] = {}

@@ -22,8 +22,11 @@ Backends (``backend=``):
 * ``"nvjpeg"``: torchvision's ``decode_jpeg(device="cuda")`` (NVIDIA's nvJPEG) on the loader's
   device, then crop, resize, flip and normalize as tensor operations on the GPU; images that are
   not JPEG are decoded by Pillow and uploaded.
-* ``"auto"`` (default): ``"nvjpeg"`` when the loader has a CUDA device and torchvision is
-  installed, else ``"cpu"``.
+* ``"dali"``: an NVIDIA DALI pipeline (``fastfeed[dali]``): ``decoders.image(device="mixed")``
+  (nvJPEG and the GPU's hardware JPEG decoder), resize and ``crop_mirror_normalize`` on the
+  loader's device, or DALI's CPU pipeline without one (:mod:`fastfeed.vision.dali`).
+* ``"auto"`` (default): with a CUDA device, ``"dali"`` if DALI is installed, else ``"nvjpeg"`` if
+  torchvision is, else ``"cpu"``; without one, ``"cpu"``.
 
 Geometry, as torchvision's transforms define it: ``crop="center"`` resizes the shorter side to
 the output's and cuts the center (``Resize`` + ``CenterCrop``); ``crop="random"`` is
@@ -49,7 +52,6 @@ import os
 import threading
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -57,6 +59,7 @@ import torch
 
 from fastfeed.batch.assemble import RaggedBytes
 from fastfeed.errors import ConfigError, DecodeError
+from fastfeed.vision.geometry import Crop, crop_box, flip_draw
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Crop", "Decode", "crop_box"]
 
@@ -65,64 +68,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _MODES = {"rgb": ("RGB", 3), "gray": ("L", 1)}
 _CROPS = ("center", "random", "none")
-_BACKENDS = ("auto", "cpu", "nvjpeg")
+_BACKENDS = ("auto", "cpu", "nvjpeg", "dali")
 _DTYPES = {torch.uint8, torch.float32, torch.float16, torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class Crop:
-    """A crop of an image (rows ``top:top+height``, columns ``left:left+width``), then a
-    horizontal flip if ``flip``."""
-
-    top: float
-    left: float
-    height: float
-    width: float
-    flip: bool = False
-
-
-def crop_box(
-    height: int,
-    width: int,
-    out: tuple[int, int],
-    crop: str,
-    rng: np.random.Generator | None,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> Crop:
-    """The region of an ``height`` x ``width`` image that becomes the output ``out`` (H, W), as
-    torchvision's ``Resize``+``CenterCrop`` (``"center"``), ``RandomResizedCrop``
-    (``"random"``, drawing from ``rng``) or a plain resize (``"none"``) choose it."""
-    if crop == "none":
-        return Crop(0, 0, height, width)
-    if crop == "center":
-        # torchvision's Resize (the shorter side to the output's, the longer truncated to an
-        # int) then CenterCrop (offsets rounded to whole pixels of the resized image), as the
-        # region of the original image that becomes the output.
-        s = max(out[0] / height, out[1] / width)
-        rh, rw = max(out[0], int(height * s)), max(out[1], int(width * s))
-        top, left = round((rh - out[0]) / 2.0), round((rw - out[1]) / 2.0)
-        sy, sx = rh / height, rw / width
-        h, w = min(height, out[0] / sy), min(width, out[1] / sx)
-        return Crop(min(top / sy, height - h), min(left / sx, width - w), h, w)
-    assert rng is not None
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
-        w = round(math.sqrt(target * aspect))
-        h = round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            return Crop(int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w)
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, round(width / min(ratio))
-    elif in_ratio > max(ratio):
-        h, w = height, round(height * max(ratio))
-    else:
-        h, w = height, width
-    return Crop((height - h) // 2, (width - w) // 2, h, w)
 
 
 def _pil() -> Any:
@@ -148,7 +95,7 @@ class Decode:
             the output is then ``(x / 255 - mean) / std`` in ``dtype`` (float32 by default).
         dtype: output dtype: ``torch.uint8`` (default without ``normalize``) or a float type
             (``x / 255``, normalized if asked).
-        backend: ``"auto"``, ``"cpu"`` or ``"nvjpeg"``.
+        backend: ``"auto"``, ``"cpu"``, ``"nvjpeg"`` or ``"dali"``.
         on_error: ``"raise"`` (default) or ``"skip"`` a sample whose image does not decode.
         seed: base of the per-sample random draws.
         threads: decode threads of the ``"cpu"`` backend (default: the CPUs of this process).
@@ -166,7 +113,7 @@ class Decode:
         flip: bool = False,
         normalize: tuple[Sequence[float], Sequence[float]] | Literal["imagenet"] | None = None,
         dtype: torch.dtype | None = None,
-        backend: Literal["auto", "cpu", "nvjpeg"] = "auto",
+        backend: Literal["auto", "cpu", "nvjpeg", "dali"] = "auto",
         on_error: Literal["raise", "skip"] = "raise",
         seed: int = 0,
         threads: int | None = None,
@@ -219,6 +166,8 @@ class Decode:
         self.skipped = 0
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        #: Built DALI pipelines, by (field, device): made on first use, never pickled.
+        self._dali: dict[tuple[str, str], Any] = {}
 
     def __repr__(self) -> str:
         return (
@@ -229,6 +178,7 @@ class Decode:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_pool"] = None
+        state["_dali"] = {}
         del state["_lock"]
         return state
 
@@ -249,6 +199,10 @@ class Decode:
         if self.backend != "auto":
             return self.backend
         if device is not None and device.type == "cuda":
+            from fastfeed.vision.dali import dali_available
+
+            if dali_available():
+                return "dali"
             try:
                 import torchvision.io  # noqa: F401
             except ImportError:
@@ -292,6 +246,8 @@ class Decode:
                 value = batch[name]
                 tensors = value.split() if isinstance(value, RaggedBytes) else [_as_uint8_tensor(v) for v in items]
                 images, failed = self._decode_nvjpeg(items, tensors, ids, name, mode, epoch, device)
+            elif backend == "dali":
+                images, failed = self._decode_dali(items, ids, name, mode, epoch, device)
             else:
                 images, failed = self._decode_cpu(items, ids, name, mode, epoch)
             decoded[name] = (images, failed)
@@ -341,7 +297,7 @@ class Decode:
                     box = crop_box(img.height, img.width, self.size, self.crop, rng, self.scale, self.ratio)
                     pil_box = (box.left, box.top, box.left + box.width, box.top + box.height)
                     img = img.resize((self.size[1], self.size[0]), resample, box=pil_box)
-                flip = self.flip and _flip_draw(rng)
+                flip = self.flip and flip_draw(rng)
                 arr = np.asarray(img, dtype=np.uint8)
                 if flip:
                     arr = arr[:, ::-1]
@@ -390,6 +346,87 @@ class Decode:
             x = x.sub_(m.view(1, -1, 1, 1)).div_(s.view(1, -1, 1, 1))
         return x.contiguous()
 
+    # ------------------------------------------------------------------------------ DALI
+
+    def _dali_pipeline(self, name: str, mode: str, device: torch.device | None, n: int) -> Any:
+        from fastfeed.vision.dali import DaliPipeline
+
+        key = (name, str(device))
+        pipe = self._dali.get(key)
+        if pipe is None or pipe.batch_size < n:
+            size = max(n, 2 * pipe.batch_size if pipe is not None else n)
+            pipe = DaliPipeline(
+                gray=mode == "gray",
+                size=self.size,
+                normalize=self.normalize,
+                dtype=self.dtype,
+                device=device,
+                batch_size=size,
+                threads=self.threads,
+            )
+            self._dali[key] = pipe
+        return pipe
+
+    def _decode_dali(
+        self,
+        items: list[Any],
+        ids: list[tuple[str, str]],
+        name: str,
+        mode: str,
+        epoch: int,
+        device: torch.device | None,
+    ) -> tuple[torch.Tensor, list[int]]:
+        from fastfeed.vision.dali import image_size
+
+        n = len(items)
+        rois: dict[int, tuple[float, float, float, float]] = {}
+        mirrors: dict[int, int] = {}
+        failed: list[int] = []
+        for i in range(n):
+            try:
+                height, width = image_size(items[i])
+            except Exception as err:  # not an image any decoder would take
+                self._fail(err, ids[i][0], ids[i][1], name)
+                failed.append(i)
+                continue
+            rng = self.draws(*ids[i], epoch)
+            box = crop_box(height, width, self.size, self.crop, rng, self.scale, self.ratio) if self.size else None
+            rois[i] = (
+                (0.0, 0.0, height, width)
+                if box is None
+                else (box.top, box.left, box.top + box.height, box.left + box.width)
+            )
+            mirrors[i] = int(self.flip and flip_draw(rng))
+        arrays = [np.frombuffer(v, dtype=np.uint8) for v in items]
+        ok = [i for i in range(n) if i not in failed]
+        if not ok:
+            h, w = self.size or (0, 0)
+            return torch.empty((0, _MODES[mode][1], h, w), dtype=self.dtype), failed
+
+        def run(rows: list[int]) -> torch.Tensor:
+            with self._lock:
+                pipe = self._dali_pipeline(name, mode, device, len(rows))
+                return pipe.run([arrays[i] for i in rows], [rois[i] for i in rows], [mirrors[i] for i in rows])  # type: ignore[no-any-return]
+
+        try:
+            return run(ok), failed
+        except Exception as err:
+            # DALI fails the whole batch for one bad image: find it with Pillow, drop the
+            # pipeline (its state after an error is DALI's business) and decode the rest.
+            with self._lock:
+                self._dali.pop((name, str(device)), None)
+            bad = [i for i in ok if not _pillow_decodes(items[i])]
+            if not bad:
+                self._fail(err, ids[ok[0]][0], ids[ok[0]][1], name)
+                return torch.empty((0, _MODES[mode][1], *(self.size or (0, 0))), dtype=self.dtype), failed + ok
+            for i in bad:
+                self._fail(err, ids[i][0], ids[i][1], name)
+            failed.extend(bad)
+            rest = [i for i in ok if i not in bad]
+            if not rest:
+                return torch.empty((0, _MODES[mode][1], *(self.size or (0, 0))), dtype=self.dtype), failed
+            return run(rest), failed
+
     # ------------------------------------------------------------------------------ tensors (GPU)
 
     def transform_tensors(self, images: list[torch.Tensor], ids: list[tuple[str, str]], epoch: int) -> torch.Tensor:
@@ -415,7 +452,7 @@ class Decode:
                         .clamp_(0, 255)
                         .to(torch.uint8)
                     )
-            if self.flip and _flip_draw(rng):
+            if self.flip and flip_draw(rng):
                 x = x.flip(-1)
             outs.append(x)
         if not outs:
@@ -466,9 +503,14 @@ class Decode:
         return self.transform_tensors([images[i] for i in ok], [ids[i] for i in ok], epoch), failed  # type: ignore[misc]
 
 
-def _flip_draw(rng: np.random.Generator | None) -> bool:
-    """The flip coin of a sample, drawn from its generator after its crop's draws."""
-    return bool(rng is not None and rng.random() < 0.5)
+def _pillow_decodes(data: Any) -> bool:
+    """Whether Pillow decodes ``data`` whole (to find the image that failed a DALI batch)."""
+    try:
+        with _pil().open(io.BytesIO(data)) as img:
+            img.load()
+    except Exception:
+        return False
+    return True
 
 
 def _as_uint8_tensor(value: Any) -> torch.Tensor:
