@@ -36,6 +36,7 @@ from fastfeed.order.source import Segment
 from fastfeed.read.prefetch import FetchStats, Prefetcher
 from fastfeed.read.reader import Sample, iter_samples
 from fastfeed.read.sources import count_shard_samples, resolve_source
+from fastfeed.read.stages import Staged, apply_stages
 from fastfeed.store.base import ObjectInfo
 from fastfeed.store.pool import StoreSet
 
@@ -47,7 +48,7 @@ Source = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 T = TypeVar("T")
 
 
-class StreamingDataset(IterableDataset[Sample]):
+class StreamingDataset(Staged, IterableDataset[Sample]):
     """Stream WebDataset-style tar shards as sample dicts.
 
     Args:
@@ -363,7 +364,7 @@ class StreamingDataset(IterableDataset[Sample]):
         if self.shuffle and self.shuffle_buffer > 1:
             rng = _rng(self.seed, epoch, self.rank, worker)
             samples = _shuffle(samples, self.shuffle_buffer, rng)
-        return samples
+        return apply_stages(samples, self.stages) if self.stages else samples
 
     # ------------------------------------------------------------------ internals
 

@@ -25,7 +25,7 @@ from fastfeed.loader.items import END, Failure, RegionBatch, RingBatch, SlotBatc
 from fastfeed.loader.pool import Workers
 from fastfeed.loader.settings import IterationSettings
 from fastfeed.loader.stats import tensor_bytes
-from fastfeed.loader.streaming import rotated
+from fastfeed.loader.streaming import SKIPPED, rotated
 
 __all__ = ["POLL", "collate_into_slot", "decode_batch", "produce"]
 
@@ -49,7 +49,7 @@ def _stream_batches_in_process(settings: IterationSettings) -> Iterator[Any]:
     streams = settings.streams
     ring = settings.ring
     timing = {"collate_s": 0.0}
-    user = streams.collate_fn is not None or streams.unbatched
+    user = streams.user
 
     def collate(columns: ColumnBatch) -> tuple[Any, int]:
         start = time.perf_counter()
@@ -72,6 +72,9 @@ def _stream_batches_in_process(settings: IterationSettings) -> Iterator[Any]:
                 settings.stats.add(**item.io)
                 continue
             v, (batch, n), after, io = item
+            if batch is SKIPPED:  # the dataset's stages dropped every sample of it
+                settings.stats.add(**io)
+                continue
             elapsed = time.perf_counter() - start
             stage = {"n": n, **io, "collate_s": timing["collate_s"]}
             stage["parse_s"] = max(0.0, elapsed - io["fetch_s"] - timing["collate_s"])

@@ -55,8 +55,8 @@ def reads_in_threads(loader: TorchDataLoader[Any]) -> bool:
     (the IO thread and the producer thread) instead of in ``num_workers`` worker processes.
 
     ``worker_mode="auto"`` reads in threads when no Python code runs per sample or per batch in
-    the workers: fastfeed's native collate, batches (not ``batch_size=None``), no
-    ``worker_init_fn`` and no ``multiprocessing_context``. Fetching, the tar scan and the
+    the workers: fastfeed's native collate, batches (not ``batch_size=None``), no dataset stages
+    (``decode``, ``map``...), no ``worker_init_fn`` and no ``multiprocessing_context``. Fetching, the tar scan and the
     native gather release the GIL, so the workers' processes would only add their start-up
     (an S3 client and an IO loop each, every epoch) and a hand-over per batch. The batches are
     the same either way: they depend on ``num_streams``, not on where the streams are read.
@@ -71,6 +71,7 @@ def reads_in_threads(loader: TorchDataLoader[Any]) -> bool:
         and loader.collate_fn is default_collate
         and loader.worker_init_fn is None
         and loader.multiprocessing_context is None
+        and not getattr(loader.dataset, "stages", ())
     )
 
 

@@ -13,15 +13,16 @@ import collections
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
-from torch.utils.data._utils.collate import default_convert
+from torch.utils.data._utils.collate import default_collate, default_convert
 
 from fastfeed.batch.assemble import ColumnBatch
 from fastfeed.loader.items import StreamEnd, WorkerError
 from fastfeed.loader.stats import io_delta
 from fastfeed.order.source import Segment
 from fastfeed.order.streams import StreamPos, stream_batches
+from fastfeed.read.stages import apply_stages
 
-__all__ = ["StreamConfig", "in_stream_order", "is_streaming", "rotated"]
+__all__ = ["SKIPPED", "StreamConfig", "in_stream_order", "is_streaming", "rotated"]
 
 
 class StreamConfig:
@@ -95,12 +96,37 @@ class StreamConfig:
             for gen in gens.values():
                 gen.close()
 
+    @property
+    def user(self) -> bool:
+        """Whether batches are made by :meth:`user_collate` (a ``collate_fn``, ``batch_size=None``
+        or the dataset's stages) rather than gathered natively."""
+        return self.collate_fn is not None or self.unbatched or bool(getattr(self.dataset, "stages", ()))
+
     def user_collate(self, columns: ColumnBatch) -> Any:
-        """A user ``collate_fn`` (or ``default_convert``) over the batch's sample dicts; with
-        ``batch_size=None``, over the one sample itself, as torch's loader calls it."""
-        fn = self.collate_fn if self.collate_fn is not None else default_convert
+        """The batch's sample dicts through the dataset's stages (``decode``, ``to_tuple``...),
+        then a user ``collate_fn`` (else torch's ``default_collate``, or ``default_convert`` with
+        ``batch_size=None``, over the one sample itself, as torch's loader calls it).
+        :data:`SKIPPED` when the stages dropped every sample of the batch."""
         samples = columns.samples()
-        return fn(samples[0]) if self.unbatched else fn(samples)
+        stages = getattr(self.dataset, "stages", ())
+        if stages:
+            samples = list(apply_stages(samples, stages))
+            if not samples:
+                return SKIPPED
+        if self.unbatched:
+            return (self.collate_fn or default_convert)(samples[0])
+        return (self.collate_fn or (default_collate if stages else default_convert))(samples)
+
+
+class _Skipped:
+    def __repr__(self) -> str:
+        return "SKIPPED"
+
+
+#: What :meth:`StreamConfig.user_collate` returns for a batch whose samples the stages all
+#: dropped: the batch is not delivered (its stream resumes after it all the same, as re-reading
+#: it would deliver nothing either).
+SKIPPED = _Skipped()
 
 
 def is_streaming(dataset: Any) -> bool:

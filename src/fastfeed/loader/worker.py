@@ -23,7 +23,7 @@ from fastfeed.batch.collate import collate_into
 from fastfeed.loader.items import StreamEnd, UserBatch, WorkerError
 from fastfeed.loader.slots import Mailbox, SlotFlags, WorkerSlots
 from fastfeed.loader.stats import count_samples
-from fastfeed.loader.streaming import StreamConfig, rotated
+from fastfeed.loader.streaming import SKIPPED, StreamConfig, rotated
 
 __all__ = ["CollatedStream", "WorkerCollate"]
 
@@ -91,7 +91,7 @@ class CollatedStream(IterableDataset[Any]):
                 self._slots = WorkerSlots(self.flags, worker)
             slots = self._slots
         _seed_worker(settings.base_seed, worker)  # as torch seeds fresh workers of this iteration
-        user = settings.collate_fn is not None or settings.unbatched
+        user = settings.user
 
         def collate(samples: ColumnBatch) -> Any:
             if user:
@@ -107,6 +107,8 @@ class CollatedStream(IterableDataset[Any]):
                     yield item
                 else:
                     v, message, after, io = item
+                    if isinstance(message, UserBatch) and message.batch is SKIPPED:
+                        continue  # the dataset's stages dropped every sample of it
                     message.stage.update(io)
                     yield message._replace(stream=(v, after))
         except Exception as exc:
