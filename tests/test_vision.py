@@ -254,7 +254,7 @@ def test_dali_agrees_with_pillow(photos: dict[str, bytes], kwargs: dict[str, Any
 @pytest.mark.parametrize("crop", ["center", "random", "none"])
 def test_tensor_path_agrees_with_the_pillow_path(photos: dict[str, bytes], crop: str) -> None:
     # The nvjpeg backend decodes on the GPU, then crops, resizes, flips and normalizes with these
-    # tensor operations; fed Pillow's decode on the CPU, they must give the Pillow path's images.
+    # tensor operations; fed Pillow's decode on the CPU, they must give the CPU backend's images.
     names = ["hopper-q90", "hopper-odd", "hopper-cmyk", "pack-png", "pack-rgba"]
     dec = Decode(jpg="rgb", size=56, crop=crop, flip=True, backend="cpu")  # type: ignore[arg-type]
     batch = _batch(photos, names)
@@ -262,9 +262,9 @@ def test_tensor_path_agrees_with_the_pillow_path(photos: dict[str, bytes], crop:
     decoded = [torch.from_numpy(_pillow_rgb(photos[n]).copy()).permute(2, 0, 1) for n in names]
     ids = list(zip(batch["__key__"], batch["__url__"], strict=True))
     got = dec.transform_tensors(decoded, ids, epoch=3)
-    assert got.shape == want.shape and got.dtype == want.dtype
-    diff = (got.int() - want.int()).abs().float()
-    assert diff.mean() < 4, diff.mean()  # the documented tolerance: a few levels of 255
+    # On the CPU the same crop and resize run: the same images, bit for bit (on a GPU the resize
+    # runs in float: benchmarks/gpu/decode_check.py measures that difference).
+    assert got.shape == want.shape and got.dtype == want.dtype and torch.equal(got, want)
 
 
 # ---------------------------------------------------------------------------- bad input
