@@ -248,6 +248,17 @@ def test_dali_agrees_with_pillow(photos: dict[str, bytes], kwargs: dict[str, Any
     assert diff.mean() < 1.0, diff.mean()  # measured: 0.06-0.2 on these photographs
 
 
+@NEEDS_DALI
+def test_dali_batches_stay_valid_while_held(photos: dict[str, bytes]) -> None:
+    # The host output is DALI's own buffer, not a copy: later batches must not overwrite it.
+    dec = Decode(jpg="rgb", size=24, backend="dali")
+    first = dec(_batch(photos, ["hopper-q90", "pack-jpg"]))["jpg"]
+    kept = first.clone()
+    for names in (["pack-png", "hopper-gray"], ["hopper-cmyk", "pack-rgba"], ["hopper-odd", "hopper-half"]):
+        dec(_batch(photos, names))
+    assert torch.equal(first, kept)
+
+
 # ---------------------------------------------------------------------------- the GPU path's tensor ops
 
 
@@ -361,3 +372,11 @@ def test_the_loader_decodes_each_batch(
         name = key[5:]
         alone = dec({"__key__": [key], "__url__": [url], "jpg": _ragged([photos[name]])}, epoch=0)["jpg"][0]
         torch.testing.assert_close(image, alone)
+
+
+def test_decode_threads_leave_the_training_threads_torch_settings(photos: dict[str, bytes]) -> None:
+    before = torch.get_num_threads()
+    dec = Decode(jpg="rgb", size=32, backend="cpu", threads=2)
+    dec(_batch(photos, ["hopper-q90", "pack-jpg", "hopper-odd"]))
+    dec.close()
+    assert torch.get_num_threads() == before

@@ -12,8 +12,9 @@ computes the same region and flip as the other backends (``crop_box`` and the pe
 of ``(seed, epoch, shard, key)``), passed to DALI as per-sample ``roi_start``/``roi_end`` and
 ``mirror``. So every backend crops a sample the same way, and a resumed run crops as the first.
 
-DALI reuses its output buffers from one ``run`` to the next, so the batch is copied out of them
-(on the GPU a device-to-device copy, tens of microseconds for a batch of 224x224 crops).
+On the host the batch is DALI's output buffer itself (the dynamic executor does not reuse an
+output while it is referenced); on the GPU it is copied out of DALI's buffers (a device-to-device
+copy, tens of microseconds for a batch of 224x224 crops).
 """
 
 from __future__ import annotations
@@ -138,7 +139,9 @@ class DaliPipeline:
 
             result = from_dlpack(out.as_tensor()).clone()  # out of DALI's reused buffers
         else:
-            result = torch.from_numpy(np.array(out.as_tensor(), copy=True))
+            # Its own buffer, which DALI's dynamic executor does not reuse while it is referenced
+            # (tests/test_vision.py holds batches across runs): a view, no copy.
+            result = torch.from_numpy(np.asarray(out.as_tensor()))
         return result if result.dtype == self.dtype else result.to(self.dtype)
 
 
