@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -22,10 +23,11 @@ import fastfeed
 from fastfeed.bench.demo import demo
 from fastfeed.bench.measure import Measurement
 from fastfeed.bench.report import DECODE_CEILING, Report
-from fastfeed.bench.run import BenchConfig, measure_decode
+from fastfeed.bench.run import BenchConfig, make_decoder, measure_decode
 from fastfeed.decode import Decoder, decode_value
 from fastfeed.errors import ConfigError, DecodeError, FastfeedError
 from fastfeed.testing.shards import sample_key, write_synthetic_shards
+from fastfeed.vision import Decode
 
 RNG = np.random.default_rng(1234)
 
@@ -323,14 +325,25 @@ def test_report_says_whether_decoding_or_io_bounds_a_decoding_run() -> None:
     assert report.ceiling_of(run) is report.ceilings["raw GET"] and "bound by I/O" in report.table()
 
 
-def test_measure_decode_times_the_decoder_per_core_times_workers() -> None:
+def test_measure_decode_times_one_thread_times_the_decode_threads() -> None:
     samples = [sample(f"k{i}", png=encode(rgb(8, 8), "PNG"), cls=b"1") for i in range(10)]
-    m = measure_decode(samples, Decoder(), workers=1, batch_size=4)
-    assert m.samples == 10 and m.bytes == sum(len(s["png"]) + 1 for s in samples)
-    assert m.extra["per_core_samples_per_s"] == pytest.approx(m.samples_per_s) and m.samples_per_s > 0
-    assert m.name == "decode ceiling (1 worker)" and len(m.extra["passes_s"]) == 3
+    one = measure_decode(samples, Decode(png="rgb", backend="cpu", threads=1), batch_size=4)
+    assert one.samples == 10 and one.bytes == sum(len(s["png"]) + 1 for s in samples)
+    assert one.extra["per_core_samples_per_s"] == pytest.approx(one.samples_per_s) and one.samples_per_s > 0
+    assert one.name == "decode ceiling (cpu, 1 thread)" and len(one.extra["passes_s"]) == 3
+    two = measure_decode(samples, Decode(png="rgb", backend="cpu", threads=2), batch_size=4)
+    assert two.samples == 10 * min(2, len(os.sched_getaffinity(0))) and two.extra["backend"] == "cpu"
     with pytest.raises(DecodeError):
-        measure_decode([sample("x", png=b"junk")], Decoder(), workers=1, batch_size=4)
+        measure_decode([sample("x", png=b"junk")], Decode(png="rgb", backend="cpu"), batch_size=4)
+
+
+def test_bench_decode_refuses_a_dataset_without_images() -> None:
+    cfg = BenchConfig(decode=True)
+    with pytest.raises(fastfeed.ConfigError, match="no image fields") as info:
+        make_decoder(cfg, [sample("a", cls=b"1", txt=b"x")])
+    assert "cls, txt" in str(info.value)
+    dec = make_decoder(cfg, [sample("a", jpg=b"", cls=b"1"), sample("b", png=b"", cls=b"2")])
+    assert dec is not None and dec.fields == {"jpg": "rgb", "png": "rgb"}
 
 
 def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:

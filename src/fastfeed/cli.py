@@ -80,10 +80,11 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--decode",
         action="store_true",
-        help="decode every sample in the loader (images to uint8 CHW tensors, .cls to ints, .json, ...) and "
-        "measure a decode ceiling; --demo then writes JPEG samples; peers are not run",
+        help="decode the images in the loader (fastfeed.vision.Decode: Pillow on the CPU, DALI or nvJPEG with "
+        "--device cuda) to uint8 NCHW batches and measure a decode ceiling; --demo then writes JPEG samples; "
+        "peers are not run",
     )
-    bench.add_argument("--image-size", help="with --decode: resize images to HxW (e.g. 224x224) so batches stack")
+    bench.add_argument("--image-size", help="with --decode: center crops of HxW (default 224x224)")
     bench.add_argument(
         "--compare",
         default=None,

@@ -15,7 +15,7 @@ from typing import Any
 
 from fastfeed.bench.measure import peak_rss_bytes
 from fastfeed.bench.report import Report
-from fastfeed.bench.run import BenchConfig, Progress, check_device, make_decoder, run, scenario
+from fastfeed.bench.run import BenchConfig, Progress, check_decode, check_device, run, scenario
 from fastfeed.config import S3Config, format_size
 
 __all__ = ["DEMO_DECODE_EXTENSIONS", "DEMO_EXTENSIONS", "demo", "demo_dataset"]
@@ -102,7 +102,7 @@ def demo(
 ) -> Report:
     """:func:`run` on a synthetic dataset in a local S3 server started (and stopped) here."""
     check_device(cfg.device)  # before anything is started
-    make_decoder(cfg)  # --image-size without --decode fails here too
+    check_decode(cfg)  # --image-size without --decode fails here too
     extensions = DEMO_DECODE_EXTENSIONS if cfg.decode else DEMO_EXTENSIONS
     with demo_dataset(size, sample_size, shard_size, extensions=extensions, say=say) as (url, s3, setup):
         say(scenario(cfg))

@@ -9,9 +9,11 @@
   next ones read the cache (warm);
 * each installed peer in ``compare`` (:mod:`fastfeed.bench.peers`), cold and, where it has a local
   cache, warm;
-* with ``decode``: the loader decodes every sample (:class:`fastfeed.decode.Decoder` as its
-  ``collate_fn``), and a decode ceiling is measured: the first samples of the dataset decoded in
-  this process, single-threaded, scaled to the number of workers (peers are not run);
+* with ``decode``: the loader decodes the dataset's images (``DataLoader(decode=...)``, a
+  :class:`fastfeed.vision.Decode` stage: Pillow on the CPU, DALI or nvJPEG on a ``--device``),
+  and a decode ceiling is measured: the first samples of the dataset decoded in this process
+  by the same backend, one thread scaled to the loader's decode threads on the CPU (peers are
+  not run);
 * optionally an async checkpoint round: :meth:`fastfeed.Checkpointer.save` stall vs a plain
   ``clone()`` of the same tensors, and the background upload.
 
@@ -37,7 +39,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastfeed.bench.measure import (
     Measurement,
@@ -50,18 +52,18 @@ from fastfeed.bench.report import DECODE_CEILING, Report, Target
 from fastfeed.cache.admin import entry_files
 from fastfeed.config import PrefetchConfig, S3Config
 from fastfeed.errors import ConfigError
-
-if TYPE_CHECKING:
-    from fastfeed.decode import Decoder
+from fastfeed.vision import Decode
 
 __all__ = [
     "DECODE_CEILING",
     "BenchConfig",
+    "BenchDecode",
     "Progress",
     "Report",
     "Target",
     "batch_bytes",
     "batch_count",
+    "check_decode",
     "check_device",
     "emulated",
     "first_samples",
@@ -75,6 +77,9 @@ log = logging.getLogger(__name__)
 
 #: Progress callback: ``(run name, total bytes or None)`` starts a run; then ``(bytes, samples)``.
 Progress = Callable[[str, int | None], Callable[[int, int], None]]
+
+#: The crops ``--decode`` makes without ``--image-size``: a training-shaped 224x224.
+DECODE_SIZE = (224, 224)
 
 #: The decode ceiling decodes at most this many samples (and at most this many stored bytes).
 DECODE_CEILING_SAMPLES = 256
@@ -256,7 +261,8 @@ def run(
     from fastfeed.loader.dataloader import DataLoader
 
     check_device(cfg.device)
-    decoder = make_decoder(cfg)
+    check_decode(cfg)
+    decoder: BenchDecode | None = None
     prefetch = PrefetchConfig.from_args(
         part_size=cfg.part_size, max_requests=cfg.max_requests, byte_budget=cfg.byte_budget
     )
@@ -290,12 +296,15 @@ def run(
             report.ceilings["raw GET"] = measure_raw_get(remote, s3_run, prefetch)
         if cfg.device != "cpu":
             report.ceilings["pinned H2D"] = measure_h2d(cfg.device)
-        if decoder is not None:
+        if cfg.decode:
             # Before the epochs: a dataset without images (or a missing Pillow) shows here, at once.
             # Its own dataset without the cache, which the cold epoch must find empty.
             head = StreamingDataset(url, s3=s3_run, part_size=prefetch.part_size, max_requests=prefetch.max_requests)
+            samples = first_samples(head, batch_size=cfg.batch_size)
+            decoder = make_decoder(cfg, samples)
+            assert decoder is not None
             report.ceilings[DECODE_CEILING] = measure_decode(
-                first_samples(head, batch_size=cfg.batch_size), decoder, workers=cfg.workers, batch_size=cfg.batch_size
+                samples, decoder, batch_size=cfg.batch_size, device=cfg.device
             )
 
         device = None if cfg.device == "cpu" else cfg.device
@@ -308,7 +317,7 @@ def run(
                     persistent_workers=cfg.persistent_workers and cfg.workers > 0,
                     worker_mode=cfg.worker_mode,
                     device=device,
-                    collate_fn=decoder,
+                    decode=decoder,
                 )
             )
         )
@@ -347,15 +356,44 @@ def run(
     return report
 
 
-def make_decoder(cfg: BenchConfig) -> Decoder | None:
-    """The loader's ``collate_fn`` for ``cfg.decode`` (``None`` without)."""
-    from fastfeed.decode import Decoder
+def check_decode(cfg: BenchConfig) -> None:
+    """Refuse ``--image-size`` without ``--decode`` (before anything is started)."""
+    if not cfg.decode and cfg.image_size is not None:
+        raise ConfigError("--image-size applies to decoded images", hint="add --decode")
 
+
+class BenchDecode(Decode):
+    """The loader's decode stage for ``fastfeed bench --decode``: :class:`fastfeed.vision.Decode`
+    over the dataset's image fields; each batch also carries the stored bytes it held before
+    decoding (``batch["__nbytes__"]``, every bytes field), which the bench counts as read."""
+
+    def __call__(self, batch: Any, *, epoch: int = 0, device: Any = None) -> Any:
+        from fastfeed.batch.assemble import RaggedBytes
+        from fastfeed.decode import NBYTES_KEY
+
+        nbytes = sum(int(v.data.numel()) for v in batch.values() if isinstance(v, RaggedBytes))
+        out = super().__call__(batch, epoch=epoch, device=device)
+        out[NBYTES_KEY] = nbytes
+        return out
+
+
+def make_decoder(cfg: BenchConfig, samples: Sequence[dict[str, Any]]) -> BenchDecode | None:
+    """The loader's decode stage for ``cfg.decode`` (``None`` without): the image fields of
+    ``samples`` (the dataset's first), to RGB center crops of ``--image-size`` (default
+    :data:`DECODE_SIZE`)."""
+    from fastfeed.decode import IMAGE_EXTENSIONS
+
+    check_decode(cfg)
     if not cfg.decode:
-        if cfg.image_size is not None:
-            raise ConfigError("--image-size applies to decoded images", hint="add --decode")
         return None
-    return Decoder(image_size=cfg.image_size)
+    names = sorted({k for s in samples for k in s if not k.startswith("__")})
+    fields = [k for k in names if k.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS]
+    if not fields:
+        raise ConfigError(
+            f"--decode found no image fields in the dataset's first samples (fields: {', '.join(names) or 'none'})",
+            hint=f"--decode decodes images ({', '.join(sorted(IMAGE_EXTENSIONS))})",
+        )
+    return BenchDecode({f: "rgb" for f in fields}, size=cfg.image_size or DECODE_SIZE, crop="center")
 
 
 def _usable_cores() -> int:
@@ -392,46 +430,83 @@ def first_samples(
     return samples
 
 
+def _decode_batches(samples: Sequence[dict[str, Any]], fields: Sequence[str], batch_size: int) -> list[dict[str, Any]]:
+    """``samples`` as the loader's batches: key and URL lists, a RaggedBytes per bytes field."""
+    import numpy as np
+    import torch
+
+    from fastfeed.batch.assemble import RaggedBytes
+
+    out = []
+    for start in range(0, len(samples), max(1, batch_size)):
+        chunk = samples[start : start + max(1, batch_size)]
+        batch: dict[str, Any] = {
+            "__key__": [s["__key__"] for s in chunk],
+            "__url__": [s.get("__url__", "") for s in chunk],
+        }
+        names = {k for s in chunk for k, v in s.items() if not k.startswith("__") and isinstance(v, bytes | bytearray)}
+        for name in sorted(names | set(fields)):
+            items = [bytes(s.get(name, b"")) for s in chunk]
+            data = torch.from_numpy(np.frombuffer(b"".join(items), dtype=np.uint8).copy())
+            offsets = torch.tensor([0, *np.cumsum([len(i) for i in items]).tolist()], dtype=torch.int64)
+            batch[name] = RaggedBytes(data, offsets)
+        out.append(batch)
+    return out
+
+
 def measure_decode(
     samples: Sequence[dict[str, Any]],
-    decoder: Decoder,
+    decoder: Decode,
     *,
-    workers: int,
     batch_size: int,
+    device: str = "cpu",
     repeats: int = 3,
 ) -> Measurement:
-    """The decode ceiling: ``samples`` (already read, e.g. by :func:`first_samples`) decoded and
-    collated by ``decoder`` in batches of ``batch_size`` in this process, single-threaded and
-    timed: the fastest of ``repeats`` passes, after one untimed batch of one sample (imports,
-    codec set-up).
+    """The decode ceiling: ``samples`` (already read, e.g. by :func:`first_samples`) decoded by
+    ``decoder``'s backend in batches of ``batch_size`` in this process, timed: the fastest of
+    ``repeats`` passes, after one untimed batch (imports, codec set-up, a DALI pipeline).
 
-    The figure is that single-core rate times the loader's decoding processes: its workers (the
-    main process when ``workers`` is 0), at most the cores this process may use. The
-    :class:`Measurement` counts the samples and stored bytes those processes decode in the
-    measured time; ``extra`` keeps the single-core figures.
+    On the CPU the backend runs in one thread and the figure is that rate times the decode
+    threads the loader runs (``decoder.threads``, at most the cores this process may use); on a
+    GPU it is the rate measured on the device. ``extra`` keeps the single-thread figures.
     """
+    import copy
+
+    import torch
+
     if not samples:
         raise ConfigError("the decode ceiling found no samples in the dataset")
     nbytes = sum(
         len(v) for s in samples for k, v in s.items() if not k.startswith("__") and isinstance(v, bytes | bytearray)
     )
-    decoder(samples[:1])  # warm-up: lazy imports (Pillow), codec tables
-    step = max(1, batch_size)
+    dev = None if device == "cpu" else torch.device(device)
+    backend = decoder.resolve_backend(dev)
+    one = copy.copy(decoder)
+    one.backend, one.threads = backend, 1  # type: ignore[assignment]
+    one.__setstate__(one.__getstate__())  # no pool or pipelines shared with the loader's
+    batches = _decode_batches(samples, list(decoder.fields), batch_size)
+
+    def run(batch: dict[str, Any]) -> None:
+        out = one(batch, device=dev)
+        if dev is not None and dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        del out
+
+    run(batches[0])  # warm-up
     passes: list[tuple[float, float]] = []
     for _ in range(max(1, repeats)):
         cpu0 = time.thread_time()
         t0 = time.perf_counter()
-        for start in range(0, len(samples), step):
-            decoder(samples[start : start + step])
+        for batch in batches:
+            run(batch)
         passes.append((time.perf_counter() - t0, time.thread_time() - cpu0))
+    one.close()
     seconds, cpu_s = min(passes)  # a ceiling: the pass least disturbed by the rest of the machine
     cores = _usable_cores()
-    parallel = max(1, min(workers, cores))
-    who = f"{parallel} worker{'s' if parallel != 1 else ''}" if workers else "main process"
-    if workers > cores:
-        who = f"{parallel} cores"
+    parallel = 1 if dev is not None else max(1, min(decoder.threads, cores))
+    who = f"{backend}, {parallel} thread{'s' if parallel != 1 else ''}" if dev is None else f"{backend} on {device}"
     per_core = len(samples) / seconds if seconds > 0 else 0.0
-    log.info("decode ceiling: %d samples in %.3f s on one core (%.0f samples/s)", len(samples), seconds, per_core)
+    log.info("decode ceiling: %d samples in %.3f s in one thread (%.0f samples/s)", len(samples), seconds, per_core)
     return Measurement(
         f"decode ceiling ({who})",
         len(samples) * parallel,
@@ -445,7 +520,7 @@ def measure_decode(
             "passes_s": [p[0] for p in passes],
             "per_core_samples_per_s": per_core,
             "processes": parallel,
-            "workers": workers,
+            "backend": backend,
             "cores": cores,
         },
     )
