@@ -46,6 +46,8 @@ echo "gpu_check.py: rc=$rc"
 demo || echo "bench demo: rc=$?"
 # Image decode on the GPU (torchvision's nvJPEG) against the CPU backend, and the loader end to end.
 timeout 200 python3 benchmarks/gpu/decode_check.py "$out/decode_check.json" 2>&1 | tail -14 || echo "decode_check: failed"
+timeout 200 python3 -m fastfeed.cli bench --demo --decode --device cuda --workers 4 --epochs 2 --demo-size 512MiB \
+  --compare none --checkpoint-size 0 --json "$out/bench_demo_decode_cuda.json" --no-progress 2>&1 | tail -12
 timeout 200 python3 -m pytest -q -p no:cacheprovider -x --timeout 120 \
   tests/test_loader.py tests/test_resume.py tests/test_reshard.py tests/test_gather.py tests/test_columnar.py \
   tests/test_sample_runs.py \
