@@ -123,9 +123,11 @@ class S3Config:
     access_key_id: str | None = None
     secret_access_key: str | None = None
     session_token: str | None = None
-    #: ``"path"`` works with every S3-compatible store (MinIO, SeaweedFS, Ceph); ``"virtual"`` or
-    #: ``"auto"`` for AWS buckets that require virtual-hosted addressing.
-    addressing_style: str = "path"
+    #: ``"path"``, ``"virtual"`` or ``"auto"``; ``None`` (default): path-style with a custom
+    #: ``endpoint_url`` (what MinIO, SeaweedFS and Ceph need), else what botocore resolves (the
+    #: profile's ``s3.addressing_style``, or its own default: virtual-hosted where the bucket
+    #: name allows, as AWS wants).
+    addressing_style: str | None = None
     #: Send unsigned requests (public buckets).
     anonymous: bool = False
     #: Seconds to establish a connection / between bytes of a response.
@@ -152,16 +154,29 @@ class S3Config:
     def __post_init__(self) -> None:
         if self.engine not in ("aiobotocore", "obstore"):
             raise ConfigError(f"engine={self.engine!r} is invalid", hint="use 'aiobotocore' or 'obstore'")
-        if self.addressing_style not in ("path", "virtual", "auto"):
+        if self.addressing_style not in (None, "path", "virtual", "auto"):
             raise ConfigError(
                 f"addressing_style={self.addressing_style!r} is invalid",
-                hint="use 'path', 'virtual' or 'auto'",
+                hint="use 'path', 'virtual' or 'auto' (or leave it unset)",
             )
         if self.endpoint_url is not None and not re.match(r"^https?://[^/\s]+", self.endpoint_url):
             raise ConfigError(
                 f"endpoint_url={self.endpoint_url!r} is not an http(s) URL",
                 hint="pass something like 'http://127.0.0.1:9000'",
             )
+
+    @property
+    def path_style(self) -> bool | None:
+        """Whether requests use path-style addressing: ``True``/``False`` when decided here (set
+        explicitly, or path for a custom endpoint), ``None`` when botocore decides (AWS, from the
+        profile or its default)."""
+        if self.addressing_style == "path":
+            return True
+        if self.addressing_style == "virtual":
+            return False
+        if self.addressing_style is None and self.endpoint_url is not None:
+            return True
+        return None
 
     @classmethod
     def resolve(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> S3Config:

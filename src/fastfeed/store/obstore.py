@@ -40,6 +40,7 @@ detects that case and raises :class:`~fastfeed.errors.ConfigError` instead of ha
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -246,6 +247,16 @@ class _BotocoreCredentials:
         }
 
 
+@functools.lru_cache(maxsize=8)
+def _profile_region(profile: str | None) -> str:
+    """The region botocore resolves for ``profile`` (``AWS_REGION``, ``AWS_DEFAULT_REGION``, the
+    profile's ``region``), else ``us-east-1``, botocore's own default for S3."""
+    import botocore.session
+
+    region = botocore.session.Session(profile=profile).get_config_variable("region")
+    return str(region) if region else "us-east-1"
+
+
 def _credential_provider(profile: str | None) -> _BotocoreCredentials | None:
     import botocore.credentials
     import botocore.session
@@ -319,15 +330,14 @@ class ObstoreS3Store(Store):
 
         cfg = self.config
         kwargs: dict[str, Any] = {
-            "region": cfg.region or "us-east-1",
+            "region": cfg.region or _profile_region(cfg.profile),
             # Set explicitly so AWS_* variables (which obstore reads itself) cannot change them.
             "skip_signature": bool(cfg.anonymous),
             "virtual_hosted_style_request": False,
         }
         endpoint = cfg.endpoint_url
-        virtual = cfg.addressing_style == "virtual" or (
-            cfg.addressing_style == "auto" and endpoint is None and "." not in bucket
-        )
+        path = cfg.path_style
+        virtual = path is False or (path is None and endpoint is None and "." not in bucket)
         if virtual:
             kwargs["virtual_hosted_style_request"] = True
             if endpoint:  # obstore expects the bucket in the endpoint's host for this style

@@ -134,7 +134,6 @@ def client_settings(config: S3Config, pool_size: int | None = None) -> tuple[dic
         "max_pool_connections": pool_size or config.max_pool_connections,
         # fastfeed retries itself (with resume); botocore's retries would multiply attempts.
         "retries": {"total_max_attempts": 1},
-        "s3": {"addressing_style": config.addressing_style},
         # Plain S3 only: no CRC trailers that older S3-compatible stores reject.
         "request_checksum_calculation": "when_required",
         "response_checksum_validation": "when_required",
@@ -143,7 +142,16 @@ def client_settings(config: S3Config, pool_size: int | None = None) -> tuple[dic
         from botocore import UNSIGNED
 
         options["signature_version"] = UNSIGNED
-    kwargs: dict[str, Any] = {"region_name": config.region or "us-east-1"}
+    # Addressing and region as botocore resolves them (the profile's, its defaults) unless set:
+    # path-style for a custom endpoint, which S3-compatible stores need.
+    style = {True: "path", False: "virtual", None: None}[config.path_style]
+    if config.addressing_style == "auto":
+        style = "auto"
+    if style is not None:
+        options["s3"] = {"addressing_style": style}
+    kwargs: dict[str, Any] = {}
+    if config.region:
+        kwargs["region_name"] = config.region
     if config.endpoint_url:
         kwargs["endpoint_url"] = config.endpoint_url
         if config.endpoint_url.lower().startswith("http://"):

@@ -173,7 +173,7 @@ def boto3_client(s3: S3Config) -> Any:
 
     session = boto3.session.Session(profile_name=s3.profile) if s3.profile else boto3.session.Session()
     config = Config(
-        s3={"addressing_style": s3.addressing_style},
+        s3={"addressing_style": "path" if s3.path_style else "auto"},
         signature_version=UNSIGNED if s3.anonymous else None,
         connect_timeout=s3.connect_timeout,
         read_timeout=s3.read_timeout,

@@ -53,7 +53,10 @@ def litdata_storage_options(s3: S3Config, region: str = DEFAULT_REGION) -> dict[
 
     opts: dict[str, Any] = {
         "region_name": s3.region or region,
-        "config": Config(s3={"addressing_style": s3.addressing_style}, retries={"max_attempts": 3, "mode": "standard"}),
+        "config": Config(
+            s3={"addressing_style": "path" if s3.path_style else "auto"},
+            retries={"max_attempts": 3, "mode": "standard"},
+        ),
     }
     for key, value in (
         ("endpoint_url", s3.endpoint_url),

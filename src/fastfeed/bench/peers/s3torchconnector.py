@@ -55,9 +55,7 @@ class S3TorchConnectorPeer(Peer):
         from s3torchconnector import S3ClientConfig, S3IterableDataset
 
         s3 = ctx.s3
-        config = S3ClientConfig(
-            force_path_style=s3.addressing_style == "path", unsigned=s3.anonymous, profile=s3.profile
-        )
+        config = S3ClientConfig(force_path_style=bool(s3.path_style), unsigned=s3.anonymous, profile=s3.profile)
         with quiet("s3torchconnector", "s3torchconnectorclient"):
             objects = S3IterableDataset.from_prefix(
                 ctx.prefix_url,

@@ -111,7 +111,7 @@ class WebDatasetPeer(Peer):
             "access_key_id": s3.access_key_id,
             "secret_access_key": s3.secret_access_key,
             "session_token": s3.session_token,
-            "addressing_style": s3.addressing_style,
+            "addressing_style": "path" if s3.path_style else "auto",
         }
         path = d / "s3.json"
         path.unlink(missing_ok=True)
