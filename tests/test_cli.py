@@ -313,3 +313,13 @@ def test_the_memory_of_a_loaders_workers_counts_in_its_peak_pss() -> None:
     assert during - before > 80 << 20, (before, during)
     assert peak.peak >= during - (8 << 20), (peak.peak, during)
     assert tree_pss_bytes() - before < 40 << 20, "the child's pages are gone with it"
+
+
+def test_version_comes_from_one_place() -> None:
+    import importlib.metadata
+
+    import fastfeed
+
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"fastfeed {fastfeed.__version__}"
+    assert importlib.metadata.version("fastfeed") == fastfeed.__version__  # the wheel's, read from __init__

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fastfeed import __version__
 from fastfeed.config import S3Config, format_size, parse_size
 from fastfeed.errors import FastfeedError
 
@@ -32,6 +33,7 @@ _PEERS = ("torch", "webdataset", "litdata", "streaming", "s3torchconnector")
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastfeed", description="Keep GPUs fed from object storage.")
+    parser.add_argument("--version", action="version", version=f"fastfeed {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser(
         "bench",
