@@ -55,11 +55,29 @@ def test_brace_ranges_keep_zero_padding_and_product_order() -> None:
     assert expand_braces("no-braces") == ["no-braces"]
 
 
-@pytest.mark.parametrize("pattern", ["x{1..", "x}1", "x{{1..2}}", "x{5..1}", "x{a..b}", "x{}", "x{1..2"])
-def test_malformed_brace_patterns(pattern: str) -> None:
+@pytest.mark.parametrize("pattern", ["x{1..", "x}1", "x{1..2", "{a,{b}", "x{0..2000000}"])
+def test_malformed_or_hostile_brace_patterns(pattern: str) -> None:
     with pytest.raises(InvalidURLError) as info:
         expand_braces(pattern)
     assert pattern in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "s3://b/shard-{000000..000012..3}.tar",
+        "{a,b}-{0..9}",
+        "x{5..1}y",
+        "pre{a,b{1..3},c}post",
+        "{00..10..4}{x,y}",
+        "lit{}eral{one}",
+        "{a..e..2}",
+        "https://host/d/{train,val}-{000..002}.tar",
+    ],
+)
+def test_brace_expansion_is_webdatasets(pattern: str) -> None:
+    shardlists = pytest.importorskip("webdataset.shardlists")
+    assert expand_braces(pattern) == shardlists.expand_urls(pattern)
 
 
 @pytest.mark.parametrize(

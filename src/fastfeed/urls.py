@@ -7,6 +7,7 @@ cartesian product, left to right.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from fastfeed.errors import InvalidURLError
 
 __all__ = ["Location", "expand_braces", "has_braces", "parse_url"]
 
-_MAX_EXPANSION = 10_000_000
+_MAX_EXPANSION = 1_000_000
 _BUCKET_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,254}$")
 
 
@@ -87,76 +88,33 @@ def has_braces(pattern: str) -> bool:
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """Expand WebDataset-style brace groups.
+    """Expand brace groups as WebDataset does (with the ``braceexpand`` library it uses): ranges
+    with optional steps and zero padding, alternatives, several groups and nested ones.
 
     >>> expand_braces("s3://b/shard-{00..02}.tar")
     ['s3://b/shard-00.tar', 's3://b/shard-01.tar', 's3://b/shard-02.tar']
     >>> expand_braces("{a,b}/x{1..2}")
     ['a/x1', 'a/x2', 'b/x1', 'b/x2']
+    >>> expand_braces("x{000..010..5}-{a,b{1..2}}")
+    ['x000-a', 'x000-b1', 'x000-b2', 'x005-a', 'x005-b1', 'x005-b2', 'x010-a', 'x010-b1', 'x010-b2']
 
     Raises:
-        InvalidURLError: unbalanced or nested braces, an empty group, a descending or
-            non-numeric range, or an expansion of more than ten million names.
+        InvalidURLError: unbalanced braces, or an expansion of more than a million names.
     """
-    groups: list[list[str]] = []
-    literals: list[str] = []
-    pos = 0
-    while True:
-        open_at = pattern.find("{", pos)
-        close_at = pattern.find("}", pos)
-        if open_at < 0:
-            if close_at >= 0:
-                raise _brace_error(pattern, f"unmatched '}}' at position {close_at}")
-            literals.append(pattern[pos:])
-            break
-        if 0 <= close_at < open_at:
-            raise _brace_error(pattern, f"unmatched '}}' at position {close_at}")
-        end = pattern.find("}", open_at)
-        if end < 0:
-            raise _brace_error(pattern, f"unmatched '{{' at position {open_at}")
-        body = pattern[open_at + 1 : end]
-        if "{" in body:
-            raise _brace_error(pattern, "nested braces are not supported")
-        literals.append(pattern[pos:open_at])
-        groups.append(_expand_group(pattern, body))
-        pos = end + 1
+    from braceexpand import braceexpand
 
-    total = 1
-    for group in groups:
-        total *= len(group)
-        if total > _MAX_EXPANSION:
-            raise _brace_error(pattern, f"expands to more than {_MAX_EXPANSION} names")
-    results = [literals[0]]
-    for group, literal in zip(groups, literals[1:], strict=True):
-        results = [prefix + alt + literal for prefix in results for alt in group]
-    return results
-
-
-def _expand_group(pattern: str, body: str) -> list[str]:
-    if ".." in body:
-        match = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-        if match is None:
-            raise _brace_error(pattern, f"bad range {{{body}}}: expected {{first..last}} with decimal numbers")
-        first, last = match.group(1), match.group(2)
-        lo, hi = int(first), int(last)
-        if hi < lo:
-            raise _brace_error(pattern, f"descending range {{{body}}}")
-        width = len(first) if first.startswith("0") or len(first) == len(last) else 0
-        if hi - lo + 1 > _MAX_EXPANSION:
-            raise _brace_error(pattern, f"expands to more than {_MAX_EXPANSION} names")
-        return [str(i).zfill(width) for i in range(lo, hi + 1)]
-    if "," in body:
-        alts = body.split(",")
-        return alts
-    if body == "":
-        raise _brace_error(pattern, "empty brace group {}")
-    # A single word in braces is literal in shell brace expansion; WebDataset treats it the same.
-    return ["{" + body + "}"]
+    try:
+        names = list(itertools.islice(braceexpand(pattern), _MAX_EXPANSION + 1))
+    except ValueError as err:  # braceexpand's UnbalancedBracesError (its only error)
+        raise _brace_error(pattern, "unbalanced braces") from err
+    if len(names) > _MAX_EXPANSION:
+        raise _brace_error(pattern, f"expands to more than {_MAX_EXPANSION:,} names")
+    return names
 
 
 def _brace_error(pattern: str, reason: str) -> InvalidURLError:
     return InvalidURLError(
         f"malformed brace pattern {pattern!r}: {reason}",
         url=pattern,
-        hint="use {000000..000099} for ranges or {a,b,c} for alternatives",
+        hint="use {000000..000099} for ranges ({000..100..2} with a step) or {a,b,c} for alternatives",
     )
