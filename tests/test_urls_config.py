@@ -25,6 +25,12 @@ def test_parse_file_url_and_plain_path(tmp_path) -> None:
     assert parse_url(str(p)).url == p.as_uri()
 
 
+def test_http_urls_keep_their_path_and_query() -> None:
+    loc = parse_url("https://huggingface.co/datasets/x/resolve/main/train-{0}.tar?download=true")
+    assert loc.scheme == "https" and loc.url.endswith("?download=true")
+    assert loc.key == "datasets/x/resolve/main/train-{0}.tar"
+
+
 @pytest.mark.parametrize(
     "url",
     [
@@ -33,7 +39,8 @@ def test_parse_file_url_and_plain_path(tmp_path) -> None:
         "s3://",
         "s3:///key",
         "gs://bucket/key",
-        "http://host/x.tar",
+        "http:///x.tar",
+        "https://:8080/x.tar",
         "file://otherhost/x",
         "s3://a/x",
     ],

@@ -26,9 +26,10 @@ _BUCKET_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,254}$")
 class Location:
     """A parsed shard location.
 
-    ``scheme`` is ``"s3"`` or ``"file"``; for ``s3`` ``bucket`` and ``key`` are set, for
-    ``file`` ``path`` is an absolute local path. ``url`` is the canonical URL that appears in
-    samples' ``__url__`` and in every error message.
+    ``scheme`` is ``"s3"``, ``"http"``, ``"https"`` or ``"file"``; for ``s3`` ``bucket`` and
+    ``key`` are set, for http(s) ``key`` is the URL's path, for ``file`` ``path`` is an absolute
+    local path. ``url`` is the canonical URL that appears in samples' ``__url__`` and in every
+    error message.
     """
 
     scheme: str
@@ -39,7 +40,8 @@ class Location:
 
 
 def parse_url(url: str) -> Location:
-    """Parse ``s3://bucket/key``, ``file:///abs/path`` or a plain (relative or absolute) path.
+    """Parse ``s3://bucket/key``, ``http(s)://host/path``, ``file:///abs/path`` or a plain
+    (relative or absolute) path.
 
     Raises:
         InvalidURLError: for unsupported schemes, a missing bucket, or an empty URL.
@@ -66,6 +68,10 @@ def parse_url(url: str) -> Location:
         key = key.lstrip("/")
         return Location("s3", url=f"s3://{bucket}/{key}", bucket=bucket, key=key)
     parts = urlsplit(url)
+    if scheme in ("http", "https"):
+        if not parts.hostname:
+            raise InvalidURLError(f"malformed URL {url!r}: no host", url=url, hint="write it as https://host/path.tar")
+        return Location(scheme, url=url, key=parts.path.lstrip("/"))
     if scheme == "file":
         if parts.netloc not in ("", "localhost"):
             raise InvalidURLError(
@@ -78,7 +84,7 @@ def parse_url(url: str) -> Location:
     raise InvalidURLError(
         f"unsupported URL scheme {parts.scheme!r} in {url!r}",
         url=url,
-        hint="fastfeed reads s3:// (any S3-compatible endpoint), file:// and local paths",
+        hint="fastfeed reads s3:// (any S3-compatible endpoint), http(s)://, file:// and local paths",
     )
 
 

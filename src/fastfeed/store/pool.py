@@ -13,6 +13,7 @@ from typing import Any
 
 from fastfeed.config import RetryConfig, S3Config
 from fastfeed.store.base import Store
+from fastfeed.store.http import HttpStore
 from fastfeed.store.local import LocalStore
 from fastfeed.store.s3 import S3Store
 from fastfeed.urls import Location, parse_url
@@ -33,6 +34,7 @@ class StoreSet:
     def __init__(self, s3: S3Config, retry: RetryConfig | None = None) -> None:
         self.s3_config = s3
         self._local = LocalStore(retry or s3.retry)
+        self._http: HttpStore | None = None
         self._s3: Store | None = None
         self._lock = asyncio.Lock()
 
@@ -40,12 +42,19 @@ class StoreSet:
         """The store for ``loc``'s scheme."""
         if loc.scheme == "file":
             return self._local
+        if loc.scheme in ("http", "https"):
+            if self._http is None:
+                self._http = _http_store(self.s3_config)
+            return self._http
         async with self._lock:
             if self._s3 is None:
                 self._s3 = await _shared_s3.acquire(self.s3_config)
             return self._s3
 
     async def aclose(self) -> None:
+        if self._http is not None:
+            http, self._http = self._http, None
+            await http.aclose()
         if self._s3 is not None:
             self._s3 = None
             await _shared_s3.release(self.s3_config)
@@ -111,7 +120,14 @@ async def open_store(url: str, config: S3Config) -> Store:
     loc = parse_url(url)
     if loc.scheme == "file":
         return LocalStore(config.retry)
+    if loc.scheme in ("http", "https"):
+        return _http_store(config)
     return await create_s3_store(config)
+
+
+def _http_store(config: S3Config) -> HttpStore:
+    """A store for http(s) shards, with the S3 configuration's retries and timeouts."""
+    return HttpStore(config.retry, config.connect_timeout, config.read_timeout)
 
 
 def shared_s3_clients_created() -> int:
