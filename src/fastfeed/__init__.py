@@ -10,7 +10,7 @@ See the README for the data flow and :mod:`fastfeed.errors` for the error tree.
 
 from typing import TYPE_CHECKING, Any
 
-from fastfeed import vision
+from fastfeed import stats, vision
 from fastfeed.batch.assemble import RaggedBytes
 from fastfeed.cache.config import CacheConfig
 from fastfeed.callbacks import CheckpointCallback
@@ -89,6 +89,7 @@ __all__ = [
     "TruncatedShardError",
     "__version__",
     "parse_size",
+    "stats",
     "vision",
 ]
 

@@ -226,8 +226,11 @@ class LoaderIterator:
         start = time.perf_counter()
         try:
             batch = self._next_inline() if self._inline is not None else self._next_queued()
-        finally:
+        except BaseException:
             self._stats.add(wait_s=time.perf_counter() - start)
+            raise
+        now = time.perf_counter()
+        self._stats.delivered(now - start, now)
         self.delivered += 1
         self._yielded += 1
         if self._len_called is not None and self._yielded > self._len_called:
