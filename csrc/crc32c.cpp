@@ -3,9 +3,48 @@
 #include <array>
 #include <cstring>
 
+// The CPU's CRC32C instructions, one 64-bit word or one byte at a time: SSE4.2 on x86-64, the
+// ARMv8 CRC extension on aarch64 (both chosen at run time, the rest of the file shared).
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <nmmintrin.h>
-#define FASTFEED_CRC_X86 1
+#define FASTFEED_CRC_HW 1
+#if defined(__clang__)
+// Recent clang (and zig cc) keep the crc32 instructions apart from SSE4.2.
+#define FASTFEED_CRC_TARGET __attribute__((target("sse4.2,crc32")))
+#else
+#define FASTFEED_CRC_TARGET __attribute__((target("sse4.2")))
+#endif
+namespace {
+FASTFEED_CRC_TARGET inline std::uint64_t hw_u64(std::uint64_t c, std::uint64_t w) { return _mm_crc32_u64(c, w); }
+FASTFEED_CRC_TARGET inline std::uint32_t hw_u8(std::uint32_t c, std::uint8_t b) { return _mm_crc32_u8(c, b); }
+bool detect() { return __builtin_cpu_supports("sse4.2") != 0; }
+}  // namespace
+#elif defined(__aarch64__) && (defined(__GNUC__) || defined(__clang__))
+#include <arm_acle.h>
+#if defined(__linux__)
+#include <sys/auxv.h>
+#endif
+#define FASTFEED_CRC_HW 1
+#if defined(__clang__)
+#define FASTFEED_CRC_TARGET __attribute__((target("crc")))
+#else
+#define FASTFEED_CRC_TARGET __attribute__((target("+crc")))
+#endif
+namespace {
+FASTFEED_CRC_TARGET inline std::uint64_t hw_u64(std::uint64_t c, std::uint64_t w) {
+  return __crc32cd(static_cast<std::uint32_t>(c), w);
+}
+FASTFEED_CRC_TARGET inline std::uint32_t hw_u8(std::uint32_t c, std::uint8_t b) { return __crc32cb(c, b); }
+bool detect() {
+#if defined(__APPLE__)
+  return true;  // every Apple arm64 CPU has the CRC extension
+#elif defined(__linux__)
+  return (getauxval(AT_HWCAP) & (1UL << 7)) != 0;  // HWCAP_CRC32
+#else
+  return false;
+#endif
+}
+}  // namespace
 #endif
 
 namespace crc {
@@ -49,7 +88,7 @@ std::uint32_t software(std::uint32_t crc, const std::uint8_t* p, std::size_t len
   return crc;
 }
 
-#ifdef FASTFEED_CRC_X86
+#ifdef FASTFEED_CRC_HW
 // The CPU's crc32 instruction has a latency of 3 cycles and a throughput of 1 per cycle: one
 // chain of it runs at a third of the instruction's speed. So long inputs are cut into blocks of
 // three equal stretches whose CRCs are computed as three independent chains at once, then
@@ -67,20 +106,20 @@ struct Shift {
 };
 
 // The register after `len` (a multiple of 8) zero bytes, started at `c`.
-__attribute__((target("sse4.2"))) std::uint32_t zeros(std::uint32_t c, std::size_t len) {
+FASTFEED_CRC_TARGET std::uint32_t zeros(std::uint32_t c, std::size_t len) {
   std::uint64_t r = c;
-  for (std::size_t i = 0; i < len; i += 8) r = _mm_crc32_u64(r, 0);
+  for (std::size_t i = 0; i < len; i += 8) r = hw_u64(r, 0);
   return static_cast<std::uint32_t>(r);
 }
 
 Shift make_shift(std::size_t len) {
   std::array<std::uint32_t, 32> basis{};
-  for (int bit = 0; bit < 32; ++bit) basis[bit] = zeros(1u << bit, len);
+  for (std::size_t bit = 0; bit < 32; ++bit) basis[bit] = zeros(1u << bit, len);
   Shift s;
-  for (int k = 0; k < 4; ++k) {
-    for (std::uint32_t b = 0; b < 256; ++b) {
+  for (std::size_t k = 0; k < 4; ++k) {
+    for (std::size_t b = 0; b < 256; ++b) {
       std::uint32_t v = 0;
-      for (int bit = 0; bit < 8; ++bit) {
+      for (std::size_t bit = 0; bit < 8; ++bit) {
         if ((b >> bit) & 1u) v ^= basis[8 * k + bit];
       }
       s.t[k][b] = v;
@@ -96,16 +135,16 @@ inline std::uint64_t load64(const std::uint8_t* p) {
 }
 
 // Three chains over the three stretches of each block of 3 * n bytes while len allows.
-__attribute__((target("sse4.2"))) std::uint64_t blocks3(std::uint64_t c0, const std::uint8_t*& p, std::size_t& len,
+FASTFEED_CRC_TARGET std::uint64_t blocks3(std::uint64_t c0, const std::uint8_t*& p, std::size_t& len,
                                                         std::size_t n, const Shift& shift) {
   while (len >= 3 * n) {
     std::uint64_t c1 = 0;
     std::uint64_t c2 = 0;
     const std::uint8_t* const end = p + n;
     do {
-      c0 = _mm_crc32_u64(c0, load64(p));
-      c1 = _mm_crc32_u64(c1, load64(p + n));
-      c2 = _mm_crc32_u64(c2, load64(p + 2 * n));
+      c0 = hw_u64(c0, load64(p));
+      c1 = hw_u64(c1, load64(p + n));
+      c2 = hw_u64(c2, load64(p + 2 * n));
       p += 8;
     } while (p < end);
     c0 = shift(static_cast<std::uint32_t>(c0)) ^ static_cast<std::uint32_t>(c1);
@@ -116,24 +155,22 @@ __attribute__((target("sse4.2"))) std::uint64_t blocks3(std::uint64_t c0, const 
   return c0;
 }
 
-__attribute__((target("sse4.2"))) std::uint32_t sse42(std::uint32_t crc, const std::uint8_t* p,
-                                                        std::size_t len) {
+FASTFEED_CRC_TARGET std::uint32_t hardware_crc(std::uint32_t crc, const std::uint8_t* p, std::size_t len) {
   static const Shift long_shift = make_shift(kLong);  // thread-safe initialization (C++11)
   static const Shift short_shift = make_shift(kShort);
   std::uint64_t c = crc;
   c = blocks3(c, p, len, kLong, long_shift);
   c = blocks3(c, p, len, kShort, short_shift);
   while (len >= 8) {
-    c = _mm_crc32_u64(c, load64(p));
+    c = hw_u64(c, load64(p));
     p += 8;
     len -= 8;
   }
   auto c32 = static_cast<std::uint32_t>(c);
-  while (len--) c32 = _mm_crc32_u8(c32, *p++);
+  while (len--) c32 = hw_u8(c32, *p++);
   return c32;
 }
 
-bool detect() { return __builtin_cpu_supports("sse4.2") != 0; }
 #else
 bool detect() { return false; }
 #endif
@@ -147,8 +184,8 @@ bool hardware() {
 
 std::uint32_t extend(std::uint32_t crc, const std::uint8_t* data, std::size_t len) {
   crc = ~crc;
-#ifdef FASTFEED_CRC_X86
-  if (hardware()) return ~sse42(crc, data, len);
+#ifdef FASTFEED_CRC_HW
+  if (hardware()) return ~hardware_crc(crc, data, len);
 #endif
   return ~software(crc, data, len);
 }

@@ -1,5 +1,6 @@
-// CRC32C (Castagnoli), the checksum of checkpoint parts. Hardware instructions where the CPU
-// has them (x86-64 SSE4.2, chosen at run time), a table-driven fallback elsewhere. No Python.
+// CRC32C (Castagnoli), the checksum of checkpoint parts and cache entries. Hardware instructions
+// where the CPU has them (x86-64 SSE4.2, the aarch64 CRC extension; chosen at run time), a
+// table-driven fallback elsewhere. No Python.
 #pragma once
 
 #include <cstddef>
