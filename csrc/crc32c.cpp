@@ -6,6 +6,7 @@
 // The CPU's CRC32C instructions, one 64-bit word or one byte at a time: SSE4.2 on x86-64, the
 // ARMv8 CRC extension on aarch64 (both chosen at run time, the rest of the file shared).
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
 #include <nmmintrin.h>
 #define FASTFEED_CRC_HW 1
 #if defined(__clang__)
@@ -17,7 +18,12 @@
 namespace {
 FASTFEED_CRC_TARGET inline std::uint64_t hw_u64(std::uint64_t c, std::uint64_t w) { return _mm_crc32_u64(c, w); }
 FASTFEED_CRC_TARGET inline std::uint32_t hw_u8(std::uint32_t c, std::uint8_t b) { return _mm_crc32_u8(c, b); }
-bool detect() { return __builtin_cpu_supports("sse4.2") != 0; }
+bool detect() {
+  // CPUID leaf 1, ECX bit 20, asked directly: __builtin_cpu_supports relies on the runtime
+  // library's CPU model, which a wheel built with zig cc (compiler-rt) left empty.
+  unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & bit_SSE4_2) != 0;
+}
 }  // namespace
 #elif defined(__aarch64__) && (defined(__GNUC__) || defined(__clang__))
 #include <arm_acle.h>
