@@ -85,3 +85,50 @@ def test_without_a_process_group_it_reports_this_process() -> None:
     report = fastfeed.stats.gather(loader)
     assert [r.rank for r in report.ranks] == [0] and report.slowest.stats.batches == 8
     assert "rank 0 waits for data" in report.summary()
+
+
+def test_the_plain_loop_monitor_logs_every_n_steps() -> None:
+    loader = DataLoader(list(range(160)), batch_size=8, collate_fn=SlowCollate(0.005))
+    logged: list[tuple[dict[str, float], str]] = []
+    monitor = fastfeed.stats.StallMonitor(loader, every_n_steps=5, log=lambda m, text: logged.append((m, text)))
+    reports = [monitor.step() for _ in loader]
+    assert [i for i, r in enumerate(reports) if r is not None] == [4, 9, 14, 19] and len(logged) == 4
+    metrics, text = logged[-1]
+    assert metrics["data/slowest_rank"] == 0.0 and 0.0 < metrics["data/wait_fraction"] <= 1.0
+    assert metrics["data/wait_fraction/rank0"] == metrics["data/wait_fraction"] and text.startswith("rank 0 waits")
+    with pytest.raises(fastfeed.ConfigError):
+        fastfeed.stats.StallMonitor(loader, every_n_steps=0)
+
+
+@pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning")
+@pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*")  # Lightning's, with torch 2.13
+def test_the_lightning_callback_logs_to_the_trainers_logger(tmp_path: Path) -> None:
+    pl = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.loggers import CSVLogger
+
+    from fastfeed.lightning import FastfeedStallLogger
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(4, 1)
+
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(torch.randn(64, 4), batch_size=4, collate_fn=SlowCollate(0.002))
+
+        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            return self.net(batch).pow(2).mean()
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    callback = FastfeedStallLogger(every_n_steps=4)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=1, logger=CSVLogger(str(tmp_path)), callbacks=[callback],
+        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=1,
+    )  # fmt: skip
+    trainer.fit(Tiny())
+    assert callback.last is not None and callback.last.slowest.stats.batches >= 12
+    (metrics_csv,) = list(tmp_path.rglob("metrics.csv"))
+    header = metrics_csv.read_text().splitlines()[0].split(",")
+    assert {"data/wait_fraction", "data/wait_p99_s", "data/slowest_rank", "data/wait_fraction/rank0"} <= set(header)

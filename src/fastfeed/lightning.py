@@ -92,7 +92,7 @@ else:
                 "(or pip install 'fastfeed[lightning]')"
             ) from exc
 
-__all__ = ["FastfeedCheckpoint", "load_checkpoint"]
+__all__ = ["FastfeedCheckpoint", "FastfeedStallLogger", "load_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -377,6 +377,38 @@ class FastfeedCheckpoint(pl.Callback):
         handle = self.checkpointer.save(_for_codec(checkpoint), step=step, metadata=meta)
         self.last_save = handle
         return handle
+
+
+class FastfeedStallLogger(pl.Callback):
+    """Log which rank waits for data, and why, every ``every_n_steps`` training steps: every
+    rank's fastfeed loader statistics are gathered (:func:`fastfeed.stats.gather`) and rank 0
+    logs :func:`fastfeed.stats.metrics` to the trainer's logger (TensorBoard, CSV, ...) and the
+    one-line summary to the ``fastfeed`` log. The training loader must be a
+    :class:`fastfeed.DataLoader`; :attr:`last` keeps the last report."""
+
+    def __init__(self, every_n_steps: int = 100, prefix: str = "data/") -> None:
+        if every_n_steps < 1:
+            raise ConfigError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.prefix = prefix
+        self.last: Any = None
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step == 0 or step % self.every_n_steps:
+            return
+        loader = trainer.train_dataloader
+        if not hasattr(loader, "stats"):
+            return
+        from fastfeed.stats import gather, metrics
+
+        report = self.last = gather(loader)
+        if trainer.global_rank == 0:
+            log.info("data loading at step %d: %s", step, report.summary())
+        if trainer.logger is not None:
+            pl_module.log_dict(metrics(report, self.prefix), rank_zero_only=True)
 
 
 def load_checkpoint(

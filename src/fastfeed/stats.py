@@ -24,7 +24,7 @@ from typing import Any
 
 from fastfeed.loader.stats import LoaderStats
 
-__all__ = ["RankStats", "StallReport", "gather"]
+__all__ = ["RankStats", "StallMonitor", "StallReport", "gather", "metrics"]
 
 
 @dataclass(frozen=True)
@@ -106,3 +106,69 @@ def gather(loader: Any, group: Any = None) -> StallReport:
         s = LoaderStats(**values)
         out.append(RankStats(rank, s, s.bound_by()))
     return StallReport(out)
+
+
+def metrics(report: StallReport, prefix: str = "data/") -> dict[str, float]:
+    """The numbers of ``report`` a logger takes (TensorBoard scalars, CSV columns): the
+    slowest rank, its wait fraction, wait percentiles and rate, and every rank's wait fraction."""
+    worst = report.slowest
+    out = {
+        f"{prefix}slowest_rank": float(worst.rank),
+        f"{prefix}wait_fraction": worst.stats.wait_fraction,
+        f"{prefix}wait_p50_s": worst.stats.wait_p50_s,
+        f"{prefix}wait_p99_s": worst.stats.wait_p99_s,
+        f"{prefix}batches_per_s": worst.stats.batches_per_s,
+    }
+    for r in report.ranks:
+        out[f"{prefix}wait_fraction/rank{r.rank}"] = r.stats.wait_fraction
+    return out
+
+
+class StallMonitor:
+    """For a plain training loop: every ``every_n_steps`` calls of :meth:`step`, gather the ranks'
+    loader statistics (:func:`gather`, a collective: call ``step()`` on every rank each step)
+    and hand :func:`metrics` and the summary to ``log`` (on rank 0 only by default)::
+
+        monitor = fastfeed.stats.StallMonitor(loader, 500, log=lambda m, text: writer.add_scalars("data", m, step))
+        for step, batch in enumerate(loader):
+            ...
+            monitor.step()
+    """
+
+    def __init__(
+        self,
+        loader: Any,
+        every_n_steps: int = 100,
+        log: Any = None,
+        *,
+        all_ranks: bool = False,
+        prefix: str = "data/",
+    ) -> None:
+        if every_n_steps < 1:
+            from fastfeed.errors import ConfigError
+
+            raise ConfigError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.loader = loader
+        self.every_n_steps = every_n_steps
+        self.log = log
+        self.all_ranks = all_ranks
+        self.prefix = prefix
+        self.steps = 0
+        #: The last report gathered (None before the first).
+        self.last: StallReport | None = None
+
+    def step(self) -> StallReport | None:
+        """Count a training step; every ``every_n_steps`` steps gather, log and return the report."""
+        self.steps += 1
+        if self.steps % self.every_n_steps:
+            return None
+        report = self.last = gather(self.loader)
+        if self.log is not None and (self.all_ranks or _rank() == 0):
+            self.log(metrics(report, self.prefix), report.summary())
+        return report
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
