@@ -52,6 +52,9 @@ def test_bench_demo_runs_end_to_end(tmp_path: Path) -> None:
         assert run["batch_p99_ms"] >= run["batch_p50_ms"] > 0
         assert len(run["timeline"]) >= 2 and run["timeline"][-1][1] == run["bytes"]
     assert cold["cache_hit_rate"] == 0.0 and warm["cache_hit_rate"] == 1.0
+    # Each epoch says what bounded its loop (no training step here: a loader stage).
+    assert {cold["extra"]["bound_by"], warm["extra"]["bound_by"]} <= {"fetch", "parse", "collate", "copy", "decode"}
+    assert "what bounds fastfeed's loop: fastfeed epoch 0 (cold): " in proc.stdout
     for peer in ("torch (cold)", "webdataset (cold)"):
         assert runs[peer]["samples"] == total and runs[peer]["extra"]["peer"] in peer
         # timed as fastfeed's runs are: batch latencies, wait fraction, timeline
@@ -192,6 +195,9 @@ def test_bench_cache_io_direct_fills_a_cache_the_warm_epoch_reads(tmp_path: Path
     assert report["config"]["cache_io"] == "direct"
     cold, warm = report["runs"]
     assert cold["cache_hit_rate"] == 0.0 and warm["cache_hit_rate"] == 1.0
+    # Each epoch says what bounded its loop (no training step here: a loader stage).
+    assert {cold["extra"]["bound_by"], warm["extra"]["bound_by"]} <= {"fetch", "parse", "collate", "copy", "decode"}
+    assert "what bounds fastfeed's loop: fastfeed epoch 0 (cold): " in proc.stdout
     assert cold["samples"] == warm["samples"] == report["setup"]["num_shards"] * report["setup"]["samples_per_shard"]
 
 

@@ -160,6 +160,7 @@ class Report:
                 f"{ck['commit_s']:.2f} s ({ck['bytes'] / 1e6 / ck['commit_s']:.0f} MB/s)"
             )
         lines.extend(self._decode_notes())
+        lines.extend(self._bound_notes())
         for name, reason in self.skipped.items():
             lines.append(f"skipped {name}: {reason}")
         targets = self.targets()
@@ -172,6 +173,19 @@ class Report:
                 extra = f"  [{t.detail}]" if t.detail else ""
                 lines.append(f"  {t.name:<40} {value:>6} (target {t.op} {t.threshold:g}): {verdict}{extra}")
         return "\n".join(lines)
+
+    def _bound_notes(self) -> list[str]:
+        """What bounded each fastfeed epoch's loop: the step (it waited for data under 5 % of
+        the time) or the loader stage with the most seconds (as ``loader.stats().bound_by()``)."""
+        runs = [r for r in self.runs if "bound_by" in r.extra]
+        if not runs:
+            return []
+        parts = []
+        for r in runs:
+            stage = r.extra["bound_by"]
+            what = "the training step" if stage == "step" else f"{stage} ({r.wait_fraction:.0%} of the loop waiting)"
+            parts.append(f"{r.name}: {what}")
+        return ["", "what bounds fastfeed's loop: " + "; ".join(parts)]
 
     def _decode_notes(self) -> list[str]:
         """For decoding runs: what bounds them, decoding or I/O (each ceiling in samples/s)."""

@@ -197,6 +197,17 @@ def batch_count(batch: Any) -> int:
     return len(batch["__key__"])
 
 
+def _bound_by(before: Any, after: Any, wait_fraction: float) -> str:
+    """What bounded an epoch's loop: the step, or the stage whose seconds grew the most (as
+    :meth:`fastfeed.LoaderStats.bound_by`, over the epoch)."""
+    from fastfeed.loader.stats import STAGES, STEP_BOUND_WAIT
+
+    if wait_fraction < STEP_BOUND_WAIT:
+        return "step"
+    grown = {stage: getattr(after, f"{stage}_s") - getattr(before, f"{stage}_s") for stage in STAGES}
+    return max(grown, key=lambda stage: grown[stage]) if any(v > 0 for v in grown.values()) else "step"
+
+
 def _cache_counts(loader: Any) -> tuple[int, int]:
     stats = loader.stats()
     return stats.cache_hits, stats.cache_misses
@@ -324,6 +335,7 @@ def run(
             name = f"fastfeed epoch {epoch}"
             ds.set_epoch(epoch)
             before = _cache_counts(loader)
+            stages_before = loader.stats()
             result = measure_batches(
                 name,
                 lambda: loader,
@@ -334,6 +346,7 @@ def run(
                 close=False,
             )
             result.cache_hit_rate = _hit_rate(before, _cache_counts(loader))
+            result.extra["bound_by"] = _bound_by(stages_before, loader.stats(), result.wait_fraction)
             # Cold: some shards came from the store (a --cache-dir may already be warm at epoch 0).
             phase = "cold" if remote and (result.cache_hit_rate or 0.0) < 1.0 else "warm"
             result.name = f"{name} ({phase}, decode)" if decoder is not None else f"{name} ({phase})"
