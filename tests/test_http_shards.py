@@ -114,9 +114,11 @@ def test_faults_between_client_and_server_are_retried(site: Path) -> None:
     # Through the fault proxy: 503s and a connection cut mid-body, retried (the cut part resumed
     # from the byte it stopped at), and every byte still right.
     with RangeServer(site) as server, FaultProxy(server.url.rstrip("/")) as proxy:
+        proxy.inject(503, "SlowDown", count=2, method="HEAD")  # the dataset's HEADs retry too
         proxy.inject(503, "SlowDown", count=3, method="GET")
         proxy.inject_reset(after_bytes=10_000, count=1, method="GET", path_regex="train-000002")
         ds = StreamingDataset(proxy.endpoint_url + "/" + PATTERN, part_size="64KiB")
         assert as_members(ds) == reference(site)
+        assert proxy.count("HEAD") == SHARDS + 2
         ranges = proxy.ranges(path_regex="train-000002")
         assert any(r and not r.startswith("bytes=0-") for r in ranges)  # a resumed range

@@ -24,6 +24,7 @@ Each stage is a small picklable object: the functions given to ``map``, ``map_tu
 
 from __future__ import annotations
 
+import abc
 import io
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -65,11 +66,12 @@ IMAGE_SPECS: dict[str, tuple[str, str]] = {
 }
 
 
-class Stage:
+class Stage(abc.ABC):
     """One stage: ``__call__(sample) -> sample``, or ``None`` to drop it."""
 
+    @abc.abstractmethod
     def __call__(self, sample: Any) -> Any:
-        raise NotImplementedError
+        """The sample transformed, or ``None`` to drop it."""
 
 
 def _image(data: Any, mode: str, output: str) -> Any:

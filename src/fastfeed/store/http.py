@@ -29,7 +29,7 @@ from fastfeed.errors import (
     TransientStoreError,
 )
 from fastfeed.store.base import ObjectInfo, Store, target_view
-from fastfeed.store.retry import RetryState
+from fastfeed.store.retry import RetryState, retry_async
 from fastfeed.urls import Location
 
 __all__ = ["HttpStore"]
@@ -107,25 +107,20 @@ class HttpStore(Store):
         )
 
     async def head(self, loc: Location) -> ObjectInfo:
-        state = RetryState(self.retry, f"HEAD {loc.url}")
-        while True:
-            try:
-                async with self._client().head(loc.url, allow_redirects=True) as resp:
-                    if resp.status != 200:
-                        raise _status_error(resp.status, loc.url, "HEAD")
-                    size = resp.headers.get("Content-Length")
-                    if size is None or not size.isdigit():
-                        raise StoreError(
-                            f"{loc.url} has no Content-Length: its size is unknown",
-                            url=loc.url,
-                            hint="serve the shards as static files (with Content-Length and Range support)",
-                        )
-                    return ObjectInfo(loc.url, int(size), _version(resp.headers))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                err = _map_error(exc, loc.url)
-                await _backoff_or_raise(state, err, exc)
+        async def once() -> ObjectInfo:
+            async with self._client().head(loc.url, allow_redirects=True) as resp:
+                if resp.status != 200:
+                    raise _status_error(resp.status, loc.url, "HEAD")
+                size = resp.headers.get("Content-Length")
+                if size is None or not size.isdigit():
+                    raise StoreError(
+                        f"{loc.url} has no Content-Length: its size is unknown",
+                        url=loc.url,
+                        hint="serve the shards as static files (with Content-Length and Range support)",
+                    )
+                return ObjectInfo(loc.url, int(size), _version(resp.headers))
+
+        return await retry_async(once, self.retry, f"HEAD {loc.url}", lambda exc: _map_error(exc, loc.url))
 
     async def read_range(
         self, loc: Location, start: int, end: int, etag: str | None = None, out: memoryview | None = None
@@ -173,22 +168,10 @@ class HttpStore(Store):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                err = _map_error(exc, loc.url)
-                if got > received_before:
-                    state.attempt = max(0, state.attempt - 1)  # progress: not a reason to give up sooner
-                await _backoff_or_raise(state, err, exc)
+                await state.after_failure(_map_error(exc, loc.url), exc, progressed=got > received_before)
         return view
 
     async def aclose(self) -> None:
         session, self._session = self._session, None
         if session is not None:
             await session.close()
-
-
-async def _backoff_or_raise(state: RetryState, err: FastfeedError, exc: BaseException) -> None:
-    try:
-        await state.backoff(err)
-    except FastfeedError as final:
-        if final is exc:
-            raise
-        raise final from exc

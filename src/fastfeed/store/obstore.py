@@ -500,15 +500,7 @@ class ObstoreS3Store(Store):
                         await self._raise_if_no_bucket(loc, err)
                     except BucketNotFoundError as missing:
                         raise missing from exc
-                if got > received_before:
-                    # Progress was made: a reset mid-body is not a reason to give up sooner.
-                    state.attempt = max(0, state.attempt - 1)
-                try:
-                    await state.backoff(err)
-                except FastfeedError as final:
-                    if final is exc:
-                        raise
-                    raise final from exc
+                await state.after_failure(err, exc, progressed=got > received_before)
         return view
 
 

@@ -46,6 +46,20 @@ class RetryState:
         log.info("retrying %s in %.2fs (attempt %d/%d): %s", self.what, delay, self.attempt + 1, limit, err)
         await asyncio.sleep(delay)
 
+    async def after_failure(self, err: FastfeedError, cause: BaseException, *, progressed: bool = False) -> None:
+        """After a failed attempt of a resumable read: sleep before the next, or raise ``err``
+        (from ``cause``, the SDK's own exception, unless it is ``err`` itself). An attempt that
+        received bytes (``progressed``) does not count: a reset mid-body is not a reason to give
+        up sooner, the next attempt resumes where it stopped."""
+        if progressed:
+            self.attempt = max(0, self.attempt - 1)
+        try:
+            await self.backoff(err)
+        except FastfeedError as final:
+            if final is cause:
+                raise
+            raise final from cause
+
 
 async def retry_async(
     op: Callable[[], Awaitable[T]],

@@ -295,15 +295,7 @@ class S3Store(Store):
                 raise
             except Exception as exc:
                 err = map_s3_error(exc, loc.url, bucket_url=f"s3://{loc.bucket}")
-                if got > received_before:
-                    # Progress was made: a reset mid-body is not a reason to give up sooner.
-                    state.attempt = max(0, state.attempt - 1)
-                try:
-                    await state.backoff(err)
-                except FastfeedError as final:
-                    if final is exc:
-                        raise
-                    raise final from exc
+                await state.after_failure(err, exc, progressed=got > received_before)
         return view
 
 

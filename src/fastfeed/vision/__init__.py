@@ -259,7 +259,8 @@ class Decode:
         keep = [i for i in range(n) if i not in bad]
         result = _select(dict(batch), keep)
         for name, (images, failed) in decoded.items():
-            rows = [i for i in range(n) if i not in set(failed)]  # the samples ``images`` holds
+            dropped = set(failed)
+            rows = [i for i in range(n) if i not in dropped]  # the samples ``images`` holds
             at = {i: r for r, i in enumerate(rows)}
             result[name] = images[[at[i] for i in keep]] if keep else images[:0]
         return result
@@ -321,7 +322,8 @@ class Decode:
                 self._fail(r, ids[i][0], ids[i][1], name)
                 failed.append(i)
         if out is not None:
-            return (out[[i for i in range(n) if i not in set(failed)]] if failed else out), failed
+            dropped = set(failed)
+            return (out[[i for i in range(n) if i not in dropped]] if failed else out), failed
         good = [r for r in results if isinstance(r, np.ndarray)]
         if not good:
             return torch.empty((0, channels, 0, 0), dtype=self.dtype), failed
