@@ -16,7 +16,7 @@ import pytest
 
 from fastfeed import AccessDeniedError, StreamingDataset
 from fastfeed.config import S3Config
-from fastfeed.store.obstore import _profile_region
+from fastfeed.store.obstore import _profile_region, _profile_settings
 from fastfeed.store.s3 import S3Store
 
 
@@ -25,7 +25,7 @@ def _aws_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: str, cre
     (tmp_path / "credentials").write_text(credentials)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
-    _profile_region.cache_clear()
+    _profile_settings.cache_clear()
 
 
 def _ours(config: S3Config) -> Any:

@@ -47,6 +47,7 @@ import re
 import threading
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastfeed.config import S3Config
@@ -248,13 +249,37 @@ class _BotocoreCredentials:
 
 
 @functools.lru_cache(maxsize=8)
-def _profile_region(profile: str | None) -> str:
-    """The region botocore resolves for ``profile`` (``AWS_REGION``, ``AWS_DEFAULT_REGION``, the
-    profile's ``region``), else ``us-east-1``, botocore's own default for S3."""
+def _profile_settings(profile: str | None) -> tuple[str, str | None]:
+    """``(region, ca_bundle)`` as botocore resolves them for ``profile``: the region from
+    ``AWS_REGION``, ``AWS_DEFAULT_REGION`` or the profile's ``region``, else ``us-east-1``
+    (botocore's own default for S3); the CA bundle from ``AWS_CA_BUNDLE`` or the profile's
+    ``ca_bundle``, else None (the system's roots)."""
     import botocore.session
 
-    region = botocore.session.Session(profile=profile).get_config_variable("region")
-    return str(region) if region else "us-east-1"
+    session = botocore.session.Session(profile=profile)
+    region = session.get_config_variable("region")
+    bundle = session.get_config_variable("ca_bundle")
+    return (str(region) if region else "us-east-1"), (str(bundle) if bundle else None)
+
+
+def _profile_region(profile: str | None) -> str:
+    """The region botocore resolves for ``profile`` (see :func:`_profile_settings`)."""
+    return _profile_settings(profile)[0]
+
+
+def _root_certificate(profile: str | None) -> str | None:
+    """The PEM text of botocore's CA bundle for ``profile``, if one is configured. obstore adds
+    it to the system's roots (botocore replaces them with it): a private CA is trusted alike."""
+    bundle = _profile_settings(profile)[1]
+    if bundle is None:
+        return None
+    try:
+        return Path(bundle).read_text()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read the CA bundle {bundle} (AWS_CA_BUNDLE or the profile's ca_bundle): {exc}",
+            hint="point AWS_CA_BUNDLE (or ca_bundle in ~/.aws/config) at a readable PEM file",
+        ) from exc
 
 
 def _credential_provider(profile: str | None) -> _BotocoreCredentials | None:
@@ -357,6 +382,10 @@ class ObstoreS3Store(Store):
             "timeout": timedelta(seconds=max(_REQUEST_TIMEOUT_S, cfg.retry.deadline)),
             "pool_max_idle_per_host": str(cfg.max_pool_connections),
         }
+        if not kwargs.get("endpoint", "https://").startswith("http://"):
+            root = _root_certificate(cfg.profile)
+            if root is not None:
+                client_options["root_certificate"] = root
         # fastfeed retries itself (with resume); obstore's retries would multiply attempts.
         retry_config: ObstoreRetryConfig = {"max_retries": 0, "retry_timeout": timedelta(seconds=cfg.retry.deadline)}
         try:

@@ -38,6 +38,7 @@ import contextlib
 import itertools
 import logging
 import socket
+import ssl as _ssl
 import struct
 import threading
 import urllib.parse
@@ -106,17 +107,21 @@ class FaultProxy:
     Args:
         upstream_url: ``http://host:port`` of the endpoint to forward to.
         connect_timeout: seconds to wait for an upstream connection before answering 502.
+        ssl: serve TLS with this server context (clients then use ``https://``; the upstream
+            connection stays plain HTTP): an HTTPS endpoint with a certificate of the test's
+            own CA, for ``AWS_CA_BUNDLE`` and ``ca_bundle`` checks.
 
     Use as a context manager, or :meth:`start` then :meth:`stop`.
     """
 
-    def __init__(self, upstream_url: str, *, connect_timeout: float = 10.0) -> None:
+    def __init__(self, upstream_url: str, *, connect_timeout: float = 10.0, ssl: _ssl.SSLContext | None = None) -> None:
         parsed = urllib.parse.urlsplit(upstream_url)
         if parsed.scheme != "http" or not parsed.hostname or parsed.port is None:
             raise ValueError(f"FaultProxy needs an http://host:port upstream, got {upstream_url!r}")
         self.upstream_url = upstream_url
         self._upstream_addr = (parsed.hostname, parsed.port)
         self._connect_timeout = connect_timeout
+        self._ssl = ssl
         self._book = FaultBook()
         self._latency_s = 0.0
         self._bucket = TokenBucket()
@@ -134,10 +139,10 @@ class FaultProxy:
 
     @property
     def endpoint_url(self) -> str:
-        """``http://127.0.0.1:<port>`` to point clients at."""
+        """``http://127.0.0.1:<port>`` (``https://`` when serving TLS) to point clients at."""
         if self._port is None:
             raise RuntimeError("FaultProxy is not started")
-        return f"http://127.0.0.1:{self._port}"
+        return f"{'https' if self._ssl else 'http'}://127.0.0.1:{self._port}"
 
     @property
     def port(self) -> int:
@@ -352,7 +357,9 @@ class FaultProxy:
 
     async def _main(self) -> None:
         self._stop_event = asyncio.Event()
-        server = await asyncio.start_server(self._serve_client, "127.0.0.1", 0, limit=STREAM_LIMIT, reuse_address=True)
+        server = await asyncio.start_server(
+            self._serve_client, "127.0.0.1", 0, limit=STREAM_LIMIT, reuse_address=True, ssl=self._ssl
+        )
         try:
             self._port = server.sockets[0].getsockname()[1]
             self._ready.set()
