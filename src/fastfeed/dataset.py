@@ -35,7 +35,7 @@ from fastfeed.order.reshard import segment_rank_pieces
 from fastfeed.order.source import Segment
 from fastfeed.read.prefetch import FetchStats, Prefetcher
 from fastfeed.read.reader import Sample, iter_samples
-from fastfeed.read.sources import count_shard_samples, resolve_source
+from fastfeed.read.sources import SourceItem, count_shard_samples, resolve_source
 from fastfeed.read.stages import Staged, apply_stages
 from fastfeed.store.base import ObjectInfo
 from fastfeed.store.pool import StoreSet
@@ -44,7 +44,7 @@ __all__ = ["StreamingDataset"]
 
 log = logging.getLogger(__name__)
 
-Source = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+Source = SourceItem | Sequence[SourceItem]
 T = TypeVar("T")
 
 
@@ -54,7 +54,10 @@ class StreamingDataset(Staged, IterableDataset[Sample]):
     Args:
         source: ``s3://bucket/prefix/`` or a local directory (every ``*.tar`` under it, sorted),
             a brace pattern like ``s3://bucket/train/shard-{000000..000099}.tar``, a single shard,
-            ``file://`` URLs or plain paths, or a list of any of these.
+            ``file://`` URLs or plain paths, ``http(s)://`` shards, a dataset manifest (a
+            :class:`~fastfeed.shards.DatasetManifest` or the URL of its ``.json``: no listing,
+            no HEAD per shard, and a shard changed since it was made fails its first read), or
+            a list of any of these.
         shuffle: shuffle the shard order and samples (through a buffer of ``shuffle_buffer``
             samples per worker). The order is a pure function of ``(seed, epoch)`` and the
             rank/worker layout: the same seed gives the same order on every run.

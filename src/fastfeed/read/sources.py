@@ -1,10 +1,17 @@
 """Turn a dataset source into its shard list, and count the samples in shards.
 
 A source is an ``s3://bucket/prefix/`` or local directory (every ``*.tar`` under it, sorted), a
-brace pattern (``s3://b/p/shard-{000000..000099}.tar``), a single shard, or a list of any of
-these. Every shard is resolved to an :class:`~fastfeed.store.base.ObjectInfo` (size and ETag) up
-front, concurrently, so a missing object, a missing bucket or bad credentials fail at
+brace pattern (``s3://b/p/shard-{000000..000099}.tar``), a single shard, a dataset manifest (a
+:class:`~fastfeed.shards.DatasetManifest`, or the URL of its ``.json`` in any store), or a list of
+any of these. Every shard is resolved to an :class:`~fastfeed.store.base.ObjectInfo` (size and
+ETag) up front, concurrently, so a missing object, a missing bucket or bad credentials fail at
 construction within seconds, naming the object, instead of midway through an epoch.
+
+A manifest already knows its shards' sizes and ETags: no listing and no HEAD per shard (one GET
+of the manifest, none for an object). Its ETags make every ranged GET conditional, so a shard
+rewritten since the manifest was made fails its first read instead of mixing versions; entries
+without an ETag (local files, web servers without validators) get a HEAD (a ``stat``) to check
+their size.
 """
 
 from __future__ import annotations
@@ -20,10 +27,11 @@ from collections.abc import Sequence
 
 from fastfeed import _loop
 from fastfeed.config import PrefetchConfig
-from fastfeed.errors import EmptyDatasetError, InvalidURLError, NotFoundError
+from fastfeed.errors import ConfigError, EmptyDatasetError, InvalidURLError, NotFoundError, StoreError
 from fastfeed.read.prefetch import Prefetcher
 from fastfeed.read.reader import count_samples, iter_members
 from fastfeed.read.tario import scan
+from fastfeed.shards.manifest import DatasetManifest
 from fastfeed.store.base import ObjectInfo, gather_limited
 from fastfeed.store.pool import StoreSet
 from fastfeed.urls import Location, expand_braces, has_braces, parse_url
@@ -34,21 +42,24 @@ log = logging.getLogger(__name__)
 
 #: Concurrent HEAD requests while resolving an explicit shard list.
 _HEAD_CONCURRENCY = 32
+#: The largest manifest read as a source (a million shards' entries take about 200 MB).
+MANIFEST_MAX_BYTES = 1 << 30
+
+SourceItem = str | os.PathLike[str] | DatasetManifest
+_MANIFEST_HINT = "make a new one for the dataset as it is now: fastfeed shards manifest <prefix> --json > manifest.json"
 
 
-def resolve_source(
-    source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], stores: StoreSet
-) -> list[ObjectInfo]:
+def resolve_source(source: SourceItem | Sequence[SourceItem], stores: StoreSet) -> list[ObjectInfo]:
     """Resolve ``source`` to its shards (blocking; runs on the IO loop)."""
-    if isinstance(source, str | os.PathLike):
-        items = [os.fspath(source)]
-    else:
-        items = [os.fspath(s) for s in source]
-        if not items:
-            raise EmptyDatasetError("the source list is empty", hint="pass at least one shard URL or a prefix")
-    for item in items:
-        if not isinstance(item, str):
+    raw = [source] if isinstance(source, str | os.PathLike | DatasetManifest) else list(source)
+    if not raw:
+        raise EmptyDatasetError("the source list is empty", hint="pass at least one shard URL or a prefix")
+    items: list[str | DatasetManifest] = []
+    for item in raw:
+        item = item if isinstance(item, DatasetManifest) else os.fspath(item)
+        if not isinstance(item, str | DatasetManifest):
             raise InvalidURLError(f"shard URLs must be strings, got {type(item).__name__}")
+        items.append(item)
     io = _loop.acquire()
     try:
         return io.run(_resolve(items, stores))
@@ -56,27 +67,75 @@ def resolve_source(
         io.release()
 
 
-async def _resolve(items: list[str], stores: StoreSet) -> list[ObjectInfo]:
+async def _resolve(items: list[str | DatasetManifest], stores: StoreSet) -> list[ObjectInfo]:
     try:
         out: list[ObjectInfo] = []
         heads: list[tuple[int, Location]] = []
         for item in items:
+            if isinstance(item, DatasetManifest):
+                _add_manifest(item, "the manifest given", out, heads)
+                continue
             urls = expand_braces(item) if has_braces(item) else [item]
             for url in urls:
                 loc = parse_url(url)
                 if _is_prefix(loc):
                     store = await stores.get(loc)
                     out.extend(await store.list(loc))
+                elif loc.url.endswith(".json"):
+                    _add_manifest(await _read_manifest(stores, loc), loc.url, out, heads)
                 else:
                     heads.append((len(out), loc))
                     out.append(ObjectInfo(loc.url, -1))
         if heads:
             infos = await gather_limited([_head(stores, loc) for _, loc in heads], _HEAD_CONCURRENCY)
             for (index, _), info in zip(heads, infos, strict=True):
+                known = out[index].size
+                if known >= 0 and info.size != known:
+                    raise StoreError(
+                        f"{info.url} is {info.size} bytes, but its manifest says {known}: the dataset changed "
+                        "since the manifest was made",
+                        url=info.url,
+                        hint=_MANIFEST_HINT,
+                    )
                 out[index] = info
         return out
     finally:
         await stores.aclose()
+
+
+def _add_manifest(
+    manifest: DatasetManifest, where: str, out: list[ObjectInfo], heads: list[tuple[int, Location]]
+) -> None:
+    """Append the manifest's shards to ``out``; those without an ETag also to ``heads`` (their
+    size, known, is checked against the HEAD's)."""
+    if not manifest.shards:
+        raise EmptyDatasetError(f"{where} names no shards", url=manifest.url or None, hint=_MANIFEST_HINT)
+    for shard in manifest.shards:
+        loc = parse_url(shard.url)
+        if loc.url.endswith(".json") or _is_prefix(loc):
+            raise ConfigError(
+                f"{where} names {shard.url}, which is not a shard", hint="a manifest lists the shard objects themselves"
+            )
+        if shard.etag is None:
+            heads.append((len(out), loc))
+        out.append(ObjectInfo(loc.url, shard.size, shard.etag))
+
+
+async def _read_manifest(stores: StoreSet, loc: Location) -> DatasetManifest:
+    """The manifest at ``loc`` (one HEAD and one GET), its size checked before reading it."""
+    info = await _head(stores, loc)
+    if info.size > MANIFEST_MAX_BYTES:
+        raise ConfigError(
+            f"{loc.url} is {info.size} bytes, more than a dataset manifest can be ({MANIFEST_MAX_BYTES})",
+            url=loc.url,
+            hint="pass the manifest.json that fastfeed shards write, or the shards themselves",
+        )
+    store = await stores.get(loc)
+    body = await store.read_range(loc, 0, info.size, info.etag) if info.size else memoryview(b"")
+    try:
+        return DatasetManifest.from_json(bytes(body))
+    except ConfigError as exc:
+        raise ConfigError(f"{loc.url}: {exc.message}", url=loc.url, hint=exc.hint) from exc
 
 
 def _is_prefix(loc: Location) -> bool:

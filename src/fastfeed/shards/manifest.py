@@ -33,6 +33,14 @@ class ShardInfo:
     etag: str | None = None
     samples: int | None = None
 
+    def __post_init__(self) -> None:
+        if not self.url:
+            raise ConfigError("a shard's URL is empty")
+        if self.size < 0:
+            raise ConfigError(f"{self.url}: size {self.size} is negative")
+        if self.samples is not None and self.samples < 0:
+            raise ConfigError(f"{self.url}: sample count {self.samples} is negative")
+
 
 @dataclass(frozen=True)
 class DatasetManifest:
