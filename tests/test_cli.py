@@ -321,6 +321,31 @@ def test_the_memory_of_a_loaders_workers_counts_in_its_peak_pss() -> None:
     assert tree_pss_bytes() - before < 40 << 20, "the child's pages are gone with it"
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="needs Linux's /proc/PID/smaps_rollup")
+def test_the_benchmarks_own_servers_are_left_out_of_the_loaders_memory() -> None:
+    """The demo's S3 server and the latency proxy are children of the bench process but not
+    the loader's (a peer, run in its own process, never has them): their pages are not counted."""
+    from fastfeed.bench.measure import service_process, tree_pss_bytes
+
+    code = (
+        "import sys; b = bytearray(96 << 20); b[::4096] = b'x' * (len(b) // 4096); "
+        "print('ready', flush=True); sys.stdin.read()"
+    )
+    with subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE) as server:
+        try:
+            assert server.stdout is not None and server.stdout.readline().strip() == b"ready"
+            counted = tree_pss_bytes()
+            with service_process(server.pid):
+                left_out = tree_pss_bytes()
+            again = tree_pss_bytes()
+        finally:
+            assert server.stdin is not None
+            server.stdin.close()
+            server.wait(timeout=30)
+    assert counted - left_out > 80 << 20, (counted, left_out)
+    assert again - left_out > 80 << 20, "only inside the block"
+
+
 def test_version_comes_from_one_place() -> None:
     import importlib.metadata
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from fastfeed.bench.measure import peak_rss_bytes
+from fastfeed.bench.measure import peak_rss_bytes, service_process
 from fastfeed.bench.report import Report
 from fastfeed.bench.run import BenchConfig, Progress, check_decode, check_device, run, scenario
 from fastfeed.config import S3Config, format_size
@@ -49,6 +49,7 @@ def demo_dataset(
         # Its data is thrown away: no point in waiting long for a clean stop (SeaweedFS
         # sometimes takes over 10 s to act on SIGTERM; then it is killed).
         SeaweedServer(Path(tmp) / "store", stop_timeout=3.0) as server,
+        service_process(server.pid),
     ):
         say(f"local S3 endpoint (SeaweedFS): {server.endpoint_url}  [started in {server.start_seconds or 0:.1f}s]")
         t0 = time.perf_counter()

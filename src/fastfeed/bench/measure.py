@@ -23,7 +23,7 @@ import resource
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -42,6 +42,7 @@ __all__ = [
     "measure_raw_get",
     "measure_raw_read",
     "peak_rss_bytes",
+    "service_process",
     "settle",
     "tree_pss_bytes",
 ]
@@ -170,11 +171,30 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+#: PIDs of the benchmark's own services (the demo's S3 server, the latency proxy): children of
+#: this process, but not the loader's, so :func:`tree_pss_bytes` leaves their subtrees out (a
+#: peer, run in its own process, never has them in its tree either).
+_SERVICES: set[int] = set()
+
+
+@contextlib.contextmanager
+def service_process(pid: int) -> Iterator[None]:
+    """Leave process ``pid`` (and its descendants) out of the memory measured while in the block."""
+    _SERVICES.add(pid)
+    try:
+        yield
+    finally:
+        _SERVICES.discard(pid)
+
+
 def _tree_pids(root: int) -> list[int]:
-    """``root`` and its descendants (Linux's ``/proc/PID/task/TID/children``)."""
+    """``root`` and its descendants (Linux's ``/proc/PID/task/TID/children``), without the
+    benchmark's services (:func:`service_process`)."""
     out, todo = [], [root]
     while todo:
         pid = todo.pop()
+        if pid in _SERVICES:
+            continue
         out.append(pid)
         with contextlib.suppress(OSError):
             for tid in os.listdir(f"/proc/{pid}/task"):

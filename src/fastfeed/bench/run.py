@@ -53,6 +53,7 @@ from fastfeed.bench.measure import (
     measure_h2d,
     measure_raw_get,
     measure_raw_read,
+    service_process,
 )
 from fastfeed.bench.report import DECODE_CEILING, Report, Target
 from fastfeed.cache.admin import entry_files
@@ -246,7 +247,8 @@ def emulated(
         if not line.startswith("http://"):
             raise ConfigError(f"the delaying proxy did not start (exit status {proc.poll()})")
         log.info("emulating %g ms latency via %s (pid %d)", latency_ms, line, proc.pid)
-        yield dataclasses.replace(s3, endpoint_url=line)
+        with service_process(proc.pid):
+            yield dataclasses.replace(s3, endpoint_url=line)
     finally:
         with contextlib.suppress(OSError):
             if proc.stdin is not None:
