@@ -18,6 +18,7 @@ from fastfeed import ConfigError, DataLoader, StreamingDataset
 from fastfeed.cache.admin import cache_info, clear_cache, entry_files
 from fastfeed.cache.entries import trailer_size
 from fastfeed.config import S3Config
+from fastfeed.store.buffers import pool_for
 from fastfeed.testing.servers import free_port
 from fastfeed.testing.shards import upload_dir, write_synthetic_shards
 
@@ -94,6 +95,20 @@ def test_second_epoch_is_read_from_the_cache(data: dict[str, Any]) -> None:
     assert gets(proxy) == fetched, "a warm epoch sends no GET to the store"
     io = ds.io_stats()
     assert io["cache_hits"] == SHARDS and io["bytes_from_cache"] >= data["bytes"]
+
+
+def test_a_warm_pass_gives_the_idle_part_buffers_back(data: dict[str, Any], tmp_path: Path) -> None:
+    # A cold pass keeps its part buffers pooled for the next cold pass; a pass served entirely
+    # by mapped hits uses none, so the pool then gives them back instead of holding the whole
+    # byte budget through every warm epoch.
+    ds = StreamingDataset(data["url"], s3=data["s3"], cache_dir=str(tmp_path / "c"), cache_limit="1GB")
+    pool = pool_for(ds.prefetch_config.part_size)
+    pool.trim()
+    assert len(keys(ds)) > 0 and ds.io_stats()["cache_misses"] == SHARDS
+    assert pool.idle_bytes > 0, "a cold pass keeps its buffers for the next one"
+    ds.set_epoch(1)
+    assert len(keys(ds)) > 0 and ds.io_stats()["cache_hits"] == SHARDS
+    assert pool.idle_bytes == 0
 
 
 def test_loader_stats_report_the_cache(data: dict[str, Any]) -> None:

@@ -340,6 +340,10 @@ class Prefetcher:
                     )
                     if getattr(source, "hit", False):
                         self.stats.cache_hits += 1
+                        if self.stats.cache_hits == 1 and not self.stats.cache_misses:
+                            # A warm pass, most likely (see _trim_pool); unmapping the buffers
+                            # takes tens of ms of the kernel's time: not on the loop.
+                            asyncio.get_running_loop().run_in_executor(None, self._trim_pool)
                     else:
                         self.stats.cache_misses += 1
                 else:
@@ -530,6 +534,15 @@ class Prefetcher:
         if not self._finished.wait(_CLOSE_TIMEOUT):
             log.warning("prefetcher did not stop within %.0fs", _CLOSE_TIMEOUT)
         self._io.release()
+
+    def _trim_pool(self) -> None:
+        """The pass starts with a hit of the node cache: a mapped entry, which takes no part
+        buffers. The idle ones the pool keeps for the next cold pass would sit in memory through
+        this warm pass and the ones after it (the whole byte budget): give them back. A miss
+        later takes new ones (0.1 s per 256 MiB on the 2-core VM)."""
+        released = self._pool.trim()
+        if released:
+            log.debug("released %d bytes of idle part buffers at the start of a warm pass", released)
 
     def _main_cancel(self) -> None:
         self._main.cancel()

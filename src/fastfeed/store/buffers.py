@@ -37,6 +37,21 @@ class BufferPool:
                 return self._free.pop()
         return _new_buffer(self.size)
 
+    @property
+    def idle_bytes(self) -> int:
+        """Bytes of the buffers kept for reuse."""
+        with self._lock:
+            return len(self._free) * self.size
+
+    def trim(self) -> int:
+        """Give every idle buffer's memory back to the system; returns the bytes released."""
+        with self._lock:
+            idle, self._free = self._free, []
+        for buffer in idle:
+            with contextlib.suppress(BufferError):  # a view of it still exists: the GC frees it
+                buffer.close()
+        return len(idle) * self.size
+
     def give(self, buffer: mmap.mmap | None) -> None:
         """Return ``buffer`` for reuse (only once nothing writes into it any more)."""
         if not isinstance(buffer, mmap.mmap) or len(buffer) != self.size:
