@@ -74,17 +74,18 @@ def test_a_manifest_over_http_needs_no_head_per_shard(site: Path) -> None:
         assert shard_requests and all(m == "GET" and rng for m, _, rng in shard_requests)  # ranged GETs only
 
 
-def test_a_manifest_in_s3_or_in_hand_sends_no_listing(seaweed: Any, s3_shards: Any) -> None:
+def test_a_manifest_in_s3_or_in_hand_sends_no_listing(seaweed: Any, s3_shards: Any, bucket: Any) -> None:
+    # The manifest goes into a bucket of this test's own (the shards' bucket is shared).
     name, prefix, paths = s3_shards
     manifest = dataset_manifest(f"s3://{name}/{prefix}", s3=s3(seaweed))
-    save_manifest(manifest, f"s3://{name}/{prefix}manifest.json", s3=s3(seaweed))
+    save_manifest(manifest, f"s3://{bucket.name}/manifest.json", s3=s3(seaweed))
     with FaultProxy(seaweed.endpoint_url) as proxy:
         in_hand = StreamingDataset(manifest, s3=s3(seaweed, proxy.endpoint_url))
         assert proxy.requests() == []  # nothing at all: the manifest knows the shards
-        by_url = StreamingDataset(f"s3://{name}/{prefix}manifest.json", s3=s3(seaweed, proxy.endpoint_url))
+        by_url = StreamingDataset(f"s3://{bucket.name}/manifest.json", s3=s3(seaweed, proxy.endpoint_url))
         assert [(r.method, r.path.split("?")[0]) for r in proxy.requests()] == [
-            ("HEAD", f"/{name}/{prefix}manifest.json"),
-            ("GET", f"/{name}/{prefix}manifest.json"),
+            ("HEAD", f"/{bucket.name}/manifest.json"),
+            ("GET", f"/{bucket.name}/manifest.json"),
         ]
         listed = StreamingDataset(f"s3://{name}/{prefix}", s3=s3(seaweed))
         assert in_hand.shards == by_url.shards == listed.shards
