@@ -278,7 +278,7 @@ def test_sso_credentials_from_the_token_cache_read_the_local_server(
         f"ds = StreamingDataset('s3://{name}/{prefix}', s3=s3)\n"
         "print(json.dumps(sorted([s['__url__'].rsplit('/', 1)[-1], s['__key__']] for s in ds)))\n"
     )
-    env = {k: v for k, v in os.environ.items()}
+    env = dict(os.environ)
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     got = [tuple(x) for x in json.loads(done.stdout)]
