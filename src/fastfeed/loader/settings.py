@@ -34,6 +34,7 @@ from fastfeed.loader.resume import Progress, Resume, SamplerDraw, SamplerProgres
 from fastfeed.loader.slots import SlotFlags, SlotTable
 from fastfeed.loader.stats import StatsSink
 from fastfeed.loader.streaming import StreamConfig, is_streaming
+from fastfeed.loader.worker import WorkerStart
 from fastfeed.vision import Decode
 
 __all__ = [
@@ -359,11 +360,12 @@ class IterationSettings:
         return SlotFlags(self.num_workers, 2 * ((self.prefetch_factor or 2) + 3))
 
     def torch_loader_kwargs(self) -> dict[str, Any]:
-        """The arguments of the torch DataLoader that runs the workers, as the user gave them."""
+        """The arguments of the torch DataLoader that runs the workers, as the user gave them
+        (the user's ``worker_init_fn`` runs inside :class:`~fastfeed.loader.worker.WorkerStart`)."""
         return {
             "num_workers": self.num_workers,
             "timeout": self.timeout,
-            "worker_init_fn": self.worker_init_fn,
+            "worker_init_fn": WorkerStart(self.worker_init_fn),
             "multiprocessing_context": self.multiprocessing_context,
             "prefetch_factor": self.prefetch_factor,
             "generator": self.worker_generator,
