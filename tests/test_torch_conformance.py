@@ -758,6 +758,29 @@ def test_persistent_workers_of_a_map_style_dataset_live_across_epochs() -> None:
     loader.close()
 
 
+class Counting(IterableDataset[int]):
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(20))
+
+
+@pytest.mark.timeout(120)
+def test_persistent_workers_after_epochs_abandoned_at_their_first_batch_match_torch() -> None:
+    # Each worker's first batches carry its slots' memory to the main process; an epoch ended
+    # after one batch drops the others unseen (as torch's loader does), so a worker taking such
+    # a slot back must send its memory again, or the next epoch fails on it.
+    got = {}
+    for cls in (torch.utils.data.DataLoader, fastfeed.DataLoader):
+        loader = cls(Counting(), batch_size=1, num_workers=2, persistent_workers=True, prefetch_factor=4)
+        try:
+            for _ in range(3):
+                it = iter(loader)
+                next(it)
+            got[cls] = sorted(int(x) for b in loader for x in b)
+        finally:
+            getattr(loader, "close", lambda: None)()
+    assert got[fastfeed.DataLoader] == got[torch.utils.data.DataLoader] == sorted(list(range(20)) * 2)
+
+
 class Slow(Dataset[int]):
     def __len__(self) -> int:
         return 4

@@ -77,6 +77,9 @@ class WorkerSlots:
             for k in range(len(self.arenas)):
                 if not free[k] and not self.held[k]:
                     free[k] = 1  # sent in an epoch that ended early, and dropped
+                    # Dropped unseen, perhaps with the slot's tensor, which the main process
+                    # then never received: send it again with the slot's next batch.
+                    self.sent[k] = -1
         for k in range(len(self.arenas)):
             if free[k]:
                 free[k] = 0
