@@ -5,50 +5,22 @@ shards' members as Python's tarfile reads them."""
 from __future__ import annotations
 
 import os
-import tarfile
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from fastfeed import DataLoader, InvalidURLError, NotFoundError, StoreError, StreamingDataset
 from fastfeed.testing.http_server import RangeServer
 from fastfeed.testing.proxy import FaultProxy
-from fastfeed.testing.shards import write_synthetic_shards
+from tar_members import sample_members, tar_members, write_site
 
 SHARDS = 4
 
 
 @pytest.fixture
 def site(tmp_path: Path) -> Path:
-    root = tmp_path / "site"
-    paths = write_synthetic_shards(root / "tmp", num_shards=SHARDS, samples_per_shard=9, sample_bytes=30_000)
-    for i, p in enumerate(paths):
-        p.rename(root / f"train-{i:06d}.tar")
-    return root
-
-
-def reference(root: Path) -> dict[str, bytes]:
-    """Every member of every shard, as tarfile reads it: ``{"<shard>#<member>": bytes}``."""
-    out = {}
-    for path in sorted(root.glob("*.tar")):
-        with tarfile.open(path) as tar:
-            for m in tar.getmembers():
-                f = tar.extractfile(m)
-                assert f is not None
-                out[f"{path.name}#{m.name}"] = f.read()
-    return out
-
-
-def as_members(samples: Any) -> dict[str, bytes]:
-    out = {}
-    for s in samples:
-        shard = s["__url__"].rsplit("/", 1)[-1]
-        for ext, value in s.items():
-            if not ext.startswith("__"):
-                out[f"{shard}#{s['__key__']}.{ext}"] = bytes(value)
-    return out
+    return write_site(tmp_path / "site", SHARDS, samples_per_shard=9, sample_bytes=30_000)
 
 
 PATTERN = "train-{000000..000003}.tar"
@@ -60,7 +32,7 @@ def test_http_shards_read_as_tarfile_reads_them(site: Path, etags: bool) -> None
         ds = StreamingDataset(server.url + PATTERN, part_size="64KiB")
         assert [s.size for s in ds.shards] == [os.path.getsize(site / f"train-{i:06d}.tar") for i in range(SHARDS)]
         assert all(s.etag and (s.etag.startswith('"') if etags else s.etag.startswith("lm:")) for s in ds.shards)
-        assert as_members(ds) == reference(site)
+        assert sample_members(ds) == tar_members(sorted(site.glob("*.tar")))
         # Ranged GETs only, each naming the version it expects.
         gets = [r for r in server.requests if r[0] == "GET"]
         assert gets and all(r[2] and r[2].startswith("bytes=") for r in gets)
@@ -70,11 +42,11 @@ def test_the_loader_and_the_cache_over_http(site: Path, tmp_path: Path) -> None:
     with RangeServer(site) as server:
         ds = StreamingDataset(server.url + PATTERN, cache_dir=str(tmp_path / "cache"), cache_limit="1GB")
         loader = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=list)
-        first = as_members(s for b in loader for s in b)
-        assert first == reference(site)
+        first = sample_members(s for b in loader for s in b)
+        assert first == tar_members(sorted(site.glob("*.tar")))
         gets = sum(1 for r in server.requests if r[0] == "GET")
         ds.set_epoch(1)
-        second = as_members(s for b in loader for s in b)
+        second = sample_members(s for b in loader for s in b)
         assert second == first
         assert sum(1 for r in server.requests if r[0] == "GET") == gets  # the second epoch read the cache
         assert loader.stats().cache_hits >= SHARDS
@@ -118,7 +90,7 @@ def test_faults_between_client_and_server_are_retried(site: Path) -> None:
         proxy.inject(503, "SlowDown", count=3, method="GET")
         proxy.inject_reset(after_bytes=10_000, count=1, method="GET", path_regex="train-000002")
         ds = StreamingDataset(proxy.endpoint_url + "/" + PATTERN, part_size="64KiB")
-        assert as_members(ds) == reference(site)
+        assert sample_members(ds) == tar_members(sorted(site.glob("*.tar")))
         assert proxy.count("HEAD") == SHARDS + 2
         ranges = proxy.ranges(path_regex="train-000002")
         assert any(r and not r.startswith("bytes=0-") for r in ranges)  # a resumed range

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from fastfeed import ConfigError, EmptyDatasetError, FastfeedError, S3Config, St
 from fastfeed.shards import DatasetManifest, ShardInfo, dataset_manifest, save_manifest
 from fastfeed.testing.http_server import RangeServer
 from fastfeed.testing.proxy import FaultProxy
-from fastfeed.testing.shards import write_synthetic_shards
+from tar_members import sample_members, tar_members, write_site
 
 SHARDS = 4
 PATTERN = "train-{000000..000003}.tar"
@@ -27,38 +26,12 @@ PATTERN = "train-{000000..000003}.tar"
 
 @pytest.fixture
 def site(tmp_path: Path) -> Path:
-    root = tmp_path / "site"
-    paths = write_synthetic_shards(root / "tmp", num_shards=SHARDS, samples_per_shard=7, sample_bytes=20_000)
-    for i, p in enumerate(paths):
-        p.rename(root / f"train-{i:06d}.tar")
-    return root
-
-
-def members(paths: list[Path]) -> dict[str, bytes]:
-    """Every member of every shard, as tarfile reads it: ``{"<shard>#<member>": bytes}``."""
-    out = {}
-    for path in paths:
-        with tarfile.open(path) as tar:
-            for m in tar.getmembers():
-                f = tar.extractfile(m)
-                assert f is not None
-                out[f"{path.name}#{m.name}"] = f.read()
-    return out
+    return write_site(tmp_path / "site", SHARDS, samples_per_shard=7, sample_bytes=20_000)
 
 
 def s3(server: Any, endpoint: str | None = None) -> S3Config:
     url = endpoint or server.endpoint_url
     return S3Config(endpoint_url=url, access_key_id=server.access_key, secret_access_key=server.secret_key)
-
-
-def as_members(samples: Any) -> dict[str, bytes]:
-    out = {}
-    for s in samples:
-        shard = s["__url__"].rsplit("/", 1)[-1]
-        for ext, value in s.items():
-            if not ext.startswith("__"):
-                out[f"{shard}#{s['__key__']}.{ext}"] = bytes(value)
-    return out
 
 
 def test_a_manifest_over_http_needs_no_head_per_shard(site: Path) -> None:
@@ -69,7 +42,7 @@ def test_a_manifest_over_http_needs_no_head_per_shard(site: Path) -> None:
         ds = StreamingDataset(server.url + "manifest.json", part_size="64KiB")
         assert [(m, p) for m, p, _ in server.requests] == [("HEAD", "/manifest.json"), ("GET", "/manifest.json")]
         assert [(s.url, s.size, s.etag) for s in ds.shards] == [(s.url, s.size, s.etag) for s in manifest.shards]
-        assert as_members(ds) == members(sorted(site.glob("*.tar")))
+        assert sample_members(ds) == tar_members(sorted(site.glob("*.tar")))
         shard_requests = [r for r in server.requests if r[1] != "/manifest.json"]
         assert shard_requests and all(m == "GET" and rng for m, _, rng in shard_requests)  # ranged GETs only
 
@@ -89,7 +62,7 @@ def test_a_manifest_in_s3_or_in_hand_sends_no_listing(seaweed: Any, s3_shards: A
         ]
         listed = StreamingDataset(f"s3://{name}/{prefix}", s3=s3(seaweed))
         assert in_hand.shards == by_url.shards == listed.shards
-        assert as_members(in_hand) == as_members(by_url) == members(paths)
+        assert sample_members(in_hand) == sample_members(by_url) == tar_members(paths)
 
 
 def test_a_shard_rewritten_after_the_manifest_is_an_error_not_a_mix(bucket: Any, site: Path, tmp_path: Path) -> None:
@@ -108,7 +81,7 @@ def test_a_shard_rewritten_after_the_manifest_is_an_error_not_a_mix(bucket: Any,
     # Local files have no ETag: their size is checked at construction.
     local = dataset_manifest(site)
     assert all(s.etag is None for s in local.shards)
-    assert as_members(StreamingDataset(local)) == members(paths)
+    assert sample_members(StreamingDataset(local)) == tar_members(paths)
     paths[1].write_bytes(paths[1].read_bytes() + b"\0" * 1024)
     with pytest.raises(StoreError) as grown:
         StreamingDataset(local)
