@@ -22,6 +22,8 @@ from typing import Any, Protocol
 from fastfeed.errors import (
     BucketNotFoundError,
     EmptyDatasetError,
+    StoreError,
+    TransientStoreError,
 )
 from fastfeed.urls import Location
 
@@ -32,7 +34,9 @@ __all__ = [
     "RangeReader",
     "Store",
     "bucket_missing",
+    "check_received",
     "gather_limited",
+    "put_chunk",
     "sorted_listing",
     "target_view",
 ]
@@ -94,6 +98,29 @@ def target_view(out: memoryview | None, length: int) -> memoryview:
     if out.readonly or out.nbytes != length or out.itemsize != 1:
         raise ValueError(f"out must be a writable byte buffer of {length} bytes, got {out.nbytes}")
     return out
+
+
+def put_chunk(view: memoryview, got: int, chunk: bytes | memoryview, start: int, url: str) -> int:
+    """Copy ``chunk`` of a ranged response into ``view`` (the range's bytes, from object byte
+    ``start``) after the ``got`` bytes received so far; returns the bytes received now.
+
+    Raises:
+        StoreError: the server sent more bytes than the range holds.
+    """
+    n = len(chunk)
+    if got + n > len(view):
+        raise StoreError(f"server sent more bytes than requested for range {start}-{start + len(view) - 1}", url=url)
+    view[got : got + n] = chunk
+    return got + n
+
+
+def check_received(view: memoryview, got: int, start: int, url: str) -> None:
+    """Raises TransientStoreError (retried, resumed from byte ``got``) when a response ended
+    before filling ``view``."""
+    if got < len(view):
+        raise TransientStoreError(
+            f"response ended early: got {got} of {len(view)} bytes of range {start}-{start + len(view) - 1}", url=url
+        )
 
 
 BUCKET_HINT = "create the bucket or fix the URL; check AWS_ENDPOINT_URL points at the right store"

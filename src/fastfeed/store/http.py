@@ -28,7 +28,7 @@ from fastfeed.errors import (
     ThrottledError,
     TransientStoreError,
 )
-from fastfeed.store.base import ObjectInfo, Store, target_view
+from fastfeed.store.base import ObjectInfo, Store, check_received, put_chunk, target_view
 from fastfeed.store.retry import RetryState, retry_async
 from fastfeed.urls import Location
 
@@ -157,14 +157,8 @@ class HttpStore(Store):
                         chunk = await resp.content.read(min(_READ_CHUNK, length - got))
                         if not chunk:
                             break
-                        n = len(chunk)
-                        view[got : got + n] = chunk
-                        got += n
-                    if got < length:
-                        raise TransientStoreError(
-                            f"response ended early: got {got} of {length} bytes of range {start}-{end - 1}",
-                            url=loc.url,
-                        )
+                        got = put_chunk(view, got, chunk, start, loc.url)
+                    check_received(view, got, start, loc.url)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -63,7 +63,16 @@ from fastfeed.errors import (
     ThrottledError,
     TransientStoreError,
 )
-from fastfeed.store.base import CREDENTIAL_HINT, ObjectInfo, Store, bucket_missing, sorted_listing, target_view
+from fastfeed.store.base import (
+    CREDENTIAL_HINT,
+    ObjectInfo,
+    Store,
+    bucket_missing,
+    check_received,
+    put_chunk,
+    sorted_listing,
+    target_view,
+)
 from fastfeed.store.retry import RetryState, retry_async
 from fastfeed.urls import Location
 
@@ -508,18 +517,8 @@ class ObstoreS3Store(Store):
                     chunks = result.stream(min_chunk_size=self.chunk_size)
                 tries += 1
                 async for chunk in chunks:
-                    n = len(chunk)
-                    if got + n > length:
-                        raise StoreError(
-                            f"server sent more bytes than requested for range {start}-{end - 1}", url=loc.url
-                        )
-                    view[got : got + n] = chunk
-                    got += n
-                if got < length:
-                    raise TransientStoreError(
-                        f"response ended early: got {got} of {length} bytes of range {start}-{end - 1}",
-                        url=loc.url,
-                    )
+                    got = put_chunk(view, got, chunk, start, loc.url)
+                check_received(view, got, start, loc.url)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -35,6 +35,8 @@ from fastfeed.store.base import (
     ObjectInfo,
     Store,
     bucket_missing,
+    check_received,
+    put_chunk,
     sorted_listing,
     target_view,
 )
@@ -276,21 +278,10 @@ class S3Store(Store):
                         chunk = await body.read(min(_READ_CHUNK, length - got))
                         if not chunk:
                             break
-                        n = len(chunk)
-                        if got + n > length:
-                            raise StoreError(
-                                f"server sent more bytes than requested for range {start}-{end - 1}",
-                                url=loc.url,
-                            )
-                        view[got : got + n] = chunk
-                        got += n
+                        got = put_chunk(view, got, chunk, start, loc.url)
                 finally:
                     body.close()
-                if got < length:
-                    raise TransientStoreError(
-                        f"response ended early: got {got} of {length} bytes of range {start}-{end - 1}",
-                        url=loc.url,
-                    )
+                check_received(view, got, start, loc.url)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
