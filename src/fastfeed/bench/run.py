@@ -224,7 +224,7 @@ def emulated(
     s3: S3Config, latency_ms: float, bandwidth: float | None, connection_bandwidth: float | None = None
 ) -> Iterator[S3Config]:
     """``s3`` itself, or ``s3`` through a delaying proxy when latency or a bandwidth is set. The
-    proxy (:mod:`fastfeed.testing.proxy`) runs in its own process, stopped by PID on exit."""
+    proxy (:mod:`fastfeed.testing.proxy_process`) runs in its own process, stopped by PID on exit."""
     if not latency_ms and not bandwidth and not connection_bandwidth:
         yield s3
         return
@@ -233,7 +233,7 @@ def emulated(
             "--latency-ms / --bandwidth / --connection-bandwidth put a proxy in front of a plain-HTTP endpoint",
             hint="give --endpoint-url http://host:port (or use --demo)",
         )
-    run_proxy = "import sys; from fastfeed.testing.proxy import main; sys.exit(main(sys.argv[1:]))"
+    run_proxy = "import sys; from fastfeed.testing.proxy_process import main; sys.exit(main(sys.argv[1:]))"
     cmd = [sys.executable, "-c", run_proxy, s3.endpoint_url, "--latency-ms", str(latency_ms)]
     if bandwidth:
         cmd += ["--bandwidth", str(bandwidth)]

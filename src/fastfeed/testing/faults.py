@@ -32,8 +32,10 @@ class ProxyRequest:
         path: URL path, percent-decoded (``/bucket/key`` for path-style S3).
         query: raw query string (without ``?``).
         range: the ``Range`` header, or ``None``.
-        fault: ``"error"``, ``"reset"`` or ``"stall"`` if a fault rule was applied, else ``None``.
+        fault: ``"error"``, ``"reset"``, ``"stall"`` or ``"corrupt"`` if a fault rule was
+            applied, else ``None``.
         started: :func:`time.monotonic` when the request head arrived.
+        headers: the request's headers as ``(lower-case name, value)`` pairs, in order.
     """
 
     method: str
@@ -42,11 +44,17 @@ class ProxyRequest:
     range: str | None
     fault: str | None
     started: float
+    headers: tuple[tuple[str, str], ...] = ()
 
     @property
     def has_range(self) -> bool:
         """Whether the request carried a ``Range`` header."""
         return self.range is not None
+
+    def header(self, name: str) -> str | None:
+        """The value of the first header called ``name`` (any case), or ``None``."""
+        name = name.lower()
+        return next((value for key, value in self.headers if key == name), None)
 
 
 @dataclass
@@ -59,7 +67,7 @@ class FaultRule:
     spread evenly. Read it from any thread; do not modify it.
     """
 
-    kind: str  # "error" | "reset" | "stall"
+    kind: str  # "error" | "reset" | "stall" | "corrupt"
     remaining: int | None
     method: str | None
     path_regex: re.Pattern[str] | None
@@ -179,10 +187,12 @@ class FaultBook:
             self._accepted = 0
 
     def admit(
-        self, method: str, path: str, query: str, headers: frozenset[str], range_header: str | None
+        self, method: str, path: str, query: str, pairs: list[tuple[str, str]], range_header: str | None
     ) -> tuple[ProxyRequest, FaultRule | None]:
-        """Record a request (``path`` decoded, ``headers`` the lower-case names it carries) and
-        take the first fault rule that matches it."""
+        """Record a request (``path`` decoded, ``pairs`` its headers) and take the first fault
+        rule that matches it."""
+        header_pairs = tuple((key.lower(), value) for key, value in pairs)
+        headers = frozenset(key for key, _ in header_pairs)
         with self._lock:
             rule = None
             for candidate in self._rules:
@@ -193,6 +203,7 @@ class FaultBook:
                         break
             if rule is not None and rule.remaining is not None:
                 rule.remaining -= 1
-            record = ProxyRequest(method, path, query, range_header, rule.kind if rule else None, time.monotonic())
+            fault = rule.kind if rule else None
+            record = ProxyRequest(method, path, query, range_header, fault, time.monotonic(), header_pairs)
             self._log.append(record)
         return record, rule

@@ -217,15 +217,22 @@ async def pipe_body(
     cut_at: int | None = None,
     stall_at: int | None = None,
     stall_s: float = 0.0,
+    flip_at: int | None = None,
 ) -> bool:
     """Copy a body; return ``False`` if it stopped at ``cut_at`` bytes (a reset fault).
 
     Each piece is paid for in every bucket of ``buckets``, in order, before it is written; with
-    ``stall_at``, the copy pauses ``stall_s`` seconds once that many bytes went."""
+    ``stall_at``, the copy pauses ``stall_s`` seconds once that many bytes went; with
+    ``flip_at``, the lowest bit of the byte at that offset is flipped on the way (damage in
+    transit that TCP did not catch)."""
     sent = 0
     async with contextlib.aclosing(pieces) as body:
         async for data in body:
             piece = data
+            if flip_at is not None and sent <= flip_at < sent + len(piece):
+                damaged = bytearray(piece)
+                damaged[flip_at - sent] ^= 1
+                piece = data = bytes(damaged)
             if cut_at is not None and sent + len(piece) >= cut_at:
                 writer.write(piece[: cut_at - sent])
                 await flush(writer)

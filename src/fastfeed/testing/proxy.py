@@ -308,6 +308,15 @@ class FaultProxy:
         )
         return self._book.add(rule)
 
+    def inject_corruption(
+        self, at: int = 0, count: int | None = 1, method: str | None = "PUT", path_regex: str | None = None
+    ) -> FaultRule:
+        """Flip the lowest bit of the request body's byte at offset ``at`` on its way upstream
+        (damage in transit); the headers, the signature among them, pass unchanged."""
+        if at < 0:
+            raise ValueError(f"at must be >= 0, got {at}")
+        return self._book.add(FaultRule("corrupt", count, method, compile_pattern(path_regex), after_bytes=at))
+
     def clear_faults(self) -> None:
         """Drop every pending fault rule (latency and bandwidth settings stay)."""
         self._book.clear()
@@ -410,8 +419,8 @@ class FaultProxy:
             return False
         method = request.first[0]
         raw_path, _, query = request.first[1].partition("?")
-        headers = frozenset(key.lower() for key, _ in request.headers)
-        record, rule = self._book.admit(method, urllib.parse.unquote(raw_path), query, headers, request.get("range"))
+        path = urllib.parse.unquote(raw_path)
+        record, rule = self._book.admit(method, path, query, request.headers, request.get("range"))
         req_framing = body_framing(request)
         expects_continue = "100-continue" in request.tokens("expect")
         client_keep = "close" not in request.tokens("connection") and request.first[2] != "HTTP/1.0"
@@ -443,7 +452,8 @@ class FaultProxy:
                 cwriter.write(error_response(bad, record, method, self._request_id(), close=True))
                 await cwriter.drain()
                 return False
-        response, body_sent = await self._roundtrip(request, req_framing, creader, cwriter, upstream)
+        flip_at = rule.after_bytes if rule is not None and rule.kind == "corrupt" else None
+        response, body_sent = await self._roundtrip(request, req_framing, creader, cwriter, upstream, flip_at)
 
         resp_framing = body_framing(response, response_to=method)
         upstream_keep = resp_framing.kind != "close" and "close" not in response.tokens("connection")
@@ -489,8 +499,10 @@ class FaultProxy:
         creader: asyncio.StreamReader,
         cwriter: asyncio.StreamWriter,
         upstream: _Upstream,
+        flip_at: int | None = None,
     ) -> tuple[Head, bool]:
-        """Send a request upstream; return its final response head and whether the body went.
+        """Send a request upstream; return its final response head and whether the body went
+        (with ``flip_at``, one bit of the body's byte at that offset flipped on the way).
 
         The body is pumped while the response is awaited, so ``Expect: 100-continue`` works
         both ways (the upstream's 100 reaches the client, which then sends the body) and an
@@ -502,7 +514,7 @@ class FaultProxy:
         uwriter.write(request.raw)
         if framing.kind == "none":
             return await self._next_final_response(ureader, cwriter), True
-        pump = asyncio.ensure_future(pipe_body(body_pieces(creader, framing), uwriter))
+        pump = asyncio.ensure_future(pipe_body(body_pieces(creader, framing), uwriter, flip_at=flip_at))
         answer = asyncio.ensure_future(self._next_final_response(ureader, cwriter))
         try:
             await asyncio.wait({pump, answer}, return_when=asyncio.FIRST_COMPLETED)
@@ -546,42 +558,3 @@ class FaultProxy:
     async def _delay(seconds: float) -> None:
         if seconds > 0:
             await asyncio.sleep(seconds)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m fastfeed.testing.proxy UPSTREAM [--latency-ms N] [--bandwidth BYTES_PER_S]``:
-    run a proxy in its own process (so its Python work does not share a GIL with the process
-    being measured). Prints its endpoint URL on the first line of stdout, then serves until
-    stdin is closed or the process is terminated."""
-    import argparse
-    import signal
-    import sys
-
-    parser = argparse.ArgumentParser(prog="python -m fastfeed.testing.proxy", description=main.__doc__)
-    parser.add_argument("upstream", help="http://host:port of the S3 endpoint")
-    parser.add_argument("--latency-ms", type=float, default=0.0)
-    parser.add_argument("--bandwidth", type=float, default=None, help="bytes per second, all connections")
-    parser.add_argument("--connection-bandwidth", type=float, default=None, help="bytes per second, per connection")
-    args = parser.parse_args(argv)
-    proxy = FaultProxy(args.upstream).start()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-
-    def until_stdin_closes() -> None:
-        sys.stdin.read()
-        stop.set()
-
-    threading.Thread(target=until_stdin_closes, daemon=True).start()
-    try:
-        proxy.set_latency(args.latency_ms)
-        proxy.set_bandwidth(args.bandwidth)
-        proxy.set_connection_bandwidth(args.connection_bandwidth)
-        print(proxy.endpoint_url, flush=True)  # noqa: T201 - the parent reads this line
-        stop.wait()
-    finally:
-        proxy.stop()
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
