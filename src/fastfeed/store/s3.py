@@ -43,7 +43,7 @@ from fastfeed.store.base import (
 from fastfeed.store.retry import RetryState, retry_async
 from fastfeed.urls import Location
 
-__all__ = ["S3Store", "client_settings", "map_s3_error"]
+__all__ = ["DIGEST_CODES", "S3Store", "client_settings", "map_s3_error"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,11 @@ _DENIED_CODES = {
     "AllAccessDisabled",
     "Forbidden",
 }
+
+#: A store checked a body against its checksum header (or its signed SHA256) and refused it: the
+#: body was damaged on the way (AWS and SeaweedFS: BadDigest; MinIO: XAmzContentChecksumMismatch;
+#: AWS and MinIO for the SHA256: XAmzContentSHA256Mismatch). Sent again, it arrives whole.
+DIGEST_CODES = frozenset({"BadDigest", "InvalidDigest", "XAmzContentChecksumMismatch", "XAmzContentSHA256Mismatch"})
 
 
 def map_s3_error(exc: BaseException, url: str, *, bucket_url: str | None = None) -> FastfeedError:
@@ -93,6 +98,8 @@ def map_s3_error(exc: BaseException, url: str, *, bucket_url: str | None = None)
             return NotSupportedError(f"the store does not implement this request ({code or status}) for {url}", url=url)
         if code in _THROTTLE_CODES or status in (429, 503):
             return ThrottledError(f"throttled by the store ({code or status}) reading {url}", url=url)
+        if code in DIGEST_CODES:
+            return TransientStoreError(f"the store received a damaged body for {url} ({code})", url=url)
         if status >= 500 or code in ("InternalError", "ServiceUnavailable", "RequestTimeout"):
             return TransientStoreError(f"store error {code or status} for {url}", url=url)
         return StoreError(f"S3 error {code or status} for {url}: {error.get('Message', '')}", url=url)

@@ -2,6 +2,15 @@
 ``If-None-Match: *`` (probed once per endpoint and bucket), multipart uploads whose parts go up
 in parallel from a thread pool, and the abort of failed and orphaned uploads.
 
+Every object and part carries its CRC32C (computed anyway for the manifest) in the
+``x-amz-checksum-crc32c`` header where the store is seen to check it (probed once per endpoint
+and bucket: a PUT with a wrong value must be refused with a digest error). The store then
+refuses a body damaged on the way, and fastfeed sends it again; a signed payload SHA256 does
+not give that everywhere (SeaweedFS stores a body that fails it). With the check in place, parts
+go unsigned (``UNSIGNED-PAYLOAD``) instead of hashed with SHA256, which botocore does for every
+body over plain HTTP: a third of a save's client CPU. A store that does not check the header
+keeps botocore's signing, and so does a profile that sets ``s3.payload_signing_enabled``.
+
 See :mod:`fastfeed.store.upload` for the design; the interface is
 :class:`~fastfeed.store.upload_base.CkptStore`. Reads go through the data-plane
 :class:`~fastfeed.store.s3.S3Store`.
@@ -10,6 +19,7 @@ See :mod:`fastfeed.store.upload` for the design; the interface is
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import contextlib
 import functools
@@ -25,7 +35,7 @@ from fastfeed.config import S3Config
 from fastfeed.errors import ConditionFailedError, NotFoundError, NotSupportedError
 from fastfeed.store.base import bucket_missing
 from fastfeed.store.retry import retry_async
-from fastfeed.store.s3 import S3Store, client_settings, map_s3_error
+from fastfeed.store.s3 import DIGEST_CODES, S3Store, client_settings, map_s3_error
 from fastfeed.store.upload_base import (
     MIN_PART,
     PROBE_PREFIX,
@@ -48,16 +58,34 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def _sync_client(config: S3Config, pool_size: int) -> Any:
+def _sync_client(config: S3Config, pool_size: int, *, unsigned_payload: bool) -> Any:
     """A plain (thread-safe) botocore S3 client with the data-plane client's settings: part
-    uploads run in threads, so request signing (a SHA256 of each part over plain HTTP) and the
-    part copies run in parallel instead of on the one IO-loop thread."""
+    uploads run in threads, so the part copies (and request signing, where payloads are signed)
+    run in parallel instead of on the one IO-loop thread. ``unsigned_payload``: the parts carry
+    a checksum the store checks, so their bodies are not hashed for the signature (unless the
+    profile sets ``s3.payload_signing_enabled`` itself)."""
     import botocore.config
     import botocore.session
 
     options, kwargs = client_settings(config, pool_size)
     session = botocore.session.Session(profile=config.profile)
+    if unsigned_payload:
+        try:
+            profile_s3 = session.get_scoped_config().get("s3") or {}
+        except Exception:  # a missing profile fails in create_client below, with botocore's words
+            profile_s3 = {}
+        if "payload_signing_enabled" not in profile_s3:
+            options["s3"] = {**options.get("s3", {}), "payload_signing_enabled": False}
     return session.create_client("s3", config=botocore.config.Config(**options), **kwargs)
+
+
+def _crc_header(crc: int) -> str:
+    """A CRC32C as S3's ``x-amz-checksum-crc32c`` carries it (base64 of 4 big-endian bytes)."""
+    return base64.b64encode(crc.to_bytes(4, "big")).decode("ascii")
+
+
+#: (endpoint URL, bucket) -> whether the store refuses a body that fails its CRC32C header.
+_verifies_checksums: dict[tuple[str | None, str], bool] = {}
 
 
 #: (endpoint URL, bucket) -> whether the store honours If-None-Match (probed once per process).
@@ -150,13 +178,49 @@ class S3CkptStore(CkptStore):
             return False
         return False  # it replaced an existing object: the store ignores If-None-Match
 
+    async def _checks_checksums(self) -> bool:
+        """Whether the store refuses a body that does not match its ``x-amz-checksum-crc32c``
+        header (probed once per endpoint and bucket with a deliberately wrong one, decided by
+        the error code). Anything else, an error included, counts as no: payloads stay signed."""
+        where = (self._config.endpoint_url, self.bucket)
+        known = _verifies_checksums.get(where)
+        if known is not None:
+            return known
+        from botocore.exceptions import ClientError
+
+        probe = self._key(f"{PROBE_PREFIX}{secrets.token_hex(8)}")
+        body = b"fastfeed checksum probe"  # a SHA256 mismatch code would not do: SeaweedFS ignores those
+        try:
+            await self._client.put_object(
+                Bucket=self.bucket, Key=probe, Body=body, ChecksumCRC32C=_crc_header(checksum(body) ^ 0xFFFFFFFF)
+            )
+            checked = False  # the store took a body its header says is damaged
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            checked = code in DIGEST_CODES
+            if not checked and int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)) >= 500:
+                log.debug("checksum probe of %s failed (%s): payloads stay signed for this upload", self.url, code)
+                return False  # not cached: a later upload asks again
+        except Exception as exc:
+            log.debug("checksum probe of %s failed (%s): payloads stay signed for this upload", self.url, exc)
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                await self._client.delete_object(Bucket=self.bucket, Key=probe)
+        log.debug("%s checks CRC32C headers: %s", self.url, checked)
+        return _verifies_checksums.setdefault(where, checked)
+
     async def _put_object(self, key: str, data: memoryview, *, if_absent: bool) -> None:
         full = self._key(key)
         url = self._object_url(full)
         body = bytes(data)
+        extra: dict[str, Any] = {}
+        if await self._checks_checksums():  # so that a body damaged on the way is refused
+            crc = await checksum_in_thread(data) if len(data) > 1 << 20 else checksum(data)
+            extra["ChecksumCRC32C"] = _crc_header(crc)
 
         async def op() -> Any:
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": full, "Body": body}
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": full, "Body": body, **extra}
             if if_absent:
                 kwargs["IfNoneMatch"] = "*"
             return await self._client.put_object(**kwargs)
@@ -180,11 +244,13 @@ class S3CkptStore(CkptStore):
             with contextlib.suppress(NotFoundError):
                 await self.head(key)
                 raise self.exists_error(key)
+        checked = await self._checks_checksums()
+        algorithm = {"ChecksumAlgorithm": "CRC32C"} if checked else {}
         creating = asyncio.ensure_future(
             self._call(
                 f"create multipart upload {url}",
                 url,
-                lambda: self._client.create_multipart_upload(Bucket=self.bucket, Key=full),
+                lambda: self._client.create_multipart_upload(Bucket=self.bucket, Key=full, **algorithm),
             )
         )
         try:
@@ -201,17 +267,18 @@ class S3CkptStore(CkptStore):
 
         if self._threads is None:
             self._threads = concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="fastfeed-upload")
-            self._sync = _sync_client(self._config, concurrency)
+            self._sync = _sync_client(self._config, concurrency, unsigned_payload=checked)
         threads = self._threads
         sending: set[concurrent.futures.Future[tuple[int, str]]] = set()  # part requests in threads
 
         def send(number: int, start: int) -> tuple[int, str]:
             view = data[start : start + part_size]
             crc = checksum(view)
+            extra = {"ChecksumCRC32C": _crc_header(crc)} if checked else {}
             with _part_copy(self._copies, len(view)) as body:
                 body[:] = view  # botocore takes bytes or bytearray: a reused one, not a new bytes
                 resp = self._sync.upload_part(
-                    Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=number, Body=body
+                    Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=number, Body=body, **extra
                 )
             return crc, str(resp["ETag"])
 
@@ -227,6 +294,8 @@ class S3CkptStore(CkptStore):
                     f"upload part {number} of {url}", url, functools.partial(submit, number, start)
                 )
             crcs[number - 1] = crc
+            if checked:
+                return {"PartNumber": number, "ETag": etag, "ChecksumCRC32C": _crc_header(crc)}
             return {"PartNumber": number, "ETag": etag}
 
         async def complete(parts: list[dict[str, Any]]) -> Any:
