@@ -28,6 +28,7 @@ from fastfeed.decode import Decoder, decode_value
 from fastfeed.errors import ConfigError, DecodeError, FastfeedError
 from fastfeed.testing.shards import sample_key, write_synthetic_shards
 from fastfeed.vision import Decode
+from tar_members import tar_members
 
 RNG = np.random.default_rng(1234)
 
@@ -56,14 +57,8 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
 
 
 def members(paths: list[Path]) -> dict[str, bytes]:
-    out = {}
-    for path in paths:
-        with tarfile.open(path) as tar:
-            for m in tar.getmembers():
-                f = tar.extractfile(m)
-                assert f is not None
-                out[m.name] = f.read()
-    return out
+    """Every member of the shards as tarfile reads it, keyed by member name alone."""
+    return {key.split("#", 1)[1]: data for key, data in tar_members(paths).items()}
 
 
 # ---------------------------------------------------------------------- decode_value

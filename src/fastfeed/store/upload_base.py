@@ -121,20 +121,22 @@ class CkptStore(abc.ABC):
         probe conditional writes (cached per store)."""
 
     @abc.abstractmethod
-    async def _put_object(self, key: str, data: memoryview, *, if_absent: bool) -> None:
+    async def _put_object(self, key: str, data: memoryview, *, if_absent: bool, crc: int | None = None) -> None:
         """One write; with ``if_absent`` a conditional one (raises ConditionFailedError or, where
-        the store turns out not to support it, NotSupportedError)."""
+        the store turns out not to support it, NotSupportedError). ``crc``: the caller's
+        :func:`checksum` of ``data``, if it has one (a store that sends it need not compute it)."""
 
-    async def put(self, key: str, data: memoryview, *, if_absent: bool = False) -> None:
+    async def put(self, key: str, data: memoryview, *, if_absent: bool = False, crc: int | None = None) -> None:
         """Write one object. ``if_absent``: only if the key is free, else
         :class:`~fastfeed.errors.ConditionFailedError` (and nothing is replaced where the store
-        has conditional writes; see the module docstring for the others)."""
+        has conditional writes; see the module docstring for the others). ``crc``: the caller's
+        :func:`checksum` of ``data``, if it has one."""
         if not if_absent:
-            await self._put_object(key, data, if_absent=False)
+            await self._put_object(key, data, if_absent=False, crc=crc)
             return
         if self.conditional_writes:
             try:
-                await self._put_object(key, data, if_absent=True)
+                await self._put_object(key, data, if_absent=True, crc=crc)
                 return
             except ConditionFailedError as err:
                 if await self._holds(key, data):  # an earlier attempt of this very write landed
@@ -142,14 +144,14 @@ class CkptStore(abc.ABC):
                 raise self.exists_error(key) from err
             except NotSupportedError as err:
                 self.note_no_conditional_writes(err)
-        await self._put_verified(key, data)
+        await self._put_verified(key, data, crc)
 
-    async def _put_verified(self, key: str, data: memoryview) -> None:
+    async def _put_verified(self, key: str, data: memoryview, crc: int | None) -> None:
         """``if_absent`` without conditional writes: check, write, read back."""
         with contextlib.suppress(NotFoundError):
             await self.head(key)
             raise self.exists_error(key)  # the key is taken
-        await self._put_object(key, data, if_absent=False)
+        await self._put_object(key, data, if_absent=False, crc=crc)
         if not await self._holds(key, data):
             raise self.exists_error(key)
 

@@ -150,7 +150,7 @@ class LocalCkptStore(CkptStore):
         finally:
             await self.delete([name])
 
-    async def _put_object(self, key: str, data: memoryview, *, if_absent: bool) -> None:
+    async def _put_object(self, key: str, data: memoryview, *, if_absent: bool, crc: int | None = None) -> None:
         parts = check_key(key, self.url).split("/")
         url = self._display(key)
 

@@ -210,13 +210,14 @@ class S3CkptStore(CkptStore):
         log.debug("%s checks CRC32C headers: %s", self.url, checked)
         return _verifies_checksums.setdefault(where, checked)
 
-    async def _put_object(self, key: str, data: memoryview, *, if_absent: bool) -> None:
+    async def _put_object(self, key: str, data: memoryview, *, if_absent: bool, crc: int | None = None) -> None:
         full = self._key(key)
         url = self._object_url(full)
         body = bytes(data)
         extra: dict[str, Any] = {}
         if await self._checks_checksums():  # so that a body damaged on the way is refused
-            crc = await checksum_in_thread(data) if len(data) > 1 << 20 else checksum(data)
+            if crc is None:
+                crc = await checksum_in_thread(data) if len(data) > 1 << 20 else checksum(data)
             extra["ChecksumCRC32C"] = _crc_header(crc)
 
         async def op() -> Any:
@@ -234,9 +235,9 @@ class S3CkptStore(CkptStore):
             raise ValueError(f"part_size must be >= {MIN_PART} bytes for S3 multipart uploads")
         part_size = effective_part_size(len(data), part_size)
         if len(data) <= part_size:
-            crcs = [await checksum_in_thread(data)]
-            await self.put(key, data, if_absent=if_absent)
-            return Uploaded(part_size, crcs)
+            crc = await checksum_in_thread(data)
+            await self.put(key, data, if_absent=if_absent, crc=crc)
+            return Uploaded(part_size, [crc])
         full = self._key(key)
         url = self._object_url(full)
         conditional = if_absent and self.conditional_writes
